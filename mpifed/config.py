@@ -1,0 +1,354 @@
+"""The run configuration: nested dataclasses read from one TOML file, overridden key by key with
+`--set section.key=value`, and validated as a whole so that one error lists every problem.
+
+The same file drives `mpifed simulate` and `mpifed run`; `dump_toml` writes the resolved configuration
+back so that every run leaves a file that reproduces it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODEL_PRESETS = ("llama-tiny", "llama-small")
+OUTER_OPTIMIZERS = ("fedavg",)
+ENGINES = ("replica",)
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message lists every problem found, one per '; '."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "llama-tiny"
+    """Built-in architecture: llama-tiny (~0.12M parameters, tests) or llama-small (~3M, the demo)."""
+
+    def problems(self) -> list[str]:
+        if self.preset not in MODEL_PRESETS:
+            return [f"model.preset: unknown preset {self.preset!r}; choose one of {', '.join(MODEL_PRESETS)}"]
+        return []
+
+
+@dataclass
+class DataConfig:
+    seq_len: int = 128
+    """Tokens per training sequence (byte-level tokens for the embedded text)."""
+    val_fraction: float = 0.05
+    """Share of all sequences held out for validation, shared by every facility."""
+    val_sequences: int = 64
+    """At most this many validation sequences are scored after each round."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if not 8 <= self.seq_len <= 4096:
+            out.append(f"data.seq_len: must be between 8 and 4096 (got {self.seq_len})")
+        if not 0.0 < self.val_fraction < 0.5:
+            out.append(f"data.val_fraction: must be > 0 and < 0.5 (got {self.val_fraction})")
+        if self.val_sequences < 1:
+            out.append(f"data.val_sequences: must be >= 1 (got {self.val_sequences})")
+        return out
+
+
+@dataclass
+class TrainConfig:
+    local_steps: int = 20
+    """H: inner optimizer steps each facility takes between two synchronisations."""
+    micro_batch: int = 8
+    """Sequences per rank per step."""
+    lr: float = 1e-3
+    """AdamW learning rate of the inner optimizer."""
+    weight_decay: float = 0.0
+    """AdamW weight decay of the inner optimizer."""
+    seed: int = 0
+    """Seeds model initialisation, data order and partitions; a CPU run with the same seed repeats."""
+    threads: int = 0
+    """torch threads per rank; 0 shares the node's cores among the ranks placed on it."""
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("local_steps", "micro_batch"):
+            if getattr(self, name) < 1:
+                out.append(f"train.{name}: must be >= 1 (got {getattr(self, name)})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            out.append(f"train.lr: must be a positive number (got {self.lr})")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            out.append(f"train.weight_decay: must be >= 0 (got {self.weight_decay})")
+        if self.seed < 0:
+            out.append(f"train.seed: must be >= 0 (got {self.seed})")
+        if self.threads < 0:
+            out.append(f"train.threads: must be >= 0 (got {self.threads})")
+        return out
+
+
+@dataclass
+class FederationConfig:
+    rounds: int = 5
+    """Number of synchronisations (outer steps)."""
+    outer: str = "fedavg"
+    """Outer optimizer applied by the roots to the averaged pseudo-gradient."""
+    roots: int = 1
+    """R: roots per facility; segment r of the model is reduced across facilities by root r."""
+    timeout_s: float = 600.0
+    """Longest wait for another facility in one exchange before the whole job is aborted."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.rounds < 1:
+            out.append(f"federation.rounds: must be >= 1 (got {self.rounds})")
+        if self.outer not in OUTER_OPTIMIZERS:
+            out.append(f"federation.outer: unknown outer optimizer {self.outer!r}; "
+                       f"choose one of {', '.join(OUTER_OPTIMIZERS)}")
+        if self.roots < 1:
+            out.append(f"federation.roots: must be >= 1 (got {self.roots})")
+        if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
+            out.append(f"federation.timeout_s: must be a positive number of seconds (got {self.timeout_s})")
+        return out
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "run"
+    """Output folder: one HDF5 checkpoint per checkpointed round, the resolved config, metrics."""
+    every: int = 1
+    """Write a checkpoint every this many rounds (the last round is always written)."""
+    keep: int = 0
+    """Keep only the newest this many checkpoints; 0 keeps all."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.dir:
+            out.append("checkpoint.dir: must name a folder")
+        if self.every < 1:
+            out.append(f"checkpoint.every: must be >= 1 (got {self.every})")
+        if self.keep < 0:
+            out.append(f"checkpoint.keep: must be >= 0 (got {self.keep})")
+        return out
+
+
+@dataclass
+class MetricsConfig:
+    file: str = ""
+    """JSON-lines file, one line per round; empty means metrics.jsonl in checkpoint.dir."""
+
+    def problems(self) -> list[str]:
+        return []
+
+
+@dataclass
+class FacilityConfig:
+    name: str = ""
+    """Unique name; facilities are ordered as listed."""
+    ranks: int = 1
+    """MPI ranks (processes) this facility trains with."""
+    engine: str = "replica"
+    """Local training engine: replica (whole model on every rank, gradients all-reduced)."""
+    site: str = "local"
+    """Site profile the facility runs on."""
+
+    def problems(self, where: str) -> list[str]:
+        out = []
+        if not _NAME.match(self.name):
+            out.append(f"{where}.name: {self.name!r} is not a valid name "
+                       "(a letter, then letters, digits, '-' or '_')")
+        if self.ranks < 1:
+            out.append(f"{where}.ranks: must be >= 1 (got {self.ranks})")
+        if self.engine not in ENGINES:
+            out.append(f"{where}.engine: unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        return out
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "federation": FederationConfig,
+    "checkpoint": CheckpointConfig,
+    "metrics": MetricsConfig,
+}
+
+
+def default_facilities(count: int = 2, ranks: int = 2) -> list[FacilityConfig]:
+    """Facilities f0, f1, ... on the local site, as `mpifed simulate` builds them from its flags."""
+    return [FacilityConfig(name=f"f{i}", ranks=ranks) for i in range(count)]
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    facility: list[FacilityConfig] = field(default_factory=default_facilities)
+
+    def __post_init__(self) -> None:
+        problems = [p for name in SECTIONS for p in getattr(self, name).problems()]
+        if not self.facility:
+            problems.append("facility: at least one [[facility]] is needed")
+        for i, fac in enumerate(self.facility):
+            problems += fac.problems(f"facility.{fac.name or i}")
+        names = [f.name for f in self.facility]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            problems.append(f"facility.name: names must be unique (repeated: {', '.join(dupes)})")
+        if self.facility and self.federation.roots > min(f.ranks for f in self.facility):
+            problems.append(f"federation.roots: {self.federation.roots} roots per facility, but the smallest "
+                            f"facility has {min(f.ranks for f in self.facility)} ranks")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    @property
+    def total_ranks(self) -> int:
+        return sum(f.ranks for f in self.facility)
+
+    @property
+    def metrics_path(self) -> Path:
+        return Path(self.metrics.file) if self.metrics.file else Path(self.checkpoint.dir) / "metrics.jsonl"
+
+
+def _valid_keys(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _coerce(where: str, value: Any, kind: Any, problems: list[str]) -> Any:
+    """Check one TOML value against the dataclass field type (ints are accepted for floats)."""
+    kind = {"str": str, "int": int, "float": float, "bool": bool}.get(kind, kind)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    problems.append(f"{where}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    return None
+
+
+def _section(cls: type, where: str, table: Any, problems: list[str]) -> Any:
+    if not isinstance(table, dict):
+        problems.append(f"{where}: expected a table, got {type(table).__name__}")
+        return cls()
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in table.items():
+        if key not in types:
+            problems.append(f"{where}.{key}: unknown key; valid keys: {', '.join(types)}")
+            continue
+        coerced = _coerce(f"{where}.{key}", value, types[key], problems)
+        if coerced is not None:
+            kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig from parsed TOML; raises ConfigError listing every problem."""
+    problems: list[str] = []
+    parts: dict[str, Any] = {}
+    for key, table in data.items():
+        if key in SECTIONS:
+            parts[key] = _section(SECTIONS[key], key, table, problems)
+        elif key == "facility":
+            if not isinstance(table, list):
+                problems.append("facility: expected an array of tables ([[facility]])")
+                continue
+            parts["facility"] = [_section(FacilityConfig, f"facility.{i}", t, problems)
+                                 for i, t in enumerate(table)]
+        else:
+            problems.append(f"{key}: unknown section; valid sections: {', '.join([*SECTIONS, 'facility'])}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return RunConfig(**parts)
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file into a plain dict; errors name the file."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML value (`3`, `1e-3`, `true`, `"x"`); anything else is taken as a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_sets(data: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` (or `facility.NAME.key=value`) overrides to parsed TOML.
+
+    Unknown sections, keys and facilities are errors that list the valid ones.
+    """
+    data = json.loads(json.dumps(data))  # deep copy of plain TOML data
+    problems = []
+    for item in assignments:
+        path, sep, text = item.partition("=")
+        parts = path.strip().split(".")
+        value = _parse_value(text.strip())
+        if not sep or len(parts) < 2 or not all(parts):
+            problems.append(f"--set {item!r}: expected section.key=value")
+        elif parts[0] == "facility":
+            problems += _set_facility(data, item, parts, value)
+        elif parts[0] not in SECTIONS:
+            problems.append(f"--set {item!r}: unknown section {parts[0]!r}; "
+                            f"valid sections: {', '.join([*SECTIONS, 'facility'])}")
+        elif len(parts) != 2 or parts[1] not in _valid_keys(SECTIONS[parts[0]]):
+            problems.append(f"--set {item!r}: unknown key {path.strip()!r}; valid keys: "
+                            + ", ".join(f"{parts[0]}.{k}" for k in _valid_keys(SECTIONS[parts[0]])))
+        else:
+            data.setdefault(parts[0], {})[parts[1]] = value
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return data
+
+
+def _set_facility(data: dict[str, Any], item: str, parts: list[str], value: Any) -> list[str]:
+    facilities = data.setdefault("facility", [dataclasses.asdict(f) for f in default_facilities()])
+    names = [str(f.get("name", "")) for f in facilities]
+    if len(parts) != 3:
+        return [f"--set {item!r}: expected facility.NAME.key=value"]
+    _, who, key = parts
+    index = names.index(who) if who in names else int(who) if who.isdigit() and int(who) < len(names) else None
+    if index is None:
+        return [f"--set {item!r}: no facility {who!r}; facilities: {', '.join(names)}"]
+    if key not in _valid_keys(FacilityConfig):
+        return [f"--set {item!r}: unknown key {key!r}; valid keys: "
+                + ", ".join(f"facility.{who}.{k}" for k in _valid_keys(FacilityConfig))]
+    facilities[index][key] = value
+    return []
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def dump_toml(cfg: RunConfig) -> str:
+    """The resolved configuration as TOML that `load` + `from_dict` read back to an equal RunConfig."""
+    data = to_dict(cfg)
+    lines = ["# Resolved mpifed run configuration (rerun with: mpifed simulate --config THIS_FILE)"]
+    for section in SECTIONS:
+        lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in data[section].items()]
+    for fac in data["facility"]:
+        lines += ["", "[[facility]]"] + [f"{k} = {_toml_value(v)}" for k, v in fac.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,132 @@
+"""Training data: the embedded default corpus, packing into sequences, per-facility partitions, and the
+per-rank sampler.
+
+The default corpus is real English text present in every Python installation: the help topics of
+`pydoc_data.topics` and the docstrings of the standard library's modules, classes and functions, read
+from source with `ast` (nothing is imported or downloaded). It is tokenized at byte level (vocabulary
+256), packed into fixed-length sequences, shuffled with the run's seed, and cut into a validation set
+shared by all facilities plus one disjoint partition per facility.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import os
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+VOCAB_SIZE = 256
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
+
+
+def _docstrings(source: str) -> list[str]:
+    tree = ast.parse(source)
+    nodes = [tree] + [n for n in ast.walk(tree)
+                      if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+    return [doc for n in nodes if (doc := ast.get_docstring(n))]
+
+
+def stdlib_text() -> str:
+    """The embedded corpus: pydoc help topics, then stdlib docstrings, in a fixed order."""
+    from pydoc_data.topics import topics
+
+    parts = [topics[key] for key in sorted(topics)]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for root, dirs, files in os.walk(stdlib):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
+        for name in sorted(files):
+            if not name.endswith(".py"):
+                continue
+            try:
+                parts += _docstrings((Path(root) / name).read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+                continue  # a few stdlib files are templates or other-version syntax
+    return "\n\n".join(dict.fromkeys(parts))  # repeated docstrings once: less train/validation overlap
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("MPIFED_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mpifed")
+    return Path(base)
+
+
+def stdlib_tokens() -> np.ndarray:
+    """The embedded corpus as uint8 byte tokens, cached per Python build (building takes seconds)."""
+    key = hashlib.sha256(f"{sys.version}|{sysconfig.get_paths()['stdlib']}|v2".encode()).hexdigest()[:16]
+    path = _cache_dir() / f"stdlib-text-{key}.u8"
+    try:
+        return np.fromfile(path, dtype=np.uint8)
+    except OSError:
+        pass
+    tokens = np.frombuffer(stdlib_text().encode("utf-8"), dtype=np.uint8).copy()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tokens.tofile(tmp)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # the cache only saves time; a read-only home still trains
+    return tokens
+
+
+def pack(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+    """Cut a token stream into [n, seq_len] int64 sequences, dropping the ragged tail."""
+    n = len(tokens) // seq_len
+    if n == 0:
+        raise ValueError(f"{len(tokens)} tokens cannot fill one sequence of {seq_len}")
+    return tokens[: n * seq_len].astype(np.int64).reshape(n, seq_len)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Disjoint partitions (one per facility) and a validation set, all [n, seq_len]."""
+
+    partitions: tuple[np.ndarray, ...]
+    validation: np.ndarray
+
+
+def split(sequences: np.ndarray, n_partitions: int, val_fraction: float, seed: int) -> Split:
+    """Shuffle sequences with `seed`, hold out `val_fraction`, cut the rest into equal IID partitions."""
+    order = np.random.default_rng(seed).permutation(len(sequences))
+    n_val = max(1, int(round(len(sequences) * val_fraction)))
+    train = order[n_val:]
+    per = len(train) // n_partitions
+    if per == 0:
+        raise ValueError(f"{len(sequences)} sequences are too few for {n_partitions} partitions and validation")
+    parts = tuple(sequences[np.sort(train[i * per:(i + 1) * per])] for i in range(n_partitions))
+    return Split(partitions=parts, validation=sequences[np.sort(order[:n_val])])
+
+
+class Sampler:
+    """Micro-batches for one rank: its stride of the facility's partition, reshuffled every epoch.
+
+    Deterministic in `seed` (the caller mixes in facility and rank); `position` and `epoch` are all it needs to resume.
+    """
+
+    def __init__(self, partition: np.ndarray, rank: int, ranks: int, micro_batch: int,
+                 seed: tuple[int, ...]) -> None:
+        self.shard = partition[rank::ranks]
+        if len(self.shard) < micro_batch:
+            raise ValueError(f"rank {rank} has {len(self.shard)} sequences, fewer than one micro-batch "
+                             f"of {micro_batch}; lower train.micro_batch or use fewer ranks")
+        self.micro_batch = micro_batch
+        self.seed = tuple(seed)
+        self.epoch = 0
+        self.position = 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> np.ndarray:
+        return np.random.default_rng([*self.seed, self.epoch]).permutation(len(self.shard))
+
+    def next_batch(self) -> np.ndarray:
+        if self.position + self.micro_batch > len(self.shard):
+            self.epoch += 1
+            self.position = 0
+            self._order = self._permutation()
+        rows = self._order[self.position:self.position + self.micro_batch]
+        self.position += self.micro_batch
+        return self.shard[rows]

@@ -1,0 +1,32 @@
+"""The per-rank program that `mpifed run` executes under mpiexec/srun: the only code that touches
+`MPI.COMM_WORLD`. Parse -> build topology -> train -> close; any failure on any rank aborts the job."""
+from __future__ import annotations
+
+import sys
+
+from mpi4py import MPI
+
+from mpifed import topology, wire
+from mpifed.config import RunConfig
+from mpifed.watchdog import abort_on_error
+
+
+def main(cfg: RunConfig) -> int:
+    comm = MPI.COMM_WORLD
+    try:
+        appnum = comm.Get_attr(MPI.APPNUM)
+        indices = topology.facility_of_ranks([f.ranks for f in cfg.facility],
+                                             wire.allgather_int(comm, appnum or 0))
+    except ValueError as exc:  # the same on every rank: say it once, exit cleanly
+        if comm.rank == 0:
+            print(f"mpifed run: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    with abort_on_error(comm):
+        from mpifed.trainer import Trainer  # heavy imports (torch, transformers) only once MPI is up
+
+        topo = topology.build(comm, indices[comm.rank], [f.name for f in cfg.facility], cfg.federation.roots)
+        trainer = Trainer(cfg, topo)
+        trainer.run()
+        trainer.close()
+        topo.close()
+    return 0

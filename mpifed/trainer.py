@@ -1,0 +1,169 @@
+"""The round loop: H inner steps in every facility, the federated reduction, validation of the new global
+model, its checkpoint, and the metrics line. `Trainer` owns the engine, data, outer optimizer and
+metrics of one rank; it receives its communicators in a `Topology`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from mpifed import checkpoint, data, wire
+from mpifed.config import RunConfig
+from mpifed.engines import make_engine
+from mpifed.federation.outer import make_outer
+from mpifed.federation.reduce import RoundExchange, federated_round
+from mpifed.metrics import MetricsLog, RoundMetrics
+from mpifed.model import build_model
+from mpifed.topology import Topology, local_ranks_on_node, start_process_group, stop_process_group
+from mpifed.watchdog import deadline
+
+
+def _broadcast_tokens(world: MPI.Intracomm) -> np.ndarray:
+    """The embedded corpus, built (or read from cache) once by world rank 0 and sent to every rank, so
+    that all facilities train on exactly the same text."""
+    return wire.bcast_array(world, data.stdlib_tokens() if world.rank == 0 else None, np.uint8)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, topo: Topology) -> None:
+        self.cfg, self.topo = cfg, topo
+        threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // local_ranks_on_node(topo.world))
+        torch.set_num_threads(threads)
+        start_process_group(topo.facility, "gloo", cfg.federation.timeout_s)
+
+        split = data.split(data.pack(_broadcast_tokens(topo.world), cfg.data.seq_len), topo.n_facilities,
+                           cfg.data.val_fraction, cfg.train.seed)
+        self.sampler = data.Sampler(split.partitions[topo.facility_index], topo.facility.rank, topo.facility.size,
+                                    cfg.train.micro_batch, seed=(cfg.train.seed, topo.facility_index, topo.facility.rank))
+        self.validation = split.validation[:cfg.data.val_sequences]
+
+        model = build_model(cfg.model.preset, cfg.data.seq_len, cfg.train.seed)
+        self.engine = make_engine(cfg.facility[topo.facility_index].engine, model, lr=cfg.train.lr,
+                                  weight_decay=cfg.train.weight_decay)
+        self.layout = self.engine.layout
+        self._check_same_layout()
+        # The global model starts as world rank 0's initialisation.
+        self.global_flat = np.empty(self.layout.numel, dtype=np.float32)
+        if topo.world.rank == 0:
+            for offset, values in self.engine.held():
+                self.global_flat[offset:offset + len(values)] = values
+        topo.world.Bcast(self.global_flat, root=0)
+        for offset, values in self.engine.held():
+            values[:] = self.global_flat[offset:offset + len(values)]
+
+        self.outer = make_outer(cfg.federation.outer)
+        self.tokens_total = 0
+        self.log = MetricsLog(cfg.metrics_path) if topo.is_global_root else None
+
+    def _check_same_layout(self) -> None:
+        """Refuse to exchange anything between ranks whose models differ in names, shapes or dtypes."""
+        prints = wire.allgather_str(self.topo.world, self.layout.fingerprint)
+        names = [name for name, size in zip(self.topo.facility_names, self.topo.facility_sizes) for _ in range(size)]
+        differing = sorted({name for name, fingerprint in zip(names, prints) if fingerprint != prints[0]})
+        if differing:
+            raise RuntimeError(f"facilities {', '.join(differing)} built a model whose layout fingerprint differs "
+                               f"from {names[0]}'s; every facility must train the same architecture")
+
+    def _across(self, what: str):
+        return deadline(self.topo.world, self.cfg.federation.timeout_s, what)
+
+    def announce(self) -> None:
+        if not self.topo.is_global_root:
+            return
+        cfg, topo = self.cfg, self.topo
+        facilities = ", ".join(f"{f.name} ({f.ranks} x {f.engine})" for f in cfg.facility)
+        print(f"mpifed: {topo.n_facilities} facilities: {facilities}; model {cfg.model.preset} "
+              f"({self.layout.numel / 1e6:.2f}M parameters); {cfg.federation.rounds} rounds x "
+              f"{cfg.train.local_steps} local steps; outer {cfg.federation.outer}; "
+              f"checkpoints in {cfg.checkpoint.dir}", flush=True)
+
+    def run(self) -> None:
+        self.announce()
+        for round_ in range(1, self.cfg.federation.rounds + 1):
+            self.round(round_)
+        if self.topo.is_global_root:
+            print(f"mpifed: done; checkpoints in {self.cfg.checkpoint.dir}, metrics in {self.cfg.metrics_path}",
+                  flush=True)
+
+    def _inner(self) -> tuple[float, int]:
+        """H local steps; (sum of facility-mean step losses, tokens this rank trained)."""
+        loss_sum, tokens = 0.0, 0
+        for _ in range(self.cfg.train.local_steps):
+            batch = torch.from_numpy(self.sampler.next_batch())
+            loss_sum += self.engine.train_step(batch)
+            tokens += batch.numel()
+        return loss_sum, tokens
+
+    @torch.no_grad()
+    def _validate(self) -> float:
+        """Mean loss of the global model on the validation set, each world rank scoring a stride."""
+        model = self.engine.model()
+        model.eval()
+        rows = self.validation[self.topo.world.rank::self.topo.world.size]
+        total = sum(float(model(input_ids=torch.from_numpy(rows[i:i + 8]), labels=torch.from_numpy(rows[i:i + 8])).loss)
+                    * len(rows[i:i + 8]) for i in range(0, len(rows), 8))
+        with self._across("validation"):
+            total, count = wire.allreduce(self.topo.world, [total, len(rows)])
+        return float(total / count)
+
+    def round(self, round_: int) -> None:
+        """H inner steps, the exchange, validation, checkpoint, metrics."""
+        start = time.perf_counter()
+        loss_sum, tokens = self._inner()
+        inner_s = time.perf_counter() - start
+        exchange = federated_round(self.topo, self.engine.owned(), self.engine.held(), self.global_flat, tokens,
+                                   self.outer, self.cfg.federation.timeout_s)
+        summary = self._summarise(loss_sum, exchange, inner_s, time.perf_counter() - start - inner_s)
+        val_loss = self._validate()
+        self.tokens_total += summary["tokens"]
+        ckpt_s = 0.0
+        last = round_ == self.cfg.federation.rounds
+        if self.topo.is_global_root and (round_ % self.cfg.checkpoint.every == 0 or last):
+            t0 = time.perf_counter()
+            self._write_checkpoint(round_)
+            ckpt_s = time.perf_counter() - t0
+        if self.log is not None:
+            metrics = RoundMetrics(round=round_, val_loss=val_loss, tokens_total=self.tokens_total, ckpt_s=ckpt_s,
+                                   wall_s=time.perf_counter() - start, **summary)
+            self.log.write(metrics)
+            print(metrics.line(self.cfg.federation.rounds), flush=True)
+
+    def _summarise(self, loss_sum: float, exchange: RoundExchange, inner_s: float, sync_s: float) -> dict:
+        """World-wide sums and extremes of one round (every rank gets them)."""
+        leader = self.topo.facility.rank == 0  # leaders speak for their facility's loss and tokens
+        facility_tokens = exchange.facility_tokens if leader else 0
+        mean_loss = loss_sum / self.cfg.train.local_steps
+        with self._across("collecting round metrics"):
+            weighted_loss, tokens, bytes_inter = wire.allreduce(
+                self.topo.world, [mean_loss * facility_tokens, facility_tokens, exchange.bytes_inter])
+            # The last rank to arrive waits least: its sync time is the exchange itself; what others
+            # spend beyond it is idle time of faster facilities waiting for slower ones.
+            slowest_inner, slowest_sync, neg_fastest_sync = wire.allreduce(
+                self.topo.world, [inner_s, sync_s, -sync_s], op=MPI.MAX)
+        return dict(train_loss=weighted_loss / tokens, tokens=int(tokens), inner_s=slowest_inner,
+                    sync_s=-neg_fastest_sync, idle_s=slowest_sync + neg_fastest_sync, bytes_inter=int(bytes_inter))
+
+    def _write_checkpoint(self, round_: int) -> None:
+        facilities = [asdict(f) for f in self.cfg.facility]
+        model_config = self.engine.model().config.to_json_string()
+        checkpoint.write(self.cfg.checkpoint.dir, round_, self.tokens_total, self.layout, self.global_flat,
+                         model_config, facilities)
+        checkpoint.prune(self.cfg.checkpoint.dir, self.cfg.checkpoint.keep)
+
+    def model_digest(self) -> str:
+        """sha256 of this rank's model parameters as the engine holds them (for consistency checks)."""
+        digest = hashlib.sha256()
+        for _, tensor in self.engine.model().named_parameters():
+            digest.update(tensor.detach().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+        stop_process_group()

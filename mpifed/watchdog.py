@@ -1,0 +1,47 @@
+"""Never hang: deadlines on MPI waits, and aborting the whole job when any rank fails.
+
+MPI collectives cannot time out, so a watchdog thread aborts the job when an exchange with other
+facilities takes longer than allowed; and an exception on one rank aborts every rank through
+`MPI_Abort` instead of leaving the others waiting in a collective forever."""
+from __future__ import annotations
+
+import sys
+import threading
+import traceback
+from contextlib import contextmanager
+from typing import Iterator
+
+from mpi4py import MPI
+
+ABORT_CODE = 3
+
+
+@contextmanager
+def deadline(comm: MPI.Comm, seconds: float, what: str) -> Iterator[None]:
+    """Abort the MPI job through `comm` if the body has not finished after `seconds`."""
+    done = threading.Event()
+
+    def expire() -> None:
+        if not done.is_set():
+            print(f"mpifed: error: {what} did not finish within {seconds:g} s "
+                  "(federation.timeout_s); aborting the job", file=sys.stderr, flush=True)
+            comm.Abort(ABORT_CODE)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        done.set()
+        timer.cancel()
+
+
+@contextmanager
+def abort_on_error(comm: MPI.Comm) -> Iterator[None]:
+    """Turn any exception escaping the body on this rank into an abort of the whole job."""
+    try:
+        yield
+    except BaseException as exc:  # noqa: BLE001 - whatever it is, the other ranks must not hang
+        print(f"mpifed: rank {comm.Get_rank()}: error: {exc}\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        comm.Abort(1)

@@ -1,0 +1,51 @@
+"""Shared helpers: run real mpiexec jobs (never a fake communicator) and the mpifed CLI, each with a
+hard timeout that kills the whole process group, so a stuck rank fails its test instead of hanging CI."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKERS = Path(__file__).resolve().parent / "mpi"
+MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
+
+
+def rank_env() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TRANSFORMERS_VERBOSITY="error",
+               OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return env
+
+
+def run(command: list[str], timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `command` in its own process group; on timeout kill the group and fail the test."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                            env=rank_env(), start_new_session=True, stdin=subprocess.DEVNULL)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout}s: {' '.join(command)}\n--- stdout\n{out}\n--- stderr\n{err}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def mpiexec(n: int | list[int], worker: str, *args: str, timeout: float = 240, check: bool = True
+            ) -> subprocess.CompletedProcess:
+    """Run tests/mpi/WORKER under mpiexec; a list of sizes makes an MPMD launch, one program each."""
+    program = [sys.executable, str(WORKERS / worker), *args]
+    command = [MPIEXEC]
+    for i, size in enumerate([n] if isinstance(n, int) else n):
+        command += ([":"] if i else []) + ["-n", str(size), *program]
+    result = run(command, timeout)
+    if check and result.returncode != 0:
+        pytest.fail(f"mpiexec exited {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}")
+    return result
+
+
+def mpifed(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "mpifed", *args], timeout, cwd=cwd)

@@ -1,0 +1,25 @@
+"""Under mpiexec: train with CONFIG exactly as `mpifed run` does, then every rank writes the sha256 of
+its model's parameters (read from the torch module, not from the federation's buffers) to OUT.
+
+    mpiexec -n 6 python tests/mpi/train_worker.py CONFIG OUT
+"""
+import sys
+from pathlib import Path
+
+from mpi4py import MPI
+
+from mpifed import config, topology, wire
+from mpifed.trainer import Trainer
+from mpifed.watchdog import abort_on_error
+
+cfg = config.from_dict(config.load(sys.argv[1]))
+out = Path(sys.argv[2])
+comm = MPI.COMM_WORLD
+with abort_on_error(comm):
+    indices = topology.facility_of_ranks([f.ranks for f in cfg.facility], wire.allgather_int(comm, 0))
+    topo = topology.build(comm, indices[comm.rank], [f.name for f in cfg.facility], cfg.federation.roots)
+    trainer = Trainer(cfg, topo)
+    trainer.run()
+    (out / f"digest-{comm.rank}.txt").write_text(trainer.model_digest())
+    trainer.close()
+    topo.close()

@@ -1,0 +1,72 @@
+"""The command line: bad input gives one line naming the option, exit 2, no traceback, nothing written."""
+import sys
+import subprocess
+
+import pytest
+
+from conftest import mpifed
+
+
+def _one_line_error(result, *words):
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--facilities", "0"], ["--facilities", "0 is not in the range"]),
+    (["--rounds", "-1"], ["--rounds", "-1"]),
+    (["--local-steps"], ["--local-steps", "requires an argument"]),
+    (["--ranks-per-facility", "two"], ["--ranks-per-facility", "'two' is not a valid integer"]),
+    (["--set", "train.nope=1"], ["train.nope", "valid keys"]),
+    (["--set", "train.lr=-1"], ["train.lr", "positive"]),
+])
+def test_bad_options(tmp_path, args, words):
+    line = _one_line_error(mpifed("simulate", "--out", str(tmp_path / "out"), *args), *words)
+    assert line.startswith("mpifed simulate: error:")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_out(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _one_line_error(mpifed("simulate", "--out", str(blocker / "run")), "--out", "not a folder")
+    assert blocker.read_text() == "x"
+    _one_line_error(mpifed("simulate", "--out", str(blocker)), "--out", "not a folder")
+    _one_line_error(mpifed("simulate", "--out", "/proc/mpifed-run"), "--out")
+    _one_line_error(mpifed("simulate", "--out", str(tmp_path / "ok"), "--metrics", str(blocker / "m.jsonl")),
+                    "--metrics")
+    assert not (tmp_path / "ok").exists()
+
+
+def test_refuses_to_replace_checkpoints(tmp_path):
+    (tmp_path / "round_00001.h5").write_bytes(b"an earlier run")
+    _one_line_error(mpifed("simulate", "--out", str(tmp_path)), "--out", "--overwrite")
+    assert (tmp_path / "round_00001.h5").read_bytes() == b"an earlier run"
+
+
+def test_facilities_flag_conflicts_with_config_facilities(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[facility]]\nname = "a"\nranks = 1\n')
+    _one_line_error(mpifed("simulate", "--config", str(cfg), "--facilities", "3"), "--facilities", "facility")
+
+
+def test_dry_run_prints_one_program_per_facility(tmp_path):
+    result = mpifed("simulate", "--dry-run", "--facilities", "3", "--ranks-per-facility", "2",
+                    "--set", "facility.f2.ranks=1", "--out", str(tmp_path / "o"))
+    assert result.returncode == 0, result.stderr
+    launch = result.stdout.strip().splitlines()[-1]
+    assert launch.count(" : ") == 2 and launch.count("-n 2 ") == 2 and launch.count("-n 1 ") == 1
+    assert "mpifed run" in launch and not (tmp_path / "o").exists()
+
+
+def test_help_explains_and_cli_import_is_light():
+    result = mpifed("simulate", "--help")
+    assert result.returncode == 0 and "--ranks-per-facility" in result.stdout and "--set" in result.stdout
+    probe = subprocess.run([sys.executable, "-c", "import sys, mpifed.cli; print('torch' in sys.modules)"],
+                           capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == "False"  # --help and input errors answer without loading torch
