@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 MODEL_PRESETS = ("llama-tiny", "llama-small")
-OUTER_OPTIMIZERS = ("fedavg",)
+OUTER_OPTIMIZERS = ("fedavg", "fedavgm", "diloco", "fedadam", "fedyogi")
+COMPRESSIONS = ("none", "bf16", "int8")
 ENGINES = ("replica",)
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
@@ -92,9 +93,29 @@ class FederationConfig:
     rounds: int = 5
     """Number of synchronisations (outer steps)."""
     outer: str = "fedavg"
-    """Outer optimizer applied by the roots to the averaged pseudo-gradient."""
+    """Outer optimizer the roots apply to the averaged pseudo-gradient: fedavg, fedavgm, diloco, fedadam,
+    fedyogi."""
+    outer_lr: float | None = None
+    """Outer learning rate; unset: 1.0 (fedavg, fedavgm), 0.7 (diloco), 0.01 (fedadam, fedyogi)."""
+    outer_momentum: float | None = None
+    """Outer momentum (β1 for fedadam/fedyogi); unset: 0.9 (0 for fedavg)."""
+    outer_beta2: float = 0.99
+    """β2 of fedadam/fedyogi."""
+    outer_tau: float = 1e-3
+    """τ, the adaptivity floor of fedadam/fedyogi."""
     roots: int = 1
     """R: roots per facility; segment r of the model is reduced across facilities by root r."""
+    compress: str = "none"
+    """The cross-facility hop: none (fp32), bf16, or int8 (per-block scales, error feedback)."""
+    bucket_mb: float = 64.0
+    """Inside a facility the model is streamed to the roots in buckets of this many MiB."""
+    sample: float = 1.0
+    """Fraction of facilities that train in each round, drawn with the seed; the others wait."""
+    min_participants: int = 1
+    """A round with fewer facilities left (after sampling and the guard) fails; the job stops."""
+    max_norm_ratio: float = 10.0
+    """A facility whose update norm exceeds this many times the median of the others' is left out of the
+    round (0 turns the check off; NaN/Inf updates are always left out)."""
     timeout_s: float = 600.0
     """Longest wait for another facility in one exchange before the whole job is aborted."""
 
@@ -107,6 +128,23 @@ class FederationConfig:
                        f"choose one of {', '.join(OUTER_OPTIMIZERS)}")
         if self.roots < 1:
             out.append(f"federation.roots: must be >= 1 (got {self.roots})")
+        if self.compress not in COMPRESSIONS:
+            out.append(f"federation.compress: unknown compression {self.compress!r}; "
+                       f"choose one of {', '.join(COMPRESSIONS)}")
+        for name in ("outer_lr", "outer_tau", "bucket_mb"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                out.append(f"federation.{name}: must be a positive number (got {value})")
+        for name in ("outer_momentum", "outer_beta2"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1:
+                out.append(f"federation.{name}: must be >= 0 and < 1 (got {value})")
+        if not 0 < self.sample <= 1:
+            out.append(f"federation.sample: must be > 0 and <= 1 (got {self.sample})")
+        if self.min_participants < 1:
+            out.append(f"federation.min_participants: must be >= 1 (got {self.min_participants})")
+        if not (self.max_norm_ratio == 0 or self.max_norm_ratio > 1):
+            out.append(f"federation.max_norm_ratio: must be 0 (off) or > 1 (got {self.max_norm_ratio})")
         if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
             out.append(f"federation.timeout_s: must be a positive number of seconds (got {self.timeout_s})")
         return out
@@ -199,6 +237,9 @@ class RunConfig:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             problems.append(f"facility.name: names must be unique (repeated: {', '.join(dupes)})")
+        if self.federation.min_participants > len(self.facility):
+            problems.append(f"federation.min_participants: {self.federation.min_participants} is more than the "
+                            f"{len(self.facility)} facilities")
         if self.facility and self.federation.roots > min(f.ranks for f in self.facility):
             problems.append(f"federation.roots: {self.federation.roots} roots per facility, but the smallest "
                             f"facility has {min(f.ranks for f in self.facility)} ranks")
@@ -220,7 +261,7 @@ def _valid_keys(cls: type) -> list[str]:
 
 def _coerce(where: str, value: Any, kind: Any, problems: list[str]) -> Any:
     """Check one TOML value against the dataclass field type (ints are accepted for floats)."""
-    kind = {"str": str, "int": int, "float": float, "bool": bool}.get(kind, kind)
+    kind = {"str": str, "int": int, "float": float, "bool": bool}.get(kind.removesuffix(" | None"), kind)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
@@ -348,7 +389,8 @@ def dump_toml(cfg: RunConfig) -> str:
     data = to_dict(cfg)
     lines = ["# Resolved mpifed run configuration (rerun with: mpifed simulate --config THIS_FILE)"]
     for section in SECTIONS:
-        lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in data[section].items()]
+        lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in data[section].items()
+                                         if v is not None]  # unset: the documented default applies
     for fac in data["facility"]:
         lines += ["", "[[facility]]"] + [f"{k} = {_toml_value(v)}" for k, v in fac.items()]
     return "\n".join(lines) + "\n"

@@ -16,8 +16,7 @@ from mpi4py import MPI
 from mpifed import checkpoint, data, wire
 from mpifed.config import RunConfig
 from mpifed.engines import make_engine
-from mpifed.federation.outer import make_outer
-from mpifed.federation.reduce import RoundExchange, federated_round
+from mpifed.federation.reduce import Federation, RoundExchange, sampled
 from mpifed.metrics import MetricsLog, RoundMetrics
 from mpifed.model import build_model
 from mpifed.topology import Topology, local_ranks_on_node, start_process_group, stop_process_group
@@ -48,16 +47,8 @@ class Trainer:
                                   weight_decay=cfg.train.weight_decay)
         self.layout = self.engine.layout
         self._check_same_layout()
-        # The global model starts as world rank 0's initialisation.
-        self.global_flat = np.empty(self.layout.numel, dtype=np.float32)
-        if topo.world.rank == 0:
-            for offset, values in self.engine.held():
-                self.global_flat[offset:offset + len(values)] = values
-        topo.world.Bcast(self.global_flat, root=0)
-        for offset, values in self.engine.held():
-            values[:] = self.global_flat[offset:offset + len(values)]
-
-        self.outer = make_outer(cfg.federation.outer)
+        self._start_from_rank_zero()
+        self.federation = Federation(topo, cfg.federation, self.layout.numel, self.engine.owned(), self.engine.held())
         self.tokens_total = 0
         self.log = MetricsLog(cfg.metrics_path) if topo.is_global_root else None
 
@@ -69,6 +60,17 @@ class Trainer:
         if differing:
             raise RuntimeError(f"facilities {', '.join(differing)} built a model whose layout fingerprint differs "
                                f"from {names[0]}'s; every facility must train the same architecture")
+
+    def _start_from_rank_zero(self) -> None:
+        """The global model starts as world rank 0's initialisation, on every rank."""
+        initial = np.empty(self.layout.numel, dtype=np.float32)
+        if self.topo.world.rank == 0:
+            for offset, values in self.engine.held():
+                initial[offset:offset + len(values)] = values
+        with self._across("sending the initial model"):
+            self.topo.world.Bcast(initial, root=0)
+        for offset, values in self.engine.held():
+            values[:] = initial[offset:offset + len(values)]
 
     def _across(self, what: str):
         return deadline(self.topo.world, self.cfg.federation.timeout_s, what)
@@ -114,11 +116,15 @@ class Trainer:
 
     def round(self, round_: int) -> None:
         """H inner steps, the exchange, validation, checkpoint, metrics."""
+        fed = self.cfg.federation
+        participate = sampled(self.topo.n_facilities, fed.sample, self.cfg.train.seed, round_)[self.topo.facility_index]
         start = time.perf_counter()
-        loss_sum, tokens = self._inner()
+        loss_sum, tokens = self._inner() if participate else (0.0, 0)
         inner_s = time.perf_counter() - start
-        exchange = federated_round(self.topo, self.engine.owned(), self.engine.held(), self.global_flat, tokens,
-                                   self.outer, self.cfg.federation.timeout_s)
+        exchange = self.federation.round(self.engine.owned(), self.engine.held(), tokens, participate)
+        if self.topo.is_global_root:
+            for reason in exchange.left_out:
+                print(f"mpifed: warning: round {round_}: left out {reason}", flush=True)
         summary = self._summarise(loss_sum, exchange, inner_s, time.perf_counter() - start - inner_s)
         val_loss = self._validate()
         self.tokens_total += summary["tokens"]
@@ -138,7 +144,7 @@ class Trainer:
         """World-wide sums and extremes of one round (every rank gets them)."""
         leader = self.topo.facility.rank == 0  # leaders speak for their facility's loss and tokens
         facility_tokens = exchange.facility_tokens if leader else 0
-        mean_loss = loss_sum / self.cfg.train.local_steps
+        mean_loss = loss_sum / self.cfg.train.local_steps  # 0 where the facility sat this round out
         with self._across("collecting round metrics"):
             weighted_loss, tokens, bytes_inter = wire.allreduce(
                 self.topo.world, [mean_loss * facility_tokens, facility_tokens, exchange.bytes_inter])
@@ -152,7 +158,8 @@ class Trainer:
     def _write_checkpoint(self, round_: int) -> None:
         facilities = [asdict(f) for f in self.cfg.facility]
         model_config = self.engine.model().config.to_json_string()
-        checkpoint.write(self.cfg.checkpoint.dir, round_, self.tokens_total, self.layout, self.global_flat,
+        (offset, flat), = self.engine.held()  # after a round, a replica holds the whole global model
+        checkpoint.write(self.cfg.checkpoint.dir, round_, self.tokens_total, self.layout, flat,
                          model_config, facilities)
         checkpoint.prune(self.cfg.checkpoint.dir, self.cfg.checkpoint.keep)
 

@@ -1,9 +1,13 @@
-"""Under mpiexec: one federated round on known values. Facility f's model is normal(seed=100+f), split
-across its ranks like the replica engine's owned ranges; rank r of facility f trained 10*(f+1)+r tokens;
-the global model before the round is normal(seed=7). Every rank writes its model after the round to
-OUT/rank-N.npy and its exchange to OUT/rank-N.json.
+"""Under mpiexec: ROUNDS federated rounds on known values, written out for an independent numpy check.
 
-    mpiexec -n 6 python tests/mpi/reduce_worker.py 1,2,3 ROOTS NUMEL OUT
+In round t, facility f's model is θ_global − Δ(f, t) with Δ(f, t) = 0.01·normal(seed=[f, t]); rank r of
+facility f trained (10(f+1) + r)(t+1) tokens; θ_global starts as normal(seed=7). Ownership is `replica`
+(each rank owns a contiguous 1/n of the model and holds all of it) or `sharded` (rank r owns and holds
+every n-th chunk of 37 values). `poison=F:nan|F:big` makes facility F's update NaN or 1000x larger in
+every round. Facilities not sampled in a round (federation.sample) leave their model untouched.
+Each rank writes OUT/rank-N.npy (its held values, NaN elsewhere) and OUT/rank-N.json.
+
+    mpiexec -n 6 python tests/mpi/reduce_worker.py 1,2,3 OUT replica ROUNDS NUMEL [federation.key=value ...]
 """
 import json
 import sys
@@ -12,25 +16,47 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from mpifed import topology, wire
-from mpifed.federation.outer import FedAvg
-from mpifed.federation.reduce import federated_round
+from mpifed import config, topology, wire
+from mpifed.federation.reduce import Federation, sampled
 from mpifed.watchdog import abort_on_error
 
 sizes = [int(s) for s in sys.argv[1].split(",")]
-n_roots, numel, out = int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+out, mode, rounds, numel = Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+settings = dict(arg.split("=", 1) for arg in sys.argv[6:])
+poison = settings.pop("poison", None)
+fed = config.from_dict(config.apply_sets({"facility": [{"name": f"fac{i}", "ranks": s} for i, s in enumerate(sizes)]},
+                                         [f"federation.{k}={v}" for k, v in settings.items()])).federation
 comm = MPI.COMM_WORLD
 with abort_on_error(comm):
     indices = topology.facility_of_ranks(sizes, wire.allgather_int(comm, comm.Get_attr(MPI.APPNUM) or 0))
-    topo = topology.build(comm, indices[comm.rank], [f"fac{i}" for i in range(len(sizes))], n_roots)
+    topo = topology.build(comm, indices[comm.rank], [f"fac{i}" for i in range(len(sizes))], fed.roots)
     f, r, n = topo.facility_index, topo.facility.rank, topo.facility.size
-    local = np.random.default_rng(100 + f).standard_normal(numel).astype(np.float32)
-    start, stop = numel * r // n, numel * (r + 1) // n
-    global_flat = np.random.default_rng(7).standard_normal(numel).astype(np.float32)
-    exchange = federated_round(topo, [(start, local[start:stop])], [(0, local)], global_flat,
-                               tokens=10 * (f + 1) + r, outer=FedAvg(), timeout_s=60)
-    assert np.array_equal(local, global_flat), "held values must equal the new global model"
-    np.save(out / f"rank-{comm.rank}.npy", local)
-    (out / f"rank-{comm.rank}.json").write_text(json.dumps(
-        {"facility": f, "bytes_inter": exchange.bytes_inter, "facility_tokens": exchange.facility_tokens}))
+    model = np.random.default_rng(7).standard_normal(numel).astype(np.float32)
+    if mode == "replica":
+        start, stop = numel * r // n, numel * (r + 1) // n
+        owned = [(start, model[start:stop])]
+        held = [(0, model)]
+    else:
+        owned = [(a, model[a:min(a + 37, numel)]) for a in range(37 * r, numel, 37 * n)]
+        held = owned
+    federation = Federation(topo, fed, numel, owned, held)
+    report = {"facility": f, "bytes_inter": [], "left_out": [], "facility_tokens": []}
+    for t in range(rounds):
+        train = sampled(len(sizes), fed.sample, 0, t + 1)[f]
+        delta = 0.01 * np.random.default_rng([f, t]).standard_normal(numel).astype(np.float32)
+        if poison and int(poison.split(":")[0]) == f:
+            delta = delta * np.float32(np.nan if poison.endswith("nan") else 1000)
+        for offset, values in held:
+            if train:
+                values -= delta[offset:offset + len(values)]
+        tokens = (10 * (f + 1) + r) * (t + 1) if train else 0
+        exchange = federation.round(owned, held, tokens, train)
+        report["bytes_inter"].append(exchange.bytes_inter)
+        report["left_out"].append(list(exchange.left_out))
+        report["facility_tokens"].append(exchange.facility_tokens)
+    mine = np.full(numel, np.nan, np.float32)
+    for offset, values in held:
+        mine[offset:offset + len(values)] = values
+    np.save(out / f"rank-{comm.rank}.npy", mine)
+    (out / f"rank-{comm.rank}.json").write_text(json.dumps(report))
     topo.close()
