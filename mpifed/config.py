@@ -237,9 +237,11 @@ class RunConfig:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             problems.append(f"facility.name: names must be unique (repeated: {', '.join(dupes)})")
-        if self.federation.min_participants > len(self.facility):
-            problems.append(f"federation.min_participants: {self.federation.min_participants} is more than the "
-                            f"{len(self.facility)} facilities")
+        fed = self.federation
+        drawn = max(1, int(fed.sample * len(self.facility) + 0.5))
+        if fed.min_participants > drawn:
+            problems.append(f"federation.min_participants: {fed.min_participants} can never be met: "
+                            f"federation.sample = {fed.sample} draws {drawn} of {len(self.facility)} facilities per round")
         if self.facility and self.federation.roots > min(f.ranks for f in self.facility):
             problems.append(f"federation.roots: {self.federation.roots} roots per facility, but the smallest "
                             f"facility has {min(f.ranks for f in self.facility)} ranks")

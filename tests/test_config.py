@@ -94,3 +94,15 @@ def test_every_field_is_documented():
         for f in dataclasses.fields(section):
             block = source.split(f"class {section.__name__}")[1]
             assert f'    {f.name}: ' in block and '"""' in block.split(f"    {f.name}: ")[1].split("\n")[1], f.name
+
+
+def test_federation_settings_are_checked_together():
+    with pytest.raises(ConfigError) as err:
+        config.from_dict(config.apply_sets({}, ["federation.compress=zip", "federation.outer_momentum=1.5",
+                                                "federation.sample=0.5", "federation.min_participants=2"]))
+    message = str(err.value)
+    assert "federation.compress: unknown compression 'zip'; choose one of none, bf16, int8" in message
+    assert "federation.outer_momentum: must be >= 0 and < 1" in message
+    assert "federation.min_participants: 2 can never be met: federation.sample = 0.5 draws 1 of 2" in message
+    cfg = config.from_dict(config.apply_sets({}, ["federation.outer=diloco", "federation.outer_lr=0.5"]))
+    assert cfg.federation.outer_lr == 0.5 and cfg.federation.outer_momentum is None  # unset: the default

@@ -55,11 +55,12 @@ def _allgather_ranges(comm: MPI.Intracomm, ranges: list[Range]) -> list[list[Ran
 
 
 def sampled(n_facilities: int, fraction: float, seed: int, round_: int) -> list[bool]:
-    """Which facilities train in `round_`: the same draw on every rank, no communication."""
+    """Which facilities train in `round_`: round(fraction x n), at least one, drawn with the seed: the
+    same draw on every rank, no communication."""
     if fraction >= 1:
         return [True] * n_facilities
     chosen = np.random.default_rng([seed, round_, 7]).choice(
-        n_facilities, max(1, math.ceil(fraction * n_facilities)), replace=False)
+        n_facilities, max(1, int(fraction * n_facilities + 0.5)), replace=False)
     return [i in chosen for i in range(n_facilities)]
 
 
@@ -97,6 +98,8 @@ class Federation:
                 self.feedback = ErrorFeedback(CODECS[cfg.compress], stop - start)
         # Root r starts from the current model's segment r.
         self.theta = self._gather(owned, lambda i, a, b, out: np.copyto(out, owned[i][1][a:b]))
+        if root is not None and _ranges(owned) == [self.segments[root]]:
+            self.theta_owned = [self.theta]  # shard-aligned: what I own is my segment; keep one copy
 
     def _check_ownership(self, held: list[Range]) -> None:
         pieces = sorted(r for ranges in self.owned_all for r in ranges)
@@ -153,14 +156,16 @@ class Federation:
         Collective over the world; raises FederationError when too few facilities are left."""
         facility_tokens = int(wire.allreduce(self.topo.facility, [tokens])[0])
         delta = self._gather(owned, lambda i, a, b, out: np.subtract(self.theta_owned[i][a:b], owned[i][1][a:b], out=out))
-        norm2, bad = wire.allreduce(self.topo.facility, [float(np.dot(delta, delta)) if delta is not None else 0.0,
-                                                         float(delta is not None and not np.isfinite(delta).all())])
+        # A NaN or Inf anywhere makes the squared norm NaN or Inf: no separate scan needed.
+        norm2 = wire.allreduce(self.topo.facility, [float(np.dot(delta, delta)) if delta is not None else 0.0])[0]
         sent, left_out = 0, ()
         if delta is not None:
-            sent, left_out = self._exchange(delta, facility_tokens, math.sqrt(norm2), bad > 0, participate)
+            bad = not math.isfinite(norm2)
+            sent, left_out = self._exchange(delta, facility_tokens, 0.0 if bad else math.sqrt(norm2), bad, participate)
         self._distribute(held)
         for (offset, values), theta in zip(owned, self.theta_owned):
-            theta[:] = values
+            if theta is not self.theta:  # an aliased segment is already the new global model
+                theta[:] = values
         return RoundExchange(sent, facility_tokens, left_out)
 
     def _decide(self, stats: np.ndarray) -> tuple[list[bool], list[str]]:
