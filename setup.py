@@ -23,6 +23,8 @@ setup(
         "h5py>=3.10",
         "click>=8.1",
         "numpy>=1.26",
+        "xxhash>=3.0",
+        "safetensors>=0.4",
     ],
     extras_require={
         # The embedded MPI: the MPICH wheel. Site MPIs are used instead through MPI4PY_LIBMPI.

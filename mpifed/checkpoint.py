@@ -1,33 +1,88 @@
-"""HDF5 checkpoints of the global model: one file per checkpointed round, written atomically.
+"""The HDF5 checkpoint format: writing parts atomically, verifying, choosing one to resume from, reading
+back, and exporting the model to a Hugging Face folder. No MPI here (mpifed/state.py decides who writes
+what); no pickle anywhere.
 
-Layout (readable with plain h5py, h5ls and h5dump): root attributes `format_version`, `mpifed_version`,
-`round`, `tokens` (seen so far, all facilities), `model_config` (JSON), `layout_fingerprint`,
-`facilities` (JSON); one dataset `/model/<parameter name>` per parameter, in its own shape, fp32.
-A file is written to a temporary name, fsynced and renamed; the `latest` pointer is replaced only after.
-No pickle anywhere.
+Files of round N in the checkpoint folder:
+  round_0000N.h5             main file, written last by the global root. Root attributes: format_version,
+                             mpifed_version, round, tokens, model_config (JSON), layout (JSON),
+                             layout_fingerprint, facilities (JSON), config (TOML), roots, parts (JSON).
+                             /model/<param> and /outer/<state>/<param>, one dataset each, in the
+                             parameter's shape: plain datasets with one root, HDF5 virtual datasets over
+                             the segment files with several.
+  round_0000N.seg-R.h5       with R > 1 roots: segment r of the model (/model) and of the outer state
+                             (/outer/<state>), flat fp32, written by root r of the first facility.
+  round_0000N.fac-NAME.h5    facility NAME's state for an exact resume: inner optimizer, data position
+                             and RNG of each rank, error-feedback residual; written by its leader.
+  latest                     the name of the newest main file that verified.
+Every stored array carries an `xxh3_128` attribute: `verify` rereads and compares each one. Every file is
+written to a hidden temporary name, fsynced and renamed; the main file only after all its parts, and
+`latest` only after the main file verified. `checkpoint.fletcher32 = true` adds HDF5's own checksum
+filter (about 4x slower to write; measured in the README).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import h5py
 import numpy as np
+import xxhash
 
 from mpifed import __version__
-from mpifed.engines.base import FlatLayout
+from mpifed.engines.base import FlatLayout, ParamSlot
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 LATEST = "latest"
+HASH = "xxh3_128"
+_MAIN = re.compile(r"^round_(\d{5,})\.h5$")
 
 
-def file_name(round_: int) -> str:
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or damaged; the message names the file and dataset."""
+
+
+def main_name(round_: int) -> str:
     return f"round_{round_:05d}.h5"
 
 
-def _fsync_dir(path: Path) -> None:
+def segment_name(round_: int, r: int) -> str:
+    return f"round_{round_:05d}.seg-{r}.h5"
+
+
+def facility_name(round_: int, name: str) -> str:
+    return f"round_{round_:05d}.fac-{name}.h5"
+
+
+def _digest(values: np.ndarray) -> str:
+    return xxhash.xxh3_128_hexdigest(np.ascontiguousarray(values).view(np.uint8))
+
+
+def _store(group: h5py.Group, name: str, values: np.ndarray, fletcher32: bool, stored: list) -> None:
+    """Create one dataset for `values`; `_write_file` writes the bytes and adds the hash.
+
+    Plain datasets are contiguous, allocated when created and never filled, so their bytes can go
+    straight to their place in the file with one pwrite (HDF5's own write path is slower here). With
+    fletcher32 HDF5 must checksum every chunk, so it writes those itself."""
+    values = np.ascontiguousarray(values)
+    if fletcher32 and values.size:
+        ds = group.create_dataset(name, data=values, chunks=True, fletcher32=True)
+        stored.append((ds.name, values, None))
+        return
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    dsid = h5py.h5d.create(group.id, name.encode(), h5py.h5t.py_create(values.dtype),
+                           h5py.h5s.create_simple(values.shape), dcpl=dcpl)
+    stored.append((h5py.Dataset(dsid).name, values, dsid.get_offset() if values.size else None))
+
+
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -35,48 +90,306 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _replace_durably(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
+def _pwrite_all(path: Path, stored: list) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for _, values, offset in stored:
+            if offset is None:
+                continue
+            data = memoryview(values.reshape(-1)).cast("B")
+            while data:  # one pwrite moves at most ~2 GiB
+                written = os.pwrite(fd, data, offset)
+                data, offset = data[written:], offset + written
+    finally:
+        os.close(fd)
 
 
-def write(directory: str | Path, round_: int, tokens: int, layout: FlatLayout, flat: np.ndarray,
-          model_config: str, facilities: list[dict[str, Any]]) -> Path:
-    """Write the global model `flat` as round `round_`'s checkpoint and point `latest` at it."""
+def _write_file(final: Path, fill: Callable[[h5py.File, list], None]) -> "_Atomic":
+    """Create `final`'s temporary file: `fill(h5, stored)` lays out the datasets, their bytes are
+    written while another thread hashes them (both without the GIL), then the hashes are added."""
+    out = _Atomic(final)
+    stored: list[tuple[str, np.ndarray, int | None]] = []
+    with h5py.File(out.tmp, "w") as h5:
+        fill(h5, stored)
+    digests: list[str] = []
+    hashing = threading.Thread(target=lambda: digests.extend(_digest(v) for _, v, _ in stored))
+    hashing.start()
+    _pwrite_all(out.tmp, stored)
+    hashing.join()
+    with h5py.File(out.tmp, "r+") as h5:
+        for (name, _, _), digest in zip(stored, digests):
+            h5[name].attrs[HASH] = digest
+    return out
+
+
+class _Atomic:
+    """Write `final` through a hidden temporary file: fsynced and renamed by `commit` (an fsync of data
+    already flushed costs nothing)."""
+
+    def __init__(self, final: Path) -> None:
+        self.final = final
+        self.tmp = final.with_name(f".{final.name}.tmp")
+
+    def commit(self) -> Path:
+        _fsync(self.tmp)
+        os.replace(self.tmp, self.final)
+        _fsync(self.final.parent)
+        return self.final
+
+
+def write_segment(directory: Path, round_: int, r: int, start: int, model: np.ndarray,
+                  outer: dict[str, np.ndarray], fletcher32: bool = False) -> Path:
+    """Segment r ([start, start + len(model)) of the flat model) and its outer state."""
+    def fill(h5: h5py.File, stored: list) -> None:
+        h5.attrs.update(format_version=FORMAT_VERSION, round=round_, segment=r, start=start, stop=start + len(model))
+        _store(h5, "model", model, fletcher32, stored)
+        group = h5.create_group("outer")
+        for name, values in outer.items():
+            _store(group, name, values, fletcher32, stored)
+
+    return _write_file(Path(directory) / segment_name(round_, r), fill).commit()
+
+
+def write_facility(directory: Path, round_: int, name: str, arrays: dict[str, np.ndarray],
+                   attrs: dict[str, Any], fletcher32: bool = False) -> Path:
+    """One facility's resume state: named arrays (groups with '/') and attributes."""
+    def fill(h5: h5py.File, stored: list) -> None:
+        h5.attrs.update(format_version=FORMAT_VERSION, round=round_, facility=name, **attrs)
+        for key, values in arrays.items():
+            _store(h5.require_group(os.path.dirname(key) or "/"), os.path.basename(key), values, fletcher32, stored)
+
+    return _write_file(Path(directory) / facility_name(round_, name), fill).commit()
+
+
+def _boxes(shape: tuple[int, ...], a: int, b: int) -> Iterator[tuple[tuple, int, int]]:
+    """The C-order flat range [a, b) of an array of `shape` as rectangular boxes:
+    (index into the array, flat start, element count)."""
+    if a >= b:
+        return
+    if len(shape) <= 1:
+        yield (slice(a, b),), a, b - a
+        return
+    inner = int(np.prod(shape[1:]))
+    first = a // inner
+    if first == (b - 1) // inner:  # inside one row: recurse into it
+        for index, start, count in _boxes(shape[1:], a - first * inner, b - first * inner):
+            yield (first, *index), first * inner + start, count
+        return
+    if a % inner:  # the tail of a partial first row
+        yield from _boxes(shape, a, (first + 1) * inner)
+        first += 1
+    full_end = b // inner  # rows [first, full_end) are whole
+    if full_end > first:
+        yield (slice(first, full_end), *[slice(None)] * (len(shape) - 1)), first * inner, (full_end - first) * inner
+    if b % inner:  # the head of a partial last row
+        yield from _boxes(shape, full_end * inner, b)
+
+
+def _virtual(group: h5py.Group, slot: ParamSlot, round_: int, segments: list[tuple[int, int]], dataset: str) -> None:
+    """/group/<param> as a virtual dataset over the flat `dataset` of the segment files it spans."""
+    layout = h5py.VirtualLayout(shape=slot.shape, dtype=np.float32)
+    for r, (start, stop) in enumerate(segments):
+        a, b = max(start, slot.offset), min(stop, slot.offset + slot.numel)
+        if a < b:
+            vsource = h5py.VirtualSource(segment_name(round_, r), dataset, shape=(stop - start,))
+            for index, flat, count in _boxes(slot.shape, a - slot.offset, b - slot.offset):
+                at = flat + slot.offset - start
+                layout[index] = vsource[at:at + count]
+    group.create_virtual_dataset(slot.name, layout, fillvalue=np.nan)
+
+
+def write_main(directory: Path, round_: int, attrs: dict[str, Any], layout: FlatLayout,
+               segments: list[tuple[int, int]], outer_names: list[str], facilities: list[str],
+               model: np.ndarray | None = None, outer: dict[str, np.ndarray] | None = None,
+               fletcher32: bool = False) -> Path:
+    """The main file of a round, after all its parts were written: with one root `model`/`outer` are the
+    whole flat arrays, with several the datasets are virtual over the segment files. Before it is renamed
+    into place and `latest` points at it, the whole checkpoint is fsynced and reopened: every dataset
+    and part present, in shape. (Rereading every byte would cost a second pass over the model at each
+    checkpoint; the hashes are checked in full by `verify`, on --resume and by `mpifed ckpt verify`.)"""
     directory = Path(directory)
-    final = directory / file_name(round_)
-    tmp = directory / f".{final.name}.tmp"
-    with h5py.File(tmp, "w") as h5:
-        h5.attrs.update(format_version=FORMAT_VERSION, mpifed_version=__version__, round=round_, tokens=tokens,
-                        model_config=model_config, layout_fingerprint=layout.fingerprint,
-                        facilities=json.dumps(facilities))
-        group = h5.create_group("model")
-        for name, values in layout.unflatten(flat).items():
-            group.create_dataset(name, data=values)
-    _replace_durably(tmp, final)
-    pointer = directory / f".{LATEST}.tmp"
-    pointer.write_text(final.name + "\n")
-    _replace_durably(pointer, directory / LATEST)
+    parts = {"segments": [segment_name(round_, r) for r in range(len(segments))] if len(segments) > 1 else [],
+             "facilities": {name: facility_name(round_, name) for name in facilities}}
+
+    def fill(h5: h5py.File, stored: list) -> None:
+        h5.attrs.update(format_version=FORMAT_VERSION, mpifed_version=__version__, round=round_,
+                        layout=json.dumps([[s.name, list(s.shape), s.dtype, s.offset] for s in layout.slots]),
+                        layout_fingerprint=layout.fingerprint, roots=len(segments), parts=json.dumps(parts),
+                        outer_state=json.dumps(outer_names), **attrs)
+        groups = {"model": h5.create_group("model")}
+        groups.update({name: h5.create_group(f"outer/{name}") for name in outer_names})
+        for slot in layout.slots:
+            if len(segments) == 1:
+                piece = slice(slot.offset, slot.offset + slot.numel)
+                _store(groups["model"], slot.name, model[piece].reshape(slot.shape), fletcher32, stored)
+                for name in outer_names:
+                    _store(groups[name], slot.name, outer[name][piece].reshape(slot.shape), fletcher32, stored)
+            else:
+                _virtual(groups["model"], slot, round_, segments, "model")
+                for name in outer_names:
+                    _virtual(groups[name], slot, round_, segments, f"outer/{name}")
+
+    out = _write_file(directory / main_name(round_), fill)
+    verify(out.tmp, parts_dir=directory, check_data=False)
+    final = out.commit()
+    pointer = _Atomic(directory / LATEST)
+    pointer.tmp.write_text(final.name + "\n")
+    pointer.commit()
     return final
 
 
-def read(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(root attributes, parameter name -> array) of one checkpoint file."""
-    with h5py.File(path, "r") as h5:
-        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in h5.attrs.items()}
-        params = {name: ds[()] for name, ds in h5["model"].items()}
-    return attrs, params
+def _check_arrays(path: Path, h5: h5py.File) -> int:
+    """Reread every stored (non-virtual) array and compare its hash; returns the bytes checked."""
+    checked = 0
+    names: list[str] = []
+    h5.visit(names.append)
+    for name in names:
+        obj = h5[name]
+        if not isinstance(obj, h5py.Dataset) or obj.is_virtual:
+            continue
+        if HASH not in obj.attrs:
+            raise CheckpointError(f"{path}: /{name}: no {HASH} attribute")
+        try:
+            values = obj[()]
+        except OSError as exc:  # fletcher32 or a truncated file
+            raise CheckpointError(f"{path}: /{name}: cannot be read: {exc}") from None
+        if _digest(values) != obj.attrs[HASH]:
+            raise CheckpointError(f"{path}: /{name}: checksum mismatch (the data changed after it was written)")
+        checked += values.nbytes
+    return checked
 
 
-def files(directory: str | Path) -> list[Path]:
-    """Checkpoint files of `directory`, oldest round first."""
-    return sorted(Path(directory).glob("round_*.h5"))
+def _open(path: Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: not a readable HDF5 file (truncated or damaged?): {exc}") from None
+
+
+@dataclass(frozen=True)
+class Summary:
+    path: Path
+    round: int
+    tokens: int
+    layout: FlatLayout
+    facilities: list[dict[str, Any]]
+    outer_state: list[str]
+    roots: int
+    model_config: str
+    config: str
+    bytes: int
+
+
+def _layout(text: str) -> FlatLayout:
+    return FlatLayout(tuple(ParamSlot(n, tuple(shape), dtype, offset) for n, shape, dtype, offset in json.loads(text)))
+
+
+def verify(path: str | Path, parts_dir: Path | None = None, check_data: bool = True) -> Summary:
+    """Check a whole checkpoint (main file and every part it names): raises CheckpointError naming the
+    first bad file or dataset, else returns its summary. check_data=False reads the structure only."""
+    path = Path(path)
+    where = parts_dir or path.parent
+    with _open(path) as h5:
+        if h5.attrs.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{path}: format_version {h5.attrs.get('format_version')!r}, this mpifed reads "
+                                  f"{FORMAT_VERSION}")
+        try:
+            layout = _layout(h5.attrs["layout"])
+            parts = json.loads(h5.attrs["parts"])
+            outer_state = json.loads(h5.attrs["outer_state"])
+            summary = Summary(path, int(h5.attrs["round"]), int(h5.attrs["tokens"]), layout,
+                              json.loads(h5.attrs["facilities"]), outer_state, int(h5.attrs["roots"]),
+                              str(h5.attrs["model_config"]), str(h5.attrs["config"]), 0)
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{path}: root attributes incomplete or malformed: {exc}") from None
+        if layout.fingerprint != h5.attrs.get("layout_fingerprint"):
+            raise CheckpointError(f"{path}: layout does not match its fingerprint")
+        for group in ["model", *[f"outer/{n}" for n in outer_state]]:
+            missing = [s.name for s in layout.slots if s.name not in h5.get(group, {})]
+            if missing:
+                raise CheckpointError(f"{path}: /{group}/{missing[0]}: missing")
+            wrong = [s.name for s in layout.slots if h5[group][s.name].shape != s.shape]
+            if wrong:
+                raise CheckpointError(f"{path}: /{group}/{wrong[0]}: wrong shape")
+        checked = _check_arrays(path, h5) if check_data else 0
+    for name in [*parts["segments"], *parts["facilities"].values()]:
+        with _open(where / name) as part:
+            checked += _check_arrays(where / name, part) if check_data else 0
+    return Summary(**{**summary.__dict__, "bytes": checked})
+
+
+def main_files(directory: str | Path) -> list[Path]:
+    """Main checkpoint files of `directory`, oldest round first."""
+    found = [(int(m.group(1)), p) for p in Path(directory).glob("round_*.h5") if (m := _MAIN.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def resolve(target: str | Path, report=print) -> Summary | None:
+    """The checkpoint to resume from: a main file (must verify), or in a folder the newest that
+    verifies, reporting each one skipped and why. None when the folder holds none."""
+    target = Path(target)
+    if target.is_file() or target.suffix == ".h5":
+        return verify(target)
+    for path in reversed(main_files(target)):
+        try:
+            return verify(path)
+        except CheckpointError as exc:
+            report(f"mpifed: skipping checkpoint {path.name}: {exc}")
+    return None
+
+
+def read_flat(path: Path, layout: FlatLayout, group: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """[start, stop) of the flat vector stored per parameter under /group."""
+    stop = layout.numel if stop is None else stop
+    out = np.empty(stop - start, np.float32)
+    with _open(path) as h5:
+        for slot in layout.slots:
+            a, b = max(start, slot.offset), min(stop, slot.offset + slot.numel)
+            if a == slot.offset and b == slot.offset + slot.numel and slot.numel:  # whole: no extra copy
+                h5[group][slot.name].read_direct(out[a - start:b - start].reshape(slot.shape))
+            elif a < b:
+                out[a - start:b - start] = h5[group][slot.name][()].reshape(-1)[a - slot.offset:b - slot.offset]
+    return out
+
+
+def read_facility(summary: Summary, name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(arrays by path, attributes) of facility `name`'s resume state in a verified checkpoint."""
+    with _open(summary.path) as h5:
+        files = json.loads(h5.attrs["parts"])["facilities"]
+    if name not in files:
+        raise CheckpointError(f"{summary.path}: holds no state of facility {name!r} (it has {', '.join(files)})")
+    arrays: dict[str, np.ndarray] = {}
+    with _open(summary.path.parent / files[name]) as h5:
+        h5.visititems(lambda key, obj: arrays.__setitem__(key, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+        return arrays, dict(h5.attrs)
 
 
 def prune(directory: str | Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints (keep = 0 keeps all)."""
-    if keep > 0:
-        for old in files(directory)[:-keep]:
-            old.unlink()
+    """Delete all but the newest `keep` checkpoints with their parts (keep = 0 keeps all)."""
+    if keep <= 0:
+        return
+    mains = main_files(directory)
+    if len(mains) <= keep:
+        return
+    oldest_kept = int(_MAIN.match(mains[-keep].name).group(1))
+    for path in Path(directory).glob("round_*.h5"):
+        if int(path.name[6:].split(".")[0]) < oldest_kept:
+            path.unlink()
+
+
+def export(summary: Summary, out: str | Path) -> Path:
+    """A Hugging Face folder (config.json + model.safetensors) of the checkpointed model."""
+    from safetensors.numpy import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    flat = read_flat(summary.path, summary.layout, "model")
+    tensors = {name: np.ascontiguousarray(v) for name, v in summary.layout.unflatten(flat).items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads(summary.model_config)
+    config.setdefault("architectures", ["LlamaForCausalLM"])
+    config["torch_dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out

@@ -50,6 +50,12 @@ class _JobFailed(click.ClickException):
         self.ctx = click.get_current_context(silent=True)
 
 
+def _resume_option(f):
+    return click.option("--resume", default="", metavar="auto|PATH",
+                        help="Continue from a checkpoint: auto takes the newest one in the output folder that "
+                             "verifies (saying which it skipped and why); PATH names a file or folder.")(f)
+
+
 def _set_option(f):
     return click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
                         help="Override any configuration key, e.g. --set train.lr=3e-4 or "
@@ -95,20 +101,24 @@ def _check_writable(path: Path, option: str, is_dir: bool) -> None:
         raise UserError(f"{option}: cannot write to {path}: no write permission on {base}")
 
 
-def _prepare_output(cfg: RunConfig, overwrite: bool) -> Path:
+def _prepare_output(cfg: RunConfig, overwrite: bool, resume: str) -> Path:
     """Check, then create, the output folder; returns the path of the resolved config inside it."""
     out = Path(cfg.checkpoint.dir)
     _check_writable(out, "--out (checkpoint.dir)", is_dir=True)
     _check_writable(cfg.metrics_path, "--metrics (metrics.file)", is_dir=False)
     from mpifed import checkpoint  # h5py, only once the cheap checks have passed
 
-    if not overwrite and out.is_dir() and checkpoint.files(out):
-        raise UserError(f"--out: {out} already holds checkpoints of an earlier run; "
-                        "choose another folder or pass --overwrite to replace them")
+    if overwrite and resume:
+        raise UserError("--overwrite and --resume exclude each other: replace the old checkpoints or continue them")
+    if resume not in ("", "auto") and not Path(resume).exists():
+        raise UserError(f"--resume: {resume} does not exist (give a checkpoint file, a folder, or auto)")
+    if not overwrite and not resume and out.is_dir() and checkpoint.main_files(out):
+        raise UserError(f"--out: {out} already holds checkpoints of an earlier run; choose another folder, "
+                        "pass --resume auto to continue it, or --overwrite to replace them")
     try:
         out.mkdir(parents=True, exist_ok=True)
         if overwrite:
-            for old in checkpoint.files(out):
+            for old in out.glob("round_*.h5"):
                 old.unlink()
         resolved = out / "mpifed.toml"
         resolved.write_text(config.dump_toml(cfg))
@@ -128,9 +138,9 @@ def _mpiexec() -> str:
     return found
 
 
-def simulate_command(cfg: RunConfig, config_path: Path) -> list[str]:
+def simulate_command(cfg: RunConfig, config_path: Path, resume: str = "") -> list[str]:
     """An MPMD mpiexec line: one program per facility, so MPI_APPNUM tells each rank its facility."""
-    program = [sys.executable, "-m", "mpifed", "run", str(config_path)]
+    program = [sys.executable, "-m", "mpifed", "run", str(config_path)] + (["--resume", resume] if resume else [])
     command = [_mpiexec()]
     for i, facility in enumerate(cfg.facility):
         command += ([":"] if i else []) + ["-n", str(facility.ranks), *program]
@@ -162,10 +172,11 @@ def _rank_environment(cfg: RunConfig) -> dict[str, str]:
 @click.option("--seed", type=click.IntRange(min=0), help="Seed for initialisation and data order (train.seed).")
 @_set_option
 @click.option("--overwrite", is_flag=True, help="Replace the checkpoints of an earlier run in --out.")
+@_resume_option
 @click.option("--dry-run", is_flag=True, help="Print the resolved configuration and the mpiexec line, run nothing.")
 def simulate(config_file: Path | None, facilities: int | None, ranks_per_facility: int | None, rounds: int | None,
              local_steps: int | None, out: Path | None, metrics: Path | None, seed: int | None,
-             sets: tuple[str, ...], overwrite: bool, dry_run: bool) -> int:
+             sets: tuple[str, ...], overwrite: bool, resume: str, dry_run: bool) -> int:
     """Run a whole federation on this machine: every facility's ranks under one mpiexec.
 
     With no options: 2 facilities x 2 ranks train the tiny LLaMA on the embedded text for 5 rounds,
@@ -180,9 +191,10 @@ def simulate(config_file: Path | None, facilities: int | None, ranks_per_facilit
         raise UserError(str(exc)) from None
     if dry_run:
         click.echo(config.dump_toml(cfg), nl=False)
-        click.echo(shlex.join(simulate_command(cfg, Path(cfg.checkpoint.dir) / "mpifed.toml")))
+        click.echo(shlex.join(simulate_command(cfg, Path(cfg.checkpoint.dir) / "mpifed.toml", resume)))
         return 0
-    command = simulate_command(cfg, _prepare_output(cfg, overwrite))
+    command = simulate_command(cfg, _prepare_output(cfg, overwrite, resume),
+                               cfg.checkpoint.dir if resume == "auto" else resume)
     click.echo(f"mpifed simulate: {shlex.join(command)}", err=True)
     try:
         code = subprocess.run(command, env=_rank_environment(cfg), stdin=subprocess.DEVNULL).returncode
@@ -197,7 +209,8 @@ def simulate(config_file: Path | None, facilities: int | None, ranks_per_facilit
 @cli.command()
 @click.argument("config_file", type=click.Path(dir_okay=False, path_type=Path))
 @_set_option
-def run(config_file: Path, sets: tuple[str, ...]) -> int:
+@_resume_option
+def run(config_file: Path, sets: tuple[str, ...], resume: str) -> int:
     """The per-rank program: start it under mpiexec or srun with the run configuration.
 
     \b
@@ -211,7 +224,80 @@ def run(config_file: Path, sets: tuple[str, ...]) -> int:
         raise UserError(str(exc)) from None
     from mpifed.entry import main as rank_main  # imports MPI: only here, never for --help
 
-    return rank_main(cfg)
+    return rank_main(cfg, cfg.checkpoint.dir if resume == "auto" else resume)
+
+
+@cli.group()
+def ckpt() -> None:
+    """Inspect, verify and export HDF5 checkpoints (a file, or a folder: its latest)."""
+
+
+def _checkpoint_path(path: Path) -> Path:
+    from mpifed import checkpoint
+
+    if path.is_dir():
+        pointer = path / checkpoint.LATEST
+        if pointer.exists():
+            return path / pointer.read_text().strip()
+        mains = checkpoint.main_files(path)
+        if not mains:
+            raise UserError(f"{path}: no checkpoint in this folder")
+        return mains[-1]
+    if not path.exists():
+        raise UserError(f"{path}: no such checkpoint file or folder")
+    return path
+
+
+def _verified(path: Path):
+    from mpifed.checkpoint import CheckpointError, verify
+
+    try:
+        return verify(_checkpoint_path(path))
+    except CheckpointError as exc:
+        raise _JobFailed(str(exc)) from None
+
+
+@ckpt.command()
+@click.argument("path", type=click.Path(path_type=Path))
+def inspect(path: Path) -> int:
+    """Round, tokens, parameters, size, facilities and outer state of a checkpoint."""
+    import json
+
+    s = _verified(path)
+    model = json.loads(s.model_config)
+    click.echo(f"checkpoint   {s.path}")
+    click.echo(f"round        {s.round}")
+    click.echo(f"tokens       {s.tokens:,}")
+    click.echo(f"model        {model.get('model_type', '?')}: {s.layout.numel:,} parameters in {len(s.layout.slots)} "
+               f"tensors, hidden {model.get('hidden_size')}, layers {model.get('num_hidden_layers')}")
+    click.echo(f"facilities   " + ", ".join(f"{f['name']} ({f['ranks']} x {f['engine']})" for f in s.facilities))
+    click.echo(f"outer state  {', '.join(s.outer_state) or 'none'}; {s.roots} root(s) per facility")
+    click.echo(f"size         {s.bytes / 2 ** 20:.1f} MiB verified")
+    return 0
+
+
+@ckpt.command("verify")
+@click.argument("path", type=click.Path(path_type=Path))
+def verify_command(path: Path) -> int:
+    """Reread every array of a checkpoint and its parts; exit 1 naming the first bad dataset."""
+    s = _verified(path)
+    click.echo(f"{s.path}: ok (round {s.round}, {s.bytes / 2 ** 20:.1f} MiB checked)")
+    return 0
+
+
+@ckpt.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+def export(path: Path, out: Path) -> int:
+    """Write the model as a Hugging Face folder (config.json, model.safetensors) for from_pretrained."""
+    from mpifed import checkpoint
+
+    s = _verified(path)
+    _check_writable(out, "OUT", is_dir=True)
+    checkpoint.export(s, out)
+    click.echo(f"{out}: exported round {s.round} ({s.layout.numel:,} parameters); load it with "
+               f"AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:

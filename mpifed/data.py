@@ -122,6 +122,11 @@ class Sampler:
     def _permutation(self) -> np.ndarray:
         return np.random.default_rng([*self.seed, self.epoch]).permutation(len(self.shard))
 
+    def restore(self, epoch: int, position: int) -> None:
+        """Continue exactly where a sampler with this epoch and position stopped."""
+        self.epoch, self.position = epoch, position
+        self._order = self._permutation()
+
     def next_batch(self) -> np.ndarray:
         if self.position + self.micro_batch > len(self.shard):
             self.epoch += 1

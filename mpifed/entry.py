@@ -11,7 +11,7 @@ from mpifed.config import RunConfig
 from mpifed.watchdog import abort_on_error
 
 
-def main(cfg: RunConfig) -> int:
+def main(cfg: RunConfig, resume: str = "") -> int:
     comm = MPI.COMM_WORLD
     try:
         appnum = comm.Get_attr(MPI.APPNUM)
@@ -25,7 +25,7 @@ def main(cfg: RunConfig) -> int:
         from mpifed.trainer import Trainer  # heavy imports (torch, transformers) only once MPI is up
 
         topo = topology.build(comm, indices[comm.rank], [f.name for f in cfg.facility], cfg.federation.roots)
-        trainer = Trainer(cfg, topo)
+        trainer = Trainer(cfg, topo, resume)
         trainer.run()
         trainer.close()
         topo.close()

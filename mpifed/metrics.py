@@ -36,11 +36,17 @@ class RoundMetrics:
 
 
 class MetricsLog:
-    """Appends RoundMetrics as JSON lines; the file is started fresh by a new run."""
+    """Appends RoundMetrics as JSON lines. A new run starts the file afresh; a resumed one keeps the
+    lines of the rounds it resumes after and drops any later ones (from a run that died past them)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, after_round: int = 0) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if after_round > 0 and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("round", 0) <= after_round]
         self._fh: TextIO = path.open("w")
+        self._fh.write("".join(line + "\n" for line in kept))
 
     def write(self, metrics: RoundMetrics) -> None:
         self._fh.write(json.dumps(asdict(metrics)) + "\n")

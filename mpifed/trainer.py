@@ -7,13 +7,12 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from dataclasses import asdict
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpifed import checkpoint, data, wire
+from mpifed import data, state, wire
 from mpifed.config import RunConfig
 from mpifed.engines import make_engine
 from mpifed.federation.reduce import Federation, RoundExchange, sampled
@@ -30,7 +29,8 @@ def _broadcast_tokens(world: MPI.Intracomm) -> np.ndarray:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, topo: Topology) -> None:
+    def __init__(self, cfg: RunConfig, topo: Topology, resume: str = "") -> None:
+        """Build everything for one rank; `resume` is "", "auto" or a checkpoint file or folder."""
         self.cfg, self.topo = cfg, topo
         threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // local_ranks_on_node(topo.world))
         torch.set_num_threads(threads)
@@ -50,7 +50,15 @@ class Trainer:
         self._start_from_rank_zero()
         self.federation = Federation(topo, cfg.federation, self.layout.numel, self.engine.owned(), self.engine.held())
         self.tokens_total = 0
-        self.log = MetricsLog(cfg.metrics_path) if topo.is_global_root else None
+        self.start_round = 1
+        resumed = state.choose(topo.world, resume) if resume else None
+        if resumed is not None:
+            state.restore(self, resumed)
+            self.start_round = resumed.round + 1
+        elif resume and topo.is_global_root:
+            print(f"mpifed: --resume {resume}: no checkpoint found; starting from round 1", flush=True)
+        self.resumed_from = resumed
+        self.log = MetricsLog(cfg.metrics_path, after_round=self.start_round - 1) if topo.is_global_root else None
 
     def _check_same_layout(self) -> None:
         """Refuse to exchange anything between ranks whose models differ in names, shapes or dtypes."""
@@ -67,12 +75,12 @@ class Trainer:
         if self.topo.world.rank == 0:
             for offset, values in self.engine.held():
                 initial[offset:offset + len(values)] = values
-        with self._across("sending the initial model"):
+        with self.across("sending the initial model"):
             self.topo.world.Bcast(initial, root=0)
         for offset, values in self.engine.held():
             values[:] = initial[offset:offset + len(values)]
 
-    def _across(self, what: str):
+    def across(self, what: str):
         return deadline(self.topo.world, self.cfg.federation.timeout_s, what)
 
     def announce(self) -> None:
@@ -84,10 +92,13 @@ class Trainer:
               f"({self.layout.numel / 1e6:.2f}M parameters); {cfg.federation.rounds} rounds x "
               f"{cfg.train.local_steps} local steps; outer {cfg.federation.outer}; "
               f"checkpoints in {cfg.checkpoint.dir}", flush=True)
+        if self.resumed_from is not None:
+            print(f"mpifed: resuming from {self.resumed_from.path} (round {self.resumed_from.round}, "
+                  f"{self.resumed_from.tokens:,} tokens)", flush=True)
 
     def run(self) -> None:
         self.announce()
-        for round_ in range(1, self.cfg.federation.rounds + 1):
+        for round_ in range(self.start_round, self.cfg.federation.rounds + 1):
             self.round(round_)
         if self.topo.is_global_root:
             print(f"mpifed: done; checkpoints in {self.cfg.checkpoint.dir}, metrics in {self.cfg.metrics_path}",
@@ -110,7 +121,7 @@ class Trainer:
         rows = self.validation[self.topo.world.rank::self.topo.world.size]
         total = sum(float(model(input_ids=torch.from_numpy(rows[i:i + 8]), labels=torch.from_numpy(rows[i:i + 8])).loss)
                     * len(rows[i:i + 8]) for i in range(0, len(rows), 8))
-        with self._across("validation"):
+        with self.across("validation"):
             total, count = wire.allreduce(self.topo.world, [total, len(rows)])
         return float(total / count)
 
@@ -129,10 +140,9 @@ class Trainer:
         val_loss = self._validate()
         self.tokens_total += summary["tokens"]
         ckpt_s = 0.0
-        last = round_ == self.cfg.federation.rounds
-        if self.topo.is_global_root and (round_ % self.cfg.checkpoint.every == 0 or last):
+        if round_ % self.cfg.checkpoint.every == 0 or round_ == self.cfg.federation.rounds:
             t0 = time.perf_counter()
-            self._write_checkpoint(round_)
+            state.save(self, round_)
             ckpt_s = time.perf_counter() - t0
         if self.log is not None:
             metrics = RoundMetrics(round=round_, val_loss=val_loss, tokens_total=self.tokens_total, ckpt_s=ckpt_s,
@@ -145,7 +155,7 @@ class Trainer:
         leader = self.topo.facility.rank == 0  # leaders speak for their facility's loss and tokens
         facility_tokens = exchange.facility_tokens if leader else 0
         mean_loss = loss_sum / self.cfg.train.local_steps  # 0 where the facility sat this round out
-        with self._across("collecting round metrics"):
+        with self.across("collecting round metrics"):
             weighted_loss, tokens, bytes_inter = wire.allreduce(
                 self.topo.world, [mean_loss * facility_tokens, facility_tokens, exchange.bytes_inter])
             # The last rank to arrive waits least: its sync time is the exchange itself; what others
@@ -154,14 +164,6 @@ class Trainer:
                 self.topo.world, [inner_s, sync_s, -sync_s], op=MPI.MAX)
         return dict(train_loss=weighted_loss / tokens, tokens=int(tokens), inner_s=slowest_inner,
                     sync_s=-neg_fastest_sync, idle_s=slowest_sync + neg_fastest_sync, bytes_inter=int(bytes_inter))
-
-    def _write_checkpoint(self, round_: int) -> None:
-        facilities = [asdict(f) for f in self.cfg.facility]
-        model_config = self.engine.model().config.to_json_string()
-        (offset, flat), = self.engine.held()  # after a round, a replica holds the whole global model
-        checkpoint.write(self.cfg.checkpoint.dir, round_, self.tokens_total, self.layout, flat,
-                         model_config, facilities)
-        checkpoint.prune(self.cfg.checkpoint.dir, self.cfg.checkpoint.keep)
 
     def model_digest(self) -> str:
         """sha256 of this rank's model parameters as the engine holds them (for consistency checks)."""

@@ -1,11 +1,7 @@
-"""Model presets, the flat layout over them, and the HDF5 checkpoint written from that layout."""
-import json
-
-import h5py
+"""Model presets and the flat layout over them."""
 import numpy as np
 import pytest
 
-from mpifed import checkpoint
 from mpifed.engines.base import FlatLayout
 from mpifed.model import build_model
 
@@ -38,23 +34,3 @@ def test_fingerprint_tells_architectures_apart(model):
 def test_same_seed_same_weights():
     a, b = build_model("llama-tiny", 64, 3), build_model("llama-tiny", 64, 3)
     assert all(np.array_equal(x.detach(), y.detach()) for x, y in zip(a.parameters(), b.parameters()))
-
-
-def test_checkpoint_round_trip(tmp_path, model):
-    layout = FlatLayout.of(model)
-    flat = np.random.default_rng(0).standard_normal(layout.numel).astype(np.float32)
-    facilities = [{"name": "a", "ranks": 2}]
-    for round_ in (1, 2, 3):
-        path = checkpoint.write(tmp_path, round_, 1000 * round_, layout, flat + round_, "{}", facilities)
-    assert path.name == "round_00003.h5" and (tmp_path / "latest").read_text().strip() == path.name
-    assert not list(tmp_path.glob(".*tmp"))  # temporaries are renamed away
-    attrs, params = checkpoint.read(path)
-    assert attrs["round"] == 3 and attrs["tokens"] == 3000 and attrs["layout_fingerprint"] == layout.fingerprint
-    assert json.loads(attrs["facilities"]) == facilities
-    for slot in layout.slots:
-        np.testing.assert_array_equal(params[slot.name].reshape(-1), flat[slot.offset:slot.offset + slot.numel] + 3)
-    with h5py.File(path) as h5:  # plain h5py sees one dataset per parameter
-        assert set(h5["model"]) == {s.name for s in layout.slots}
-        assert h5["model/lm_head.weight"].dtype == np.float32
-    checkpoint.prune(tmp_path, keep=2)
-    assert [p.name for p in checkpoint.files(tmp_path)] == ["round_00002.h5", "round_00003.h5"]

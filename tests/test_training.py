@@ -2,12 +2,17 @@
 acceptance command, and validation loss falling on the embedded text."""
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import h5py
 import numpy as np
 import pytest
 
-from conftest import mpiexec, mpifed
+from conftest import mpiexec, mpifed, rank_env
 from mpifed import checkpoint, config
 from mpifed.model import build_model
 
@@ -29,7 +34,7 @@ def test_every_rank_holds_the_checkpointed_model_bit_for_bit(tmp_path):
     assert len(digests) == 1
     # the checkpoint, read with plain h5py in the model's parameter order, hashes the same
     names = [n for n, _ in build_model("llama-tiny", 64, 0).named_parameters()]
-    with h5py.File(tmp_path / "run" / checkpoint.file_name(2)) as h5:
+    with h5py.File(tmp_path / "run" / checkpoint.main_name(2)) as h5:
         digest = hashlib.sha256(b"".join(h5["model"][n][()].tobytes() for n in names)).hexdigest()
         assert h5.attrs["round"] == 2 and h5.attrs["tokens"] == 2 * 3 * 4 * 64 * 4
     assert digests == {digest}
@@ -49,8 +54,8 @@ def test_acceptance_three_facilities(tmp_path):
     progress = [line for line in result.stdout.splitlines() if line.startswith("round")]
     assert len(progress) == 4 and "val_loss" in progress[0] and "tokens/s" in progress[0]
     names = {n for n, _ in build_model("llama-tiny", 128, 0).named_parameters()}
-    files = checkpoint.files(tmp_path / "run")
-    assert [f.name for f in files] == [checkpoint.file_name(r) for r in (1, 2, 3, 4)]
+    files = checkpoint.main_files(tmp_path / "run")
+    assert [f.name for f in files] == [checkpoint.main_name(r) for r in (1, 2, 3, 4)]
     numel = 0
     for f in files:
         with h5py.File(f) as h5:
@@ -69,3 +74,40 @@ def test_validation_loss_falls_over_five_rounds(tmp_path):
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < losses[0] - 1.0  # from ~5.5 (uniform over 256 bytes) it learns real structure
     assert np.isfinite(losses).all()
+
+
+def _datasets(path):
+    out = {}
+    with h5py.File(path) as h5:
+        h5.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("settings", [["federation.roots=1", "federation.outer=fedavgm"],
+                                      ["federation.roots=2", "federation.outer=diloco", "federation.compress=int8"]])
+def test_resume_after_sigkill_is_bit_identical(tmp_path, settings):
+    common = ["simulate", "--rounds", "6", "--local-steps", "4", "--set", "train.micro_batch=4",
+              "--set", "data.seq_len=64", *[arg for s in settings for arg in ("--set", s)]]
+    straight = mpifed(*common, "--out", "a", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+
+    killed = subprocess.Popen([sys.executable, "-m", "mpifed", *common, "--out", "b"], cwd=tmp_path, env=rank_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    latest, deadline = tmp_path / "b" / "latest", time.monotonic() + 240
+    while not (latest.exists() and latest.read_text().strip() >= "round_00003.h5"):
+        assert killed.poll() is None and time.monotonic() < deadline, "the run ended before round 3"
+        time.sleep(0.02)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "b" / "round_00006.h5").exists()
+
+    resumed = mpifed(*common, "--out", "b", "--resume", "auto", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "mpifed: resuming from b/round_0000" in resumed.stdout
+    a, b = _datasets(tmp_path / "a" / "round_00006.h5"), _datasets(tmp_path / "b" / "round_00006.h5")
+    assert a.keys() == b.keys() and any(k.startswith("outer/momentum/") for k in a)
+    for name in a:
+        assert a[name].tobytes() == b[name].tobytes(), name
+    losses = lambda run: [(r["round"], r["train_loss"], r["val_loss"]) for r in _metrics(tmp_path / run / "metrics.jsonl")]
+    assert losses("a") == losses("b") and len(losses("a")) == 6

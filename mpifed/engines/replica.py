@@ -45,6 +45,27 @@ class ReplicaEngine:
         self._optimizer.step()
         return float(self._reduced[-1])
 
+    def state(self) -> dict[str, np.ndarray]:
+        """The inner AdamW state as flat arrays in layout order (identical on every rank of a facility)."""
+        params = [p for p in self._model.parameters() if p.requires_grad]
+        states = [self._optimizer.state.get(p, {}) for p in params]
+        if not states[0]:
+            return {}
+        flat = {key: np.concatenate([s[key].detach().reshape(-1).numpy() for s in states])
+                for key in ("exp_avg", "exp_avg_sq")}
+        flat["step"] = np.array([float(states[0]["step"])], np.float32)
+        return flat
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        if not state:
+            return
+        params = [p for p in self._model.parameters() if p.requires_grad]
+        for slot, param in zip(self.layout.slots, params):
+            piece = slice(slot.offset, slot.offset + slot.numel)
+            self._optimizer.state[param] = {
+                "step": torch.tensor(float(state["step"][0]), dtype=torch.float32),
+                **{key: torch.from_numpy(state[key][piece].copy()).view(slot.shape) for key in ("exp_avg", "exp_avg_sq")}}
+
     def _range(self) -> tuple[int, int]:
         n = self.layout.numel
         return n * self._rank // self._size, n * (self._rank + 1) // self._size

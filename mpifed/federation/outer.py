@@ -17,6 +17,8 @@ import numpy as np
 
 DEFAULT_LR = {"fedavg": 1.0, "fedavgm": 1.0, "diloco": 0.7, "fedadam": 0.01, "fedyogi": 0.01}
 DEFAULT_MOMENTUM = {"fedavg": 0.0, "fedavgm": 0.9, "diloco": 0.9, "fedadam": 0.9, "fedyogi": 0.9}
+STATE_NAMES = {"fedavg": [], "fedavgm": ["momentum"], "diloco": ["momentum"], "fedadam": ["m", "v"],
+               "fedyogi": ["m", "v"]}
 
 
 @dataclass
@@ -38,6 +40,14 @@ class OuterOptimizer:
         if name not in self.state:
             self.state[name] = np.zeros_like(like)
         return self.state[name]
+
+    @property
+    def state_names(self) -> list[str]:
+        return STATE_NAMES[self.kind]
+
+    def full_state(self, like: np.ndarray) -> dict[str, np.ndarray]:
+        """Every state array, zeros before the first step (for checkpoints)."""
+        return {name: self._buffer(name, like) for name in self.state_names}
 
     def step(self, theta: np.ndarray, delta: np.ndarray) -> None:
         """Update `theta` in place from the averaged `delta` (may be overwritten as scratch)."""

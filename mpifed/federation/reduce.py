@@ -24,7 +24,7 @@ from mpi4py import MPI
 from mpifed import wire
 from mpifed.config import FederationConfig
 from mpifed.federation.compress import CODECS, ErrorFeedback
-from mpifed.federation.outer import make_outer
+from mpifed.federation.outer import STATE_NAMES, make_outer
 from mpifed.topology import Topology
 from mpifed.watchdog import deadline
 
@@ -167,6 +167,29 @@ class Federation:
             if theta is not self.theta:  # an aliased segment is already the new global model
                 theta[:] = values
         return RoundExchange(sent, facility_tokens, left_out)
+
+    @property
+    def outer_state_names(self) -> list[str]:
+        """Names of the outer optimizer's state arrays (known on every rank, held on roots)."""
+        return STATE_NAMES[self.cfg.outer]
+
+    def outer_state(self) -> dict[str, np.ndarray]:
+        """On a root: its segment of every outer state array."""
+        return self.outer.full_state(self.theta)
+
+    def restore(self, theta: np.ndarray, outer: dict[str, np.ndarray], residual: np.ndarray | None,
+                owned: Sequence[View]) -> None:
+        """Resume: the global model is already in the engine's views; on roots also `theta` (segment),
+        `outer` state and error-feedback `residual` of the segment."""
+        if self.topo.root_index is not None:
+            self.theta[:] = theta
+            for name, values in outer.items():
+                self.outer.full_state(self.theta)[name][:] = values
+            if self.feedback is not None and residual is not None:
+                self.feedback.residual[:] = residual
+        for (_, values), copy in zip(owned, self.theta_owned):
+            if copy is not self.theta:
+                copy[:] = values
 
     def _decide(self, stats: np.ndarray) -> tuple[list[bool], list[str]]:
         """Who takes part, from every facility's [norm, bad, tokens, participate]: the same on every root."""
