@@ -70,3 +70,24 @@ def test_help_explains_and_cli_import_is_light():
     probe = subprocess.run([sys.executable, "-c", "import sys, mpifed.cli; print('torch' in sys.modules)"],
                            capture_output=True, text=True, check=True)
     assert probe.stdout.strip() == "False"  # --help and input errors answer without loading torch
+
+
+def test_resume_flags(tmp_path):
+    (tmp_path / "round_00001.h5").write_bytes(b"an earlier run")
+    line = _one_line_error(mpifed("simulate", "--out", str(tmp_path)), "--out", "--resume auto")
+    assert "--overwrite" in line
+    _one_line_error(mpifed("simulate", "--out", str(tmp_path), "--resume", "auto", "--overwrite"),
+                    "--overwrite and --resume exclude each other")
+    _one_line_error(mpifed("simulate", "--out", str(tmp_path), "--resume", str(tmp_path / "nope.h5")),
+                    "--resume", "does not exist")
+    assert (tmp_path / "round_00001.h5").read_bytes() == b"an earlier run"
+    dry = mpifed("simulate", "--out", str(tmp_path), "--resume", "auto", "--dry-run")
+    assert dry.returncode == 0 and "--resume auto" in dry.stdout.splitlines()[-1]
+
+
+def test_ckpt_commands_name_what_is_wrong(tmp_path):
+    result = mpifed("ckpt", "inspect", str(tmp_path))
+    assert result.returncode == 2 and "no checkpoint in this folder" in result.stderr
+    (tmp_path / "round_00001.h5").write_bytes(b"not hdf5")
+    result = mpifed("ckpt", "verify", str(tmp_path / "round_00001.h5"))
+    assert result.returncode == 1 and "not a readable HDF5 file" in result.stderr and "Traceback" not in result.stderr
