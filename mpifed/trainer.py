@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpifed import data, state, wire
+from mpifed import checkpoint, data, state, wire
 from mpifed.config import RunConfig
 from mpifed.engines import make_engine
 from mpifed.federation.reduce import Federation, RoundExchange, sampled
@@ -36,12 +36,7 @@ class Trainer:
         torch.set_num_threads(threads)
         start_process_group(topo.facility, "gloo", cfg.federation.timeout_s)
 
-        split = data.split(data.pack(_broadcast_tokens(topo.world), cfg.data.seq_len), topo.n_facilities,
-                           cfg.data.val_fraction, cfg.train.seed)
-        self.sampler = data.Sampler(split.partitions[topo.facility_index], topo.facility.rank, topo.facility.size,
-                                    cfg.train.micro_batch, seed=(cfg.train.seed, topo.facility_index, topo.facility.rank))
-        self.validation = split.validation[:cfg.data.val_sequences]
-
+        self._load_data()
         model = build_model(cfg.model.preset, cfg.data.seq_len, cfg.train.seed)
         self.engine = make_engine(cfg.facility[topo.facility_index].engine, model, lr=cfg.train.lr,
                                   weight_decay=cfg.train.weight_decay)
@@ -50,15 +45,27 @@ class Trainer:
         self._start_from_rank_zero()
         self.federation = Federation(topo, cfg.federation, self.layout.numel, self.engine.owned(), self.engine.held())
         self.tokens_total = 0
-        self.start_round = 1
-        resumed = state.choose(topo.world, resume) if resume else None
-        if resumed is not None:
-            state.restore(self, resumed)
-            self.start_round = resumed.round + 1
-        elif resume and topo.is_global_root:
-            print(f"mpifed: --resume {resume}: no checkpoint found; starting from round 1", flush=True)
-        self.resumed_from = resumed
+        self.resumed_from = self._resume(resume) if resume else None
+        self.start_round = self.resumed_from.round + 1 if self.resumed_from else 1
         self.log = MetricsLog(cfg.metrics_path, after_round=self.start_round - 1) if topo.is_global_root else None
+
+    def _load_data(self) -> None:
+        """This rank's sampler over its facility's partition, and the shared validation set."""
+        cfg, topo = self.cfg, self.topo
+        split = data.split(data.pack(_broadcast_tokens(topo.world), cfg.data.seq_len), topo.n_facilities,
+                           cfg.data.val_fraction, cfg.train.seed)
+        self.sampler = data.Sampler(split.partitions[topo.facility_index], topo.facility.rank, topo.facility.size,
+                                    cfg.train.micro_batch, seed=(cfg.train.seed, topo.facility_index, topo.facility.rank))
+        self.validation = split.validation[:cfg.data.val_sequences]
+
+    def _resume(self, target: str) -> "checkpoint.Summary | None":
+        """Restore every rank from the checkpoint `target` names ("auto" means the output folder)."""
+        summary = state.choose(self.topo.world, target)
+        if summary is not None:
+            state.restore(self, summary)
+        elif self.topo.is_global_root:
+            print(f"mpifed: --resume {target}: no checkpoint found; starting from round 1", flush=True)
+        return summary
 
     def _check_same_layout(self) -> None:
         """Refuse to exchange anything between ranks whose models differ in names, shapes or dtypes."""

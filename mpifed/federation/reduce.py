@@ -126,8 +126,9 @@ class Federation:
                     for i, (a, b) in enumerate(mine):
                         for x, y in _clip([(a, b)], lo, hi):
                             produce(i, x - a, y - a, result[x - start:y - start])
-                else:
-                    pieces = [(i, x - a, y - a) for i, (a, b) in enumerate(mine) for x, y in _clip([(a, b)], lo, hi)]
+                else:  # in offset order: the order of the root's indexed datatype for this rank
+                    pieces = [(i, x - a, y - a) for i, (a, b) in sorted(enumerate(mine), key=lambda v: v[1])
+                              for x, y in _clip([(a, b)], lo, hi)]
                     if pieces:
                         buf = np.empty(sum(y - x for _, x, y in pieces), np.float32)
                         at = 0

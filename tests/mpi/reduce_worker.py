@@ -37,7 +37,8 @@ with abort_on_error(comm):
         owned = [(start, model[start:stop])]
         held = [(0, model)]
     else:
-        owned = [(a, model[a:min(a + 37, numel)]) for a in range(37 * r, numel, 37 * n)]
+        # handed over last chunk first: engines need not list their views in offset order
+        owned = [(a, model[a:min(a + 37, numel)]) for a in range(37 * r, numel, 37 * n)][::-1]
         held = owned
     federation = Federation(topo, fed, numel, owned, held)
     report = {"facility": f, "bytes_inter": [], "left_out": [], "facility_tokens": []}
