@@ -118,8 +118,8 @@ def _prepare_output(cfg: RunConfig, overwrite: bool, resume: str) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
         if overwrite:
-            for old in out.glob("round_*.h5"):
-                old.unlink()
+            for old in [*out.glob("round_*.h5"), out / checkpoint.LATEST]:
+                old.unlink(missing_ok=True)
         resolved = out / "mpifed.toml"
         resolved.write_text(config.dump_toml(cfg))
     except OSError as exc:

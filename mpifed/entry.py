@@ -21,7 +21,10 @@ def main(cfg: RunConfig, resume: str = "") -> int:
         if comm.rank == 0:
             print(f"mpifed run: error: {exc}", file=sys.stderr, flush=True)
         return 2
-    with abort_on_error(comm):
+    from mpifed.checkpoint import CheckpointError
+    from mpifed.federation.reduce import FederationError
+
+    with abort_on_error(comm, expected=(CheckpointError, FederationError)):
         from mpifed.trainer import Trainer  # heavy imports (torch, transformers) only once MPI is up
 
         topo = topology.build(comm, indices[comm.rank], [f.name for f in cfg.facility], cfg.federation.roots)

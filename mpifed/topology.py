@@ -1,7 +1,7 @@
 """Communicators: which rank belongs to which facility, who the roots are, and how facilities talk.
 
 `Topology` is built once at start from a communicator and this rank's facility, validated, and passed
-down; library code never reads `MPI.COMM_WORLD`. It also bootstraps each facility's torch.distributed
+down; library code never reads the launch's world communicator (only mpifed/entry.py does). It also bootstraps each facility's torch.distributed
 process group from the facility communicator (the leader binds a free port and broadcasts it).
 """
 from __future__ import annotations

@@ -15,7 +15,7 @@ from mpi4py import MPI
 from mpifed import checkpoint, data, state, wire
 from mpifed.config import RunConfig
 from mpifed.engines import make_engine
-from mpifed.federation.reduce import Federation, RoundExchange, sampled
+from mpifed.federation.reduce import Federation, FederationError, RoundExchange, sampled
 from mpifed.metrics import MetricsLog, RoundMetrics
 from mpifed.model import build_model
 from mpifed.topology import Topology, local_ranks_on_node, start_process_group, stop_process_group
@@ -139,7 +139,10 @@ class Trainer:
         start = time.perf_counter()
         loss_sum, tokens = self._inner() if participate else (0.0, 0)
         inner_s = time.perf_counter() - start
-        exchange = self.federation.round(self.engine.owned(), self.engine.held(), tokens, participate)
+        try:
+            exchange = self.federation.round(self.engine.owned(), self.engine.held(), tokens, participate)
+        except FederationError as exc:
+            raise FederationError(f"round {round_}: {exc}") from None
         if self.topo.is_global_root:
             for reason in exchange.left_out:
                 print(f"mpifed: warning: round {round_}: left out {reason}", flush=True)

@@ -38,10 +38,12 @@ def deadline(comm: MPI.Comm, seconds: float, what: str) -> Iterator[None]:
 
 
 @contextmanager
-def abort_on_error(comm: MPI.Comm) -> Iterator[None]:
-    """Turn any exception escaping the body on this rank into an abort of the whole job."""
+def abort_on_error(comm: MPI.Comm, expected: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Turn any exception escaping the body on this rank into an abort of the whole job. `expected`
+    failures (a situation, not a bug) are printed as their message alone; others with a traceback."""
     try:
         yield
     except BaseException as exc:  # noqa: BLE001 - whatever it is, the other ranks must not hang
-        print(f"mpifed: rank {comm.Get_rank()}: error: {exc}\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        detail = "" if isinstance(exc, expected) else "\n" + traceback.format_exc()
+        print(f"mpifed: rank {comm.Get_rank()}: error: {exc}{detail}", file=sys.stderr, flush=True)
         comm.Abort(1)

@@ -81,6 +81,9 @@ def test_resume_flags(tmp_path):
     _one_line_error(mpifed("simulate", "--out", str(tmp_path), "--resume", str(tmp_path / "nope.h5")),
                     "--resume", "does not exist")
     assert (tmp_path / "round_00001.h5").read_bytes() == b"an earlier run"
+    (tmp_path / "latest").write_text("round_00001.h5\n")
+    dry = mpifed("simulate", "--out", str(tmp_path), "--overwrite", "--dry-run")
+    assert dry.returncode == 0 and (tmp_path / "latest").exists()  # a dry run touches nothing
     dry = mpifed("simulate", "--out", str(tmp_path), "--resume", "auto", "--dry-run")
     assert dry.returncode == 0 and "--resume auto" in dry.stdout.splitlines()[-1]
 

@@ -111,3 +111,19 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, settings):
         assert a[name].tobytes() == b[name].tobytes(), name
     losses = lambda run: [(r["round"], r["train_loss"], r["val_loss"]) for r in _metrics(tmp_path / run / "metrics.jsonl")]
     assert losses("a") == losses("b") and len(losses("a")) == 6
+
+
+@pytest.mark.slow
+def test_a_failed_round_keeps_the_last_checkpoint(tmp_path):
+    common = ["simulate", "--local-steps", "2", "--out", "run", "--set", "data.seq_len=64", "--set", "train.micro_batch=4"]
+    assert mpifed(*common, "--rounds", "1", cwd=tmp_path).returncode == 0
+    before = (tmp_path / "run" / "round_00001.h5").read_bytes()
+    # an absurd learning rate blows every facility's update up to NaN/Inf: the guard leaves them all out
+    failed = mpifed(*common, "--rounds", "2", "--resume", "auto", "--set", "train.lr=1e30", cwd=tmp_path)
+    assert failed.returncode != 0
+    assert "only 0 facilities are left this round, fewer than federation.min_participants = 1" in failed.stderr
+    assert "f0: its update has NaN/Inf values" in failed.stderr and "the last checkpoint is kept" in failed.stderr
+    assert (tmp_path / "run" / "latest").read_text().strip() == "round_00001.h5"
+    assert (tmp_path / "run" / "round_00001.h5").read_bytes() == before
+    assert not (tmp_path / "run" / "round_00002.h5").exists()
+    assert mpifed("ckpt", "verify", str(tmp_path / "run")).returncode == 0
