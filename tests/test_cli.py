@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from conftest import mpifed
+from conftest import MPIEXEC, mpifed, run
 
 
 def _one_line_error(result, *words):
@@ -94,3 +94,16 @@ def test_ckpt_commands_name_what_is_wrong(tmp_path):
     (tmp_path / "round_00001.h5").write_bytes(b"not hdf5")
     result = mpifed("ckpt", "verify", str(tmp_path / "round_00001.h5"))
     assert result.returncode == 1 and "not a readable HDF5 file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_run_refuses_to_mix_with_an_earlier_run(tmp_path):
+    """`mpifed run` (what batch jobs start) must not write into another run's checkpoints."""
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "round_00003.h5").write_bytes(b"an earlier run")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[checkpoint]\ndir = "{out}"\n')
+    result = run([MPIEXEC, "-n", "4", sys.executable, "-m", "mpifed", "run", str(cfg)], timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count("already holds 1 checkpoint(s) of an earlier run; pass --resume auto") == 1
+    assert (out / "round_00003.h5").read_bytes() == b"an earlier run" and len(list(out.iterdir())) == 1
