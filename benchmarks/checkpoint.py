@@ -79,7 +79,9 @@ def measure(millions: int, reps: int, folder: Path, cold: bool) -> dict:
 
     def mpifed_write(f32: bool):
         def write() -> None:
-            checkpoint.write_main(folder, 1, attrs, layout, [(0, numel)], [], [], model=flat, outer={}, fletcher32=f32)
+            pending = checkpoint.write_main(folder, 1, attrs, layout, [(0, numel)], [], [], model=flat, outer={},
+                                            fletcher32=f32)
+            checkpoint.publish(pending)
         return write
 
     def torch_write() -> None:

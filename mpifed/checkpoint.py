@@ -201,12 +201,13 @@ def _virtual(group: h5py.Group, slot: ParamSlot, round_: int, segments: list[tup
 def write_main(directory: Path, round_: int, attrs: dict[str, Any], layout: FlatLayout,
                segments: list[tuple[int, int]], outer_names: list[str], facilities: list[str],
                model: np.ndarray | None = None, outer: dict[str, np.ndarray] | None = None,
-               fletcher32: bool = False) -> Path:
+               fletcher32: bool = False) -> "_Atomic":
     """The main file of a round, after all its parts were written: with one root `model`/`outer` are the
-    whole flat arrays, with several the datasets are virtual over the segment files. Before it is renamed
-    into place and `latest` points at it, the whole checkpoint is fsynced and reopened: every dataset
-    and part present, in shape. (Rereading every byte would cost a second pass over the model at each
-    checkpoint; the hashes are checked in full by `verify`, on --resume and by `mpifed ckpt verify`.)"""
+    whole flat arrays, with several the datasets are virtual over the segment files. The whole
+    checkpoint is fsynced and reopened (every dataset and part present, in shape) and left under its
+    temporary name: `publish` puts it in place. (Rereading every byte would cost a second pass over the
+    model at each checkpoint; the hashes are checked in full by `verify`, on --resume and by
+    `mpifed ckpt verify`.)"""
     directory = Path(directory)
     parts = {"segments": [segment_name(round_, r) for r in range(len(segments))] if len(segments) > 1 else [],
              "facilities": {name: facility_name(round_, name) for name in facilities}}
@@ -231,8 +232,13 @@ def write_main(directory: Path, round_: int, attrs: dict[str, Any], layout: Flat
 
     out = _write_file(directory / main_name(round_), fill)
     verify(out.tmp, parts_dir=directory, check_data=False)
-    final = out.commit()
-    pointer = _Atomic(directory / LATEST)
+    return out
+
+
+def publish(pending: "_Atomic") -> Path:
+    """Rename a verified main file into place, then point `latest` at it."""
+    final = pending.commit()
+    pointer = _Atomic(final.parent / LATEST)
     pointer.tmp.write_text(final.name + "\n")
     pointer.commit()
     return final

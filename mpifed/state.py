@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -52,9 +52,10 @@ def _facility_arrays(trainer: "Trainer") -> dict[str, np.ndarray]:
     return {**arrays, **gathered} if leader else {}
 
 
-def save(trainer: "Trainer", round_: int) -> None:
-    """Write round `round_`'s checkpoint; collective over the world. Nothing is published unless the
-    whole checkpoint verifies: the previous one stays `latest`."""
+def save(trainer: "Trainer", round_: int) -> "Callable[[], None] | None":
+    """Write round `round_`'s checkpoint; collective over the world. On the global root it returns the
+    call that publishes it (rename, `latest`, pruning), so the round's metrics line can be written
+    first; nothing is published unless the whole checkpoint verified."""
     topo, cfg, fed = trainer.topo, trainer.cfg, trainer.federation
     directory, f32 = Path(cfg.checkpoint.dir), cfg.checkpoint.fletcher32
     arrays = _facility_arrays(trainer)
@@ -70,10 +71,16 @@ def save(trainer: "Trainer", round_: int) -> None:
         one_root = topo.n_roots == 1
         attrs = dict(tokens=trainer.tokens_total, model_config=trainer.engine.model().config.to_json_string(),
                      facilities=json.dumps([asdict(f) for f in cfg.facility]), config=config.dump_toml(cfg))
-        checkpoint.write_main(directory, round_, attrs, trainer.layout, fed.segments, fed.outer_state_names,
-                              list(topo.facility_names), model=fed.theta if one_root else None,
-                              outer=fed.outer_state() if one_root else None, fletcher32=f32)
-        checkpoint.prune(directory, cfg.checkpoint.keep)
+        pending = checkpoint.write_main(directory, round_, attrs, trainer.layout, fed.segments, fed.outer_state_names,
+                                        list(topo.facility_names), model=fed.theta if one_root else None,
+                                        outer=fed.outer_state() if one_root else None, fletcher32=f32)
+
+        def publish() -> None:
+            checkpoint.publish(pending)
+            checkpoint.prune(directory, cfg.checkpoint.keep)
+
+        return publish
+    return None
 
 
 def choose(world: MPI.Intracomm, target: str) -> Summary | None:

@@ -14,7 +14,7 @@ from mpi4py import MPI
 
 from mpifed import checkpoint, data, state, wire
 from mpifed.config import RunConfig
-from mpifed.engines import make_engine
+from mpifed.engines import FlatLayout, make_engine
 from mpifed.federation.reduce import Federation, FederationError, RoundExchange, sampled
 from mpifed.metrics import MetricsLog, RoundMetrics
 from mpifed.model import build_model
@@ -38,11 +38,11 @@ class Trainer:
 
         self._load_data()
         model = build_model(cfg.model.preset, cfg.data.seq_len, cfg.train.seed)
+        self.layout = FlatLayout.of(model)
+        self._check_same_layout()
+        self._start_from_rank_zero(model)  # before any engine shards the model
         self.engine = make_engine(cfg.facility[topo.facility_index].engine, model, lr=cfg.train.lr,
                                   weight_decay=cfg.train.weight_decay)
-        self.layout = self.engine.layout
-        self._check_same_layout()
-        self._start_from_rank_zero()
         self.federation = Federation(topo, cfg.federation, self.layout.numel, self.engine.owned(), self.engine.held())
         self.tokens_total = 0
         self.resumed_from = self._resume(resume) if resume else None
@@ -76,16 +76,19 @@ class Trainer:
             raise RuntimeError(f"facilities {', '.join(differing)} built a model whose layout fingerprint differs "
                                f"from {names[0]}'s; every facility must train the same architecture")
 
-    def _start_from_rank_zero(self) -> None:
-        """The global model starts as world rank 0's initialisation, on every rank."""
+    @torch.no_grad()
+    def _start_from_rank_zero(self, model: torch.nn.Module) -> None:
+        """The global model starts as world rank 0's initialisation, on every rank (whole, unsharded)."""
+        params = dict(model.named_parameters())
         initial = np.empty(self.layout.numel, dtype=np.float32)
+        views = self.layout.unflatten(initial)
         if self.topo.world.rank == 0:
-            for offset, values in self.engine.held():
-                initial[offset:offset + len(values)] = values
+            for name, values in views.items():
+                values[...] = params[name].numpy()
         with self.across("sending the initial model"):
             self.topo.world.Bcast(initial, root=0)
-        for offset, values in self.engine.held():
-            values[:] = initial[offset:offset + len(values)]
+        for name, values in views.items():
+            params[name].copy_(torch.from_numpy(values))
 
     def across(self, what: str):
         return deadline(self.topo.world, self.cfg.federation.timeout_s, what)
@@ -122,14 +125,16 @@ class Trainer:
 
     @torch.no_grad()
     def _validate(self) -> float:
-        """Mean loss of the global model on the validation set, each world rank scoring a stride."""
+        """Mean loss of the global model on the validation set: facility f scores every F-th sequence,
+        all its ranks in lockstep (a sharded model's forward needs all of them), its leader counts."""
         model = self.engine.model()
         model.eval()
-        rows = self.validation[self.topo.world.rank::self.topo.world.size]
+        rows = self.validation[self.topo.facility_index::self.topo.n_facilities]
         total = sum(float(model(input_ids=torch.from_numpy(rows[i:i + 8]), labels=torch.from_numpy(rows[i:i + 8])).loss)
                     * len(rows[i:i + 8]) for i in range(0, len(rows), 8))
+        leader = self.topo.facility.rank == 0
         with self.across("validation"):
-            total, count = wire.allreduce(self.topo.world, [total, len(rows)])
+            total, count = wire.allreduce(self.topo.world, [total if leader else 0.0, len(rows) if leader else 0])
         return float(total / count)
 
     def round(self, round_: int) -> None:
@@ -149,16 +154,18 @@ class Trainer:
         summary = self._summarise(loss_sum, exchange, inner_s, time.perf_counter() - start - inner_s)
         val_loss = self._validate()
         self.tokens_total += summary["tokens"]
-        ckpt_s = 0.0
+        ckpt_s, publish = 0.0, None
         if round_ % self.cfg.checkpoint.every == 0 or round_ == self.cfg.federation.rounds:
             t0 = time.perf_counter()
-            state.save(self, round_)
+            publish = state.save(self, round_)
             ckpt_s = time.perf_counter() - t0
         if self.log is not None:
             metrics = RoundMetrics(round=round_, val_loss=val_loss, tokens_total=self.tokens_total, ckpt_s=ckpt_s,
                                    wall_s=time.perf_counter() - start, **summary)
             self.log.write(metrics)
             print(metrics.line(self.cfg.federation.rounds), flush=True)
+        if publish is not None:  # after the metrics line: a run killed in between resumes before this round
+            publish()
 
     def _summarise(self, loss_sum: float, exchange: RoundExchange, inner_s: float, sync_s: float) -> dict:
         """World-wide sums and extremes of one round (every rank gets them)."""

@@ -31,12 +31,12 @@ def tiny():
 def _write(folder, round_, layout, model, outer, roots=1, config_json="{}"):
     attrs = dict(ATTRS, model_config=config_json)
     if roots == 1:
-        return checkpoint.write_main(folder, round_, attrs, layout, [(0, layout.numel)], list(outer), [],
-                                     model=model, outer=outer)
+        return checkpoint.publish(checkpoint.write_main(folder, round_, attrs, layout, [(0, layout.numel)],
+                                                        list(outer), [], model=model, outer=outer))
     segs = [(layout.numel * r // roots, layout.numel * (r + 1) // roots) for r in range(roots)]
     for r, (a, b) in enumerate(segs):
         checkpoint.write_segment(folder, round_, r, a, model[a:b], {k: v[a:b] for k, v in outer.items()})
-    return checkpoint.write_main(folder, round_, attrs, layout, segs, list(outer), [])
+    return checkpoint.publish(checkpoint.write_main(folder, round_, attrs, layout, segs, list(outer), []))
 
 
 def _flip_byte_in(path, dataset):
@@ -122,8 +122,8 @@ def test_killed_writer_never_publishes_a_broken_file(tmp_path):
         folder = tmp_path / f"d{delay}"
         folder.mkdir()
         small = FlatLayout((ParamSlot("a", (4,), "float32", 0),))
-        checkpoint.write_main(folder, 1, dict(ATTRS, model_config="{}"), small, [(0, 4)], [], [],
-                              model=np.ones(4, np.float32), outer={})
+        checkpoint.publish(checkpoint.write_main(folder, 1, dict(ATTRS, model_config="{}"), small, [(0, 4)], [], [],
+                                                 model=np.ones(4, np.float32), outer={}))
         proc = subprocess.Popen([sys.executable, str(WORKERS / "write_worker.py"), str(folder), str(layout_numel)],
                                 stdout=subprocess.PIPE, env=rank_env())
         proc.stdout.readline()  # "writing"

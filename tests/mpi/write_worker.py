@@ -16,4 +16,5 @@ layout = FlatLayout((ParamSlot("a", (numel // 2,), "float32", 0), ParamSlot("b",
 model = np.full(numel, 2.0, np.float32)
 attrs = dict(tokens=2, model_config="{}", facilities="[]", config="")
 print("writing", flush=True)
-checkpoint.write_main(folder, 2, attrs, layout, [(0, numel)], ["momentum"], [], model=model, outer={"momentum": model})
+checkpoint.publish(checkpoint.write_main(folder, 2, attrs, layout, [(0, numel)], ["momentum"], [], model=model,
+                                         outer={"momentum": model}))
