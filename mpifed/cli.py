@@ -22,14 +22,24 @@ from mpifed import __version__, config
 from mpifed.config import ConfigError, RunConfig
 
 
-class UserError(click.ClickException):
-    """A mistake in the user's input: one line, exit code 2."""
-
-    exit_code = 2
+class _Failure(click.ClickException):
+    """An error `main` prints as one line naming the command it happened in."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.ctx = click.get_current_context(silent=True)
+
+
+class UserError(_Failure):
+    """A mistake in the user's input: exit code 2."""
+
+    exit_code = 2
+
+
+class _JobFailed(_Failure):
+    """The MPI job or a checkpoint failed: exit code 1."""
+
+    exit_code = 1
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -40,14 +50,6 @@ def cli() -> None:
     Each facility trains locally; every H steps the facilities' roots average what they learned
     (weighted by tokens), apply an outer optimizer and checkpoint the global model to HDF5.
     """
-
-
-class _JobFailed(click.ClickException):
-    exit_code = 1
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.ctx = click.get_current_context(silent=True)
 
 
 def _resume_option(f):

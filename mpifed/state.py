@@ -26,13 +26,6 @@ if TYPE_CHECKING:
     from mpifed.trainer import Trainer
 
 
-def _root_counts(trainer: "Trainer") -> tuple[list[int], list[int]]:
-    """Gatherv/Scatterv counts and displacements of the segments over a facility's ranks."""
-    idle = [0] * (trainer.topo.facility.size - trainer.topo.n_roots)
-    segments = trainer.federation.segments
-    return [b - a for a, b in segments] + idle, [a for a, _ in segments] + idle
-
-
 def _facility_arrays(trainer: "Trainer") -> dict[str, np.ndarray]:
     """This facility's resume state, assembled on its leader (collective over the facility)."""
     fac, leader = trainer.topo.facility, trainer.topo.facility.rank == 0
@@ -44,7 +37,7 @@ def _facility_arrays(trainer: "Trainer") -> dict[str, np.ndarray]:
     fac.Gather(rng, gathered["ranks/torch_rng"] if leader else None, root=0)
     feedback = trainer.federation.feedback
     if trainer.cfg.federation.compress != "none":
-        counts, displs = _root_counts(trainer)
+        counts, displs = trainer.federation.segment_counts()
         residual = np.empty(trainer.layout.numel, np.float32) if leader else None
         mine = feedback.residual if feedback is not None else np.empty(0, np.float32)
         fac.Gatherv(mine, [residual, counts, displs, MPI.FLOAT] if leader else None, root=0)
@@ -123,7 +116,7 @@ def restore(trainer: "Trainer", summary: Summary) -> None:
     for offset, values in trainer.engine.held():
         values[:] = model[offset:offset + len(values)]
     outer: dict[str, np.ndarray] = {}
-    theta = residual = None
+    theta = None
     if topo.root_index is not None:
         start, stop = fed.segments[topo.root_index]
         theta = model[start:stop]
@@ -153,7 +146,7 @@ def _restore_facility(trainer: "Trainer", arrays: dict[str, np.ndarray]) -> np.n
     torch.set_rng_state(torch.from_numpy(rng))
     if trainer.cfg.federation.compress == "none":
         return None
-    counts, displs = _root_counts(trainer)
+    counts, displs = trainer.federation.segment_counts()
     root = trainer.topo.root_index
     mine = np.empty(counts[root] if root is not None else 0, np.float32)
     # A checkpoint from a run without compression has no residual: start from zero.

@@ -17,7 +17,7 @@ class ReplicaEngine:
     def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float) -> None:
         self._model = model
         self.layout = FlatLayout.of(model)
-        params = [p for p in model.parameters() if p.requires_grad]
+        self._params = params = [p for p in model.parameters() if p.requires_grad]
         self._flat = torch.empty(self.layout.numel, dtype=torch.float32)
         # One extra slot at the end carries the loss in the same all-reduce as the gradient.
         self._reduced = torch.zeros(self.layout.numel + 1, dtype=torch.float32)
@@ -47,8 +47,7 @@ class ReplicaEngine:
 
     def state(self) -> dict[str, np.ndarray]:
         """The inner AdamW state as flat arrays in layout order (identical on every rank of a facility)."""
-        params = [p for p in self._model.parameters() if p.requires_grad]
-        states = [self._optimizer.state.get(p, {}) for p in params]
+        states = [self._optimizer.state.get(p, {}) for p in self._params]
         if not states[0]:
             return {}
         flat = {key: np.concatenate([s[key].detach().reshape(-1).numpy() for s in states])
@@ -59,8 +58,7 @@ class ReplicaEngine:
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         if not state:
             return
-        params = [p for p in self._model.parameters() if p.requires_grad]
-        for slot, param in zip(self.layout.slots, params):
+        for slot, param in zip(self.layout.slots, self._params):
             piece = slice(slot.offset, slot.offset + slot.numel)
             self._optimizer.state[param] = {
                 "step": torch.tensor(float(state["step"][0]), dtype=torch.float32),

@@ -169,6 +169,12 @@ class Federation:
                 theta[:] = values
         return RoundExchange(sent, facility_tokens, left_out)
 
+    def segment_counts(self) -> tuple[list[int], list[int]]:
+        """Counts and displacements of the segments over the facility's ranks (root r holds segment r,
+        the other ranks nothing), as Allgatherv/Gatherv/Scatterv take them."""
+        idle = [0] * (self.topo.facility.size - len(self.segments))
+        return [b - a for a, b in self.segments] + idle, [a for a, _ in self.segments] + idle
+
     @property
     def outer_state_names(self) -> list[str]:
         """Names of the outer optimizer's state arrays (known on every rank, held on roots)."""
@@ -252,9 +258,7 @@ class Federation:
             if root is not None:
                 start, stop = self.segments[root]
                 flat[start:stop] = self.theta
-            idle = [0] * (fac.size - len(self.segments))  # ranks that are no root contribute nothing
-            counts = [b - a for a, b in self.segments] + idle
-            displs = [a for a, _ in self.segments] + idle
+            counts, displs = self.segment_counts()
             fac.Allgatherv(MPI.IN_PLACE, [flat, counts, displs, MPI.FLOAT])
             return
         for r, (start, stop) in enumerate(self.segments):
