@@ -8,6 +8,7 @@ exit and no traceback; nothing is written before the whole configuration has bee
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import shutil
@@ -72,7 +73,7 @@ def _resolve(config_file: Path | None, flags: dict[str, Any], sets: tuple[str, .
         raise UserError(f"--facilities: {config_file} already lists its [[facility]] tables; "
                         "change them there or with --set facility.NAME.KEY=VALUE")
     if facilities is not None or ranks is not None or "facility" not in data:
-        listed = data.get("facility") or [vars(f) for f in config.default_facilities(facilities or 2, ranks or 2)]
+        listed = data.get("facility") or [dataclasses.asdict(f) for f in config.default_facilities(facilities or 2, ranks or 2)]
         data["facility"] = [{**f, "ranks": ranks} if ranks is not None else f for f in listed]
     for key, value in flags.items():
         if value is not None:

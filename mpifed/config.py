@@ -7,6 +7,7 @@ back so that every run leaves a file that reproduces it.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import re
@@ -15,10 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-MODEL_PRESETS = ("llama-tiny", "llama-small")
+MODEL_PRESETS = ("llama-tiny", "llama-small", "mixtral-tiny", "llama3-8b", "mixtral-8x7b")
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
+DTYPES = ("fp32", "bf16")
 OUTER_OPTIMIZERS = ("fedavg", "fedavgm", "diloco", "fedadam", "fedyogi")
 COMPRESSIONS = ("none", "bf16", "int8")
-ENGINES = ("replica",)
+ENGINES = ("replica", "fsdp", "deepspeed")
+ZERO_STAGES = (1, 2, 3)
+SCHEDULES = ("constant", "cosine")
+DEVICES = ("auto", "cpu", "cuda")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
@@ -29,12 +35,32 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     preset: str = "llama-tiny"
-    """Built-in architecture: llama-tiny (~0.12M parameters, tests) or llama-small (~3M, the demo)."""
+    """Built-in architecture: llama-tiny (~0.12M parameters, tests), llama-small (~3M, the demo),
+    mixtral-tiny (a 4-expert MoE for tests), llama3-8b or mixtral-8x7b (real runs)."""
+    path: str = ""
+    """A local Hugging Face model folder (config.json + weights), read with local_files_only; overrides
+    the preset. Empty: build the preset."""
+    reinit: bool = False
+    """With a path: keep the architecture but start from fresh random weights (pre-training)."""
+    attention: str = "sdpa"
+    """Attention implementation: sdpa, eager, or flash_attention_2 (when flash-attn is installed)."""
+    dtype: str = "fp32"
+    """Parameter dtype of the local model: fp32 or bf16. The federation always exchanges fp32."""
 
     def problems(self) -> list[str]:
-        if self.preset not in MODEL_PRESETS:
-            return [f"model.preset: unknown preset {self.preset!r}; choose one of {', '.join(MODEL_PRESETS)}"]
-        return []
+        out = []
+        if not self.path and self.preset not in MODEL_PRESETS:
+            out.append(f"model.preset: unknown preset {self.preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
+        if self.path and not (Path(self.path) / "config.json").is_file():
+            out.append(f"model.path: {self.path} is not a model folder (no config.json there); give a local "
+                       "Hugging Face model folder, or leave model.path empty to build model.preset")
+        if self.reinit and not self.path:
+            out.append("model.reinit: only applies with model.path (a preset always starts from random weights)")
+        if self.attention not in ATTENTION:
+            out.append(f"model.attention: unknown implementation {self.attention!r}; choose one of {', '.join(ATTENTION)}")
+        if self.dtype not in DTYPES:
+            out.append(f"model.dtype: unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        return out
 
 
 @dataclass
@@ -63,10 +89,31 @@ class TrainConfig:
     """H: inner optimizer steps each facility takes between two synchronisations."""
     micro_batch: int = 8
     """Sequences per rank per step."""
+    grad_accum: int = 1
+    """Micro-batches accumulated into each inner optimizer step."""
     lr: float = 1e-3
-    """AdamW learning rate of the inner optimizer."""
+    """Peak AdamW learning rate of the inner optimizer."""
+    scale_lr: bool = False
+    """Multiply lr by the facility's number of ranks (larger facilities take larger steps)."""
+    schedule: str = "constant"
+    """Inner learning-rate schedule over all rounds x local_steps: constant or cosine (decay to min_lr)."""
+    warmup_steps: int = 0
+    """Inner steps of linear warmup from 0 to lr at the start of the run."""
+    min_lr: float = 0.0
+    """The cosine schedule's final learning rate."""
+    beta1: float = 0.9
+    """AdamW β1."""
+    beta2: float = 0.999
+    """AdamW β2."""
     weight_decay: float = 0.0
     """AdamW weight decay of the inner optimizer."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value before each inner step; 0 turns clipping off."""
+    inner_state: str = "keep"
+    """keep: the inner AdamW state carries over from round to round (DiLoCo); reset: start it afresh
+    every round."""
+    device: str = "auto"
+    """auto: a GPU (CUDA or ROCm) where torch sees one, else the CPU; cpu or cuda force it."""
     seed: int = 0
     """Seeds model initialisation, data order and partitions; a CPU run with the same seed repeats."""
     threads: int = 0
@@ -74,13 +121,27 @@ class TrainConfig:
 
     def problems(self) -> list[str]:
         out = []
-        for name in ("local_steps", "micro_batch"):
+        for name in ("local_steps", "micro_batch", "grad_accum"):
             if getattr(self, name) < 1:
                 out.append(f"train.{name}: must be >= 1 (got {getattr(self, name)})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             out.append(f"train.lr: must be a positive number (got {self.lr})")
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            out.append(f"train.weight_decay: must be >= 0 (got {self.weight_decay})")
+        for name in ("weight_decay", "grad_clip", "min_lr"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                out.append(f"train.{name}: must be >= 0 (got {getattr(self, name)})")
+        if self.min_lr > self.lr:
+            out.append(f"train.min_lr: must not exceed train.lr (got {self.min_lr} > {self.lr})")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                out.append(f"train.{name}: must be >= 0 and < 1 (got {getattr(self, name)})")
+        if self.schedule not in SCHEDULES:
+            out.append(f"train.schedule: unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.warmup_steps < 0:
+            out.append(f"train.warmup_steps: must be >= 0 (got {self.warmup_steps})")
+        if self.inner_state not in ("keep", "reset"):
+            out.append(f"train.inner_state: must be keep or reset (got {self.inner_state!r})")
+        if self.device not in DEVICES:
+            out.append(f"train.device: unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
         if self.seed < 0:
             out.append(f"train.seed: must be >= 0 (got {self.seed})")
         if self.threads < 0:
@@ -173,12 +234,68 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = 1
+    """Score the global model on the shared validation set every this many rounds (and after the last)."""
+    facilities: bool = True
+    """Also score each facility's local model (before the exchange) on the same set: shows drift."""
+
+    def problems(self) -> list[str]:
+        return [f"eval.every: must be >= 1 (got {self.every})"] if self.every < 1 else []
+
+
+@dataclass
 class MetricsConfig:
     file: str = ""
     """JSON-lines file, one line per round; empty means metrics.jsonl in checkpoint.dir."""
+    tensorboard: str = ""
+    """Also write TensorBoard events to this folder (needs the tensorboard package); empty: off."""
+    wandb: str = ""
+    """Also log to this Weights & Biases project (needs wandb; WANDB_MODE=offline works); empty: off."""
 
     def problems(self) -> list[str]:
-        return []
+        out = []
+        for key, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+            if getattr(self, key) and importlib.util.find_spec(package) is None:
+                out.append(f"metrics.{key}: the {package} package is not installed; pip install {package} "
+                           f"or leave metrics.{key} empty")
+        return out
+
+
+@dataclass
+class FsdpConfig:
+    replicas: int = 1
+    """HSDP: shard inside groups of ranks/replicas ranks and replicate across the replicas groups."""
+    mixed_precision: str = "fp32"
+    """fp32, or bf16 (bf16 compute and all-gathers, fp32 gradient reduction and master weights)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass (less memory, ~30% more compute)."""
+    cpu_offload: bool = False
+    """Keep sharded parameters, gradients and optimizer state in host memory (GPU runs only)."""
+
+    def problems(self, where: str) -> list[str]:
+        out = []
+        if self.replicas < 1:
+            out.append(f"{where}.fsdp.replicas: must be >= 1 (got {self.replicas})")
+        if self.mixed_precision not in DTYPES:
+            out.append(f"{where}.fsdp.mixed_precision: must be one of {', '.join(DTYPES)} (got {self.mixed_precision!r})")
+        return out
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    """ZeRO stage: 1 (optimizer state sharded), 2 (+ gradients), 3 (+ parameters)."""
+    config: str = ""
+    """A DeepSpeed JSON config file merged over mpifed's defaults (its keys win); empty: defaults only."""
+
+    def problems(self, where: str) -> list[str]:
+        out = []
+        if self.zero_stage not in ZERO_STAGES:
+            out.append(f"{where}.deepspeed.zero_stage: ZeRO stage {self.zero_stage} does not exist; choose 1, 2 or 3")
+        if self.config and not Path(self.config).is_file():
+            out.append(f"{where}.deepspeed.config: file {self.config} does not exist")
+        return out
 
 
 @dataclass
@@ -188,9 +305,14 @@ class FacilityConfig:
     ranks: int = 1
     """MPI ranks (processes) this facility trains with."""
     engine: str = "replica"
-    """Local training engine: replica (whole model on every rank, gradients all-reduced)."""
+    """Local training engine: replica (whole model on every rank, gradients all-reduced), fsdp (PyTorch
+    FSDP2) or deepspeed (ZeRO 1/2/3)."""
     site: str = "local"
     """Site profile the facility runs on."""
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
+    """Settings of the fsdp engine (an inline table: fsdp = { replicas = 2 })."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """Settings of the deepspeed engine (an inline table: deepspeed = { zero_stage = 3 })."""
 
     def problems(self, where: str) -> list[str]:
         out = []
@@ -201,6 +323,12 @@ class FacilityConfig:
             out.append(f"{where}.ranks: must be >= 1 (got {self.ranks})")
         if self.engine not in ENGINES:
             out.append(f"{where}.engine: unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if self.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+            out.append(f"{where}.engine: deepspeed is not installed here; pip install 'mpifed[deepspeed]' "
+                       "or choose the fsdp or replica engine")
+        out += self.fsdp.problems(where) + self.deepspeed.problems(where)
+        if self.engine == "fsdp" and self.ranks % self.fsdp.replicas:
+            out.append(f"{where}.fsdp.replicas: {self.fsdp.replicas} replica groups do not divide {self.ranks} ranks")
         return out
 
 
@@ -210,8 +338,10 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "federation": FederationConfig,
     "checkpoint": CheckpointConfig,
+    "eval": EvalConfig,
     "metrics": MetricsConfig,
 }
+ENGINE_SECTIONS: dict[str, type] = {"fsdp": FsdpConfig, "deepspeed": DeepSpeedConfig}
 
 
 def default_facilities(count: int = 2, ranks: int = 2) -> list[FacilityConfig]:
@@ -226,6 +356,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     facility: list[FacilityConfig] = field(default_factory=default_facilities)
 
@@ -283,6 +414,9 @@ def _section(cls: type, where: str, table: Any, problems: list[str]) -> Any:
     for key, value in table.items():
         if key not in types:
             problems.append(f"{where}.{key}: unknown key; valid keys: {', '.join(types)}")
+            continue
+        if cls is FacilityConfig and key in ENGINE_SECTIONS:
+            kwargs[key] = _section(ENGINE_SECTIONS[key], f"{where}.{key}", value, problems)
             continue
         coerced = _coerce(f"{where}.{key}", value, types[key], problems)
         if coerced is not None:
@@ -365,20 +499,26 @@ def apply_sets(data: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
 def _set_facility(data: dict[str, Any], item: str, parts: list[str], value: Any) -> list[str]:
     facilities = data.setdefault("facility", [dataclasses.asdict(f) for f in default_facilities()])
     names = [str(f.get("name", "")) for f in facilities]
-    if len(parts) != 3:
-        return [f"--set {item!r}: expected facility.NAME.key=value"]
-    _, who, key = parts
+    if len(parts) not in (3, 4) or (len(parts) == 4 and parts[2] not in ENGINE_SECTIONS):
+        return [f"--set {item!r}: expected facility.NAME.key=value or facility.NAME.{{fsdp,deepspeed}}.key=value"]
+    who, keys = parts[1], parts[2:]
     index = names.index(who) if who in names else int(who) if who.isdigit() and int(who) < len(names) else None
     if index is None:
         return [f"--set {item!r}: no facility {who!r}; facilities: {', '.join(names)}"]
-    if key not in _valid_keys(FacilityConfig):
-        return [f"--set {item!r}: unknown key {key!r}; valid keys: "
-                + ", ".join(f"facility.{who}.{k}" for k in _valid_keys(FacilityConfig))]
-    facilities[index][key] = value
+    valid = _valid_keys(ENGINE_SECTIONS[keys[0]] if len(keys) == 2 else FacilityConfig)
+    if keys[-1] not in valid:
+        prefix = ".".join(["facility", who, *keys[:-1]])
+        return [f"--set {item!r}: unknown key {keys[-1]!r}; valid keys: " + ", ".join(f"{prefix}.{k}" for k in valid)]
+    target = facilities[index]
+    if len(keys) == 2:
+        target = target.setdefault(keys[0], {})
+    target[keys[-1]] = value
     return []
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):

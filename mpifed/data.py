@@ -48,7 +48,7 @@ def stdlib_text() -> str:
     return "\n\n".join(dict.fromkeys(parts))  # repeated docstrings once: less train/validation overlap
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
     base = os.environ.get("MPIFED_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mpifed")
     return Path(base)
@@ -57,7 +57,7 @@ def _cache_dir() -> Path:
 def stdlib_tokens() -> np.ndarray:
     """The embedded corpus as uint8 byte tokens, cached per Python build (building takes seconds)."""
     key = hashlib.sha256(f"{sys.version}|{sysconfig.get_paths()['stdlib']}|v2".encode()).hexdigest()[:16]
-    path = _cache_dir() / f"stdlib-text-{key}.u8"
+    path = cache_dir() / f"stdlib-text-{key}.u8"
     try:
         return np.fromfile(path, dtype=np.uint8)
     except OSError:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 def _facility_arrays(trainer: "Trainer") -> dict[str, np.ndarray]:
     """This facility's resume state, assembled on its leader (collective over the facility)."""
     fac, leader = trainer.topo.facility, trainer.topo.facility.rank == 0
-    arrays = {f"optimizer/{k}": v for k, v in trainer.engine.state().items()} if leader else {}
+    arrays = _gather_optimizer(trainer)
     positions = np.array([trainer.sampler.epoch, trainer.sampler.position], np.int64)
     rng = torch.get_rng_state().numpy()
     gathered = {"ranks/data": np.empty((fac.size, 2), np.int64), "ranks/torch_rng": np.empty((fac.size, len(rng)), np.uint8)}
@@ -43,6 +43,23 @@ def _facility_arrays(trainer: "Trainer") -> dict[str, np.ndarray]:
         fac.Gatherv(mine, [residual, counts, displs, MPI.FLOAT] if leader else None, root=0)
         gathered["exchange/residual"] = residual
     return {**arrays, **gathered} if leader else {}
+
+
+def _gather_optimizer(trainer: "Trainer") -> dict[str, np.ndarray]:
+    """The inner optimizer state in layout order, on the facility leader, assembled from what each rank
+    owns (so its shape depends neither on the engine nor on the facility size)."""
+    fac, engine = trainer.topo.facility, trainer.engine
+    state = engine.optimizer_state()
+    if not wire.bcast_int(fac, int(bool(state)) if fac.rank == 0 else None):
+        return {}
+    out = {"optimizer/step": state["step"]}
+    for key in (k for k in state if k != "step"):
+        at, pieces = 0, []
+        for offset, values in engine.owned():
+            pieces.append((offset, state[key][at:at + len(values)]))
+            at += len(values)
+        out[f"optimizer/{key}"] = wire.gather_pieces(fac, pieces, trainer.layout.numel, root=0)
+    return out if fac.rank == 0 else {}
 
 
 def save(trainer: "Trainer", round_: int) -> "Callable[[], None] | None":
@@ -62,7 +79,7 @@ def save(trainer: "Trainer", round_: int) -> "Callable[[], None] | None":
         topo.world.Barrier()
     if topo.is_global_root:
         one_root = topo.n_roots == 1
-        attrs = dict(tokens=trainer.tokens_total, model_config=trainer.engine.model().config.to_json_string(),
+        attrs = dict(tokens=trainer.tokens_total, model_config=trainer.model_config.to_json_string(),
                      facilities=json.dumps([asdict(f) for f in cfg.facility]), config=config.dump_toml(cfg))
         pending = checkpoint.write_main(directory, round_, attrs, trainer.layout, fed.segments, fed.outer_state_names,
                                         list(topo.facility_names), model=fed.theta if one_root else None,
@@ -113,8 +130,10 @@ def restore(trainer: "Trainer", summary: Summary) -> None:
     topo, fed = trainer.topo, trainer.federation
     model = checkpoint.read_flat(summary.path, trainer.layout, "model") if topo.world.rank == 0 else None
     model = wire.bcast_array(topo.world, model, np.float32)
+    trainer.engine.before_exchange()
     for offset, values in trainer.engine.held():
         values[:] = model[offset:offset + len(values)]
+    trainer.engine.after_exchange()
     outer: dict[str, np.ndarray] = {}
     theta = None
     if topo.root_index is not None:
@@ -137,7 +156,7 @@ def _restore_facility(trainer: "Trainer", arrays: dict[str, np.ndarray]) -> np.n
     names = wire.allgather_str(fac, ",".join(k for k in arrays if k.startswith("optimizer/")) if leader else "")[0]
     state = {key.split("/", 1)[1]: wire.bcast_array(fac, arrays.get(key).reshape(-1) if leader else None, np.float32)
              for key in names.split(",") if key}
-    trainer.engine.load_state(state)
+    trainer.engine.load_optimizer_state(state)
     positions = np.empty(2, np.int64)
     fac.Scatter(arrays.get("ranks/data") if leader else None, positions, root=0)
     trainer.sampler.restore(int(positions[0]), int(positions[1]))

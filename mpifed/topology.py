@@ -140,12 +140,14 @@ def local_ranks_on_node(comm: MPI.Intracomm) -> int:
         node.Free()
 
 
-def start_process_group(facility: MPI.Intracomm, backend: str = "gloo", timeout_s: float = 600.0) -> None:
+def start_process_group(facility: MPI.Intracomm, backend: str = "gloo", timeout_s: float = 600.0) -> int:
     """Initialise torch.distributed over exactly this facility's ranks.
 
     The leader starts the rendezvous store on a port the OS picks (no fixed port, no race) and broadcasts
     its address; ranks all on one node use loopback. MPIFED_STORE_HOST overrides the address on
-    multi-homed nodes. Collective over `facility`.
+    multi-homed nodes. Sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE as torchrun would (DeepSpeed
+    reads them) and returns the local rank (this rank's place among the facility's ranks on its node).
+    Collective over `facility`.
     """
     import torch.distributed as dist
 
@@ -158,7 +160,13 @@ def start_process_group(facility: MPI.Intracomm, backend: str = "gloo", timeout_
     port = wire.bcast_int(facility, store.port if store is not None else None, root=0)
     if store is None:
         store = dist.TCPStore(host, port, facility.size, is_master=False, timeout=timeout)
+    node = facility.Split_type(MPI.COMM_TYPE_SHARED)
+    local_rank, local_size = node.rank, node.size
+    node.Free()
+    os.environ.update(RANK=str(facility.rank), WORLD_SIZE=str(facility.size), LOCAL_RANK=str(local_rank),
+                      LOCAL_WORLD_SIZE=str(local_size))
     dist.init_process_group(backend, store=store, rank=facility.rank, world_size=facility.size, timeout=timeout)
+    return local_rank
 
 
 def stop_process_group() -> None:

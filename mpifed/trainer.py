@@ -5,6 +5,7 @@ metrics of one rank; it receives its communicators in a `Topology`.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 
@@ -13,13 +14,38 @@ import torch
 from mpi4py import MPI
 
 from mpifed import checkpoint, data, state, wire
-from mpifed.config import RunConfig
-from mpifed.engines import FlatLayout, make_engine
+from mpifed.config import RunConfig, TrainConfig, to_dict
+from mpifed.engines import EngineSettings, FlatLayout, make_engine
 from mpifed.federation.reduce import Federation, FederationError, RoundExchange, sampled
 from mpifed.metrics import MetricsLog, RoundMetrics
 from mpifed.model import build_model
 from mpifed.topology import Topology, local_ranks_on_node, start_process_group, stop_process_group
 from mpifed.watchdog import deadline
+
+
+def inner_lr(train: TrainConfig, step: int, total_steps: int, ranks: int = 1) -> float:
+    """The inner learning rate at 0-based global inner step `step` of `total_steps`: linear warmup,
+    then constant or cosine decay to train.min_lr; times the facility's ranks with train.scale_lr."""
+    peak = train.lr * (ranks if train.scale_lr else 1)
+    floor = train.min_lr * (ranks if train.scale_lr else 1)
+    if step < train.warmup_steps:
+        return peak * (step + 1) / train.warmup_steps
+    if train.schedule == "constant":
+        return peak
+    progress = (step - train.warmup_steps) / max(1, total_steps - train.warmup_steps - 1)
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def choose_device(wanted: str, local_rank: int) -> torch.device:
+    """train.device: a GPU (torch.cuda covers CUDA and ROCm) picked by the local rank, or the CPU."""
+    if wanted == "cpu" or (wanted == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.device = cuda, but torch sees no GPU on this node (a CPU-only torch build, or "
+                           "no GPUs allocated to the job)")
+    device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
 
 
 def _broadcast_tokens(world: MPI.Intracomm) -> np.ndarray:
@@ -34,20 +60,29 @@ class Trainer:
         self.cfg, self.topo = cfg, topo
         threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // local_ranks_on_node(topo.world))
         torch.set_num_threads(threads)
-        start_process_group(topo.facility, "gloo", cfg.federation.timeout_s)
+        self.facility_cfg = facility = cfg.facility[topo.facility_index]
+        gpu = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+        if facility.engine == "deepspeed" and not gpu:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is first imported
+        local_rank = start_process_group(topo.facility, "nccl" if gpu else "gloo", cfg.federation.timeout_s)
+        self.device = choose_device(cfg.train.device, local_rank)
 
         self._load_data()
-        model = build_model(cfg.model.preset, cfg.data.seq_len, cfg.train.seed)
+        model = build_model(cfg.model, cfg.data.seq_len, cfg.train.seed)
+        self.model_config = model.config
         self.layout = FlatLayout.of(model)
         self._check_same_layout()
         self._start_from_rank_zero(model)  # before any engine shards the model
-        self.engine = make_engine(cfg.facility[topo.facility_index].engine, model, lr=cfg.train.lr,
-                                  weight_decay=cfg.train.weight_decay)
+        settings = EngineSettings(device=self.device, betas=(cfg.train.beta1, cfg.train.beta2),
+                                  weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
+                                  grad_accum=cfg.train.grad_accum, fsdp=facility.fsdp, deepspeed=facility.deepspeed)
+        self.engine = make_engine(facility.engine, model, settings, cfg.train.micro_batch)
         self.federation = Federation(topo, cfg.federation, self.layout.numel, self.engine.owned(), self.engine.held())
         self.tokens_total = 0
         self.resumed_from = self._resume(resume) if resume else None
         self.start_round = self.resumed_from.round + 1 if self.resumed_from else 1
-        self.log = MetricsLog(cfg.metrics_path, after_round=self.start_round - 1) if topo.is_global_root else None
+        self.log = MetricsLog(cfg.metrics_path, after_round=self.start_round - 1, tensorboard=cfg.metrics.tensorboard,
+                              wandb=cfg.metrics.wandb, run_config=to_dict(cfg)) if topo.is_global_root else None
 
     def _load_data(self) -> None:
         """This rank's sampler over its facility's partition, and the shared validation set."""
@@ -84,7 +119,7 @@ class Trainer:
         views = self.layout.unflatten(initial)
         if self.topo.world.rank == 0:
             for name, values in views.items():
-                values[...] = params[name].numpy()
+                values[...] = params[name].float().numpy()
         with self.across("sending the initial model"):
             self.topo.world.Bcast(initial, root=0)
         for name, values in views.items():
@@ -97,8 +132,8 @@ class Trainer:
         if not self.topo.is_global_root:
             return
         cfg, topo = self.cfg, self.topo
-        facilities = ", ".join(f"{f.name} ({f.ranks} x {f.engine})" for f in cfg.facility)
-        print(f"mpifed: {topo.n_facilities} facilities: {facilities}; model {cfg.model.preset} "
+        facilities = ", ".join(f"{f.name} ({f.ranks} x {_engine_label(f)})" for f in cfg.facility)
+        print(f"mpifed: {topo.n_facilities} facilities: {facilities}; model {cfg.model.path or cfg.model.preset} "
               f"({self.layout.numel / 1e6:.2f}M parameters); {cfg.federation.rounds} rounds x "
               f"{cfg.train.local_steps} local steps; outer {cfg.federation.outer}; "
               f"checkpoints in {cfg.checkpoint.dir}", flush=True)
@@ -114,45 +149,66 @@ class Trainer:
             print(f"mpifed: done; checkpoints in {self.cfg.checkpoint.dir}, metrics in {self.cfg.metrics_path}",
                   flush=True)
 
-    def _inner(self) -> tuple[float, int]:
+    def _inner(self, round_: int) -> tuple[float, int]:
         """H local steps; (sum of facility-mean step losses, tokens this rank trained)."""
+        train = self.cfg.train
+        if train.inner_state == "reset":
+            self.engine.reset_optimizer()
         loss_sum, tokens = 0.0, 0
-        for _ in range(self.cfg.train.local_steps):
-            batch = torch.from_numpy(self.sampler.next_batch())
-            loss_sum += self.engine.train_step(batch)
-            tokens += batch.numel()
+        total = self.cfg.federation.rounds * train.local_steps
+        for k in range(train.local_steps):
+            batches = [torch.from_numpy(self.sampler.next_batch()) for _ in range(train.grad_accum)]
+            lr = inner_lr(train, (round_ - 1) * train.local_steps + k, total, self.topo.facility.size)
+            loss_sum += self.engine.train_step(batches, lr)
+            tokens += sum(batch.numel() for batch in batches)
         return loss_sum, tokens
 
-    @torch.no_grad()
+    def _score(self, rows: np.ndarray) -> float:
+        """Sum of the mean losses of `rows` in batches of 8, each weighted by its size (all ranks of the
+        facility in lockstep: a sharded model's forward needs all of them)."""
+        return sum(self.engine.loss(torch.from_numpy(rows[i:i + 8])) * len(rows[i:i + 8]) for i in range(0, len(rows), 8))
+
     def _validate(self) -> float:
         """Mean loss of the global model on the validation set: facility f scores every F-th sequence,
-        all its ranks in lockstep (a sharded model's forward needs all of them), its leader counts."""
-        model = self.engine.model()
-        model.eval()
+        its leader counts."""
         rows = self.validation[self.topo.facility_index::self.topo.n_facilities]
-        total = sum(float(model(input_ids=torch.from_numpy(rows[i:i + 8]), labels=torch.from_numpy(rows[i:i + 8])).loss)
-                    * len(rows[i:i + 8]) for i in range(0, len(rows), 8))
+        total = self._score(rows)
         leader = self.topo.facility.rank == 0
         with self.across("validation"):
             total, count = wire.allreduce(self.topo.world, [total if leader else 0.0, len(rows) if leader else 0])
         return float(total / count)
 
+    def _validate_facilities(self) -> dict[str, float]:
+        """Every facility's local model (before the exchange) on the whole validation set."""
+        mine = self._score(self.validation) / len(self.validation)
+        losses = np.zeros(self.topo.n_facilities)
+        if self.topo.facility.rank == 0:
+            losses[self.topo.facility_index] = mine
+        with self.across("validation of the facilities' models"):
+            self.topo.world.Allreduce(MPI.IN_PLACE, losses)
+        return dict(zip(self.topo.facility_names, map(float, losses)))
+
     def round(self, round_: int) -> None:
         """H inner steps, the exchange, validation, checkpoint, metrics."""
         fed = self.cfg.federation
         participate = sampled(self.topo.n_facilities, fed.sample, self.cfg.train.seed, round_)[self.topo.facility_index]
+        evaluate = round_ % self.cfg.eval.every == 0 or round_ == fed.rounds
         start = time.perf_counter()
-        loss_sum, tokens = self._inner() if participate else (0.0, 0)
+        loss_sum, tokens = self._inner(round_) if participate else (0.0, 0)
         inner_s = time.perf_counter() - start
+        local_losses = self._validate_facilities() if evaluate and self.cfg.eval.facilities else {}
+        exchange_start = time.perf_counter()
+        self.engine.before_exchange()
         try:
             exchange = self.federation.round(self.engine.owned(), self.engine.held(), tokens, participate)
         except FederationError as exc:
             raise FederationError(f"round {round_}: {exc}") from None
+        self.engine.after_exchange()
         if self.topo.is_global_root:
             for reason in exchange.left_out:
                 print(f"mpifed: warning: round {round_}: left out {reason}", flush=True)
-        summary = self._summarise(loss_sum, exchange, inner_s, time.perf_counter() - start - inner_s)
-        val_loss = self._validate()
+        summary = self._summarise(loss_sum, exchange, inner_s, time.perf_counter() - exchange_start)
+        val_loss = self._validate() if evaluate else None
         self.tokens_total += summary["tokens"]
         ckpt_s, publish = 0.0, None
         if round_ % self.cfg.checkpoint.every == 0 or round_ == self.cfg.federation.rounds:
@@ -161,7 +217,7 @@ class Trainer:
             ckpt_s = time.perf_counter() - t0
         if self.log is not None:
             metrics = RoundMetrics(round=round_, val_loss=val_loss, tokens_total=self.tokens_total, ckpt_s=ckpt_s,
-                                   wall_s=time.perf_counter() - start, **summary)
+                                   wall_s=time.perf_counter() - start, facility_val_loss=local_losses, **summary)
             self.log.write(metrics)
             print(metrics.line(self.cfg.federation.rounds), flush=True)
         if publish is not None:  # after the metrics line: a run killed in between resumes before this round
@@ -182,14 +238,25 @@ class Trainer:
         return dict(train_loss=weighted_loss / tokens, tokens=int(tokens), inner_s=slowest_inner,
                     sync_s=-neg_fastest_sync, idle_s=slowest_sync + neg_fastest_sync, bytes_inter=int(bytes_inter))
 
+    def model_flat(self) -> np.ndarray:
+        """The facility's whole model as the engine holds it, flat fp32 on every rank (collective over
+        the facility: a sharded engine's ranks each contribute their pieces)."""
+        self.engine.before_exchange()
+        return wire.gather_pieces(self.topo.facility, self.engine.owned(), self.layout.numel)
+
     def model_digest(self) -> str:
-        """sha256 of this rank's model parameters as the engine holds them (for consistency checks)."""
-        digest = hashlib.sha256()
-        for _, tensor in self.engine.model().named_parameters():
-            digest.update(tensor.detach().contiguous().numpy().tobytes())
-        return digest.hexdigest()
+        """sha256 of `model_flat()` (for consistency checks across ranks, facilities and engines)."""
+        return hashlib.sha256(self.model_flat().tobytes()).hexdigest()
 
     def close(self) -> None:
         if self.log is not None:
             self.log.close()
         stop_process_group()
+
+
+def _engine_label(facility) -> str:
+    if facility.engine == "deepspeed":
+        return f"deepspeed ZeRO-{facility.deepspeed.zero_stage}"
+    if facility.engine == "fsdp" and facility.fsdp.replicas > 1:
+        return f"fsdp ({facility.fsdp.replicas} replicas)"
+    return facility.engine

@@ -43,3 +43,33 @@ def bcast_array(comm: MPI.Intracomm, array: np.ndarray | None, dtype: type, root
     buf = np.ascontiguousarray(array, dtype=dtype) if comm.rank == root else np.empty(size, dtype=dtype)
     comm.Bcast(buf, root=root)
     return buf
+
+
+def gather_pieces(comm: MPI.Intracomm, pieces: Sequence[tuple[int, np.ndarray]], numel: int,
+                  root: int | None = None) -> np.ndarray | None:
+    """The length-`numel` float32 vector assembled from every rank's (offset, values) pieces (disjoint
+    across ranks, together covering the vector): on every rank, or with `root` only there (None
+    elsewhere)."""
+    offsets = np.array([offset for offset, _ in pieces], np.int64)
+    lengths = np.array([len(values) for _, values in pieces], np.int64)
+    mine = np.concatenate([values for _, values in pieces]).astype(np.float32) if pieces else np.empty(0, np.float32)
+    counts, sizes = allgather_int(comm, len(pieces)), allgather_int(comm, len(mine))
+    here = root is None or comm.rank == root
+    all_offsets, all_lengths = np.empty(sum(counts), np.int64), np.empty(sum(counts), np.int64)
+    packed = np.empty(sum(sizes) if here else 0, np.float32)
+    if root is None:
+        comm.Allgatherv(offsets, [all_offsets, counts])
+        comm.Allgatherv(lengths, [all_lengths, counts])
+        comm.Allgatherv(mine, [packed, sizes])
+    else:
+        comm.Gatherv(offsets, [all_offsets, counts] if here else None, root=root)
+        comm.Gatherv(lengths, [all_lengths, counts] if here else None, root=root)
+        comm.Gatherv(mine, [packed, sizes] if here else None, root=root)
+    if not here:
+        return None
+    out = np.full(numel, np.nan, np.float32)
+    at = 0
+    for offset, length in zip(all_offsets, all_lengths):
+        out[offset:offset + length] = packed[at:at + length]
+        at += length
+    return out

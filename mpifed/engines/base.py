@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -64,23 +63,150 @@ class FlatLayout:
         return {s.name: flat[s.offset:s.offset + s.numel].reshape(s.shape) for s in self.slots}
 
 
-class Engine(Protocol):
-    """What the trainer and federation need from a local training engine."""
+View = tuple[int, np.ndarray]  # (offset in the flat layout, fp32 values)
+OPTIMIZER_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+class Pieces:
+    """The ranges of the flat layout one rank holds, as 1-D tensors in the engine's own storage, and
+    the fp32 numpy arrays the federation reads and writes. Where a tensor is CPU fp32 the array is the
+    same memory (no copies); otherwise (a GPU, bf16) it is a host copy that `pull` refreshes from the
+    engine and `push` writes back."""
+
+    def __init__(self, pieces: list[tuple[int, torch.Tensor]], staged: bool | None = None) -> None:
+        self.tensors = [t.detach() for _, t in pieces]
+        if staged is None:
+            staged = any(t.device.type != "cpu" or t.dtype != torch.float32 for t in self.tensors)
+        self.staged = staged
+        pin = staged and torch.cuda.is_available()
+        self.views: list[View] = [
+            (offset, torch.empty(t.numel(), dtype=torch.float32, pin_memory=pin).numpy() if staged else t.numpy())
+            for (offset, _), t in zip(pieces, self.tensors)]
+        self.pull()
+
+    def pull(self) -> None:
+        if self.staged:
+            for (_, host), t in zip(self.views, self.tensors):
+                host[:] = t.float().cpu().numpy()
+
+    def push(self) -> None:
+        if self.staged:
+            for (_, host), t in zip(self.views, self.tensors):
+                t.copy_(torch.from_numpy(host), non_blocking=False)
+
+    def share(self, rank: int, size: int, numel: int) -> list[View]:
+        """The views clipped to this rank's even share [numel·rank/size, numel·(rank+1)/size) of the
+        layout: how engines whose ranks all hold everything split the work of the reduction."""
+        lo, hi = numel * rank // size, numel * (rank + 1) // size
+        return [(max(offset, lo), values[max(offset, lo) - offset:min(offset + len(values), hi) - offset])
+                for offset, values in self.views if max(offset, lo) < min(offset + len(values), hi)]
+
+
+class Engine:
+    """A facility's local training engine, as the trainer and the federation see it.
+
+    The federation only touches `owned()` (the disjoint ranges this rank contributes; together a
+    facility's ranks cover the layout) and `held()` (what it receives back). `before_exchange` makes
+    them current; `after_exchange` loads the new global values into the engine. Optimizer state moves
+    in and out in layout order, so a checkpoint does not depend on the engine or facility size.
+    """
 
     layout: FlatLayout
+    _held: Pieces
+    _owned: list[View]
 
-    def train_step(self, batch: torch.Tensor) -> float:
-        """One inner optimizer step on this rank's micro-batch; returns the facility-mean loss."""
-        ...
+    def train_step(self, batches: list[torch.Tensor], lr: float) -> float:
+        """One inner optimizer step over `batches` (accumulated micro-batches) at learning rate `lr`;
+        returns the facility-mean loss."""
+        raise NotImplementedError
 
-    def owned(self) -> list[tuple[int, np.ndarray]]:
-        """(offset, view) of the flat ranges this rank contributes to the facility reduction; the
-        ranges of a facility's ranks are disjoint and cover the layout."""
-        ...
+    def loss(self, batch: torch.Tensor) -> float:
+        """Mean loss of the current model on `batch` (no gradients). Sharded engines need every rank of
+        the facility to call this in lockstep."""
+        raise NotImplementedError
 
-    def held(self) -> list[tuple[int, np.ndarray]]:
-        """(offset, view) of the flat ranges this rank must receive back after a round."""
-        ...
+    def owned(self) -> list[View]:
+        return self._owned
 
-    def model(self) -> torch.nn.Module:
-        ...
+    def held(self) -> list[View]:
+        return self._held.views
+
+    def before_exchange(self) -> None:
+        self._held.pull()
+
+    def after_exchange(self) -> None:
+        self._held.push()
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """{"step": [n], "exp_avg": ..., "exp_avg_sq": ...} over the owned ranges, concatenated in
+        `owned()` order; empty before the first step. Collective over the facility for some engines."""
+        raise NotImplementedError
+
+    def load_optimizer_state(self, flat: dict[str, np.ndarray]) -> None:
+        """Restore from full-layout arrays ("step" has one value). Collective over the facility."""
+        raise NotImplementedError
+
+    def reset_optimizer(self) -> None:
+        raise NotImplementedError
+
+    def _owned_in_held(self) -> list[tuple[int, int, int]]:
+        """(held index, start, stop) of each owned view inside the held views."""
+        out = []
+        for offset, values in self._owned:
+            for i, (h, held) in enumerate(self.held()):
+                if h <= offset and offset + len(values) <= h + len(held):
+                    out.append((i, offset - h, offset - h + len(values)))
+                    break
+        return out
+
+    def _select_owned(self, held_arrays: list[np.ndarray]) -> np.ndarray:
+        parts = [held_arrays[i][a:b] for i, a, b in self._owned_in_held()]
+        return np.concatenate(parts) if parts else np.empty(0, np.float32)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """The rank-local part of a tensor (a DTensor's shard; a plain tensor itself)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+class TorchOptimizerEngine(Engine):
+    """Engines that drive a torch.optim.AdamW over their (possibly sharded) parameters themselves: the
+    state lives in `optimizer.state[param]`, shaped like each parameter's local part. `_param_places`
+    says where each parameter's local part sits in the held views: (param, held index, start)."""
+
+    _optimizer: torch.optim.Optimizer
+    _param_places: list[tuple[torch.nn.Parameter, int, int]]
+
+    def set_lr(self, lr: float) -> None:
+        for group in self._optimizer.param_groups:
+            group["lr"] = lr
+
+    def reset_optimizer(self) -> None:
+        self._optimizer.state.clear()
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        first = self._optimizer.state.get(self._param_places[0][0]) if self._param_places else None
+        if not first:
+            return {}
+        out = {"step": np.array([float(first["step"])], np.float32)}
+        for key in OPTIMIZER_KEYS:
+            held = [np.empty(len(values), np.float32) for _, values in self.held()]
+            for param, i, start in self._param_places:
+                values = local(self._optimizer.state[param][key]).detach().reshape(-1).float().cpu().numpy()
+                held[i][start:start + len(values)] = values
+            out[key] = self._select_owned(held)
+        return out
+
+    def load_optimizer_state(self, flat: dict[str, np.ndarray]) -> None:
+        if not flat:
+            return
+        views = self.held()
+        for param, i, start in self._param_places:
+            offset = views[i][0] + start
+            entry = {"step": torch.tensor(float(flat["step"][0]), dtype=torch.float32)}
+            for key in OPTIMIZER_KEYS:
+                state = torch.zeros_like(param)
+                part = local(state)
+                part.copy_(torch.from_numpy(flat[key][offset:offset + part.numel()].copy()).view(part.shape))
+                entry[key] = state
+            self._optimizer.state[param] = entry

@@ -1,0 +1,193 @@
+"""The deepspeed engine: DeepSpeed ZeRO stage 1, 2 or 3 over the facility's process group (gloo with
+DS_ACCELERATOR=cpu on CPUs, NCCL/RCCL on GPUs), with the user's DeepSpeed JSON merged over mpifed's
+defaults and torch's AdamW as the optimizer unless that JSON names another.
+
+What a rank holds: with ZeRO 1/2 every rank has the whole model (the parameters are views of
+DeepSpeed's flat groups), and the reduction work is split evenly; with ZeRO 3 its partition of every
+parameter (`ds_tensor`: elements [r·p, (r+1)·p) with p = ceil(numel/ranks)). After the exchange the
+new values go into those tensors and DeepSpeed's fp32 master copy is refreshed from them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mpifed.engines.base import OPTIMIZER_KEYS, Engine, FlatLayout, Pieces
+from mpifed.engines.settings import EngineSettings
+
+# mpifed sets these from train.micro_batch and train.grad_accum: a user JSON may not change them.
+_OWN_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def deepspeed_config(settings: EngineSettings, micro_batch: int, dtype: torch.dtype, ranks: int) -> dict:
+    """mpifed's defaults with the facility's `deepspeed.config` JSON merged over them."""
+    ds = settings.deepspeed
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": settings.grad_accum,
+        "train_batch_size": micro_batch * settings.grad_accum * ranks,
+        "gradient_clipping": settings.grad_clip,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2 ** 31,
+        "wall_clock_breakdown": False,
+    }
+    if not ds.config:
+        return config
+    try:
+        user = json.loads(Path(ds.config).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"deepspeed.config {ds.config}: cannot read it as JSON ({exc})") from None
+    clash = [key for key in _OWN_KEYS if key in user and user[key] != config[key]]
+    if clash:
+        raise ValueError(f"deepspeed.config {ds.config}: {', '.join(clash)} come from train.micro_batch and "
+                         "train.grad_accum; remove them from the JSON and set those instead")
+    merged = _merge(config, user)
+    stage = merged.get("zero_optimization", {}).get("stage")
+    if stage not in (1, 2, 3):
+        raise ValueError(f"deepspeed.config {ds.config}: zero_optimization.stage {stage!r} is not 1, 2 or 3")
+    return merged
+
+
+class DeepSpeedEngine(Engine):
+    def __init__(self, model: torch.nn.Module, settings: EngineSettings, micro_batch: int) -> None:
+        from mpifed.data import cache_dir
+
+        # The CPU accelerator JIT-builds a communication op on first use: build it once per machine.
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
+        import deepspeed
+
+        self.layout = FlatLayout.of(model)
+        self.settings = settings
+        self._size, rank = dist.get_world_size(), dist.get_rank()
+        params = [p for p in model.parameters() if p.requires_grad]
+        config = deepspeed_config(settings, micro_batch, params[0].dtype, self._size)
+        self.zero_stage = config["zero_optimization"]["stage"]
+        optimizer = None if "optimizer" in config else settings.adamw(params)
+        model.to(settings.device)
+        self._engine, self._optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=params if optimizer is None else None, optimizer=optimizer,
+            config=config, dist_init_required=False)
+        self._params = params
+        pieces = []
+        for slot, param in zip(self.layout.slots, params):
+            if self.zero_stage < 3:
+                pieces.append((slot.offset, param.data.view(-1)))
+                continue
+            part = param.ds_tensor.numel()
+            start = rank * part
+            valid = max(0, min(part, slot.numel - start))
+            if valid:
+                pieces.append((slot.offset + start, param.ds_tensor.data.view(-1)[:valid]))
+        self._held = Pieces(pieces)
+        self._owned = self._held.share(rank, self._size, self.layout.numel) if self.zero_stage < 3 else self._held.views
+
+    def model(self) -> torch.nn.Module:
+        return self._engine.module
+
+    def before_exchange(self) -> None:
+        if self.zero_stage == 3:  # small parameters stay gathered between steps: release those copies
+            self._optimizer.checkpoint_event_prologue()
+        super().before_exchange()
+
+    def after_exchange(self) -> None:
+        super().after_exchange()
+        self._optimizer.refresh_fp32_params()  # DeepSpeed's fp32 master copy follows the new model
+        if self.zero_stage == 3:  # and gather the persistent ones again, now with the new values
+            self._optimizer.checkpoint_event_epilogue()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self._optimizer.param_groups:
+            group["lr"] = lr
+
+    def train_step(self, batches: list[torch.Tensor], lr: float) -> float:
+        self._engine.train()
+        self.set_lr(lr)
+        loss_sum = torch.zeros((), device=self.settings.device)
+        for batch in batches:  # DeepSpeed scales by 1/grad_accum and steps at the boundary
+            batch = batch.to(self.settings.device)
+            loss = self._engine(input_ids=batch, labels=batch).loss
+            self._engine.backward(loss)
+            self._engine.step()
+            loss_sum += loss.detach().float() / len(batches)
+        dist.all_reduce(loss_sum)
+        return float(loss_sum) / self._size
+
+    @torch.no_grad()
+    def loss(self, batch: torch.Tensor) -> float:
+        self._engine.eval()
+        batch = batch.to(self.settings.device)
+        return float(self._engine(input_ids=batch, labels=batch).loss)
+
+    def _base_state(self) -> dict:
+        return self._optimizer.optimizer.state
+
+    def reset_optimizer(self) -> None:
+        self._base_state().clear()
+
+    def _param_states(self, key: str) -> list[np.ndarray]:
+        """`key` of the optimizer state for every held piece (ZeRO 1/2: collective over the facility)."""
+        from deepspeed.utils import safe_get_full_optimizer_state, safe_get_local_optimizer_state
+
+        out = []
+        for (offset, values), param in zip(self.held(), self._held_params()):
+            if self.zero_stage < 3:
+                state = safe_get_full_optimizer_state(param, key)
+            else:
+                state = safe_get_local_optimizer_state(param, key)
+            out.append(state.detach().reshape(-1)[:len(values)].float().cpu().numpy())
+        return out
+
+    def _held_params(self) -> list[torch.nn.Parameter]:
+        if self.zero_stage < 3:
+            return self._params
+        rank = dist.get_rank()
+        return [p for p in self._params if p.ds_tensor.numel() * rank < p.ds_numel]
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        states = [s for s in self._base_state().values() if s]
+        if not states:
+            return {}
+        out = {"step": np.array([float(states[0]["step"])], np.float32)}
+        for key in OPTIMIZER_KEYS:
+            out[key] = self._select_owned(self._param_states(key))
+        return out
+
+    def load_optimizer_state(self, flat: dict[str, np.ndarray]) -> None:
+        if not flat:
+            return
+        from deepspeed.utils import safe_set_full_optimizer_state, safe_set_local_optimizer_state
+
+        if not isinstance(self._optimizer.optimizer, torch.optim.AdamW):
+            raise ValueError("resuming the inner optimizer state needs torch's AdamW (the deepspeed.config "
+                             "names another optimizer)")
+        step = torch.tensor(float(flat["step"][0]), dtype=torch.float32)
+        # AdamW creates its state lazily, keyed by DeepSpeed's fp32 master partitions: make it now.
+        masters = self._optimizer.fp32_partitioned_groups_flat if self.zero_stage == 3 \
+            else self._optimizer.single_partition_of_fp32_groups
+        for master in masters:
+            self._base_state()[master] = {"step": step.clone(), **{k: torch.zeros_like(master) for k in OPTIMIZER_KEYS}}
+        for (offset, values), param in zip(self.held(), self._held_params()):
+            for key in OPTIMIZER_KEYS:
+                value = torch.from_numpy(flat[key][offset:offset + len(values)].copy()).to(self.settings.device)
+                if self.zero_stage < 3:
+                    safe_set_full_optimizer_state(param, value.view(param.shape), key)
+                else:
+                    padded = torch.zeros(param.ds_tensor.numel(), dtype=value.dtype, device=value.device)
+                    padded[:len(values)] = value
+                    safe_set_local_optimizer_state(param, padded, key)

@@ -1,0 +1,96 @@
+"""The fsdp engine: PyTorch FSDP2 (`fully_shard`) on every decoder layer and on the root, over the
+facility's process group; HSDP with `fsdp.replicas = k` (shard inside groups of size/k ranks,
+replicate across the k groups); optional bf16 mixed precision, activation checkpointing, CPU offload.
+
+FSDP2 shards every parameter on dim 0 (in chunks of ceil(rows/shards) rows), so this rank's local
+shard of a parameter is one contiguous range of the flat layout: those shards are what it holds, and
+(in the first replica group) what it owns.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from mpifed.engines.base import FlatLayout, Pieces, TorchOptimizerEngine, local
+from mpifed.engines.settings import EngineSettings
+from mpifed.model import decoder_layers
+
+
+class FsdpEngine(TorchOptimizerEngine):
+    def __init__(self, model: torch.nn.Module, settings: EngineSettings) -> None:
+        opts, device = settings.fsdp, settings.device
+        self.layout = FlatLayout.of(model)
+        self.settings = settings
+        size = dist.get_world_size()
+        if opts.cpu_offload and device.type != "cuda":
+            raise ValueError("fsdp.cpu_offload needs a GPU (parameters on the CPU are already in host memory)")
+        mesh = init_device_mesh(device.type, (opts.replicas, size // opts.replicas), mesh_dim_names=("replicate", "shard"))
+        if opts.replicas == 1:
+            mesh = mesh["shard"]
+        if opts.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if opts.mixed_precision == "bf16" else MixedPrecisionPolicy()
+        offload = CPUOffloadPolicy() if opts.cpu_offload else OffloadPolicy()
+        model.to(device)
+        for layer in decoder_layers(model):
+            fully_shard(layer, mesh=mesh, mp_policy=precision, offload_policy=offload)
+        fully_shard(model, mesh=mesh, mp_policy=precision, offload_policy=offload)
+        self._model = model
+        self._size = size
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._optimizer = settings.adamw(self._params)
+        shards = size // opts.replicas
+        shard_rank = mesh.get_local_rank("shard") if opts.replicas > 1 else mesh.get_local_rank()
+        first_replica = opts.replicas == 1 or mesh.get_local_rank("replicate") == 0
+        pieces, self._param_places = [], []
+        for slot, param in zip(self.layout.slots, self._params):
+            part = local(param).detach()
+            if part.numel() == 0:
+                continue
+            rows, per_row = slot.shape[0], slot.numel // slot.shape[0]
+            first_row = shard_rank * math.ceil(rows / shards)
+            if not part.is_contiguous() or part.shape[0] != min(rows - first_row, math.ceil(rows / shards)):
+                raise RuntimeError(f"FSDP shard of {slot.name} is not the expected dim-0 chunk "
+                                   f"(shape {tuple(part.shape)} at row {first_row} of {rows})")
+            self._param_places.append((param, len(pieces), 0))
+            pieces.append((slot.offset + first_row * per_row, part.view(-1)))
+        self._held = Pieces(pieces)
+        self._owned = self._held.views if first_replica else []
+
+    def model(self) -> torch.nn.Module:
+        return self._model
+
+    def before_exchange(self) -> None:
+        # A forward without backward (validation) leaves the root's parameters gathered; the next
+        # forward would use those stale copies instead of the values the exchange writes into the shards.
+        self._model.reshard()
+        super().before_exchange()
+
+    def train_step(self, batches: list[torch.Tensor], lr: float) -> float:
+        self._model.train()
+        loss_sum = torch.zeros((), device=self.settings.device)
+        for i, batch in enumerate(batches):
+            if len(batches) > 1:  # reduce-scatter gradients once, after the last micro-batch
+                self._model.set_requires_gradient_sync(i == len(batches) - 1)
+            batch = batch.to(self.settings.device)
+            loss = self._model(input_ids=batch, labels=batch).loss / len(batches)
+            loss.backward()
+            loss_sum += loss.detach().float()
+        if self.settings.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self._params, self.settings.grad_clip)
+        self.set_lr(lr)
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        dist.all_reduce(loss_sum)
+        return float(loss_sum) / self._size
+
+    @torch.no_grad()
+    def loss(self, batch: torch.Tensor) -> float:
+        self._model.eval()
+        batch = batch.to(self.settings.device)
+        return float(self._model(input_ids=batch, labels=batch).loss)
