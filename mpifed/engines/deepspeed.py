@@ -138,7 +138,11 @@ class DeepSpeedEngine(Engine):
         return self._optimizer.optimizer.state
 
     def reset_optimizer(self) -> None:
-        self._base_state().clear()
+        # In place: with ZeRO 1/2, DeepSpeed links every parameter to views of these tensors.
+        for state in self._base_state().values():
+            state["step"] = torch.zeros_like(torch.as_tensor(state["step"], dtype=torch.float32))
+            for key in OPTIMIZER_KEYS:
+                state[key].zero_()
 
     def _param_states(self, key: str) -> list[np.ndarray]:
         """`key` of the optimizer state for every held piece (ZeRO 1/2: collective over the facility)."""
@@ -177,11 +181,18 @@ class DeepSpeedEngine(Engine):
             raise ValueError("resuming the inner optimizer state needs torch's AdamW (the deepspeed.config "
                              "names another optimizer)")
         step = torch.tensor(float(flat["step"][0]), dtype=torch.float32)
-        # AdamW creates its state lazily, keyed by DeepSpeed's fp32 master partitions: make it now.
+        # AdamW creates its state lazily, keyed by DeepSpeed's fp32 master partitions: make it now
+        # (and, with ZeRO 1/2, have DeepSpeed link its per-parameter views to it).
         masters = self._optimizer.fp32_partitioned_groups_flat if self.zero_stage == 3 \
             else self._optimizer.single_partition_of_fp32_groups
         for master in masters:
-            self._base_state()[master] = {"step": step.clone(), **{k: torch.zeros_like(master) for k in OPTIMIZER_KEYS}}
+            if not self._base_state().get(master):
+                self._base_state()[master] = {k: torch.zeros_like(master) for k in OPTIMIZER_KEYS}
+                if self.zero_stage < 3:
+                    self._optimizer._hp_optimizer_states_linked = False
+            self._base_state()[master]["step"] = step.clone()
+        if self.zero_stage < 3:
+            self._optimizer._lazy_init_hp_params_optimizer_state()
         for (offset, values), param in zip(self.held(), self._held_params()):
             for key in OPTIMIZER_KEYS:
                 value = torch.from_numpy(flat[key][offset:offset + len(values)].copy()).to(self.settings.device)
