@@ -106,3 +106,35 @@ def test_federation_settings_are_checked_together():
     assert "federation.min_participants: 2 can never be met: federation.sample = 0.5 draws 1 of 2" in message
     cfg = config.from_dict(config.apply_sets({}, ["federation.outer=diloco", "federation.outer_lr=0.5"]))
     assert cfg.federation.outer_lr == 0.5 and cfg.federation.outer_momentum is None  # unset: the default
+
+
+def test_engine_tables_parse_set_and_round_trip(tmp_path):
+    data = {"facility": [{"name": "leonardo", "ranks": 4, "engine": "fsdp", "fsdp": {"replicas": 2}},
+                         {"name": "lumi", "ranks": 2, "engine": "deepspeed", "deepspeed": {"zero_stage": 3}}]}
+    cfg = config.from_dict(config.apply_sets(data, ["facility.lumi.deepspeed.zero_stage=1",
+                                                    "facility.leonardo.fsdp.mixed_precision=bf16"]))
+    assert cfg.facility[0].fsdp.replicas == 2 and cfg.facility[0].fsdp.mixed_precision == "bf16"
+    assert cfg.facility[1].deepspeed.zero_stage == 1
+    path = tmp_path / "c.toml"
+    path.write_text(config.dump_toml(cfg))
+    assert "deepspeed = { zero_stage = 1" in path.read_text()
+    assert config.from_dict(config.load(path)) == cfg
+
+
+def test_engine_table_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"facility.0.fsdp.shards: unknown key; valid keys: replicas"):
+        config.from_dict({"facility": [{"name": "a", "fsdp": {"shards": 2}}]})
+    with pytest.raises(ConfigError, match=r"unknown key 'stage'; valid keys: facility.a.deepspeed.zero_stage"):
+        config.apply_sets({"facility": [{"name": "a"}]}, ["facility.a.deepspeed.stage=3"])
+    with pytest.raises(ConfigError, match=r"deepspeed.config: file /no/ds.json does not exist"):
+        config.from_dict({"facility": [{"name": "a", "engine": "deepspeed", "deepspeed": {"config": "/no/ds.json"}}]})
+
+
+def test_training_settings_are_checked():
+    with pytest.raises(ConfigError) as err:
+        config.from_dict({"train": {"schedule": "linear", "grad_accum": 0, "beta2": 1.0, "min_lr": 1.0, "lr": 0.1,
+                                    "inner_state": "drop", "device": "tpu"}, "eval": {"every": 0},
+                          "model": {"attention": "flash", "dtype": "fp8"}})
+    for key in ("train.schedule", "train.grad_accum", "train.beta2", "train.min_lr", "train.inner_state",
+                "train.device", "eval.every", "model.attention", "model.dtype"):
+        assert key in str(err.value)

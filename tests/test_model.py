@@ -34,3 +34,29 @@ def test_fingerprint_tells_architectures_apart(model):
 def test_same_seed_same_weights():
     a, b = build_model("llama-tiny", 64, 3), build_model("llama-tiny", 64, 3)
     assert all(np.array_equal(x.detach(), y.detach()) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_a_local_model_folder_loads_offline_and_reinit_starts_afresh(tmp_path):
+    from mpifed.config import ModelConfig
+
+    saved = build_model("mixtral-tiny", 64, seed=5)
+    saved.save_pretrained(tmp_path / "m")
+    loaded = build_model(ModelConfig(path=str(tmp_path / "m")), 64, seed=0)
+    assert type(loaded).__name__ == "MixtralForCausalLM"
+    assert all(np.array_equal(a.detach(), b.detach()) for a, b in zip(saved.parameters(), loaded.parameters()))
+    fresh = build_model(ModelConfig(path=str(tmp_path / "m"), reinit=True), 64, seed=0)
+    assert FlatLayout.of(fresh).fingerprint == FlatLayout.of(saved).fingerprint
+    assert not np.array_equal(fresh.lm_head.weight.detach(), saved.lm_head.weight.detach())
+
+
+def test_inner_learning_rate_schedule():
+    from mpifed.config import TrainConfig
+    from mpifed.trainer import inner_lr
+
+    cosine = TrainConfig(lr=1e-3, min_lr=1e-4, schedule="cosine", warmup_steps=4)
+    assert [inner_lr(cosine, s, 100) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert inner_lr(cosine, 4, 100) == pytest.approx(1e-3)
+    assert inner_lr(cosine, 99, 100) == pytest.approx(1e-4)
+    assert inner_lr(cosine, 4 + 95 // 2, 100) == pytest.approx(5.5e-4, rel=0.02)  # half way: the mean
+    constant = TrainConfig(lr=1e-3, scale_lr=True)
+    assert inner_lr(constant, 0, 10, ranks=4) == pytest.approx(4e-3) == inner_lr(constant, 9, 10, ranks=4)

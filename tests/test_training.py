@@ -84,8 +84,11 @@ def _datasets(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("settings", [["federation.roots=1", "federation.outer=fedavgm"],
-                                      ["federation.roots=2", "federation.outer=diloco", "federation.compress=int8"]])
+@pytest.mark.parametrize("settings", [
+    ["federation.roots=1", "federation.outer=fedavgm", "train.schedule=cosine", "train.warmup_steps=3"],
+    ["federation.roots=2", "federation.outer=diloco", "federation.compress=int8",
+     "facility.f0.engine=fsdp", "facility.f1.engine=deepspeed", "train.grad_accum=2"]],
+    ids=["replica-cosine", "fsdp-zero2-int8"])
 def test_resume_after_sigkill_is_bit_identical(tmp_path, settings):
     common = ["simulate", "--rounds", "6", "--local-steps", "4", "--set", "train.micro_batch=4",
               "--set", "data.seq_len=64", *[arg for s in settings for arg in ("--set", s)]]

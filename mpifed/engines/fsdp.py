@@ -43,12 +43,15 @@ class FsdpEngine(TorchOptimizerEngine):
         self._model = model
         self._size = size
         self._params = [p for p in model.parameters() if p.requires_grad]
-        self._optimizer = settings.adamw(self._params)
+        # AdamW runs on the plain local shards (views of the DTensors' storage), so each of its foreach
+        # ops is one kernel instead of a trip through DTensor's dispatcher (measured: ~8% of a step).
+        self._shards = [torch.nn.Parameter(local(p).detach(), requires_grad=False) for p in self._params]
+        self._optimizer = settings.adamw(self._shards)
         shards = size // opts.replicas
         shard_rank = mesh.get_local_rank("shard") if opts.replicas > 1 else mesh.get_local_rank()
         first_replica = opts.replicas == 1 or mesh.get_local_rank("replicate") == 0
         pieces, self._param_places = [], []
-        for slot, param in zip(self.layout.slots, self._params):
+        for slot, param, shard in zip(self.layout.slots, self._params, self._shards):
             part = local(param).detach()
             if part.numel() == 0:
                 continue
@@ -57,7 +60,7 @@ class FsdpEngine(TorchOptimizerEngine):
             if not part.is_contiguous() or part.shape[0] != min(rows - first_row, math.ceil(rows / shards)):
                 raise RuntimeError(f"FSDP shard of {slot.name} is not the expected dim-0 chunk "
                                    f"(shape {tuple(part.shape)} at row {first_row} of {rows})")
-            self._param_places.append((param, len(pieces), 0))
+            self._param_places.append((shard, len(pieces), 0))
             pieces.append((slot.offset + first_row * per_row, part.view(-1)))
         self._held = Pieces(pieces)
         self._owned = self._held.views if first_replica else []
@@ -83,9 +86,12 @@ class FsdpEngine(TorchOptimizerEngine):
             loss_sum += loss.detach().float()
         if self.settings.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self._params, self.settings.grad_clip)
+        for param, shard in zip(self._params, self._shards):
+            shard.grad = local(param.grad) if param.grad is not None else None
         self.set_lr(lr)
         self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
+        for param, shard in zip(self._params, self._shards):
+            param.grad = shard.grad = None
         dist.all_reduce(loss_sum)
         return float(loss_sum) / self._size
 

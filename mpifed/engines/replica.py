@@ -49,8 +49,9 @@ class ReplicaEngine(TorchOptimizerEngine):
             loss.backward()
             loss_sum += loss.detach()
         self._reduced[-1] = loss_sum
-        dist.all_reduce(self._reduced)
-        self._reduced /= self._size
+        if self._size > 1:  # a one-rank facility has nothing to average
+            dist.all_reduce(self._reduced)
+            self._reduced /= self._size
         if self.settings.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self._params, self.settings.grad_clip)
         self.set_lr(lr)
