@@ -70,7 +70,7 @@ class DataConfig:
     val_fraction: float = 0.05
     """Share of all sequences held out for validation, shared by every facility."""
     val_sequences: int = 64
-    """At most this many validation sequences are scored after each round."""
+    """At most this many validation sequences are scored at each evaluation (eval.every)."""
 
     def problems(self) -> list[str]:
         out = []

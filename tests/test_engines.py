@@ -71,7 +71,8 @@ def test_three_facilities_on_three_engines_hold_one_model(tmp_path):
         {"name": "lumi", "ranks": 2, "engine": "deepspeed", "deepspeed": {"zero_stage": 3}},
         {"name": "vega", "ranks": 1, "engine": "replica"}]}, [
         "federation.rounds=3", "train.local_steps=4", "data.seq_len=64", "train.grad_accum=2",
-        "train.schedule=cosine", "train.warmup_steps=2", "train.grad_clip=1.0", f"checkpoint.dir={tmp_path / 'run'}"]))
+        "train.schedule=cosine", "train.warmup_steps=2", "train.grad_clip=1.0", "train.inner_state=reset",
+        "eval.every=2", f"checkpoint.dir={tmp_path / 'run'}"]))
     (tmp_path / "c.toml").write_text(config.dump_toml(cfg))
     mpiexec(5, "train_worker.py", str(tmp_path / "c.toml"), str(tmp_path), timeout=400)
     digests = {(tmp_path / f"digest-{i}.txt").read_text() for i in range(5)}
@@ -81,11 +82,14 @@ def test_three_facilities_on_three_engines_hold_one_model(tmp_path):
     assert digests == {hashlib.sha256(flat.tobytes()).hexdigest()}
     rows = _metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["round"] for r in rows] == [1, 2, 3]
-    assert set(rows[0]["facility_val_loss"]) == {"leonardo", "lumi", "vega"}
-    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
-    assert abs(rows[0]["val_ppl"] - np.exp(rows[0]["val_loss"])) < 1e-6 * rows[0]["val_ppl"]
-    with h5py.File(tmp_path / "run" / "round_00003.fac-lumi.h5") as h5:  # ZeRO-3 shards, saved whole
-        assert h5["optimizer/exp_avg"].shape == (layout.numel,) and h5["optimizer/step"][0] == 12
+    assert rows[0]["val_loss"] is None and rows[0]["facility_val_loss"] == {}  # eval.every = 2, and the last
+    assert set(rows[1]["facility_val_loss"]) == {"leonardo", "lumi", "vega"}
+    assert rows[2]["val_loss"] < rows[1]["val_loss"]
+    assert abs(rows[2]["val_ppl"] - np.exp(rows[2]["val_loss"])) < 1e-6 * rows[2]["val_ppl"]
+    for name in ("leonardo", "lumi", "vega"):  # ZeRO-3 and FSDP shards, saved whole
+        with h5py.File(tmp_path / "run" / f"round_00003.fac-{name}.h5") as h5:
+            assert h5["optimizer/exp_avg"].shape == (layout.numel,)
+            assert h5["optimizer/step"][0] == 4  # inner_state = reset: only this round's 4 steps
 
 
 @pytest.mark.slow
