@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 import traceback
 from contextlib import contextmanager
 from typing import Iterator
@@ -14,6 +15,14 @@ from typing import Iterator
 from mpi4py import MPI
 
 ABORT_CODE = 3
+# The launcher forwards a rank's stderr asynchronously and drops what is in flight when the job is
+# killed: give the one line that says why a moment to get out first.
+_GRACE_S = 0.5
+
+
+def _abort(comm: MPI.Comm, code: int) -> None:
+    time.sleep(_GRACE_S)
+    comm.Abort(code)
 
 
 @contextmanager
@@ -25,7 +34,7 @@ def deadline(comm: MPI.Comm, seconds: float, what: str) -> Iterator[None]:
         if not done.is_set():
             print(f"mpifed: error: {what} did not finish within {seconds:g} s "
                   "(federation.timeout_s); aborting the job", file=sys.stderr, flush=True)
-            comm.Abort(ABORT_CODE)
+            _abort(comm, ABORT_CODE)
 
     timer = threading.Timer(seconds, expire)
     timer.daemon = True
@@ -46,4 +55,4 @@ def abort_on_error(comm: MPI.Comm, expected: tuple[type[BaseException], ...] = (
     except BaseException as exc:  # noqa: BLE001 - whatever it is, the other ranks must not hang
         detail = "" if isinstance(exc, expected) else "\n" + traceback.format_exc()
         print(f"mpifed: rank {comm.Get_rank()}: error: {exc}{detail}", file=sys.stderr, flush=True)
-        comm.Abort(1)
+        _abort(comm, 1)
