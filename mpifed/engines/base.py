@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from mpifed.engines.settings import EngineSettings
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,9 @@ class Engine:
     """
 
     layout: FlatLayout
+    settings: "EngineSettings"
+    _forward: torch.nn.Module
+    """What the engine runs the model's forward through."""
     _held: Pieces
     _owned: list[View]
 
@@ -120,10 +127,13 @@ class Engine:
         returns the facility-mean loss."""
         raise NotImplementedError
 
+    @torch.no_grad()
     def loss(self, batch: torch.Tensor) -> float:
         """Mean loss of the current model on `batch` (no gradients). Sharded engines need every rank of
         the facility to call this in lockstep."""
-        raise NotImplementedError
+        self._forward.eval()
+        batch = batch.to(self.settings.device)
+        return float(self._forward(input_ids=batch, labels=batch).loss)
 
     def owned(self) -> list[View]:
         return self._owned

@@ -83,6 +83,7 @@ class DeepSpeedEngine(Engine):
         self._engine, self._optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=params if optimizer is None else None, optimizer=optimizer,
             config=config, dist_init_required=False)
+        self._forward = self._engine
         self._params = params
         pieces = []
         for slot, param in zip(self.layout.slots, params):
@@ -128,11 +129,6 @@ class DeepSpeedEngine(Engine):
         dist.all_reduce(loss_sum)
         return float(loss_sum) / self._size
 
-    @torch.no_grad()
-    def loss(self, batch: torch.Tensor) -> float:
-        self._engine.eval()
-        batch = batch.to(self.settings.device)
-        return float(self._engine(input_ids=batch, labels=batch).loss)
 
     def _base_state(self) -> dict:
         return self._optimizer.optimizer.state

@@ -40,7 +40,7 @@ class FsdpEngine(TorchOptimizerEngine):
         for layer in decoder_layers(model):
             fully_shard(layer, mesh=mesh, mp_policy=precision, offload_policy=offload)
         fully_shard(model, mesh=mesh, mp_policy=precision, offload_policy=offload)
-        self._model = model
+        self._model = self._forward = model
         self._size = size
         self._params = [p for p in model.parameters() if p.requires_grad]
         # AdamW runs on the plain local shards (views of the DTensors' storage), so each of its foreach
@@ -95,8 +95,3 @@ class FsdpEngine(TorchOptimizerEngine):
         dist.all_reduce(loss_sum)
         return float(loss_sum) / self._size
 
-    @torch.no_grad()
-    def loss(self, batch: torch.Tensor) -> float:
-        self._model.eval()
-        batch = batch.to(self.settings.device)
-        return float(self._model(input_ids=batch, labels=batch).loss)

@@ -17,7 +17,7 @@ class ReplicaEngine(TorchOptimizerEngine):
     def __init__(self, model: torch.nn.Module, settings: EngineSettings) -> None:
         self.layout = FlatLayout.of(model)
         self.settings = settings
-        self._model = model.to(settings.device)
+        self._model = self._forward = model.to(settings.device)
         params = [p for p in model.parameters() if p.requires_grad]
         kind = dict(dtype=params[0].dtype, device=settings.device)
         self._flat = torch.empty(self.layout.numel, **kind)
@@ -58,8 +58,3 @@ class ReplicaEngine(TorchOptimizerEngine):
         self._optimizer.step()
         return float(self._reduced[-1])
 
-    @torch.no_grad()
-    def loss(self, batch: torch.Tensor) -> float:
-        self._model.eval()
-        batch = batch.to(self.settings.device)
-        return float(self._model(input_ids=batch, labels=batch).loss)
