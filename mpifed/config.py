@@ -32,6 +32,13 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message lists every problem found, one per '; '."""
 
 
+def _choice(key: str, value: Any, choices: tuple, noun: str) -> list[str]:
+    """The problem with a value that is not one of `choices` (none when it is)."""
+    if value in choices:
+        return []
+    return [f"{key}: unknown {noun} {value!r}; choose one of {', '.join(map(str, choices))}"]
+
+
 @dataclass
 class ModelConfig:
     preset: str = "llama-tiny"
@@ -49,18 +56,15 @@ class ModelConfig:
 
     def problems(self) -> list[str]:
         out = []
-        if not self.path and self.preset not in MODEL_PRESETS:
-            out.append(f"model.preset: unknown preset {self.preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
+        if not self.path:
+            out += _choice("model.preset", self.preset, MODEL_PRESETS, "preset")
         if self.path and not (Path(self.path) / "config.json").is_file():
             out.append(f"model.path: {self.path} is not a model folder (no config.json there); give a local "
                        "Hugging Face model folder, or leave model.path empty to build model.preset")
         if self.reinit and not self.path:
             out.append("model.reinit: only applies with model.path (a preset always starts from random weights)")
-        if self.attention not in ATTENTION:
-            out.append(f"model.attention: unknown implementation {self.attention!r}; choose one of {', '.join(ATTENTION)}")
-        if self.dtype not in DTYPES:
-            out.append(f"model.dtype: unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
-        return out
+        out += _choice("model.attention", self.attention, ATTENTION, "implementation")
+        return out + _choice("model.dtype", self.dtype, DTYPES, "dtype")
 
 
 @dataclass
@@ -134,14 +138,11 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 out.append(f"train.{name}: must be >= 0 and < 1 (got {getattr(self, name)})")
-        if self.schedule not in SCHEDULES:
-            out.append(f"train.schedule: unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        out += _choice("train.schedule", self.schedule, SCHEDULES, "schedule")
         if self.warmup_steps < 0:
             out.append(f"train.warmup_steps: must be >= 0 (got {self.warmup_steps})")
-        if self.inner_state not in ("keep", "reset"):
-            out.append(f"train.inner_state: must be keep or reset (got {self.inner_state!r})")
-        if self.device not in DEVICES:
-            out.append(f"train.device: unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
+        out += _choice("train.inner_state", self.inner_state, ("keep", "reset"), "mode")
+        out += _choice("train.device", self.device, DEVICES, "device")
         if self.seed < 0:
             out.append(f"train.seed: must be >= 0 (got {self.seed})")
         if self.threads < 0:
@@ -184,14 +185,10 @@ class FederationConfig:
         out = []
         if self.rounds < 1:
             out.append(f"federation.rounds: must be >= 1 (got {self.rounds})")
-        if self.outer not in OUTER_OPTIMIZERS:
-            out.append(f"federation.outer: unknown outer optimizer {self.outer!r}; "
-                       f"choose one of {', '.join(OUTER_OPTIMIZERS)}")
+        out += _choice("federation.outer", self.outer, OUTER_OPTIMIZERS, "outer optimizer")
         if self.roots < 1:
             out.append(f"federation.roots: must be >= 1 (got {self.roots})")
-        if self.compress not in COMPRESSIONS:
-            out.append(f"federation.compress: unknown compression {self.compress!r}; "
-                       f"choose one of {', '.join(COMPRESSIONS)}")
+        out += _choice("federation.compress", self.compress, COMPRESSIONS, "compression")
         for name in ("outer_lr", "outer_tau", "bucket_mb"):
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
@@ -277,9 +274,7 @@ class FsdpConfig:
         out = []
         if self.replicas < 1:
             out.append(f"{where}.fsdp.replicas: must be >= 1 (got {self.replicas})")
-        if self.mixed_precision not in DTYPES:
-            out.append(f"{where}.fsdp.mixed_precision: must be one of {', '.join(DTYPES)} (got {self.mixed_precision!r})")
-        return out
+        return out + _choice(f"{where}.fsdp.mixed_precision", self.mixed_precision, DTYPES, "precision")
 
 
 @dataclass
@@ -321,8 +316,7 @@ class FacilityConfig:
                        "(a letter, then letters, digits, '-' or '_')")
         if self.ranks < 1:
             out.append(f"{where}.ranks: must be >= 1 (got {self.ranks})")
-        if self.engine not in ENGINES:
-            out.append(f"{where}.engine: unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        out += _choice(f"{where}.engine", self.engine, ENGINES, "engine")
         if self.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
             out.append(f"{where}.engine: deepspeed is not installed here; pip install 'mpifed[deepspeed]' "
                        "or choose the fsdp or replica engine")
