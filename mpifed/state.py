@@ -54,11 +54,7 @@ def _gather_optimizer(trainer: "Trainer") -> dict[str, np.ndarray]:
         return {}
     out = {"optimizer/step": state["step"]}
     for key in (k for k in state if k != "step"):
-        at, pieces = 0, []
-        for offset, values in engine.owned():
-            pieces.append((offset, state[key][at:at + len(values)]))
-            at += len(values)
-        out[f"optimizer/{key}"] = wire.gather_pieces(fac, pieces, trainer.layout.numel, root=0)
+        out[f"optimizer/{key}"] = wire.gather_pieces(fac, engine.owned_pieces(state[key]), trainer.layout.numel, root=0)
     return out if fac.rank == 0 else {}
 
 

@@ -36,13 +36,18 @@ def inner_lr(train: TrainConfig, step: int, total_steps: int, ranks: int = 1) ->
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def choose_device(wanted: str, local_rank: int) -> torch.device:
-    """train.device: a GPU (torch.cuda covers CUDA and ROCm) picked by the local rank, or the CPU."""
-    if wanted == "cpu" or (wanted == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
+def uses_gpu(wanted: str) -> bool:
+    """train.device: whether this rank trains on a GPU (torch.cuda covers CUDA and ROCm)."""
+    if wanted == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device = cuda, but torch sees no GPU on this node (a CPU-only torch build, or "
                            "no GPUs allocated to the job)")
+    return wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available())
+
+
+def choose_device(gpu: bool, local_rank: int) -> torch.device:
+    """The CPU, or the GPU of this node that the local rank picks (made the current one)."""
+    if not gpu:
+        return torch.device("cpu")
     device = torch.device("cuda", local_rank % torch.cuda.device_count())
     torch.cuda.set_device(device)
     return device
@@ -60,12 +65,12 @@ class Trainer:
         self.cfg, self.topo = cfg, topo
         threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // local_ranks_on_node(topo.world))
         torch.set_num_threads(threads)
-        self.facility_cfg = facility = cfg.facility[topo.facility_index]
-        gpu = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+        facility = cfg.facility[topo.facility_index]
+        gpu = uses_gpu(cfg.train.device)
         if facility.engine == "deepspeed" and not gpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is first imported
         local_rank = start_process_group(topo.facility, "nccl" if gpu else "gloo", cfg.federation.timeout_s)
-        self.device = choose_device(cfg.train.device, local_rank)
+        self.device = choose_device(gpu, local_rank)
 
         self._load_data()
         model = build_model(cfg.model, cfg.data.seq_len, cfg.train.seed)

@@ -159,6 +159,15 @@ class Engine:
     def reset_optimizer(self) -> None:
         raise NotImplementedError
 
+    def owned_pieces(self, concatenated: np.ndarray) -> list[View]:
+        """An array concatenated over the owned ranges (as `optimizer_state` gives them), cut back into
+        (offset, values) pieces."""
+        pieces, at = [], 0
+        for offset, values in self._owned:
+            pieces.append((offset, concatenated[at:at + len(values)]))
+            at += len(values)
+        return pieces
+
     def _owned_in_held(self) -> list[tuple[int, int, int]]:
         """(held index, start, stop) of each owned view inside the held views."""
         out = []

@@ -43,13 +43,8 @@ losses = [engine.train_step(batches[:2], lr=1e-2)]
 
 def flat_state(engine) -> dict[str, np.ndarray]:
     """The optimizer state in layout order, assembled from every rank's owned pieces."""
-    state, out = engine.optimizer_state(), {}
-    for key in ("exp_avg", "exp_avg_sq"):
-        at, pieces = 0, []
-        for offset, values in engine.owned():
-            pieces.append((offset, state[key][at:at + len(values)]))
-            at += len(values)
-        out[key] = wire.gather_pieces(comm, pieces, numel)
+    state = engine.optimizer_state()
+    out = {key: wire.gather_pieces(comm, engine.owned_pieces(state[key]), numel) for key in ("exp_avg", "exp_avg_sq")}
     return {"step": state["step"], **out}
 
 
