@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from mpifed import __version__, config
+from mpifed import __version__, config, configfile
 from mpifed.config import ConfigError, RunConfig
 
 
@@ -68,7 +68,7 @@ def _set_option(f):
 def _resolve(config_file: Path | None, flags: dict[str, Any], sets: tuple[str, ...],
              facilities: int | None = None, ranks: int | None = None) -> RunConfig:
     """defaults < config file < command-line flags < --set, validated as a whole."""
-    data = config.load(config_file) if config_file else {}
+    data = configfile.load(config_file) if config_file else {}
     if facilities is not None and "facility" in data:
         raise UserError(f"--facilities: {config_file} already lists its [[facility]] tables; "
                         "change them there or with --set facility.NAME.KEY=VALUE")
@@ -79,7 +79,7 @@ def _resolve(config_file: Path | None, flags: dict[str, Any], sets: tuple[str, .
         if value is not None:
             section, name = key.split(".")
             data.setdefault(section, {})[name] = value
-    return config.from_dict(config.apply_sets(data, list(sets)))
+    return configfile.from_dict(configfile.apply_sets(data, list(sets)))
 
 
 def _first_existing(path: Path) -> Path:
@@ -124,7 +124,7 @@ def _prepare_output(cfg: RunConfig, overwrite: bool, resume: str) -> Path:
             for old in [*out.glob("round_*.h5"), out / checkpoint.LATEST]:
                 old.unlink(missing_ok=True)
         resolved = out / "mpifed.toml"
-        resolved.write_text(config.dump_toml(cfg))
+        resolved.write_text(configfile.dump_toml(cfg))
     except OSError as exc:
         raise UserError(f"--out: cannot write to {out}: {exc.strerror or exc}") from None
     return resolved
@@ -193,7 +193,7 @@ def simulate(config_file: Path | None, facilities: int | None, ranks_per_facilit
     except ConfigError as exc:
         raise UserError(str(exc)) from None
     if dry_run:
-        click.echo(config.dump_toml(cfg), nl=False)
+        click.echo(configfile.dump_toml(cfg), nl=False)
         click.echo(shlex.join(simulate_command(cfg, Path(cfg.checkpoint.dir) / "mpifed.toml", resume)))
         return 0
     command = simulate_command(cfg, _prepare_output(cfg, overwrite, resume),
@@ -222,7 +222,7 @@ def run(config_file: Path, sets: tuple[str, ...], resume: str) -> int:
     [[facility]] tables by their `ranks`.
     """
     try:
-        cfg = config.from_dict(config.apply_sets(config.load(config_file), list(sets)))
+        cfg = configfile.from_dict(configfile.apply_sets(configfile.load(config_file), list(sets)))
     except ConfigError as exc:
         raise UserError(str(exc)) from None
     from mpifed.entry import main as rank_main  # imports MPI: only here, never for --help

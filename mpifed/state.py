@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpifed import checkpoint, config, wire
+from mpifed import checkpoint, configfile, wire
 from mpifed.checkpoint import CheckpointError, Summary
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ def save(trainer: "Trainer", round_: int) -> "Callable[[], None] | None":
     if topo.is_global_root:
         one_root = topo.n_roots == 1
         attrs = dict(tokens=trainer.tokens_total, model_config=trainer.model_config.to_json_string(),
-                     facilities=json.dumps([asdict(f) for f in cfg.facility]), config=config.dump_toml(cfg))
+                     facilities=json.dumps([asdict(f) for f in cfg.facility]), config=configfile.dump_toml(cfg))
         pending = checkpoint.write_main(directory, round_, attrs, trainer.layout, fed.segments, fed.outer_state_names,
                                         list(topo.facility_names), model=fed.theta if one_root else None,
                                         outer=fed.outer_state() if one_root else None, fletcher32=f32)

@@ -14,7 +14,8 @@ import torch
 from mpi4py import MPI
 
 from mpifed import checkpoint, data, state, wire
-from mpifed.config import RunConfig, TrainConfig, to_dict
+from mpifed.config import RunConfig, TrainConfig
+from mpifed.configfile import to_dict
 from mpifed.engines import EngineSettings, FlatLayout, make_engine
 from mpifed.federation.reduce import Federation, FederationError, RoundExchange, sampled
 from mpifed.metrics import MetricsLog, RoundMetrics

@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from mpifed import config
+from mpifed import config, configfile
 from mpifed.config import ConfigError, RunConfig
 
 
@@ -15,7 +15,7 @@ def test_defaults_are_two_facilities_of_two_ranks():
 
 def test_every_problem_is_reported_at_once():
     with pytest.raises(ConfigError) as err:
-        config.from_dict({"train": {"lr": -1.0, "local_steps": 0}, "federation": {"outer": "sgd"}})
+        configfile.from_dict({"train": {"lr": -1.0, "local_steps": 0}, "federation": {"outer": "sgd"}})
     message = str(err.value)
     assert "train.lr" in message and "train.local_steps" in message and "federation.outer" in message
     assert "fedavg" in message  # names the valid choice
@@ -24,34 +24,34 @@ def test_every_problem_is_reported_at_once():
 
 def test_unknown_key_lists_valid_keys():
     with pytest.raises(ConfigError, match=r"train\.batch: unknown key; valid keys: local_steps, micro_batch"):
-        config.from_dict({"train": {"batch": 4}})
+        configfile.from_dict({"train": {"batch": 4}})
     with pytest.raises(ConfigError, match=r"optim: unknown section; valid sections: model, data"):
-        config.from_dict({"optim": {}})
+        configfile.from_dict({"optim": {}})
 
 
 def test_wrong_types_are_named():
     with pytest.raises(ConfigError, match=r"train.local_steps: expected int, got str"):
-        config.from_dict({"train": {"local_steps": "ten"}})
+        configfile.from_dict({"train": {"local_steps": "ten"}})
     with pytest.raises(ConfigError, match=r"train.local_steps: expected int, got bool"):
-        config.from_dict({"train": {"local_steps": True}})
-    assert config.from_dict({"train": {"lr": 1}}).train.lr == 1.0  # an int is a fine float
+        configfile.from_dict({"train": {"local_steps": True}})
+    assert configfile.from_dict({"train": {"lr": 1}}).train.lr == 1.0  # an int is a fine float
 
 
 def test_facility_rules():
     with pytest.raises(ConfigError, match="names must be unique"):
-        config.from_dict({"facility": [{"name": "a"}, {"name": "a"}]})
+        configfile.from_dict({"facility": [{"name": "a"}, {"name": "a"}]})
     with pytest.raises(ConfigError, match=r"federation.roots: 3 roots per facility, but the smallest facility has 2"):
-        config.from_dict({"federation": {"roots": 3}, "facility": [{"name": "a", "ranks": 4}, {"name": "b", "ranks": 2}]})
+        configfile.from_dict({"federation": {"roots": 3}, "facility": [{"name": "a", "ranks": 4}, {"name": "b", "ranks": 2}]})
     with pytest.raises(ConfigError, match=r"facility.a.engine: unknown engine 'magic'"):
-        config.from_dict({"facility": [{"name": "a", "engine": "magic"}]})
+        configfile.from_dict({"facility": [{"name": "a", "engine": "magic"}]})
     with pytest.raises(ConfigError, match="at least one"):
-        config.from_dict({"facility": []})
+        configfile.from_dict({"facility": []})
 
 
 def test_set_reaches_sections_and_facilities():
-    data = config.apply_sets({}, ["train.lr=3e-4", "model.preset=llama-small", "facility.f1.ranks=3",
+    data = configfile.apply_sets({}, ["train.lr=3e-4", "model.preset=llama-small", "facility.f1.ranks=3",
                                   "facility.0.name=leonardo", "checkpoint.dir=out/x"])
-    cfg = config.from_dict(data)
+    cfg = configfile.from_dict(data)
     assert cfg.train.lr == pytest.approx(3e-4)
     assert cfg.model.preset == "llama-small"  # bare strings need no quotes
     assert [(f.name, f.ranks) for f in cfg.facility] == [("leonardo", 2), ("f1", 3)]
@@ -60,29 +60,29 @@ def test_set_reaches_sections_and_facilities():
 
 def test_set_errors_list_valid_choices():
     with pytest.raises(ConfigError, match=r"unknown key 'train.nope'; valid keys: train.local_steps"):
-        config.apply_sets({}, ["train.nope=1"])
+        configfile.apply_sets({}, ["train.nope=1"])
     with pytest.raises(ConfigError, match=r"unknown section 'nope'"):
-        config.apply_sets({}, ["nope.x=1"])
+        configfile.apply_sets({}, ["nope.x=1"])
     with pytest.raises(ConfigError, match=r"no facility 'zz'; facilities: f0, f1"):
-        config.apply_sets({}, ["facility.zz.ranks=1"])
+        configfile.apply_sets({}, ["facility.zz.ranks=1"])
     with pytest.raises(ConfigError, match="expected section.key=value"):
-        config.apply_sets({}, ["train.lr"])
+        configfile.apply_sets({}, ["train.lr"])
 
 
 def test_dump_toml_round_trips(tmp_path):
-    cfg = config.from_dict(config.apply_sets({}, ["train.lr=2.5e-05", "facility.f0.ranks=3", "metrics.file=a \"b\".jsonl"]))
+    cfg = configfile.from_dict(configfile.apply_sets({}, ["train.lr=2.5e-05", "facility.f0.ranks=3", "metrics.file=a \"b\".jsonl"]))
     path = tmp_path / "c.toml"
-    path.write_text(config.dump_toml(cfg))
-    assert config.from_dict(config.load(path)) == cfg
+    path.write_text(configfile.dump_toml(cfg))
+    assert configfile.from_dict(configfile.load(path)) == cfg
 
 
 def test_load_names_the_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        config.load(tmp_path / "missing.toml")
+        configfile.load(tmp_path / "missing.toml")
     bad = tmp_path / "bad.toml"
     bad.write_text("[train\n")
     with pytest.raises(ConfigError, match=str(bad)):
-        config.load(bad)
+        configfile.load(bad)
 
 
 def test_every_field_is_documented():
@@ -90,7 +90,7 @@ def test_every_field_is_documented():
     import inspect
 
     source = inspect.getsource(config)
-    for section in [*config.SECTIONS.values(), config.FacilityConfig]:
+    for section in [*config.SECTIONS.values(), *config.ENGINE_SECTIONS.values(), config.FacilityConfig]:
         for f in dataclasses.fields(section):
             block = source.split(f"class {section.__name__}")[1]
             assert f'    {f.name}: ' in block and '"""' in block.split(f"    {f.name}: ")[1].split("\n")[1], f.name
@@ -98,41 +98,41 @@ def test_every_field_is_documented():
 
 def test_federation_settings_are_checked_together():
     with pytest.raises(ConfigError) as err:
-        config.from_dict(config.apply_sets({}, ["federation.compress=zip", "federation.outer_momentum=1.5",
+        configfile.from_dict(configfile.apply_sets({}, ["federation.compress=zip", "federation.outer_momentum=1.5",
                                                 "federation.sample=0.5", "federation.min_participants=2"]))
     message = str(err.value)
     assert "federation.compress: unknown compression 'zip'; choose one of none, bf16, int8" in message
     assert "federation.outer_momentum: must be >= 0 and < 1" in message
     assert "federation.min_participants: 2 can never be met: federation.sample = 0.5 draws 1 of 2" in message
-    cfg = config.from_dict(config.apply_sets({}, ["federation.outer=diloco", "federation.outer_lr=0.5"]))
+    cfg = configfile.from_dict(configfile.apply_sets({}, ["federation.outer=diloco", "federation.outer_lr=0.5"]))
     assert cfg.federation.outer_lr == 0.5 and cfg.federation.outer_momentum is None  # unset: the default
 
 
 def test_engine_tables_parse_set_and_round_trip(tmp_path):
     data = {"facility": [{"name": "leonardo", "ranks": 4, "engine": "fsdp", "fsdp": {"replicas": 2}},
                          {"name": "lumi", "ranks": 2, "engine": "deepspeed", "deepspeed": {"zero_stage": 3}}]}
-    cfg = config.from_dict(config.apply_sets(data, ["facility.lumi.deepspeed.zero_stage=1",
+    cfg = configfile.from_dict(configfile.apply_sets(data, ["facility.lumi.deepspeed.zero_stage=1",
                                                     "facility.leonardo.fsdp.mixed_precision=bf16"]))
     assert cfg.facility[0].fsdp.replicas == 2 and cfg.facility[0].fsdp.mixed_precision == "bf16"
     assert cfg.facility[1].deepspeed.zero_stage == 1
     path = tmp_path / "c.toml"
-    path.write_text(config.dump_toml(cfg))
+    path.write_text(configfile.dump_toml(cfg))
     assert "deepspeed = { zero_stage = 1" in path.read_text()
-    assert config.from_dict(config.load(path)) == cfg
+    assert configfile.from_dict(configfile.load(path)) == cfg
 
 
 def test_engine_table_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"facility.0.fsdp.shards: unknown key; valid keys: replicas"):
-        config.from_dict({"facility": [{"name": "a", "fsdp": {"shards": 2}}]})
+        configfile.from_dict({"facility": [{"name": "a", "fsdp": {"shards": 2}}]})
     with pytest.raises(ConfigError, match=r"unknown key 'stage'; valid keys: facility.a.deepspeed.zero_stage"):
-        config.apply_sets({"facility": [{"name": "a"}]}, ["facility.a.deepspeed.stage=3"])
+        configfile.apply_sets({"facility": [{"name": "a"}]}, ["facility.a.deepspeed.stage=3"])
     with pytest.raises(ConfigError, match=r"deepspeed.config: file /no/ds.json does not exist"):
-        config.from_dict({"facility": [{"name": "a", "engine": "deepspeed", "deepspeed": {"config": "/no/ds.json"}}]})
+        configfile.from_dict({"facility": [{"name": "a", "engine": "deepspeed", "deepspeed": {"config": "/no/ds.json"}}]})
 
 
 def test_training_settings_are_checked():
     with pytest.raises(ConfigError) as err:
-        config.from_dict({"train": {"schedule": "linear", "grad_accum": 0, "beta2": 1.0, "min_lr": 1.0, "lr": 0.1,
+        configfile.from_dict({"train": {"schedule": "linear", "grad_accum": 0, "beta2": 1.0, "min_lr": 1.0, "lr": 0.1,
                                     "inner_state": "drop", "device": "tpu"}, "eval": {"every": 0},
                           "model": {"attention": "flash", "dtype": "fp8"}})
     for key in ("train.schedule", "train.grad_accum", "train.beta2", "train.min_lr", "train.inner_state",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import mpiexec, mpifed
-from mpifed import checkpoint, config
+from mpifed import checkpoint, configfile
 from mpifed.engines.base import FlatLayout
 from mpifed.model import build_model
 
@@ -66,14 +66,14 @@ def _metrics(path):
 
 @pytest.mark.slow
 def test_three_facilities_on_three_engines_hold_one_model(tmp_path):
-    cfg = config.from_dict(config.apply_sets({"facility": [
+    cfg = configfile.from_dict(configfile.apply_sets({"facility": [
         {"name": "leonardo", "ranks": 2, "engine": "fsdp"},
         {"name": "lumi", "ranks": 2, "engine": "deepspeed", "deepspeed": {"zero_stage": 3}},
         {"name": "vega", "ranks": 1, "engine": "replica"}]}, [
         "federation.rounds=3", "train.local_steps=4", "data.seq_len=64", "train.grad_accum=2",
         "train.schedule=cosine", "train.warmup_steps=2", "train.grad_clip=1.0", "train.inner_state=reset",
         "eval.every=2", f"checkpoint.dir={tmp_path / 'run'}"]))
-    (tmp_path / "c.toml").write_text(config.dump_toml(cfg))
+    (tmp_path / "c.toml").write_text(configfile.dump_toml(cfg))
     mpiexec(5, "train_worker.py", str(tmp_path / "c.toml"), str(tmp_path), timeout=400)
     digests = {(tmp_path / f"digest-{i}.txt").read_text() for i in range(5)}
     assert len(digests) == 1  # every rank of every engine: the same global model

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import mpiexec, mpifed, rank_env
-from mpifed import checkpoint, config
+from mpifed import checkpoint, configfile
 from mpifed.model import build_model
 
 KEYS = {"round", "train_loss", "val_loss", "tokens", "inner_s", "sync_s", "ckpt_s", "bytes_inter"}
@@ -25,10 +25,10 @@ def _metrics(path):
 
 @pytest.mark.slow
 def test_every_rank_holds_the_checkpointed_model_bit_for_bit(tmp_path):
-    cfg = config.from_dict(config.apply_sets({}, [
+    cfg = configfile.from_dict(configfile.apply_sets({}, [
         "facility.f0.ranks=1", "facility.f1.ranks=3", "train.local_steps=3", "federation.rounds=2",
         "train.micro_batch=4", "data.seq_len=64", f"checkpoint.dir={tmp_path / 'run'}"]))
-    (tmp_path / "c.toml").write_text(config.dump_toml(cfg))
+    (tmp_path / "c.toml").write_text(configfile.dump_toml(cfg))
     mpiexec(4, "train_worker.py", str(tmp_path / "c.toml"), str(tmp_path), timeout=300)
     digests = {(tmp_path / f"digest-{i}.txt").read_text() for i in range(4)}
     assert len(digests) == 1

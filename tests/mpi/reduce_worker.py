@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from mpifed import config, topology, wire
+from mpifed import configfile, topology, wire
 from mpifed.federation.reduce import Federation, sampled
 from mpifed.watchdog import abort_on_error
 
@@ -24,7 +24,7 @@ sizes = [int(s) for s in sys.argv[1].split(",")]
 out, mode, rounds, numel = Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 settings = dict(arg.split("=", 1) for arg in sys.argv[6:])
 poison = settings.pop("poison", None)
-fed = config.from_dict(config.apply_sets({"facility": [{"name": f"fac{i}", "ranks": s} for i, s in enumerate(sizes)]},
+fed = configfile.from_dict(configfile.apply_sets({"facility": [{"name": f"fac{i}", "ranks": s} for i, s in enumerate(sizes)]},
                                          [f"federation.{k}={v}" for k, v in settings.items()])).federation
 comm = MPI.COMM_WORLD
 with abort_on_error(comm):

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from mpi4py import MPI
 
-from mpifed import config, topology, wire
+from mpifed import configfile, topology, wire
 from mpifed.trainer import Trainer
 from mpifed.watchdog import abort_on_error
 
-cfg = config.from_dict(config.load(sys.argv[1]))
+cfg = configfile.from_dict(configfile.load(sys.argv[1]))
 out = Path(sys.argv[2])
 comm = MPI.COMM_WORLD
 with abort_on_error(comm):

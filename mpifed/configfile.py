@@ -1,0 +1,164 @@
+"""Run configurations in and out of text: TOML files read and type-checked against the dataclasses of
+`mpifed.config`, `--set section.key=value` overrides, and `dump_toml`, which writes a resolved
+configuration back so that every run leaves a file that reproduces it. Unknown sections, keys and
+facilities are errors that list the valid ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from mpifed.config import ENGINE_SECTIONS, SECTIONS, ConfigError, FacilityConfig, RunConfig, default_facilities
+
+
+def _valid_keys(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _coerce(where: str, value: Any, kind: Any, problems: list[str]) -> Any:
+    """Check one TOML value against the dataclass field type (ints are accepted for floats)."""
+    kind = {"str": str, "int": int, "float": float, "bool": bool}.get(kind.removesuffix(" | None"), kind)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    problems.append(f"{where}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    return None
+
+
+def _section(cls: type, where: str, table: Any, problems: list[str]) -> Any:
+    if not isinstance(table, dict):
+        problems.append(f"{where}: expected a table, got {type(table).__name__}")
+        return cls()
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in table.items():
+        if key not in types:
+            problems.append(f"{where}.{key}: unknown key; valid keys: {', '.join(types)}")
+            continue
+        if cls is FacilityConfig and key in ENGINE_SECTIONS:
+            kwargs[key] = _section(ENGINE_SECTIONS[key], f"{where}.{key}", value, problems)
+            continue
+        coerced = _coerce(f"{where}.{key}", value, types[key], problems)
+        if coerced is not None:
+            kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig from parsed TOML; raises ConfigError listing every problem."""
+    problems: list[str] = []
+    parts: dict[str, Any] = {}
+    for key, table in data.items():
+        if key in SECTIONS:
+            parts[key] = _section(SECTIONS[key], key, table, problems)
+        elif key == "facility":
+            if not isinstance(table, list):
+                problems.append("facility: expected an array of tables ([[facility]])")
+                continue
+            parts["facility"] = [_section(FacilityConfig, f"facility.{i}", t, problems)
+                                 for i, t in enumerate(table)]
+        else:
+            problems.append(f"{key}: unknown section; valid sections: {', '.join([*SECTIONS, 'facility'])}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return RunConfig(**parts)
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file into a plain dict; errors name the file."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML value (`3`, `1e-3`, `true`, `"x"`); anything else is taken as a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_sets(data: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` (or `facility.NAME.key=value`) overrides to parsed TOML.
+
+    Unknown sections, keys and facilities are errors that list the valid ones.
+    """
+    data = json.loads(json.dumps(data))  # deep copy of plain TOML data
+    problems = []
+    for item in assignments:
+        path, sep, text = item.partition("=")
+        parts = path.strip().split(".")
+        value = _parse_value(text.strip())
+        if not sep or len(parts) < 2 or not all(parts):
+            problems.append(f"--set {item!r}: expected section.key=value")
+        elif parts[0] == "facility":
+            problems += _set_facility(data, item, parts, value)
+        elif parts[0] not in SECTIONS:
+            problems.append(f"--set {item!r}: unknown section {parts[0]!r}; "
+                            f"valid sections: {', '.join([*SECTIONS, 'facility'])}")
+        elif len(parts) != 2 or parts[1] not in _valid_keys(SECTIONS[parts[0]]):
+            problems.append(f"--set {item!r}: unknown key {path.strip()!r}; valid keys: "
+                            + ", ".join(f"{parts[0]}.{k}" for k in _valid_keys(SECTIONS[parts[0]])))
+        else:
+            data.setdefault(parts[0], {})[parts[1]] = value
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return data
+
+
+def _set_facility(data: dict[str, Any], item: str, parts: list[str], value: Any) -> list[str]:
+    facilities = data.setdefault("facility", [dataclasses.asdict(f) for f in default_facilities()])
+    names = [str(f.get("name", "")) for f in facilities]
+    if len(parts) not in (3, 4) or (len(parts) == 4 and parts[2] not in ENGINE_SECTIONS):
+        return [f"--set {item!r}: expected facility.NAME.key=value or facility.NAME.{{fsdp,deepspeed}}.key=value"]
+    who, keys = parts[1], parts[2:]
+    index = names.index(who) if who in names else int(who) if who.isdigit() and int(who) < len(names) else None
+    if index is None:
+        return [f"--set {item!r}: no facility {who!r}; facilities: {', '.join(names)}"]
+    valid = _valid_keys(ENGINE_SECTIONS[keys[0]] if len(keys) == 2 else FacilityConfig)
+    if keys[-1] not in valid:
+        prefix = ".".join(["facility", who, *keys[:-1]])
+        return [f"--set {item!r}: unknown key {keys[-1]!r}; valid keys: " + ", ".join(f"{prefix}.{k}" for k in valid)]
+    target = facilities[index]
+    if len(keys) == 2:
+        target = target.setdefault(keys[0], {})
+    target[keys[-1]] = value
+    return []
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def dump_toml(cfg: RunConfig) -> str:
+    """The resolved configuration as TOML that `load` + `from_dict` read back to an equal RunConfig."""
+    data = to_dict(cfg)
+    lines = ["# Resolved mpifed run configuration (rerun with: mpifed simulate --config THIS_FILE)"]
+    for section in SECTIONS:
+        lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in data[section].items()
+                                         if v is not None]  # unset: the documented default applies
+    for fac in data["facility"]:
+        lines += ["", "[[facility]]"] + [f"{k} = {_toml_value(v)}" for k, v in fac.items()]
+    return "\n".join(lines) + "\n"
