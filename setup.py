@@ -30,7 +30,8 @@ setup(
         # The embedded MPI: the MPICH wheel. Site MPIs are used instead through MPI4PY_LIBMPI.
         "mpich": ["mpich"],
         "deepspeed": ["deepspeed>=0.15"],
-        "dev": ["mpich", "deepspeed>=0.15", "pytest>=8", "pytest-timeout>=2.3"],
+        "lora": ["peft>=0.13"],
+        "dev": ["mpich", "deepspeed>=0.15", "peft>=0.13", "pytest>=8", "pytest-timeout>=2.3"],
     },
     entry_points={"console_scripts": ["mpifed = mpifed.cli:main"]},
 )

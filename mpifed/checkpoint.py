@@ -286,6 +286,8 @@ class Summary:
     model_config: str
     config: str
     bytes: int
+    base_digest: str = ""
+    """Under LoRA: sha256 of the frozen base model the adapters were trained on ("" otherwise)."""
 
 
 def _layout(text: str) -> FlatLayout:
@@ -307,7 +309,8 @@ def verify(path: str | Path, parts_dir: Path | None = None, check_data: bool = T
             outer_state = json.loads(h5.attrs["outer_state"])
             summary = Summary(path, int(h5.attrs["round"]), int(h5.attrs["tokens"]), layout,
                               json.loads(h5.attrs["facilities"]), outer_state, int(h5.attrs["roots"]),
-                              str(h5.attrs["model_config"]), str(h5.attrs["config"]), 0)
+                              str(h5.attrs["model_config"]), str(h5.attrs["config"]), 0,
+                              str(h5.attrs.get("base_digest", "")))
         except (KeyError, ValueError) as exc:
             raise CheckpointError(f"{path}: root attributes incomplete or malformed: {exc}") from None
         if layout.fingerprint != h5.attrs.get("layout_fingerprint"):

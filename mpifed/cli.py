@@ -2,6 +2,8 @@
 
   simulate   run a whole federation on this machine (starts mpiexec itself)
   run        the per-rank program, started by mpiexec/srun with a config file
+  data       prepare text into a tokenized, partitioned dataset folder (data.path)
+  ckpt       inspect, verify and export checkpoints
 
 Every error a user can cause is printed as one line naming the option, key or file, with a non-zero
 exit and no traceback; nothing is written before the whole configuration has been validated.
@@ -231,6 +233,77 @@ def run(config_file: Path, sets: tuple[str, ...], resume: str) -> int:
 
 
 @cli.group()
+def data() -> None:
+    """Prepare training data: tokenize, pack, hold out validation, cut one partition per facility."""
+
+
+def _weights(ctx, param, value: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(w) for w in value.split(",")) if value else ()
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers") from None
+
+
+@data.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to write (then train with --set data.path=OUT).")
+@click.option("--tokenizer", type=click.Path(path_type=Path),
+              help="A local Hugging Face tokenizer or model folder (never the hub).")
+@click.option("--train-bpe", type=int, metavar="VOCAB",
+              help="Instead of --tokenizer: train a byte-level BPE of VOCAB tokens on the inputs, saved in OUT/tokenizer.")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per sequence.")
+@click.option("--partitions", type=int, default=2, show_default=True, help="One partition per facility.")
+@click.option("--split", type=click.Choice(["iid", "by-source"]), default="iid", show_default=True,
+              help="iid: shuffled sequences; by-source: whole sources per partition (non-IID): a top folder "
+                   "of an input folder, a file, or --source-field.")
+@click.option("--weights", callback=_weights, default="", metavar="W0,W1,...",
+              help="Relative partition sizes (default: equal).")
+@click.option("--val-fraction", type=float, default=0.05, show_default=True,
+              help="Share of sequences held out for validation (with by-source, of every partition).")
+@click.option("--sft", is_flag=True,
+              help="Instruction data: '### Human: ... ### Assistant: ...' text, or JSON lines with prompt and "
+                   "response fields; one padded sequence per example, loss on the response only.")
+@click.option("--text-field", default="text", show_default=True, help="JSON-lines/dataset field holding the text.")
+@click.option("--source-field", default="", help="JSON-lines/dataset field naming each record's source (by-source).")
+@click.option("--prompt-field", default="prompt", show_default=True, help="SFT: field holding the prompt.")
+@click.option("--response-field", default="response", show_default=True, help="SFT: field holding the response.")
+@click.option("--num-proc", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default="all cores",
+              help="Tokenizer processes.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the shuffles.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier prepared folder at --out.")
+def prepare(inputs: tuple[Path, ...], out: Path, tokenizer: Path | None, train_bpe: int | None, seq_len: int,
+            partitions: int, split: str, weights: tuple[float, ...], val_fraction: float, sft: bool,
+            text_field: str, source_field: str, prompt_field: str, response_field: str, num_proc: int,
+            seed: int, overwrite: bool, **_) -> int:
+    """Tokenize INPUT... (text files or folders, JSON lines, saved `datasets`) into a prepared folder.
+
+    \b
+    mpifed data prepare corpus/ --train-bpe 8000 --seq-len 512 --partitions 3 --out data/c3
+    mpifed data prepare guanaco.jsonl --sft --tokenizer /models/llama --seq-len 1024 --out data/sft
+    """
+    from mpifed.prepare import MANIFEST, PrepareError, PrepareOptions
+    from mpifed.prepare import prepare as run_prepare
+
+    _check_writable(out, "--out", is_dir=True)
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"--out: {out} is not empty; choose another folder or pass --overwrite")
+        if not (out / MANIFEST).exists():
+            raise UserError(f"--out: {out} is not a prepared dataset folder (no {MANIFEST}); --overwrite only "
+                            "replaces those")
+    try:
+        opts = PrepareOptions(inputs=inputs, out=out, seq_len=seq_len, partitions=partitions, split=split,
+                              weights=weights, val_fraction=val_fraction, tokenizer=tokenizer, train_bpe=train_bpe,
+                              sft=sft, text_field=text_field, source_field=source_field, prompt_field=prompt_field,
+                              response_field=response_field, num_proc=num_proc, seed=seed)
+        run_prepare(opts, say=lambda line: click.echo(f"mpifed data: {line}", err=True))
+    except PrepareError as exc:
+        raise UserError(str(exc)) from None
+    return 0
+
+
+@cli.group()
 def ckpt() -> None:
     """Inspect, verify and export HDF5 checkpoints (a file, or a folder: its latest)."""
 
@@ -291,16 +364,43 @@ def verify_command(path: Path) -> int:
 @ckpt.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-def export(path: Path, out: Path) -> int:
+@click.option("--merge-lora", is_flag=True,
+              help="For a LoRA run: merge the adapters into the base and write the full model (needs the base "
+                   "model at its model.path). Without it a LoRA checkpoint exports the adapters (peft format).")
+def export(path: Path, out: Path, merge_lora: bool) -> int:
     """Write the model as a Hugging Face folder (config.json, model.safetensors) for from_pretrained."""
     from mpifed import checkpoint
 
     s = _verified(path)
     _check_writable(out, "OUT", is_dir=True)
+    if merge_lora and not s.base_digest:
+        raise UserError(f"--merge-lora: {s.path} is not from a LoRA run (lora.rank = 0); export it without the flag")
+    if s.base_digest:
+        from mpifed.model import ModelError, export_lora
+
+        try:
+            what = export_lora(s, out, merge_lora)
+        except ModelError as exc:
+            raise UserError(str(exc)) from None
+        _copy_tokenizer(s, out)
+        click.echo(f"{out}: exported {what} of round {s.round}")
+        return 0
     checkpoint.export(s, out)
+    _copy_tokenizer(s, out)
     click.echo(f"{out}: exported round {s.round} ({s.layout.numel:,} parameters); load it with "
                f"AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0
+
+
+def _copy_tokenizer(summary, out: Path) -> None:
+    """The prepared data's tokenizer goes beside an exported model, so the folder is complete."""
+    import tomllib
+
+    data_path = tomllib.loads(summary.config).get("data", {}).get("path", "")
+    tokenizer = Path(data_path) / "tokenizer"
+    if data_path and tokenizer.is_dir():
+        for file in tokenizer.iterdir():
+            shutil.copy2(file, out / file.name)
 
 
 def main(argv: list[str] | None = None) -> None:

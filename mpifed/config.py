@@ -64,21 +64,67 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    path: str = ""
+    """A folder made by `mpifed data prepare` (one partition per facility, in facility order); empty: the
+    embedded standard-library text. A prepared folder brings its own seq_len, split and tokenizer."""
     seq_len: int = 128
-    """Tokens per training sequence (byte-level tokens for the embedded text)."""
+    """Tokens per training sequence of the embedded text (byte-level tokens)."""
     val_fraction: float = 0.05
-    """Share of all sequences held out for validation, shared by every facility."""
+    """Share of the embedded text's sequences held out for validation, shared by every facility."""
     val_sequences: int = 64
     """At most this many validation sequences are scored at each evaluation (eval.every)."""
 
+    def manifest(self) -> dict | None:
+        """The prepared folder's manifest (None for the embedded text); raises DataError."""
+        if not self.path:
+            return None
+        from mpifed.data import read_manifest
+
+        return read_manifest(Path(self.path))
+
     def problems(self) -> list[str]:
         out = []
+        if self.path:
+            from mpifed.data import DataError
+
+            try:
+                self.manifest()
+            except DataError as exc:
+                out.append(str(exc))
         if not 8 <= self.seq_len <= 4096:
             out.append(f"data.seq_len: must be between 8 and 4096 (got {self.seq_len})")
         if not 0.0 < self.val_fraction < 0.5:
             out.append(f"data.val_fraction: must be > 0 and < 0.5 (got {self.val_fraction})")
         if self.val_sequences < 1:
             out.append(f"data.val_sequences: must be >= 1 (got {self.val_sequences})")
+        return out
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0
+    """LoRA rank r; 0 trains the whole model. With r > 0 only the adapters train and cross facilities."""
+    alpha: float = 16.0
+    """LoRA scaling numerator: the adapter update is scaled by alpha / rank."""
+    dropout: float = 0.05
+    """Dropout on the adapters' input."""
+    target_modules: str = "q_proj,v_proj"
+    """Comma-separated module names that get adapters (e.g. q_proj,k_proj,v_proj,o_proj)."""
+
+    @property
+    def modules(self) -> list[str]:
+        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.rank < 0:
+            out.append(f"lora.rank: must be >= 0 (got {self.rank})")
+        if self.rank and importlib.util.find_spec("peft") is None:
+            out.append("lora.rank: LoRA needs the peft package; pip install 'mpifed[lora]' or set lora.rank = 0")
+        if not 0.0 <= self.dropout < 1.0:
+            out.append(f"lora.dropout: must be >= 0 and < 1 (got {self.dropout})")
+        if self.rank and not self.modules:
+            out.append("lora.target_modules: name at least one module, e.g. q_proj,v_proj")
         return out
 
 
@@ -324,6 +370,7 @@ class FacilityConfig:
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
+    "lora": LoraConfig,
     "train": TrainConfig,
     "federation": FederationConfig,
     "checkpoint": CheckpointConfig,
@@ -342,6 +389,7 @@ def default_facilities(count: int = 2, ranks: int = 2) -> list[FacilityConfig]:
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -367,6 +415,11 @@ class RunConfig:
         if self.facility and self.federation.roots > min(f.ranks for f in self.facility):
             problems.append(f"federation.roots: {self.federation.roots} roots per facility, but the smallest "
                             f"facility has {min(f.ranks for f in self.facility)} ranks")
+        manifest = self.data.manifest() if self.data.path and not any(p.startswith("data.path") for p in problems) \
+            else None
+        if manifest and len(manifest["partitions"]) != len(self.facility):
+            problems.append(f"data.path: {self.data.path} holds {len(manifest['partitions'])} partitions for "
+                            f"{len(self.facility)} facilities; prepare it again with --partitions {len(self.facility)}")
         if problems:
             raise ConfigError("; ".join(problems))
 

@@ -1,5 +1,6 @@
-"""Training data: the embedded default corpus, packing into sequences, per-facility partitions, and the
-per-rank sampler.
+"""Training data: the embedded default corpus, prepared dataset folders (`mpifed data prepare`, read
+memory-mapped with `load_from_disk`), packing into sequences, per-facility partitions, and the per-rank
+sampler.
 
 The default corpus is real English text present in every Python installation: the help topics of
 `pydoc_data.topics` and the docstrings of the standard library's modules, classes and functions, read
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
 import os
 import sys
 import sysconfig
@@ -101,17 +103,32 @@ def split(sequences: np.ndarray, n_partitions: int, val_fraction: float, seed: i
     return Split(partitions=parts, validation=sequences[np.sort(order[:n_val])])
 
 
+Batch = "np.ndarray | tuple[np.ndarray, np.ndarray]"
+"""Token ids [n, L] (the labels are the ids), or (ids, labels) with -100 where a token carries no loss."""
+
+
+def take(partition: "np.ndarray | datasets.Dataset", rows: np.ndarray) -> Batch:  # noqa: F821
+    """Rows of an in-memory [n, L] array, or of a prepared split (read from its memory-mapped file)."""
+    if isinstance(partition, np.ndarray):
+        return partition[rows]
+    got = partition[rows]
+    ids = np.asarray(got["input_ids"], dtype=np.int64)
+    return (ids, np.asarray(got["labels"], dtype=np.int64)) if "labels" in got else ids
+
+
 class Sampler:
     """Micro-batches for one rank: its stride of the facility's partition, reshuffled every epoch.
 
-    Deterministic in `seed` (the caller mixes in facility and rank); `position` and `epoch` are all it needs to resume.
+    Deterministic in `seed` (the caller mixes in facility and rank); `position` and `epoch` are all it
+    needs to resume. The partition is an in-memory array or a prepared split (rows read on demand).
     """
 
-    def __init__(self, partition: np.ndarray, rank: int, ranks: int, micro_batch: int,
-                 seed: tuple[int, ...]) -> None:
-        self.shard = partition[rank::ranks]
-        if len(self.shard) < micro_batch:
-            raise ValueError(f"rank {rank} has {len(self.shard)} sequences, fewer than one micro-batch "
+    def __init__(self, partition: "np.ndarray | datasets.Dataset", rank: int, ranks: int,  # noqa: F821
+                 micro_batch: int, seed: tuple[int, ...]) -> None:
+        self.partition = partition
+        self.index = np.arange(len(partition))[rank::ranks]
+        if len(self.index) < micro_batch:
+            raise ValueError(f"rank {rank} has {len(self.index)} sequences, fewer than one micro-batch "
                              f"of {micro_batch}; lower train.micro_batch or use fewer ranks")
         self.micro_batch = micro_batch
         self.seed = tuple(seed)
@@ -120,18 +137,65 @@ class Sampler:
         self._order = self._permutation()
 
     def _permutation(self) -> np.ndarray:
-        return np.random.default_rng([*self.seed, self.epoch]).permutation(len(self.shard))
+        return np.random.default_rng([*self.seed, self.epoch]).permutation(len(self.index))
 
     def restore(self, epoch: int, position: int) -> None:
         """Continue exactly where a sampler with this epoch and position stopped."""
         self.epoch, self.position = epoch, position
         self._order = self._permutation()
 
-    def next_batch(self) -> np.ndarray:
-        if self.position + self.micro_batch > len(self.shard):
+    def next_batch(self) -> Batch:
+        if self.position + self.micro_batch > len(self.index):
             self.epoch += 1
             self.position = 0
             self._order = self._permutation()
-        rows = self._order[self.position:self.position + self.micro_batch]
+        rows = self.index[self._order[self.position:self.position + self.micro_batch]]
         self.position += self.micro_batch
-        return self.shard[rows]
+        return take(self.partition, rows)
+
+
+class DataError(ValueError):
+    """A prepared dataset folder that cannot be used; the message names it."""
+
+
+class Prepared:
+    """A folder written by `mpifed data prepare`: its manifest, and its splits memory-mapped."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        self.kind: str = self.manifest["kind"]
+        self.seq_len: int = self.manifest["seq_len"]
+        self.vocab_size: int = self.manifest["vocab_size"]
+        self.partitions: int = len(self.manifest["partitions"])
+
+    def split(self, name: str) -> "datasets.Dataset":  # noqa: F821
+        import datasets
+
+        return datasets.load_from_disk(str(self.path / name)).with_format("numpy")
+
+    def partition(self, index: int) -> "datasets.Dataset":  # noqa: F821
+        return self.split(f"partition_{index}")
+
+    def validation(self, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first `limit` validation rows as (ids, labels), in memory."""
+        val = self.split("validation")
+        batch = take(val, np.arange(min(limit, len(val))))
+        return batch if isinstance(batch, tuple) else (batch, batch)
+
+
+def read_manifest(path: Path) -> dict:
+    """DIR/manifest.json of a prepared folder, checked; errors name the folder and what to do."""
+    if not path.is_dir():
+        raise DataError(f"data.path {path}: no such folder; make one with `mpifed data prepare INPUT... --out {path}`")
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except OSError:
+        raise DataError(f"data.path {path}: not a prepared dataset (no manifest.json); make one with "
+                        "`mpifed data prepare`") from None
+    except ValueError as exc:
+        raise DataError(f"data.path {path}: manifest.json is not valid JSON ({exc})") from None
+    missing = [key for key in ("kind", "seq_len", "vocab_size", "partitions", "validation") if key not in manifest]
+    if missing:
+        raise DataError(f"data.path {path}: manifest.json lacks {', '.join(missing)}; prepare the data again")
+    return manifest

@@ -36,9 +36,11 @@ def main(cfg: RunConfig, resume: str = "") -> int:
             print(f"mpifed run: error: {exc}", file=sys.stderr, flush=True)
         return 2
     from mpifed.checkpoint import CheckpointError
+    from mpifed.data import DataError
     from mpifed.federation.reduce import FederationError
+    from mpifed.model import ModelError
 
-    with abort_on_error(comm, expected=(CheckpointError, FederationError)):
+    with abort_on_error(comm, expected=(CheckpointError, FederationError, DataError, ModelError)):
         from mpifed.trainer import Trainer  # heavy imports (torch, transformers) only once MPI is up
 
         topo = topology.build(comm, indices[comm.rank], [f.name for f in cfg.facility], cfg.federation.roots)

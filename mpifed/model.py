@@ -1,16 +1,19 @@
 """Models: LLaMA and Mixtral (mixture-of-experts) causal LMs from `transformers`, built from a named
 preset or from a local model folder (never the hub), with the attention implementation and dtype the
-run asks for.
+run asks for, and optionally LoRA adapters (`peft`) on top of a frozen base.
 
 Every rank builds the same architecture; initial weights come from the global root at start, so ranks
 never need to agree on a random generator.
 """
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MixtralConfig, PreTrainedModel
 
-from mpifed.config import ModelConfig
+from mpifed.config import LoraConfig, ModelConfig
 from mpifed.data import VOCAB_SIZE
 
 _TINY_MOE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -75,6 +78,67 @@ def build_model(cfg: ModelConfig | str, max_positions: int, seed: int, vocab_siz
     return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
 
 
+def apply_lora(model: PreTrainedModel, lora: LoraConfig, seed: int) -> torch.nn.Module:
+    """`model` frozen, with LoRA adapters on `lora.modules` (the only trainable parameters). The adapters'
+    initial values are deterministic in `seed`."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in lora.modules if m not in present]
+    if missing:
+        raise ModelError(f"lora.target_modules: {', '.join(missing)} not found in the model (its linear layers "
+                         f"include {', '.join(sorted(n for n in present if n.endswith('proj')))})")
+    torch.manual_seed(seed)
+    return get_peft_model(model, PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                target_modules=lora.modules, bias="none"))
+
+
+def base_digest(model: torch.nn.Module) -> str:
+    """sha256 over the names and bytes of the frozen parameters (the base under LoRA adapters)."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def base_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model itself (under LoRA: the frozen base the adapters sit in)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The transformer blocks of a LLaMA/Mixtral-style model (what FSDP wraps one by one)."""
-    return list(model.model.layers)
+    return list(base_model(model).model.layers)
+
+
+def export_lora(summary: "Summary", out: Path, merge: bool) -> str:  # noqa: F821
+    """Rebuild the base a LoRA checkpoint was trained on (checked against its digest), load the
+    checkpointed adapters, and save either the adapters (a peft folder) or, with `merge`, the merged
+    full model (config.json + model.safetensors for from_pretrained). Returns what was written."""
+    import json
+    import tomllib
+
+    from mpifed import checkpoint
+
+    run = tomllib.loads(summary.config)
+    model_cfg, lora = ModelConfig(**run.get("model", {})), LoraConfig(**run.get("lora", {}))
+    seed = run.get("train", {}).get("seed", 0)
+    hf = json.loads(summary.model_config)
+    model = apply_lora(build_model(model_cfg, hf.get("max_position_embeddings", 2048), seed,
+                                   vocab_size=hf["vocab_size"]), lora, seed)
+    if base_digest(model) != summary.base_digest:
+        raise ModelError(f"{summary.path}: the base model rebuilt from model.path={model_cfg.path or model_cfg.preset!r} "
+                         "is not the one its adapters were trained on; export where that base is")
+    values = summary.layout.unflatten(checkpoint.read_flat(summary.path, summary.layout, "model"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in values:
+                param.copy_(torch.from_numpy(values[name]))
+    if merge:
+        model.merge_and_unload().save_pretrained(str(out), safe_serialization=True)
+        return "the merged model"
+    model.save_pretrained(str(out))
+    return "the LoRA adapters (load them with peft's PeftModel.from_pretrained)"

@@ -76,7 +76,8 @@ def save(trainer: "Trainer", round_: int) -> "Callable[[], None] | None":
     if topo.is_global_root:
         one_root = topo.n_roots == 1
         attrs = dict(tokens=trainer.tokens_total, model_config=trainer.model_config.to_json_string(),
-                     facilities=json.dumps([asdict(f) for f in cfg.facility]), config=configfile.dump_toml(cfg))
+                     facilities=json.dumps([asdict(f) for f in cfg.facility]), config=configfile.dump_toml(cfg),
+                     base_digest=trainer.base_digest)
         pending = checkpoint.write_main(directory, round_, attrs, trainer.layout, fed.segments, fed.outer_state_names,
                                         list(topo.facility_names), model=fed.theta if one_root else None,
                                         outer=fed.outer_state() if one_root else None, fletcher32=f32)
@@ -111,6 +112,8 @@ def _check_compatible(trainer: "Trainer", summary: Summary) -> None:
     problems = []
     if summary.layout.fingerprint != trainer.layout.fingerprint:
         problems.append("the model architecture differs (layout fingerprint)")
+    if summary.base_digest != trainer.base_digest:
+        problems.append("the frozen base model under the LoRA adapters differs (or LoRA was switched on or off)")
     if saved != ours:
         problems.append(f"facilities (name, ranks) differ: checkpoint {saved}, config {ours}")
     if summary.outer_state != trainer.federation.outer_state_names:

@@ -19,7 +19,7 @@ from mpifed.configfile import to_dict
 from mpifed.engines import EngineSettings, FlatLayout, make_engine
 from mpifed.federation.reduce import Federation, FederationError, RoundExchange, sampled
 from mpifed.metrics import MetricsLog, RoundMetrics
-from mpifed.model import build_model
+from mpifed.model import ModelError, apply_lora, base_digest, build_model
 from mpifed.topology import Topology, local_ranks_on_node, start_process_group, stop_process_group
 from mpifed.watchdog import deadline
 
@@ -74,10 +74,11 @@ class Trainer:
         self.device = choose_device(gpu, local_rank)
 
         self._load_data()
-        model = build_model(cfg.model, cfg.data.seq_len, cfg.train.seed)
+        model = self._build_model()
         self.model_config = model.config
         self.layout = FlatLayout.of(model)
         self._check_same_layout()
+        self.base_digest = self._check_same_base(model) if cfg.lora.rank else ""
         self._start_from_rank_zero(model)  # before any engine shards the model
         settings = EngineSettings(device=self.device, betas=(cfg.train.beta1, cfg.train.beta2),
                                   weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
@@ -91,13 +92,33 @@ class Trainer:
                               wandb=cfg.metrics.wandb, run_config=to_dict(cfg)) if topo.is_global_root else None
 
     def _load_data(self) -> None:
-        """This rank's sampler over its facility's partition, and the shared validation set."""
+        """This rank's sampler over its facility's partition, and the shared validation set: from the
+        prepared folder data.path (memory-mapped), or else the embedded text."""
         cfg, topo = self.cfg, self.topo
-        split = data.split(data.pack(_broadcast_tokens(topo.world), cfg.data.seq_len), topo.n_facilities,
-                           cfg.data.val_fraction, cfg.train.seed)
-        self.sampler = data.Sampler(split.partitions[topo.facility_index], topo.facility.rank, topo.facility.size,
-                                    cfg.train.micro_batch, seed=(cfg.train.seed, topo.facility_index, topo.facility.rank))
-        self.validation = split.validation[:cfg.data.val_sequences]
+        self.prepared = data.Prepared(cfg.data.path) if cfg.data.path else None
+        if self.prepared is not None:
+            partition = self.prepared.partition(topo.facility_index)
+            self.validation = self.prepared.validation(cfg.data.val_sequences)
+        else:
+            split = data.split(data.pack(_broadcast_tokens(topo.world), cfg.data.seq_len), topo.n_facilities,
+                               cfg.data.val_fraction, cfg.train.seed)
+            partition = split.partitions[topo.facility_index]
+            rows = split.validation[:cfg.data.val_sequences]
+            self.validation = (rows, rows)
+        self.sampler = data.Sampler(partition, topo.facility.rank, topo.facility.size, cfg.train.micro_batch,
+                                    seed=(cfg.train.seed, topo.facility_index, topo.facility.rank))
+
+    def _build_model(self) -> torch.nn.Module:
+        """The model for the data: a preset sized to its vocabulary and sequence length, or the model
+        folder (checked to cover the vocabulary); with lora.rank, the adapters on top."""
+        cfg, prepared = self.cfg, self.prepared
+        seq_len = prepared.seq_len if prepared else cfg.data.seq_len
+        vocab = prepared.vocab_size if prepared else data.VOCAB_SIZE
+        model = build_model(cfg.model, seq_len, cfg.train.seed, vocab_size=vocab)
+        if model.config.vocab_size < vocab:
+            raise ModelError(f"model.path {cfg.model.path}: its vocabulary of {model.config.vocab_size} tokens is smaller "
+                             f"than the {vocab} of data.path {cfg.data.path}; prepare the data with the model's tokenizer")
+        return apply_lora(model, cfg.lora, cfg.train.seed) if cfg.lora.rank else model
 
     def _resume(self, target: str) -> "checkpoint.Summary | None":
         """Restore every rank from the checkpoint `target` names ("auto" means the output folder)."""
@@ -116,6 +137,15 @@ class Trainer:
         if differing:
             raise RuntimeError(f"facilities {', '.join(differing)} built a model whose layout fingerprint differs "
                                f"from {names[0]}'s; every facility must train the same architecture")
+
+    def _check_same_base(self, model: torch.nn.Module) -> str:
+        """Under LoRA only the adapters are exchanged: refuse to train if any rank's frozen base differs.
+        Returns the base's digest (kept in checkpoints)."""
+        digests = wire.allgather_str(self.topo.world, base_digest(model))
+        if len(set(digests)) > 1:
+            raise RuntimeError("the frozen base model differs between ranks (a different model.path copy or "
+                               "build): LoRA needs the same base everywhere")
+        return digests[0]
 
     @torch.no_grad()
     def _start_from_rank_zero(self, model: torch.nn.Module) -> None:
@@ -139,8 +169,12 @@ class Trainer:
             return
         cfg, topo = self.cfg, self.topo
         facilities = ", ".join(f"{f.name} ({f.ranks} x {_engine_label(f)})" for f in cfg.facility)
+        size = (f"LoRA r={cfg.lora.rank}: {self.layout.numel:,} adapter parameters train and cross facilities"
+                if cfg.lora.rank else f"{self.layout.numel / 1e6:.2f}M parameters")
+        source = (f"{self.prepared.kind} data {cfg.data.path} ({self.prepared.manifest['total_tokens']:,} tokens)"
+                  if self.prepared else "the embedded text")
         print(f"mpifed: {topo.n_facilities} facilities: {facilities}; model {cfg.model.path or cfg.model.preset} "
-              f"({self.layout.numel / 1e6:.2f}M parameters); {cfg.federation.rounds} rounds x "
+              f"({size}); {source}; {cfg.federation.rounds} rounds x "
               f"{cfg.train.local_steps} local steps; outer {cfg.federation.outer}; "
               f"checkpoints in {cfg.checkpoint.dir}", flush=True)
         if self.resumed_from is not None:
@@ -163,30 +197,33 @@ class Trainer:
         loss_sum, tokens = 0.0, 0
         total = self.cfg.federation.rounds * train.local_steps
         for k in range(train.local_steps):
-            batches = [torch.from_numpy(self.sampler.next_batch()) for _ in range(train.grad_accum)]
+            batches = [_tensors(self.sampler.next_batch()) for _ in range(train.grad_accum)]
             lr = inner_lr(train, (round_ - 1) * train.local_steps + k, total, self.topo.facility.size)
             loss_sum += self.engine.train_step(batches, lr)
-            tokens += sum(batch.numel() for batch in batches)
+            tokens += sum(ids.numel() for ids, _ in batches)
         return loss_sum, tokens
 
-    def _score(self, rows: np.ndarray) -> float:
-        """Sum of the mean losses of `rows` in batches of 8, each weighted by its size (all ranks of the
-        facility in lockstep: a sharded model's forward needs all of them)."""
-        return sum(self.engine.loss(torch.from_numpy(rows[i:i + 8])) * len(rows[i:i + 8]) for i in range(0, len(rows), 8))
+    def _score(self, rows: slice) -> tuple[float, int]:
+        """(Sum of the mean losses of validation `rows` in batches of 8, each weighted by its size; rows
+        scored). All ranks of the facility in lockstep: a sharded model's forward needs all of them."""
+        ids, labels = (part[rows] for part in self.validation)
+        total = sum(self.engine.loss(_tensors((ids[i:i + 8], labels[i:i + 8]))) * len(ids[i:i + 8])
+                    for i in range(0, len(ids), 8))
+        return total, len(ids)
 
     def _validate(self) -> float:
         """Mean loss of the global model on the validation set: facility f scores every F-th sequence,
         its leader counts."""
-        rows = self.validation[self.topo.facility_index::self.topo.n_facilities]
-        total = self._score(rows)
+        total, rows = self._score(slice(self.topo.facility_index, None, self.topo.n_facilities))
         leader = self.topo.facility.rank == 0
         with self.across("validation"):
-            total, count = wire.allreduce(self.topo.world, [total if leader else 0.0, len(rows) if leader else 0])
+            total, count = wire.allreduce(self.topo.world, [total if leader else 0.0, rows if leader else 0])
         return float(total / count)
 
     def _validate_facilities(self) -> dict[str, float]:
         """Every facility's local model (before the exchange) on the whole validation set."""
-        mine = self._score(self.validation) / len(self.validation)
+        total, rows = self._score(slice(None))
+        mine = total / rows
         losses = np.zeros(self.topo.n_facilities)
         if self.topo.facility.rank == 0:
             losses[self.topo.facility_index] = mine
@@ -258,6 +295,13 @@ class Trainer:
         if self.log is not None:
             self.log.close()
         stop_process_group()
+
+
+def _tensors(batch: "data.Batch") -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, labels) tensors of a batch (the same tensor twice where the labels are the ids)."""
+    ids, labels = batch if isinstance(batch, tuple) else (batch, batch)
+    ids_t = torch.from_numpy(ids)
+    return ids_t, ids_t if labels is ids else torch.from_numpy(labels)
 
 
 def _engine_label(facility) -> str:

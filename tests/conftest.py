@@ -49,3 +49,36 @@ def mpiexec(n: int | list[int], worker: str, *args: str, timeout: float = 240, c
 
 def mpifed(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", "mpifed", *args], timeout, cwd=cwd)
+
+
+# The standard library's documentation as a small corpus on disk: one folder (source) per package,
+# one text file of docstrings per module. Real English text, the same on every machine of a Python build.
+CORPUS_PACKAGES = ("email", "json", "http", "asyncio", "xml", "concurrent", "importlib", "logging")
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    import sysconfig
+
+    from mpifed.data import _docstrings
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    out = tmp_path_factory.mktemp("corpus")
+    for package in CORPUS_PACKAGES:
+        for module in sorted((stdlib / package).rglob("*.py")):
+            docs = _docstrings(module.read_text(encoding="utf-8"))
+            if docs:
+                target = out / package / f"{module.relative_to(stdlib / package).with_suffix('')}.txt".replace("/", "_")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text("\n\n".join(docs), encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="session")
+def bpe_data(corpus_dir, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The corpus prepared by the real CLI: a trained BPE, 3 by-source partitions of 64-token sequences."""
+    out = tmp_path_factory.mktemp("prepared") / "by-source"
+    result = mpifed("data", "prepare", str(corpus_dir), "--train-bpe", "1000", "--seq-len", "64", "--partitions", "3",
+                    "--split", "by-source", "--num-proc", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out, result

@@ -68,6 +68,14 @@ class FlatLayout:
 
 
 View = tuple[int, np.ndarray]  # (offset in the flat layout, fp32 values)
+Batch = "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"
+"""Token ids [n, L] (predicting the ids themselves), or (ids, labels) with -100 where no loss is taken."""
+
+
+def lm_inputs(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+    """The causal-LM keyword arguments for a batch, on `device`."""
+    ids, labels = batch if isinstance(batch, tuple) else (batch, batch)
+    return {"input_ids": ids.to(device), "labels": labels.to(device)}
 OPTIMIZER_KEYS = ("exp_avg", "exp_avg_sq")
 
 
@@ -122,18 +130,17 @@ class Engine:
     _held: Pieces
     _owned: list[View]
 
-    def train_step(self, batches: list[torch.Tensor], lr: float) -> float:
+    def train_step(self, batches: list[Batch], lr: float) -> float:
         """One inner optimizer step over `batches` (accumulated micro-batches) at learning rate `lr`;
         returns the facility-mean loss."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def loss(self, batch: torch.Tensor) -> float:
+    def loss(self, batch: Batch) -> float:
         """Mean loss of the current model on `batch` (no gradients). Sharded engines need every rank of
         the facility to call this in lockstep."""
         self._forward.eval()
-        batch = batch.to(self.settings.device)
-        return float(self._forward(input_ids=batch, labels=batch).loss)
+        return float(self._forward(**lm_inputs(batch, self.settings.device)).loss)
 
     def owned(self) -> list[View]:
         return self._owned

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mpifed.engines.base import OPTIMIZER_KEYS, Engine, FlatLayout, Pieces
+from mpifed.engines.base import OPTIMIZER_KEYS, Batch, Engine, FlatLayout, Pieces, lm_inputs
 from mpifed.engines.settings import EngineSettings
 
 # mpifed sets these from train.micro_batch and train.grad_accum: a user JSON may not change them.
@@ -116,13 +116,12 @@ class DeepSpeedEngine(Engine):
         for group in self._optimizer.param_groups:
             group["lr"] = lr
 
-    def train_step(self, batches: list[torch.Tensor], lr: float) -> float:
+    def train_step(self, batches: list[Batch], lr: float) -> float:
         self._engine.train()
         self.set_lr(lr)
         loss_sum = torch.zeros((), device=self.settings.device)
         for batch in batches:  # DeepSpeed scales by 1/grad_accum and steps at the boundary
-            batch = batch.to(self.settings.device)
-            loss = self._engine(input_ids=batch, labels=batch).loss
+            loss = self._engine(**lm_inputs(batch, self.settings.device)).loss
             self._engine.backward(loss)
             self._engine.step()
             loss_sum += loss.detach().float() / len(batches)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-from mpifed.engines.base import FlatLayout, Pieces, TorchOptimizerEngine, local
+from mpifed.engines.base import Batch, FlatLayout, Pieces, TorchOptimizerEngine, lm_inputs, local
 from mpifed.engines.settings import EngineSettings
 from mpifed.model import decoder_layers
 
@@ -74,14 +74,13 @@ class FsdpEngine(TorchOptimizerEngine):
         self._model.reshard()
         super().before_exchange()
 
-    def train_step(self, batches: list[torch.Tensor], lr: float) -> float:
+    def train_step(self, batches: list[Batch], lr: float) -> float:
         self._model.train()
         loss_sum = torch.zeros((), device=self.settings.device)
         for i, batch in enumerate(batches):
             if len(batches) > 1:  # reduce-scatter gradients once, after the last micro-batch
                 self._model.set_requires_gradient_sync(i == len(batches) - 1)
-            batch = batch.to(self.settings.device)
-            loss = self._model(input_ids=batch, labels=batch).loss / len(batches)
+            loss = self._model(**lm_inputs(batch, self.settings.device)).loss / len(batches)
             loss.backward()
             loss_sum += loss.detach().float()
         if self.settings.grad_clip > 0:

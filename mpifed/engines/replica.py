@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from mpifed.engines.base import FlatLayout, Pieces, TorchOptimizerEngine
+from mpifed.engines.base import Batch, FlatLayout, Pieces, TorchOptimizerEngine, lm_inputs
 from mpifed.engines.settings import EngineSettings
 
 
@@ -39,13 +39,12 @@ class ReplicaEngine(TorchOptimizerEngine):
     def model(self) -> torch.nn.Module:
         return self._model
 
-    def train_step(self, batches: list[torch.Tensor], lr: float) -> float:
+    def train_step(self, batches: list[Batch], lr: float) -> float:
         self._model.train()
         self._reduced.zero_()
         loss_sum = 0.0
         for batch in batches:  # gradients accumulate in the flat buffer; one all-reduce per step
-            batch = batch.to(self.settings.device)
-            loss = self._model(input_ids=batch, labels=batch).loss / len(batches)
+            loss = self._model(**lm_inputs(batch, self.settings.device)).loss / len(batches)
             loss.backward()
             loss_sum += loss.detach()
         self._reduced[-1] = loss_sum

@@ -1,5 +1,6 @@
 """Under mpiexec: train with CONFIG exactly as `mpifed run` does, then every rank writes the sha256 of
-its model's parameters (read from the torch module, not from the federation's buffers) to OUT.
+its model's parameters (read from the torch module, not from the federation's buffers) to OUT. Under
+LoRA, each facility leader also saves the frozen base as its engine holds it (base-RANK.safetensors).
 
     mpiexec -n 6 python tests/mpi/train_worker.py CONFIG OUT
 """
@@ -21,5 +22,12 @@ with abort_on_error(comm):
     trainer = Trainer(cfg, topo)
     trainer.run()
     (out / f"digest-{comm.rank}.txt").write_text(trainer.model_digest())
+    if cfg.lora.rank:
+        from safetensors.torch import save_file
+
+        frozen = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().contiguous()
+                  for name, p in trainer.engine.model().named_parameters() if not p.requires_grad}
+        if topo.facility.rank == 0:
+            save_file(frozen, str(out / f"base-{comm.rank}.safetensors"))
     trainer.close()
     topo.close()

@@ -1,0 +1,187 @@
+"""`mpifed data prepare` on real text (the standard library's documentation): the trained tokenizer,
+the manifest's counts against an independent tokenization, disjoint by-source partitions, weighted IID
+partitions, SFT labels token by token, resuming mid-epoch, and one clear error per bad input."""
+import json
+
+import datasets
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import mpifed
+from mpifed import data
+from mpifed.prepare import IGNORE, PrepareOptions, prepare
+
+
+def _rows(folder, split):
+    return np.asarray(datasets.load_from_disk(str(folder / split)).with_format("numpy")["input_ids"])
+
+
+def _documents(corpus_dir):
+    """{source: [texts]} as the reader should see them: each file one document, its top folder the source."""
+    out = {}
+    for file in sorted(corpus_dir.rglob("*.txt")):
+        out.setdefault(file.relative_to(corpus_dir).parts[0], []).append(file.read_text(encoding="utf-8"))
+    return out
+
+
+def test_prepare_shows_progress_and_writes_a_manifest(bpe_data):
+    folder, result = bpe_data
+    for stage in ("read ", "training a byte-level BPE", "packed ", "wrote "):
+        assert f"mpifed data: {stage}" in result.stderr
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["kind"] == "pretrain" and manifest["seq_len"] == 64 and manifest["vocab_size"] == 1000
+    assert [p["name"] for p in manifest["partitions"]] == ["partition_0", "partition_1", "partition_2"]
+
+
+def test_trained_bpe_round_trips_text(bpe_data, corpus_dir):
+    tokenizer = AutoTokenizer.from_pretrained(str(bpe_data[0] / "tokenizer"), local_files_only=True)
+    assert len(tokenizer) == 1000
+    samples = ["\n\n".join(f.read_text(encoding="utf-8") for f in sorted(corpus_dir.rglob("*.txt"))[:20]),
+               "  Leading spaces,\ttabs,\n\nblank lines; naïve café — ∑ 日本語 🙂 and trailing space "]
+    for text in samples:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == text
+    english = tokenizer(samples[0], add_special_tokens=False)["input_ids"]
+    assert len(english) < len(samples[0].encode()) / 2.5  # it learned merges: ~3.5 bytes a token
+
+
+def test_manifest_counts_match_the_data_and_an_independent_tokenization(bpe_data, corpus_dir):
+    folder = bpe_data[0]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    parts = manifest["partitions"]
+    assert sum(p["tokens"] for p in parts) == manifest["total_tokens"]
+    for p in parts:
+        rows = _rows(folder, p["name"])
+        assert rows.shape == (p["sequences"], 64) and p["tokens"] == rows.size
+    assert _rows(folder, "validation").size == manifest["validation"]["tokens"]
+    # every token of the input is in a partition, the validation split or a dropped tail
+    tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
+    docs = [t for texts in _documents(corpus_dir).values() for t in texts]
+    independent = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in docs)  # + end of text
+    assert manifest["total_tokens"] + manifest["validation"]["tokens"] + manifest["dropped_tokens"] == independent
+    assert manifest["dropped_tokens"] < 3 * 64  # at most one ragged tail per partition
+
+
+def test_by_source_partitions_hold_disjoint_sources(bpe_data, corpus_dir):
+    folder = bpe_data[0]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    groups = [set(p["sources"]) for p in manifest["partitions"]]
+    assert set.union(*groups) == set(_documents(corpus_dir)) and sum(map(len, groups)) == len(set.union(*groups))
+    # each sequence is a piece of its own sources' token stream, and of no other partition's
+    tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
+    eos = tokenizer.eos_token_id
+    docs = _documents(corpus_dir)
+    streams = [b"".join(np.array(tokenizer(t, add_special_tokens=False)["input_ids"] + [eos], np.int32).tobytes()
+                        for s in sorted(g) for t in docs[s]) for g in groups]
+    for i, p in enumerate(manifest["partitions"]):
+        for row in _rows(folder, p["name"])[::7]:
+            found = [j for j, stream in enumerate(streams) if row.astype(np.int32).tobytes() in stream]
+            assert found == [i]
+
+
+def test_iid_partitions_follow_weights_and_do_not_overlap(bpe_data, corpus_dir, tmp_path):
+    out = tmp_path / "iid"
+    manifest = prepare(PrepareOptions(inputs=(corpus_dir,), out=out, seq_len=64, partitions=2, weights=(3.0, 1.0),
+                                      tokenizer=bpe_data[0] / "tokenizer", val_fraction=0.1), say=lambda _: None)
+    sizes = [p["sequences"] for p in manifest["partitions"]]
+    assert abs(sizes[0] - 3 * sizes[1]) <= 3
+    assert abs(manifest["validation"]["sequences"] - 0.1 * (sum(sizes) + manifest["validation"]["sequences"])) <= 1
+    seen = [set(map(bytes, (r.astype(np.int32).tobytes() for r in _rows(out, s))))
+            for s in ("partition_0", "partition_1", "validation")]
+    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+
+
+def test_resuming_mid_epoch_continues_at_the_next_unseen_sequence(bpe_data):
+    partition = data.Prepared(bpe_data[0]).partition(1)  # memory-mapped, rows read as drawn
+    first = data.Sampler(partition, rank=1, ranks=2, micro_batch=4, seed=(0, 1, 1))
+    drawn = [first.next_batch() for _ in range(5)]
+    epoch, position = first.epoch, first.position
+    expected = first.next_batch()
+    resumed = data.Sampler(partition, rank=1, ranks=2, micro_batch=4, seed=(0, 1, 1))
+    resumed.restore(epoch, position)
+    got = resumed.next_batch()
+    np.testing.assert_array_equal(got, expected)
+    earlier = {r.tobytes() for batch in drawn for r in batch}
+    assert got.shape == (4, 64) and not earlier & {r.tobytes() for r in got}
+    assert all(r.tobytes() in {x.tobytes() for x in _rows(bpe_data[0], "partition_1")[1::2]} for r in got)
+
+
+SFT_TEXT = """### Human: What does json.dumps return? ### Assistant: A string holding the object in JSON.
+### Human: How do I read a file line by line?
+### Assistant: Iterate over the open file object; each step gives one line.
+### Human: Is tuple mutable? ### Assistant: No. ### Human: And list? ### Assistant: Yes, lists are mutable.
+"""
+
+
+def test_sft_labels_are_ignored_exactly_on_prompt_and_padding(bpe_data, tmp_path):
+    jsonl = tmp_path / "pairs.jsonl"
+    pairs = [{"prompt": f"### Human: What is item {i} of the list? ### Assistant:", "response": f" It is {i * i}."}
+             for i in range(12)]
+    jsonl.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    (tmp_path / "chat.txt").write_text(SFT_TEXT)
+    tokenizer_dir = bpe_data[0] / "tokenizer"
+    out = tmp_path / "sft"
+    manifest = prepare(PrepareOptions(inputs=(jsonl, tmp_path / "chat.txt"), out=out, seq_len=32, partitions=1,
+                                      tokenizer=tokenizer_dir, sft=True, val_fraction=0.2), say=lambda _: None)
+    assert manifest["kind"] == "sft"
+    examples = [(p["prompt"], p["response"]) for p in pairs] + [
+        ("### Human: What does json.dumps return? ### Assistant:", " A string holding the object in JSON."),
+        ("### Human: How do I read a file line by line?\n### Assistant:",
+         " Iterate over the open file object; each step gives one line."),
+        ("### Human: Is tuple mutable? ### Assistant: No. ### Human: And list? ### Assistant:",
+         " Yes, lists are mutable.")]
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    expected = {}
+    for prompt, response in examples:
+        if len(encode(prompt)) >= 32:  # no room for a response: dropped
+            continue
+        ids = (encode(prompt) + encode(response) + [tok.eos_token_id])[:32]
+        labels = [IGNORE] * len(encode(prompt)) + ids[len(encode(prompt)):]
+        pad = 32 - len(ids)
+        expected[tuple(ids + [tok.pad_token_id] * pad)] = labels + [IGNORE] * pad
+    rows = 0
+    for split in ("partition_0", "validation"):
+        ds = datasets.load_from_disk(str(out / split)).with_format("numpy")
+        for ids, labels in zip(ds["input_ids"], ds["labels"]):
+            assert labels.tolist() == expected[tuple(ids.tolist())]  # token by token
+            rows += 1
+    assert rows == len(expected) == len(examples) - 1  # the long multi-turn prompt did not fit
+    assert manifest["dropped_tokens"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["EMPTY", "--train-bpe", "500"], "EMPTY: no input in this folder"),
+    (["CORPUS", "--train-bpe", "0"], "--train-bpe: a vocabulary of 0 is too small"),
+    (["JSONL", "--train-bpe", "500", "--text-field", "body"], "JSONL line 1: no field 'body' (--text-field) (fields: text, tag)"),
+    (["JSONL", "--train-bpe", "500", "--split", "by-source", "--source-field", "site"], "JSONL line 1: no field 'site'"),
+    (["CORPUS", "--tokenizer", "MISSING"], "--tokenizer MISSING: not a tokenizer folder"),
+    (["CORPUS", "--train-bpe", "500", "--weights", "1,2,3"], "--weights: give 2 positive numbers"),
+])
+def test_bad_input_gives_one_clear_error(args, message, corpus_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "x.jsonl").write_text(json.dumps({"text": "some words", "tag": "a"}) + "\n")
+    names = {"EMPTY": str(tmp_path / "empty"), "CORPUS": str(corpus_dir), "JSONL": str(tmp_path / "x.jsonl"),
+             "MISSING": str(tmp_path / "no-such-tokenizer")}
+    result = mpifed("data", "prepare", *[names.get(a, a) for a in args], "--out", str(tmp_path / "out"))
+    expected = "".join(names.get(part, part) for part in _split_names(message, names))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("mpifed data prepare: error: ") and expected in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def _split_names(message, names):
+    import re
+
+    return re.split(f"({'|'.join(names)})", message)
+
+
+def test_data_path_errors_name_the_folder(bpe_data, tmp_path):
+    from mpifed import configfile
+    from mpifed.config import ConfigError
+
+    with pytest.raises(ConfigError, match="holds 3 partitions for 2 facilities; prepare it again with --partitions 2"):
+        configfile.from_dict({"data": {"path": str(bpe_data[0])}})
+    with pytest.raises(ConfigError, match=f"data.path {tmp_path}: not a prepared dataset"):
+        configfile.from_dict({"data": {"path": str(tmp_path)}})
