@@ -285,6 +285,7 @@ def prepare(inputs: tuple[Path, ...], out: Path, tokenizer: Path | None, train_b
     from mpifed.prepare import MANIFEST, PrepareError, PrepareOptions
     from mpifed.prepare import prepare as run_prepare
 
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tokenizers come from local folders only
     _check_writable(out, "--out", is_dir=True)
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:

@@ -392,7 +392,8 @@ def prepare(opts: PrepareOptions, say: Callable[[str], None] = print) -> dict:
         else:
             tokenizer = load_tokenizer(opts.tokenizer)
             tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        ds = tokenize(records, tokenizer, opts.num_proc)
+        ds = tokenize(records, tokenizer, opts.num_proc)  # the long step: datasets shows its progress bar
+        datasets.disable_progress_bars()  # the rest takes seconds; its bars would only be noise
         eos = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
         make = partial(sft_block, seq_len=opts.seq_len, eos=eos, pad=pad) if opts.sft \
@@ -435,6 +436,8 @@ def prepare(opts: PrepareOptions, say: Callable[[str], None] = print) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        datasets.enable_progress_bars()
     sizes = ", ".join(f"{p['tokens']:,}" for p in manifest["partitions"])
     say(f"wrote {opts.out}: {manifest['total_tokens']:,} training tokens in {opts.partitions} partitions ({sizes}), "
         f"{manifest['validation']['tokens']:,} validation tokens; train on it with --set data.path={opts.out}")

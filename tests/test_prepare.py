@@ -2,6 +2,7 @@
 the manifest's counts against an independent tokenization, disjoint by-source partitions, weighted IID
 partitions, SFT labels token by token, resuming mid-epoch, and one clear error per bad input."""
 import json
+import re
 
 import datasets
 import numpy as np
@@ -32,6 +33,21 @@ def test_prepare_shows_progress_and_writes_a_manifest(bpe_data):
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["kind"] == "pretrain" and manifest["seq_len"] == 64 and manifest["vocab_size"] == 1000
     assert [p["name"] for p in manifest["partitions"]] == ["partition_0", "partition_1", "partition_2"]
+
+
+def test_prepare_a_few_megabytes(corpus_dir, tmp_path):
+    text = data.stdlib_text()  # the demo's whole corpus, ~2 MB, in four files beside the package folders
+    (tmp_path / "in").mkdir()
+    for i in range(4):
+        (tmp_path / "in" / f"part{i}.txt").write_text(text[i * len(text) // 4:(i + 1) * len(text) // 4])
+    result = mpifed("data", "prepare", str(tmp_path / "in"), str(corpus_dir), "--train-bpe", "4000", "--seq-len",
+                    "256", "--partitions", "4", "--num-proc", "2", "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    read = re.search(r"mpifed data: read (\d+) documents \(([\d.]+) MB\)", result.stderr)
+    assert int(read[1]) == 4 + len(list(corpus_dir.rglob("*.txt"))) and float(read[2]) > 2
+    assert "tokenizing" in result.stderr and "mpifed data: wrote" in result.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["total_tokens"] > 500_000 and len(manifest["partitions"]) == 4
 
 
 def test_trained_bpe_round_trips_text(bpe_data, corpus_dir):
@@ -172,8 +188,6 @@ def test_bad_input_gives_one_clear_error(args, message, corpus_dir, tmp_path):
 
 
 def _split_names(message, names):
-    import re
-
     return re.split(f"({'|'.join(names)})", message)
 
 
