@@ -213,23 +213,38 @@ def simulate(config_file: Path | None, facilities: int | None, ranks_per_facilit
 
 @cli.command()
 @click.argument("config_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--facility", default="", metavar="NAME",
+              help="This launch is facility NAME alone; it joins the others over an MPI port (the first "
+                   "facility listed is the hub). Needs MPIFED_TOKEN or federation.token_file.")
+@click.option("--port", default="", metavar="PORT",
+              help="With --facility: the MPI port name the hub printed (instead of federation.rendezvous).")
 @_set_option
 @_resume_option
-def run(config_file: Path, sets: tuple[str, ...], resume: str) -> int:
+def run(config_file: Path, facility: str, port: str, sets: tuple[str, ...], resume: str) -> int:
     """The per-rank program: start it under mpiexec or srun with the run configuration.
 
     \b
-    mpiexec -n 2 mpifed run mpifed.toml : -n 2 mpifed run mpifed.toml
+    One launch for every facility:
+      mpiexec -n 2 mpifed run mpifed.toml : -n 2 mpifed run mpifed.toml
     Ranks are assigned to facilities by MPMD program number, or else in the order of the
     [[facility]] tables by their `ranks`.
+    \b
+    One launch per facility (each site its own batch job), joined over MPI ports:
+      site A:  srun -n 4 mpifed run mpifed.toml --facility leonardo     (the hub: listed first)
+      site B:  srun -n 2 mpifed run mpifed.toml --facility lumi
     """
     try:
         cfg = configfile.from_dict(configfile.apply_sets(configfile.load(config_file), list(sets)))
     except ConfigError as exc:
         raise UserError(str(exc)) from None
-    from mpifed.entry import main as rank_main  # imports MPI: only here, never for --help
+    if port and not facility:
+        raise UserError("--port: only with --facility (a launch of one facility joining the others)")
+    from mpifed import entry  # imports MPI: only here, never for --help
 
-    return rank_main(cfg, cfg.checkpoint.dir if resume == "auto" else resume)
+    resume = cfg.checkpoint.dir if resume == "auto" else resume
+    if facility:
+        return entry.main_joined(cfg, facility, port, resume)
+    return entry.main(cfg, resume)
 
 
 @cli.group()

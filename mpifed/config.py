@@ -221,6 +221,16 @@ class FederationConfig:
     round (0 turns the check off; NaN/Inf updates are always left out)."""
     timeout_s: float = 600.0
     """Longest wait for another facility in one exchange before the whole job is aborted."""
+    rendezvous: str = ""
+    """Separate launches (`mpifed run --facility`): a file on a path every site sees, where the hub (the
+    first facility) writes its MPI port name for the others. Empty: the hub prints it; pass it with --port."""
+    join_timeout_s: float = 600.0
+    """Separate launches: how long the hub waits for the other facilities to join."""
+    min_facilities: int = 0
+    """Separate launches: go on once the join time is up if at least this many facilities (hub included)
+    joined; 0: every facility must join."""
+    token_file: str = ""
+    """Separate launches: a file (mode 0600) holding the shared join token; MPIFED_TOKEN wins over it."""
 
     def problems(self) -> list[str]:
         out = []
@@ -244,8 +254,12 @@ class FederationConfig:
             out.append(f"federation.min_participants: must be >= 1 (got {self.min_participants})")
         if not (self.max_norm_ratio == 0 or self.max_norm_ratio > 1):
             out.append(f"federation.max_norm_ratio: must be 0 (off) or > 1 (got {self.max_norm_ratio})")
-        if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
-            out.append(f"federation.timeout_s: must be a positive number of seconds (got {self.timeout_s})")
+        for name in ("timeout_s", "join_timeout_s"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                out.append(f"federation.{name}: must be a positive number of seconds (got {value})")
+        if self.min_facilities < 0:
+            out.append(f"federation.min_facilities: must be >= 0 (got {self.min_facilities})")
         return out
 
 
@@ -345,6 +359,8 @@ class FacilityConfig:
     FSDP2) or deepspeed (ZeRO 1/2/3)."""
     site: str = "local"
     """Site profile the facility runs on."""
+    partition: int = -1
+    """The partition of data.path this facility trains on; -1: its position in the list."""
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)
     """Settings of the fsdp engine (an inline table: fsdp = { replicas = 2 })."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -417,11 +433,23 @@ class RunConfig:
                             f"facility has {min(f.ranks for f in self.facility)} ranks")
         manifest = self.data.manifest() if self.data.path and not any(p.startswith("data.path") for p in problems) \
             else None
-        if manifest and len(manifest["partitions"]) != len(self.facility):
+        explicit = any(f.partition >= 0 for f in self.facility)
+        if manifest and not explicit and len(manifest["partitions"]) != len(self.facility):
             problems.append(f"data.path: {self.data.path} holds {len(manifest['partitions'])} partitions for "
                             f"{len(self.facility)} facilities; prepare it again with --partitions {len(self.facility)}")
+        chosen = [self.partition_of(i) for i in range(len(self.facility))]
+        if manifest and explicit and (max(chosen) >= len(manifest["partitions"]) or len(set(chosen)) < len(chosen)):
+            problems.append(f"facility.partition: each facility needs its own partition of the "
+                            f"{len(manifest['partitions'])} in {self.data.path} (got {chosen})")
+        if self.federation.min_facilities > len(self.facility):
+            problems.append(f"federation.min_facilities: {self.federation.min_facilities} is more than the "
+                            f"{len(self.facility)} facilities listed")
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def partition_of(self, index: int) -> int:
+        """The data partition of the facility listed at `index`."""
+        return self.facility[index].partition if self.facility[index].partition >= 0 else index
 
     @property
     def total_ranks(self) -> int:

@@ -6,6 +6,7 @@ facilities are errors that list the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import tomllib
 from pathlib import Path
@@ -162,3 +163,18 @@ def dump_toml(cfg: RunConfig) -> str:
     for fac in data["facility"]:
         lines += ["", "[[facility]]"] + [f"{k} = {_toml_value(v)}" for k, v in fac.items()]
     return "\n".join(lines) + "\n"
+
+
+# Keys that may differ between the sites of one federation (paths, and how each site finds the others).
+SITE_KEYS = {"model": ("path",), "data": ("path",), "checkpoint": ("dir",), "metrics": ("file", "tensorboard", "wandb"),
+             "federation": ("rendezvous", "join_timeout_s", "token_file"), "facility": ("site",)}
+
+
+def digest(cfg: RunConfig) -> str:
+    """sha256 of everything in the configuration that every site must agree on (not SITE_KEYS)."""
+    data = to_dict(cfg)
+    for section, keys in SITE_KEYS.items():
+        for table in data[section] if section == "facility" else [data[section]]:
+            for key in keys:
+                table.pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

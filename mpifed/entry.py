@@ -1,7 +1,11 @@
 """The per-rank program that `mpifed run` executes under mpiexec/srun: the only code that touches
-`MPI.COMM_WORLD`. Parse -> build topology -> train -> close; any failure on any rank aborts the job."""
+`MPI.COMM_WORLD`. Parse -> build topology -> train -> close; any failure on any rank aborts the job.
+
+Two ways in: one launch holding every facility (`main`), or one launch per facility that join over
+MPI ports (`main_joined`, with `--facility NAME`)."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from mpi4py import MPI
@@ -24,6 +28,16 @@ def _refuse_to_mix_runs(comm: MPI.Intracomm, cfg: RunConfig, resume: str) -> Non
                          "run; pass --resume auto to continue it, or choose another folder")
 
 
+def _train(cfg: RunConfig, world: MPI.Intracomm, index: int, resume: str) -> None:
+    from mpifed.trainer import Trainer  # heavy imports (torch, transformers) only once MPI is up
+
+    topo = topology.build(world, index, [f.name for f in cfg.facility], cfg.federation.roots)
+    trainer = Trainer(cfg, topo, resume)
+    trainer.run()
+    trainer.close()
+    topo.close()
+
+
 def main(cfg: RunConfig, resume: str = "") -> int:
     comm = MPI.COMM_WORLD
     try:
@@ -35,17 +49,69 @@ def main(cfg: RunConfig, resume: str = "") -> int:
         if comm.rank == 0:
             print(f"mpifed run: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    with abort_on_error(comm, expected=_expected_errors()):
+        _train(cfg, comm, indices[comm.rank], resume)
+    return 0
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures that are a situation, not a bug: printed as their message alone."""
     from mpifed.checkpoint import CheckpointError
     from mpifed.data import DataError
     from mpifed.federation.reduce import FederationError
     from mpifed.model import ModelError
 
-    with abort_on_error(comm, expected=(CheckpointError, FederationError, DataError, ModelError)):
-        from mpifed.trainer import Trainer  # heavy imports (torch, transformers) only once MPI is up
+    return CheckpointError, FederationError, DataError, ModelError
 
-        topo = topology.build(comm, indices[comm.rank], [f.name for f in cfg.facility], cfg.federation.roots)
-        trainer = Trainer(cfg, topo, resume)
-        trainer.run()
-        trainer.close()
-        topo.close()
+
+def _say(line: str) -> None:
+    print(f"mpifed: {line}", flush=True)
+
+
+def join_world(comm: MPI.Intracomm, cfg: RunConfig, name: str, port: str = "", resume: str = ""
+               ) -> tuple[MPI.Intracomm, RunConfig, int]:
+    """One facility's own launch joins the others: the hub (the first facility listed) admits them, the
+    others connect to it. Returns the merged world, the configuration of the facilities that joined
+    (each keeping its data partition), and this facility's index in it. Raises JoinError."""
+    from mpifed import configfile, join
+    from mpifed.trainer import planned_layout
+    from mpifed.watchdog import deadline
+
+    fed = cfg.federation
+    names = [f.name for f in cfg.facility]
+    if name not in names:
+        raise join.JoinError(f"--facility {name}: not in the configuration (facilities: {', '.join(names)})")
+    ranks = cfg.facility[names.index(name)].ranks
+    if comm.size != ranks:
+        raise join.JoinError(f"--facility {name}: this launch has {comm.size} ranks, the configuration gives "
+                             f"{name} {ranks}; launch exactly {ranks}")
+    _refuse_to_mix_runs(comm, cfg, resume)
+    token = join.read_token(fed.token_file)
+    me = join.Hello(name, comm.size, planned_layout(cfg).fingerprint, configfile.digest(cfg))
+    say = _say if comm.rank == 0 else (lambda line: None)
+    # the join bounds its own waits; this only catches a peer that stops answering mid-handshake
+    with deadline(comm, fed.join_timeout_s + 120, "joining the federation", setting="federation.join_timeout_s"):
+        if name == names[0]:
+            world, joined = join.serve(comm, me, token, {f.name: f.ranks for f in cfg.facility}, fed.rendezvous,
+                                       fed.join_timeout_s, fed.min_facilities, say)
+        else:
+            address = join.wait_for_port(fed.rendezvous, port, fed.join_timeout_s, say)
+            world, joined = join.follow(join.connect(comm, address, me, token))
+            say(f"facility {name} joined the federation")
+    present = [dataclasses.replace(f, partition=cfg.partition_of(i)) if cfg.data.path else f
+               for i, f in enumerate(cfg.facility) if f.name in joined]
+    run_cfg = cfg if len(present) == len(cfg.facility) else dataclasses.replace(cfg, facility=present)
+    return world, run_cfg, [f.name for f in present].index(name)
+
+
+def main_joined(cfg: RunConfig, name: str, port: str = "", resume: str = "") -> int:
+    """`mpifed run CONFIG --facility NAME`: join the other facilities' launches, then train as one."""
+    from mpifed.join import JoinError
+
+    comm = MPI.COMM_WORLD
+    expected = (*_expected_errors(), JoinError)
+    with abort_on_error(comm, expected=expected):
+        world, run_cfg, index = join_world(comm, cfg, name, port, resume)
+    with abort_on_error(world, expected=expected):
+        _train(run_cfg, world, index, resume)
     return 0

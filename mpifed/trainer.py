@@ -4,6 +4,7 @@ metrics of one rank; it receives its communicators in a `Topology`.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -60,6 +61,27 @@ def _broadcast_tokens(world: MPI.Intracomm) -> np.ndarray:
     return wire.bcast_array(world, data.stdlib_tokens() if world.rank == 0 else None, np.uint8)
 
 
+def model_for(cfg: RunConfig, prepared: "data.Prepared | None", weights: bool = True) -> torch.nn.Module:
+    """The model for the data: a preset sized to its vocabulary and sequence length, or the model
+    folder (checked to cover the vocabulary); with lora.rank, the adapters on top. `weights=False`
+    builds the same architecture without reading a model folder's weights (for its layout)."""
+    seq_len = prepared.seq_len if prepared else cfg.data.seq_len
+    vocab = prepared.vocab_size if prepared else data.VOCAB_SIZE
+    model_cfg = cfg.model if weights or not cfg.model.path else dataclasses.replace(cfg.model, reinit=True)
+    model = build_model(model_cfg, seq_len, cfg.train.seed, vocab_size=vocab)
+    if model.config.vocab_size < vocab:
+        raise ModelError(f"model.path {cfg.model.path}: its vocabulary of {model.config.vocab_size} tokens is smaller "
+                         f"than the {vocab} of data.path {cfg.data.path}; prepare the data with the model's tokenizer")
+    return apply_lora(model, cfg.lora, cfg.train.seed) if cfg.lora.rank else model
+
+
+def planned_layout(cfg: RunConfig) -> FlatLayout:
+    """The flat layout a run of `cfg` will exchange, from a model built on the meta device (no memory,
+    no weights read): what separately launched facilities compare before they join."""
+    with torch.device("meta"):
+        return FlatLayout.of(model_for(cfg, data.Prepared(cfg.data.path) if cfg.data.path else None, weights=False))
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, topo: Topology, resume: str = "") -> None:
         """Build everything for one rank; `resume` is "", "auto" or a checkpoint file or folder."""
@@ -97,7 +119,7 @@ class Trainer:
         cfg, topo = self.cfg, self.topo
         self.prepared = data.Prepared(cfg.data.path) if cfg.data.path else None
         if self.prepared is not None:
-            partition = self.prepared.partition(topo.facility_index)
+            partition = self.prepared.partition(cfg.partition_of(topo.facility_index))
             self.validation = self.prepared.validation(cfg.data.val_sequences)
         else:
             split = data.split(data.pack(_broadcast_tokens(topo.world), cfg.data.seq_len), topo.n_facilities,
@@ -109,16 +131,7 @@ class Trainer:
                                     seed=(cfg.train.seed, topo.facility_index, topo.facility.rank))
 
     def _build_model(self) -> torch.nn.Module:
-        """The model for the data: a preset sized to its vocabulary and sequence length, or the model
-        folder (checked to cover the vocabulary); with lora.rank, the adapters on top."""
-        cfg, prepared = self.cfg, self.prepared
-        seq_len = prepared.seq_len if prepared else cfg.data.seq_len
-        vocab = prepared.vocab_size if prepared else data.VOCAB_SIZE
-        model = build_model(cfg.model, seq_len, cfg.train.seed, vocab_size=vocab)
-        if model.config.vocab_size < vocab:
-            raise ModelError(f"model.path {cfg.model.path}: its vocabulary of {model.config.vocab_size} tokens is smaller "
-                             f"than the {vocab} of data.path {cfg.data.path}; prepare the data with the model's tokenizer")
-        return apply_lora(model, cfg.lora, cfg.train.seed) if cfg.lora.rank else model
+        return model_for(self.cfg, self.prepared)
 
     def _resume(self, target: str) -> "checkpoint.Summary | None":
         """Restore every rank from the checkpoint `target` names ("auto" means the output folder)."""

@@ -26,14 +26,14 @@ def _abort(comm: MPI.Comm, code: int) -> None:
 
 
 @contextmanager
-def deadline(comm: MPI.Comm, seconds: float, what: str) -> Iterator[None]:
+def deadline(comm: MPI.Comm, seconds: float, what: str, setting: str = "federation.timeout_s") -> Iterator[None]:
     """Abort the MPI job through `comm` if the body has not finished after `seconds`."""
     done = threading.Event()
 
     def expire() -> None:
         if not done.is_set():
             print(f"mpifed: error: {what} did not finish within {seconds:g} s "
-                  "(federation.timeout_s); aborting the job", file=sys.stderr, flush=True)
+                  f"({setting}); aborting the job", file=sys.stderr, flush=True)
             _abort(comm, ABORT_CODE)
 
     timer = threading.Timer(seconds, expire)
@@ -56,3 +56,4 @@ def abort_on_error(comm: MPI.Comm, expected: tuple[type[BaseException], ...] = (
         detail = "" if isinstance(exc, expected) else "\n" + traceback.format_exc()
         print(f"mpifed: rank {comm.Get_rank()}: error: {exc}{detail}", file=sys.stderr, flush=True)
         _abort(comm, 1)
+        raise SystemExit(1) from None  # MPI_Abort may return before the launcher kills this process

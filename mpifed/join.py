@@ -1,0 +1,314 @@
+"""Joining separately launched facilities into one MPI world (`mpifed run CONFIG --facility NAME`).
+
+The hub (the first facility listed) opens an MPI port and publishes its name, in the file
+`federation.rendezvous` and on its terminal. Every other facility connects to it. Before any weight
+moves, the two leaders run a handshake over the new intercommunicator:
+
+  newcomer -> hub   hello: protocol, facility, ranks, layout fingerprint, config digest, nonce_n
+  hub -> newcomer   the hub's own hello, nonce_h, HMAC(token, "hub" | nonce_n | nonce_h)
+  newcomer -> hub   HMAC(token, "newcomer" | nonce_h | nonce_n), and whether the hub's HMAC held
+  hub -> newcomer   the verdict: empty, or every difference found
+
+Both sides then know the verdict. On a difference, each prints what differs and the intercommunicator
+is disconnected: the newcomer stops, and the hub goes on waiting for the others. An accepted newcomer is
+merged into the hub's growing world, and takes part in accepting the rest. When the time is up
+(`federation.join_timeout_s`), the hub goes on if `federation.min_facilities` have joined, else everyone
+stops. MPI_Comm_accept cannot time out, so at the deadline the hub wakes its own accept: a short-lived
+helper process connects and says "wake", signed with the token.
+
+Messages are JSON over MPI byte buffers: nothing is unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import stat
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from mpi4py import MPI
+
+from mpifed import wire
+
+PROTOCOL = 1
+_TAG = 7101
+_WAKE = "<wake>"  # not a valid facility name
+_ACCEPT, _STOP, _ABORT = 0, 1, 2
+
+
+class JoinError(RuntimeError):
+    """A facility that cannot join, or a federation that cannot start; the message says what differs."""
+
+
+@dataclass(frozen=True)
+class Hello:
+    """What a facility says about itself when it joins."""
+
+    facility: str
+    ranks: int
+    fingerprint: str
+    config: str
+    protocol: int = PROTOCOL
+
+
+def read_token(token_file: str) -> bytes:
+    """The shared secret: MPIFED_TOKEN, else the file federation.token_file (which must be mode 0600)."""
+    if os.environ.get("MPIFED_TOKEN"):
+        return os.environ["MPIFED_TOKEN"].encode()
+    if not token_file:
+        raise JoinError("facilities launched separately need a shared token: set MPIFED_TOKEN, or "
+                        "federation.token_file to a file readable only by you (chmod 600)")
+    path = Path(token_file)
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        raise JoinError(f"federation.token_file {path}: no such file") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise JoinError(f"federation.token_file {path}: mode {stat.S_IMODE(mode):04o} lets others read it; "
+                        f"chmod 600 {path}")
+    token = path.read_bytes().strip()
+    if not token:
+        raise JoinError(f"federation.token_file {path}: the file is empty")
+    return token
+
+
+def _mac(token: bytes, *parts: str) -> str:
+    return hmac.new(token, "|".join(parts).encode(), hashlib.sha256).hexdigest()
+
+
+def _send(inter: MPI.Intercomm, message: dict) -> None:
+    data = np.frombuffer(json.dumps(message).encode(), np.uint8)
+    inter.Send([data, MPI.BYTE], dest=0, tag=_TAG)
+
+
+def _recv(inter: MPI.Intercomm, limit: int = 1 << 16) -> dict:
+    status = MPI.Status()
+    inter.Probe(source=0, tag=_TAG, status=status)
+    size = status.Get_count(MPI.BYTE)
+    data = np.empty(size, np.uint8)
+    inter.Recv([data, MPI.BYTE], source=0, tag=_TAG)
+    if size > limit:
+        return {}
+    try:
+        message = json.loads(data.tobytes())
+    except ValueError:
+        return {}
+    return message if isinstance(message, dict) else {}
+
+
+def _differences(hub: Hello, new: dict, expected: dict[str, int], joined: set[str]) -> list[str]:
+    """What in a newcomer's hello keeps it out (empty: nothing)."""
+    name = str(new.get("facility", "?"))
+    if new.get("protocol") != hub.protocol:
+        return [f"protocol version {new.get('protocol')!r} differs from the hub's {hub.protocol} "
+                "(run the same mpifed version everywhere)"]
+    out = []
+    if name not in expected:
+        out.append(f"facility {name!r} is not in the configuration (facilities: {', '.join(expected)})")
+    elif name in joined:
+        out.append(f"facility {name!r} has already joined")
+    elif new.get("ranks") != expected[name]:
+        out.append(f"facility {name} launched {new.get('ranks')} ranks, the configuration gives it {expected[name]}")
+    if new.get("fingerprint") != hub.fingerprint:
+        out.append(f"the flat-layout fingerprint differs (hub {hub.fingerprint[:12]}, {name} "
+                   f"{str(new.get('fingerprint'))[:12]}): the model or LoRA settings are not the same")
+    if new.get("config") != hub.config:
+        out.append(f"the configuration differs (digest hub {hub.config[:12]}, {name} {str(new.get('config'))[:12]}): "
+                   "use the same config file on every site")
+    return out
+
+
+# -------------------------------------------------------------------------------------------- newcomer
+def wait_for_port(rendezvous: str, port: str, timeout_s: float, say: Callable[[str], None]) -> str:
+    """The hub's port name: given, or read from the rendezvous file once the hub has written it."""
+    if port:
+        return port
+    if not rendezvous:
+        raise JoinError("no way to find the hub: set federation.rendezvous to a file both sites see, or pass "
+                        "--port with the name the hub printed")
+    path, deadline, told = Path(rendezvous), time.monotonic() + timeout_s, False
+    while time.monotonic() < deadline:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            text = ""
+        if text:
+            return text
+        if not told:
+            say(f"waiting for the hub to publish its port in {path}")
+            told = True
+        time.sleep(0.2)
+    raise JoinError(f"the hub did not publish its port in {path} within {timeout_s:g} s "
+                    "(federation.join_timeout_s); is the hub facility running?")
+
+
+def connect(comm: MPI.Intracomm, port: str, me: Hello, token: bytes) -> MPI.Intracomm:
+    """Join the hub at `port` (collective over this facility's job). Returns the merged world, in which
+    this job's ranks take part in admitting the remaining facilities (see `_admit`)."""
+    inter = comm.Connect(port, root=0)
+    problems = []
+    if comm.rank == 0:
+        nonce = secrets.token_hex(16)
+        _send(inter, {**me.__dict__, "nonce": nonce})
+        reply = _recv(inter)
+        hub_ok = hmac.compare_digest(str(reply.get("mac", "")), _mac(token, "hub", nonce, str(reply.get("nonce"))))
+        _send(inter, {"mac": _mac(token, "newcomer", str(reply.get("nonce")), nonce), "hub_ok": hub_ok})
+        problems = list(_recv(inter).get("problems", ["the hub sent no verdict"]))
+        if not hub_ok and not any("token" in p for p in problems):
+            problems.append("the shared token differs (the hub's HMAC does not match MPIFED_TOKEN/token_file)")
+    problems = json.loads(wire.allgather_str(comm, json.dumps(problems))[0])
+    if problems:
+        inter.Disconnect()
+        raise JoinError(f"facility {me.facility} was refused by the hub: {'; '.join(problems)}")
+    world = inter.Merge(high=True)
+    inter.Free()
+    return world
+
+
+# ------------------------------------------------------------------------------------------------ hub
+def _wake(port: str, token: bytes) -> None:
+    """Connect to our own port from a helper process, so the blocked accept returns."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "HYDRA_", "PMIX_"))}
+    env["MPIFED_TOKEN"] = token.decode(errors="surrogateescape")
+    subprocess.run([sys.executable, "-m", "mpifed.join", port], env=env, timeout=120, check=False,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _handshake_hub(inter: MPI.Intercomm, hub: Hello, token: bytes, expected: dict[str, int], joined: set[str],
+                   port: str) -> tuple[str, list[str]]:
+    """On the hub leader: ("wake", []) for our own wake-up call, else (newcomer name, its problems)."""
+    hello = _recv(inter)
+    if hello.get("wake"):
+        return (_WAKE, []) if hmac.compare_digest(str(hello.get("mac", "")), _mac(token, "wake", port)) \
+            else ("?", ["a wake-up call with a wrong token"])
+    nonce = secrets.token_hex(16)
+    _send(inter, {**hub.__dict__, "nonce": nonce, "mac": _mac(token, "hub", str(hello.get("nonce")), nonce)})
+    answer = _recv(inter)
+    problems = _differences(hub, hello, expected, joined)
+    if not hmac.compare_digest(str(answer.get("mac", "")), _mac(token, "newcomer", nonce, str(hello.get("nonce")))) \
+            or not answer.get("hub_ok"):
+        problems.append("the shared token differs (HMAC check failed): set the same MPIFED_TOKEN or token_file "
+                        "on every site")
+    _send(inter, {"problems": problems})
+    return str(hello.get("facility", "?")), problems
+
+
+def serve(comm: MPI.Intracomm, hub: Hello, token: bytes, expected: dict[str, int], rendezvous: str,
+          timeout_s: float, min_facilities: int, say: Callable[[str], None]) -> tuple[MPI.Intracomm, list[str]]:
+    """On the hub's job: admit every other facility in `expected` (name -> ranks). Returns the merged
+    world and the names that joined (the hub's first). Collective over `comm`."""
+    port = MPI.Open_port() if comm.rank == 0 else ""
+    wanted = [name for name in expected if name != hub.facility]
+    if comm.rank == 0:
+        if rendezvous:
+            tmp = Path(f"{rendezvous}.tmp{os.getpid()}")
+            tmp.write_text(port + "\n")
+            os.replace(tmp, rendezvous)
+        say(f"hub {hub.facility} is waiting up to {timeout_s:g} s for {', '.join(wanted)} on MPI port {port}"
+            + (f" (written to {rendezvous})" if rendezvous else " (pass it to them with --port)"))
+        timer = threading.Timer(timeout_s, _wake, args=(port, token))
+        timer.daemon = True
+        timer.start()
+    try:
+        world, joined, refused = _admit(comm, port, hub, token, expected, say)
+    finally:
+        if comm.rank == 0:
+            timer.cancel()
+            MPI.Close_port(port)
+            if rendezvous:
+                Path(rendezvous).unlink(missing_ok=True)
+    missing = [name for name in wanted if name not in joined]
+    if missing and (min_facilities == 0 or len(joined) < min_facilities):
+        why = "".join(f"; {name} was refused: {refused[name]}" for name in missing if name in refused)
+        message = (f"{', '.join(missing)} did not join within {timeout_s:g} s (federation.join_timeout_s){why}; "
+                   + (f"{len(joined)} facilities joined, federation.min_facilities = {min_facilities}" if min_facilities
+                      else "set federation.min_facilities to go on without them"))
+        wire.bcast_int(world, _ABORT)
+        raise JoinError(message)
+    if missing:
+        say(f"going on without {', '.join(missing)}: {len(joined)} facilities joined, "
+            f"federation.min_facilities = {min_facilities}")
+    wire.bcast_int(world, _STOP)
+    wire.allgather_str(world, json.dumps(joined) if world.rank == 0 else "")
+    return world, joined
+
+
+def _admit(comm: MPI.Intracomm, port: str, hub: Hello, token: bytes, expected: dict[str, int],
+           say: Callable[[str], None]) -> tuple[MPI.Intracomm, list[str], dict[str, str]]:
+    """The accept loop on the hub's side; joined newcomers run `follow` meanwhile."""
+    world, joined, refused = comm, [hub.facility], {}
+    while len(joined) < len(expected):
+        if world is not comm:
+            wire.bcast_int(world, _ACCEPT)  # tell the newcomers already in to accept the next one with us
+        inter = world.Accept(port, root=0)
+        verdict = ""
+        if world.rank == 0:
+            name, problems = _handshake_hub(inter, hub, token, expected, set(joined), port)
+            verdict = _WAKE if name == _WAKE else json.dumps([name, problems])
+            if problems:
+                say(f"refused facility {name}: {'; '.join(problems)}")
+        verdict = wire.allgather_str(world, verdict)[0]
+        if verdict == _WAKE:
+            inter.Disconnect()
+            break
+        name, problems = json.loads(verdict)
+        if problems:
+            refused[name] = "; ".join(problems)
+            inter.Disconnect()
+            continue
+        merged = inter.Merge(high=False)
+        inter.Free()
+        if world is not comm:
+            world.Free()
+        world = merged
+        joined.append(name)
+        if world.rank == 0:
+            say(f"facility {name} joined ({len(joined)} of {len(expected)})")
+    return world, joined, refused
+
+
+def follow(world: MPI.Intracomm) -> tuple[MPI.Intracomm, list[str]]:
+    """On a newcomer that has joined: accept the next facilities together with the hub until it says
+    stop. Returns the names that joined, or raises JoinError if the hub gave up."""
+    while True:
+        code = wire.bcast_int(world, None)
+        if code == _ACCEPT:
+            inter = world.Accept("", root=0)
+            verdict = wire.allgather_str(world, "")[0]
+            if verdict == _WAKE:
+                inter.Disconnect()
+                continue
+            name, problems = json.loads(verdict)
+            if problems:
+                inter.Disconnect()
+                continue
+            merged = inter.Merge(high=False)
+            inter.Free()
+            world.Free()
+            world = merged
+            continue
+        if code == _ABORT:
+            raise JoinError("the hub stopped: not every facility joined in time (see the hub's message)")
+        joined = json.loads(wire.allgather_str(world, "")[0])
+        return world, joined
+
+
+def _wake_main(port: str) -> None:
+    """`python -m mpifed.join PORT`: the hub's own wake-up call (see `_wake`)."""
+    token = os.environ.get("MPIFED_TOKEN", "").encode()
+    inter = MPI.COMM_SELF.Connect(port, root=0)
+    _send(inter, {"wake": True, "mac": _mac(token, "wake", port)})
+    inter.Disconnect()
+
+
+if __name__ == "__main__":
+    _wake_main(sys.argv[1])

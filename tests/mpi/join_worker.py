@@ -1,0 +1,26 @@
+"""Under mpiexec, one facility's own launch: join the others as `mpifed run CONFIG --facility NAME`
+does, train, then every rank writes the sha256 of its model (from the torch module) to OUT.
+
+    mpiexec -n 2 python tests/mpi/join_worker.py CONFIG NAME OUT
+"""
+import sys
+from pathlib import Path
+
+from mpi4py import MPI
+
+from mpifed import configfile, entry, topology
+from mpifed.join import JoinError
+from mpifed.trainer import Trainer
+from mpifed.watchdog import abort_on_error
+
+cfg = configfile.from_dict(configfile.load(sys.argv[1]))
+name, out = sys.argv[2], Path(sys.argv[3])
+with abort_on_error(MPI.COMM_WORLD, expected=(JoinError,)):
+    world, run_cfg, index = entry.join_world(MPI.COMM_WORLD, cfg, name)
+with abort_on_error(world):
+    topo = topology.build(world, index, [f.name for f in run_cfg.facility], run_cfg.federation.roots)
+    trainer = Trainer(run_cfg, topo)
+    trainer.run()
+    (out / f"digest-{name}-{topo.facility.rank}.txt").write_text(trainer.model_digest())
+    trainer.close()
+    topo.close()
