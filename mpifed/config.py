@@ -374,6 +374,12 @@ class FacilityConfig:
         if self.ranks < 1:
             out.append(f"{where}.ranks: must be >= 1 (got {self.ranks})")
         out += _choice(f"{where}.engine", self.engine, ENGINES, "engine")
+        from mpifed.sites import available
+
+        profiles = available()
+        if self.site not in profiles:
+            out.append(f"{where}.site: no site profile {self.site!r}; choose one of {', '.join(profiles)} "
+                       "(mpifed sites list)")
         if self.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
             out.append(f"{where}.engine: deepspeed is not installed here; pip install 'mpifed[deepspeed]' "
                        "or choose the fsdp or replica engine")
