@@ -33,5 +33,8 @@ setup(
         "lora": ["peft>=0.13"],
         "dev": ["mpich", "deepspeed>=0.15", "peft>=0.13", "pytest>=8", "pytest-timeout>=2.3"],
     },
+    # Site profiles and launch wrappers, found under share/mpifed by mpifed.sites and mpifed.project.
+    data_files=[("share/mpifed/sitecfg", sorted(str(p) for p in Path("sitecfg").glob("*.toml"))),
+                ("share/mpifed/launch", sorted(str(p) for p in Path("launch").glob("*.sh")))],
     entry_points={"console_scripts": ["mpifed = mpifed.cli:main"]},
 )

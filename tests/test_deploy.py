@@ -1,0 +1,168 @@
+"""Deployment: the ten site profiles, `mpifed sites`, the project `mpifed config new` writes (its shell
+passes shellcheck), the launch wrappers, the container recipes, and the generated batch scripts of two
+facilities submitted to a real one-node SLURM cluster, where they join and train."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, mpifed, rank_env
+from mpifed import checkpoint, sites
+
+PROFILES = {"leonardo", "lumi", "marenostrum5", "meluxina", "vega", "karolina", "discoverer", "deucalion",
+            "frontier", "local"}
+
+
+def test_sites_list_shows_the_ten_profiles_and_each_loads():
+    result = mpifed("sites", "list")
+    assert result.returncode == 0, result.stderr
+    assert {line.split()[0] for line in result.stdout.splitlines()} == PROFILES
+    for name in PROFILES:
+        site = sites.get(name)
+        assert site.name == name and site.env, name
+        assert all(var.why for var in site.env.values())
+        assert (site.accelerator == "cpu") == (site.torch_backend == "gloo")
+        assert (site.container.runtime == "none") == (name == "local")
+    assert {sites.get(n).accelerator for n in ("lumi", "frontier")} == {"rocm"}
+    assert "MIOPEN_USER_DB_PATH" in sites.get("lumi").env and "NCCL_SOCKET_IFNAME" in sites.get("frontier").env
+    shown = mpifed("sites", "show", "lumi")
+    assert shown.returncode == 0 and "env NCCL_SOCKET_IFNAME=hsn0,hsn1,hsn2,hsn3\n      RCCL bootstraps" in shown.stdout
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("launcher = \"srun\"", "laucher = \"srun\""), "mpi.laucher: unknown key; valid keys: launcher, srun_mpi, libmpi"),
+    (("gpus_per_node = 4", "gpus_per_node = \"four\""), "scheduler.gpus_per_node: expected int, got str"),
+    (("accelerator = \"cuda\"", "accelerator = \"tpu\""), "accelerator: 'tpu' is not one of cuda, rocm, cpu"),
+    (("NCCL_IB_HCA = { value = \"mlx5\", why", "NCCL_IB_HCA = { value = \"mlx5\", reason"),
+     "env.NCCL_IB_HCA: give { value = \"...\", why = \"...\" }"),
+])
+def test_a_malformed_profile_names_its_bad_key(edit, message, tmp_path):
+    (tmp_path / "leonardo.toml").write_text((ROOT / "sitecfg" / "leonardo.toml").read_text().replace(*edit, 1))
+    result = subprocess.run([sys.executable, "-m", "mpifed", "sites", "show", "leonardo"], capture_output=True,
+                            text=True, env={**rank_env(), "MPIFED_SITECFG": str(tmp_path)})
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert f"{tmp_path / 'leonardo.toml'}: {message}" in result.stderr
+
+
+def test_an_unknown_site_is_a_config_error():
+    result = mpifed("simulate", "--set", "facility.f0.site=atlantis", "--dry-run")
+    assert result.returncode == 2 and "facility.f0.site: no site profile 'atlantis'; choose one of deucalion" in result.stderr
+
+
+NEW = ["config", "new", "--model", "llama-tiny", "--data", "", "--rounds", "2", "--local-steps", "3",
+       "--outer", "diloco", "--compress", "none", "--rendezvous", "hub-port.txt", "--token-file", "",
+       "--checkpoint-dir", "checkpoints", "--set", "data.seq_len=64", "--set", "train.micro_batch=4"]
+
+
+def test_config_new_writes_a_project_from_flags_only(tmp_path):
+    result = mpifed(*NEW, str(tmp_path / "p"), "--facilities", "leo:leonardo:8:fsdp,lumi:lumi:4:deepspeed,cpu:local:1")
+    assert result.returncode == 0, result.stderr
+    project = tmp_path / "p"
+    assert sorted(p.name for p in project.iterdir()) == ["README.md", "cpu.sbatch", "launch", "leo.sbatch",
+                                                         "lumi.sbatch", "mpifed.toml"]
+    leo, lumi = (project / "leo.sbatch").read_text(), (project / "lumi.sbatch").read_text()
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks=8", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --partition=boost_usr_prod", "#SBATCH --account=<PROJECT>", 'MPIFED_GPU_FLAG="--nv"',
+                 "launch/mpifed-srun.sh run mpifed.toml --facility leo \"$@\""):
+        assert line in leo
+    assert 'MPIFED_GPU_FLAG="--rocm"' in lumi and "MPI4PY_LIBMPI" in lumi and "#SBATCH --exclusive" in lumi
+    assert re.search(r'export MIOPEN_USER_DB_PATH="\$\{MIOPEN_USER_DB_PATH:-/tmp/\$USER-miopen-\$SLURM_JOB_ID\}"  # ', lumi)
+    assert "apptainer" not in (project / "cpu.sbatch").read_text()
+    assert os.access(project / "leo.sbatch", os.X_OK) and os.access(project / "launch" / "mpifed-srun.sh", os.X_OK)
+    toml = (project / "mpifed.toml").read_text()
+    assert 'rendezvous = "hub-port.txt"' in toml and 'outer = "diloco"' in toml
+    readme = (project / "README.md").read_text()
+    assert "Submit `leo.sbatch` first (leo is the hub)" in readme
+    again = mpifed(*NEW, str(project), "--facilities", "a:local:1")
+    assert again.returncode == 2 and "already holds a project (mpifed.toml)" in again.stderr
+
+
+def test_config_new_refuses_an_unknown_site(tmp_path):
+    result = mpifed(*NEW, str(tmp_path / "p"), "--facilities", "a:atlantis:1")
+    assert result.returncode == 2 and "--facilities: no site profile 'atlantis'" in result.stderr
+    assert not (tmp_path / "p").exists()
+
+
+def test_generated_and_shipped_shell_passes_shellcheck(tmp_path):
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (.ci/run installs it)")
+    assert mpifed(*NEW, str(tmp_path / "p"), "--facilities",
+                  ",".join(f"{name}:{name}:2" for name in sorted(PROFILES))).returncode == 0
+    scripts = [*sorted((tmp_path / "p").glob("*.sbatch")), *sorted((ROOT / "launch").glob("*.sh")),
+               ROOT / "tests" / "slurm" / "cluster.sh", ROOT / ".ci" / "run"]
+    assert len(scripts) == 15
+    result = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_container_wrapper_builds_the_apptainer_line(tmp_path):
+    """A fake `apptainer` on PATH records the command the wrapper runs."""
+    fake = tmp_path / "bin" / "apptainer"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$RECORD"\n')
+    fake.chmod(0o755)
+    env = {**rank_env(), "PATH": f"{fake.parent}:{os.environ['PATH']}", "RECORD": str(tmp_path / "argv"),
+           "MPIFED_IMAGE": "/images/mpifed-rocm.sif", "MPIFED_GPU_FLAG": "--rocm", "MPIFED_BINDS": "/scratch,/project",
+           "MPI4PY_LIBMPI": "/opt/cray/pe/lib64/libmpi_gnu_123.so.12"}
+    subprocess.run([str(ROOT / "launch" / "mpifed-container.sh"), "run", "mpifed.toml", "--facility", "lumi"],
+                   env=env, check=True)
+    assert (tmp_path / "argv").read_text().splitlines() == [
+        "exec", "--rocm", "--bind", "/scratch,/project,/opt/cray/pe/lib64", "/images/mpifed-rocm.sif", "mpifed", "run",
+        "mpifed.toml", "--facility", "lumi"]
+    # without an image it runs the mpifed it is given, directly
+    direct = subprocess.run([str(ROOT / "launch" / "mpifed-container.sh"), "--version"], capture_output=True, text=True,
+                            env={**rank_env(), "MPIFED": str(Path(sys.executable).parent / "mpifed")})
+    assert direct.returncode == 0 and direct.stdout.startswith("mpifed, version")
+
+
+@pytest.mark.parametrize("recipe, image", [("mpifed-cuda.def", "nvcr.io/nvidia/pytorch:"),
+                                           ("mpifed-rocm.def", "rocm/pytorch:")])
+def test_container_recipes_have_their_sections(recipe, image):
+    text = (ROOT / "containers" / recipe).read_text()
+    header = dict(re.findall(r"^(Bootstrap|From):\s*(\S+)", text, re.M))
+    assert header["Bootstrap"] == "docker" and header["From"].startswith(image)
+    sections = re.findall(r"^%(\w+)", text, re.M)
+    assert set(sections) == {"labels", "help", "files", "post", "environment", "runscript", "test"}
+    files = re.search(r"^%files\n(.*?)\n\n", text, re.M | re.S)[1].split("\n")
+    for line in files:  # everything copied in exists in the source tree
+        assert (ROOT / line.split()[0]).exists(), line
+    post = re.search(r"^%post\n(.*?)\n\n", text, re.M | re.S)[1]
+    assert '"mpi4py>=4.1" mpich' in post and "/opt/mpifed/src[deepspeed,lora]" in post
+    assert "pip install torch" not in post  # the vendor's torch build stays
+    assert "HF_HUB_OFFLINE=1" in text and "exec mpifed \"$@\"" in text
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    state = tmp_path_factory.mktemp("slurm")
+    started = subprocess.run(["bash", str(ROOT / "tests" / "slurm" / "cluster.sh"), "start", str(state)],
+                             capture_output=True, text=True, timeout=120)
+    if started.returncode != 0:
+        print(started.stdout, started.stderr)
+        pytest.skip(f"no SLURM cluster here: {started.stdout.strip() or started.stderr.strip()}")
+    yield state / "slurm.conf"
+    subprocess.run(["bash", str(ROOT / "tests" / "slurm" / "cluster.sh"), "stop", str(state)], timeout=60)
+
+
+def test_config_new_project_trains_under_real_slurm(slurm, tmp_path):
+    """Both facilities' generated scripts, submitted with sbatch --wait: they join and train 2 rounds."""
+    project = tmp_path / "p"
+    assert mpifed(*NEW, str(project), "--facilities", "a:local:1,b:local:1").returncode == 0
+    env = {**rank_env(), "SLURM_CONF": str(slurm), "MPIFED_TOKEN": "slurm-test-token",
+           "MPIFED": str(Path(sys.executable).parent / "mpifed")}
+    jobs = [subprocess.Popen(["sbatch", "--wait", f"{name}.sbatch"], cwd=project, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for name in ("a", "b")]
+    try:
+        outputs = [job.communicate(timeout=300)[0] for job in jobs]
+    except subprocess.TimeoutExpired:
+        subprocess.run(["scancel", "--name=mpifed-a", "--name=mpifed-b"], env=env)
+        pytest.fail("the SLURM jobs did not finish in 300 s")
+    logs = {name: "".join(p.read_text() for p in project.glob(f"mpifed-{name}-*.out")) for name in "ab"}
+    assert [job.returncode for job in jobs] == [0, 0], f"{outputs}\n{logs}"
+    assert "round   2/2" in logs["a"] and "mpifed: facility b joined (2 of 2)" in logs["a"]
+    summary = checkpoint.verify(project / "checkpoints" / checkpoint.main_name(2))
+    assert [f["name"] for f in summary.facilities] == ["a", "b"] and summary.round == 2
