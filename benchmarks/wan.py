@@ -1,0 +1,188 @@
+"""Emulated wide-area network: every facility in its own network namespace, joined through a bridge by a
+veth pair whose uplink `tc` shapes (rate, and delay where the kernel has netem), each facility launched
+separately (`mpifed run --facility`) and joined over MPI ports as on real sites.
+
+Reports, for the same run unshaped and shaped (and shaped with int8 compression): sync seconds per round,
+bytes between facilities per round (mpifed's count and the bytes `tc` saw leave each uplink), and compute
+utilization, the share of wall time not spent synchronising.
+
+    python benchmarks/wan.py [--rate 100mbit] [--delay 20ms] [--model llama-small] [--rounds 3]
+
+Needs root (ip netns, veth, tc); elsewhere it prints why and a RESULT line with "skipped".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFIX = "mpifedwan"
+
+
+def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, check=check)
+
+
+def ns(name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return sh("ip", "netns", "exec", name, *args, check=check)
+
+
+class Wan:
+    """A bridge namespace and one namespace per facility, 10.77.0.(i+1)/24 on uplink u{i}."""
+
+    def __init__(self, facilities: int) -> None:
+        self.names = [f"{PREFIX}{i}" for i in range(facilities)]
+        self.bridge = f"{PREFIX}br"
+
+    def __enter__(self) -> "Wan":
+        self.close()
+        sh("ip", "netns", "add", self.bridge)
+        ns(self.bridge, "ip", "link", "add", "br0", "type", "bridge")
+        ns(self.bridge, "ip", "link", "set", "br0", "up")
+        for i, name in enumerate(self.names):
+            sh("ip", "netns", "add", name)
+            sh("ip", "link", "add", f"u{i}", "type", "veth", "peer", "name", f"b{i}")
+            sh("ip", "link", "set", f"u{i}", "netns", name)
+            sh("ip", "link", "set", f"b{i}", "netns", self.bridge)
+            ns(self.bridge, "ip", "link", "set", f"b{i}", "master", "br0")
+            ns(self.bridge, "ip", "link", "set", f"b{i}", "up")
+            ns(name, "ip", "addr", "add", f"10.77.0.{i + 1}/24", "dev", f"u{i}")
+            ns(name, "ip", "link", "set", f"u{i}", "up")
+            ns(name, "ip", "link", "set", "lo", "up")
+        return self
+
+    def shape(self, rate: str, delay: str) -> str:
+        """Shape every uplink; returns what was applied (netem for rate and delay, else tbf for rate only)."""
+        applied = ""
+        for i, name in enumerate(self.names):
+            ns(name, "tc", "qdisc", "del", "dev", f"u{i}", "root", check=False)
+            if not rate:
+                continue
+            netem = ns(name, "tc", "qdisc", "add", "dev", f"u{i}", "root", "netem", "delay", delay, "rate", rate,
+                       check=False)
+            if netem.returncode == 0:
+                applied = f"netem rate {rate} delay {delay}"
+            else:
+                ns(name, "tc", "qdisc", "add", "dev", f"u{i}", "root", "tbf", "rate", rate, "burst", "64kb",
+                   "latency", "500ms")
+                applied = f"tbf rate {rate} (no delay: this kernel has no netem qdisc)"
+        return applied or "none"
+
+    def sent_bytes(self) -> int:
+        total = 0
+        for i, name in enumerate(self.names):
+            stats = ns(name, "ip", "-s", "-j", "link", "show", f"u{i}").stdout
+            total += json.loads(stats)[0]["stats64"]["tx"]["bytes"]
+        return total
+
+    def close(self) -> None:
+        for name in [*getattr(self, "names", []), getattr(self, "bridge", "")]:
+            if name:
+                sh("ip", "netns", "del", name, check=False)
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def permitted() -> str:
+    """Why namespaces cannot be used here ("" when they can)."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    for tool in ("ip", "tc"):
+        if sh("which", tool, check=False).returncode != 0:
+            return f"{tool} is not installed (iproute2)"
+    probe = sh("ip", "netns", "add", f"{PREFIX}probe", check=False)
+    sh("ip", "netns", "del", f"{PREFIX}probe", check=False)
+    return "" if probe.returncode == 0 else f"ip netns add failed: {probe.stderr.strip()}"
+
+
+def run_federation(wan: Wan, work: Path, sets: list[str], ranks: int, timeout: float = 600) -> list[dict]:
+    """One federated run, facility i launched in namespace i; returns the hub's metrics rows."""
+    from mpifed import configfile
+
+    names = [f"site{i}" for i in range(len(wan.names))]
+    data = {"facility": [{"name": n, "ranks": ranks} for n in names]}
+    cfg = configfile.from_dict(configfile.apply_sets(data, [
+        f"federation.rendezvous={work / 'port.txt'}", "federation.join_timeout_s=120", f"checkpoint.dir={work / 'run'}",
+        "checkpoint.every=1000", "eval.facilities=false", *sets]))
+    (work / "c.toml").write_text(configfile.dump_toml(cfg))
+    python = sys.executable
+    mpiexec = str(Path(python).parent / "mpiexec")
+    procs = []
+    for i, (netns, name) in enumerate(zip(wan.names, names)):
+        # UCX (the MPICH wheel's netmod) would use shared memory between jobs on one machine: TCP only,
+        # over the facility's uplink, so every byte between facilities crosses the shaped link.
+        env = {**os.environ, "MPIFED_TOKEN": "wan-benchmark", "UCX_TLS": "tcp,self", "UCX_NET_DEVICES": f"u{i}",
+               "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        command = ["ip", "netns", "exec", netns, mpiexec, "-n", str(ranks), python, "-m", "mpifed", "run",
+                   str(work / "c.toml"), "--facility", name]
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        time.sleep(0.3)
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError("a facility failed:\n" + "\n".join(outputs))
+    return [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+def summarise(rows: list[dict], sent: int) -> dict:
+    steady = rows[1:] or rows  # round 1 includes the first connections' setup
+    wall = sum(r["wall_s"] for r in steady)
+    sync = sum(r["sync_s"] + r["idle_s"] for r in steady)
+    return {"sync_s": round(sync / len(steady), 3), "bytes_inter_per_round": steady[0]["bytes_inter"],
+            "link_bytes_per_round": sent // len(rows), "utilization": round(1 - sync / wall, 3),
+            "wall_s_per_round": round(wall / len(steady), 3)}
+
+
+def measure(facilities: int, ranks: int, rate: str, delay: str, sets: list[str], say=print) -> dict:
+    cases = {"unshaped": ("", []), "shaped": (rate, []), "shaped_int8": (rate, ["federation.compress=int8"])}
+    out = {}
+    with Wan(facilities) as wan, tempfile.TemporaryDirectory() as tmp:
+        for label, (shape_rate, extra) in cases.items():
+            applied = wan.shape(shape_rate, delay)
+            before = wan.sent_bytes()
+            work = Path(tmp) / label
+            work.mkdir()
+            rows = run_federation(wan, work, sets + extra, ranks)
+            out[label] = {**summarise(rows, wan.sent_bytes() - before), "shaping": applied}
+            say(f"{label:<12} {applied:<60} sync {out[label]['sync_s']:.3f} s/round  utilization "
+                f"{out[label]['utilization']:.1%}  bytes between facilities {out[label]['bytes_inter_per_round']:,}"
+                f"/round (link {out[label]['link_bytes_per_round']:,})")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--facilities", type=int, default=2)
+    parser.add_argument("--ranks", type=int, default=1, help="ranks per facility")
+    parser.add_argument("--rate", default="100mbit")
+    parser.add_argument("--delay", default="20ms")
+    parser.add_argument("--model", default="llama-small")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-steps", type=int, default=10)
+    args = parser.parse_args()
+    why = permitted()
+    if why:
+        print(f"wan: skipped: {why}")
+        print("RESULT " + json.dumps({"skipped": why}))
+        return
+    sets = [f"model.preset={args.model}", f"federation.rounds={args.rounds}", f"train.local_steps={args.local_steps}",
+            "train.micro_batch=4", "data.seq_len=128"]
+    out = measure(args.facilities, args.ranks, args.rate, args.delay, sets)
+    result = {
+        "facilities": args.facilities, "model": args.model, "rate": args.rate, "delay": args.delay,
+        "shaping": out["shaped"]["shaping"],
+        "sync_ratio_shaped_vs_unshaped": round(out["shaped"]["sync_s"] / max(out["unshaped"]["sync_s"], 1e-9), 2),
+        "sync_ratio_int8_vs_fp32_shaped": round(out["shaped_int8"]["sync_s"] / max(out["shaped"]["sync_s"], 1e-9), 2),
+        **{f"{label}_{key}": value for label, values in out.items() for key, value in values.items() if key != "shaping"},
+    }
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
