@@ -241,21 +241,22 @@ def config_group() -> None:
     """Create run configurations and projects."""
 
 
-def _facilities(ctx, param, value: str) -> list[tuple[str, str, int, str]]:
+def _facilities(value: str) -> list[tuple[str, str, int, str]]:
+    """--facilities NAME:SITE:RANKS[:ENGINE],... parsed (a callback would see prompted answers twice)."""
     out = []
     for item in filter(None, (v.strip() for v in value.split(","))):
         parts = item.split(":")
         if len(parts) not in (3, 4) or not parts[2].isdigit():
-            raise click.BadParameter(f"{item!r}: expected NAME:SITE:RANKS or NAME:SITE:RANKS:ENGINE")
+            raise UserError(f"--facilities: {item!r}: expected NAME:SITE:RANKS or NAME:SITE:RANKS:ENGINE")
         out.append((parts[0], parts[1], int(parts[2]), parts[3] if len(parts) == 4 else "replica"))
     if not out:
-        raise click.BadParameter("name at least one facility")
+        raise UserError("--facilities: name at least one facility")
     return out
 
 
 @config_group.command("new")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--facilities", callback=_facilities, prompt="Facilities (NAME:SITE:RANKS[:ENGINE], comma-separated; "
+@click.option("--facilities", prompt="Facilities (NAME:SITE:RANKS[:ENGINE], comma-separated; "
               "the first is the hub)", default="leonardo:leonardo:4:fsdp,lumi:lumi:8:deepspeed",
               help="NAME:SITE:RANKS[:ENGINE],... (engine: replica, fsdp or deepspeed; the first facility is the hub).")
 @click.option("--model", prompt="Model (a preset or a local model folder)", default="llama-small",
@@ -276,7 +277,7 @@ def _facilities(ctx, param, value: str) -> list[tuple[str, str, int, str]]:
 @click.option("--checkpoint-dir", prompt="Checkpoint folder", default="checkpoints", help="checkpoint.dir")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Any other key (repeatable).")
 @click.option("--overwrite", is_flag=True, help="Replace the files of an existing project in OUT.")
-def config_new(out: Path, facilities: list, model: str, data_path: str, rounds: int, local_steps: int, outer: str,
+def config_new(out: Path, facilities: str, model: str, data_path: str, rounds: int, local_steps: int, outer: str,
                compress: str, rendezvous: str, token_file: str, checkpoint_dir: str, sets: tuple[str, ...],
                overwrite: bool) -> int:
     """Write a project to OUT: mpifed.toml, one SLURM script per facility (srun + the container-wrapped
@@ -292,11 +293,12 @@ def config_new(out: Path, facilities: list, model: str, data_path: str, rounds: 
     from mpifed import config, configfile, project
     from mpifed.sites import SiteError, get
 
+    listed = _facilities(facilities)
     if (out / "mpifed.toml").exists() and not overwrite:
         raise UserError(f"OUT: {out} already holds a project (mpifed.toml); choose another folder or pass --overwrite")
     _check_writable(out, "OUT", is_dir=True)
     try:
-        profiles = {name: get(site) for name, site, _, _ in facilities}
+        profiles = {name: get(site) for name, site, _, _ in listed}
     except SiteError as exc:
         raise UserError(f"--facilities: {exc}") from None
     is_folder = "/" in model or Path(model).is_dir()
@@ -307,7 +309,7 @@ def config_new(out: Path, facilities: list, model: str, data_path: str, rounds: 
         "federation": {"rounds": rounds, "outer": outer, "compress": compress, "rendezvous": rendezvous,
                        "token_file": token_file},
         "checkpoint": {"dir": checkpoint_dir},
-        "facility": [{"name": n, "site": s, "ranks": r, "engine": e} for n, s, r, e in facilities],
+        "facility": [{"name": n, "site": s, "ranks": r, "engine": e} for n, s, r, e in listed],
     }
     try:
         cfg = configfile.from_dict(configfile.apply_sets(data, list(sets)))

@@ -18,8 +18,12 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import datasets
 
 VOCAB_SIZE = 256
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
@@ -107,7 +111,7 @@ Batch = "np.ndarray | tuple[np.ndarray, np.ndarray]"
 """Token ids [n, L] (the labels are the ids), or (ids, labels) with -100 where a token carries no loss."""
 
 
-def take(partition: "np.ndarray | datasets.Dataset", rows: np.ndarray) -> Batch:  # noqa: F821
+def take(partition: "np.ndarray | datasets.Dataset", rows: np.ndarray) -> Batch:
     """Rows of an in-memory [n, L] array, or of a prepared split (read from its memory-mapped file)."""
     if isinstance(partition, np.ndarray):
         return partition[rows]
@@ -123,7 +127,7 @@ class Sampler:
     needs to resume. The partition is an in-memory array or a prepared split (rows read on demand).
     """
 
-    def __init__(self, partition: "np.ndarray | datasets.Dataset", rank: int, ranks: int,  # noqa: F821
+    def __init__(self, partition: "np.ndarray | datasets.Dataset", rank: int, ranks: int,
                  micro_batch: int, seed: tuple[int, ...]) -> None:
         self.partition = partition
         self.index = np.arange(len(partition))[rank::ranks]
@@ -169,12 +173,12 @@ class Prepared:
         self.vocab_size: int = self.manifest["vocab_size"]
         self.partitions: int = len(self.manifest["partitions"])
 
-    def split(self, name: str) -> "datasets.Dataset":  # noqa: F821
+    def split(self, name: str) -> datasets.Dataset:
         import datasets
 
         return datasets.load_from_disk(str(self.path / name)).with_format("numpy")
 
-    def partition(self, index: int) -> "datasets.Dataset":  # noqa: F821
+    def partition(self, index: int) -> datasets.Dataset:
         return self.split(f"partition_{index}")
 
     def validation(self, limit: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MixtralConfig, PreTrainedModel
 
 from mpifed.config import LoraConfig, ModelConfig
 from mpifed.data import VOCAB_SIZE
+
+if TYPE_CHECKING:
+    from mpifed.checkpoint import Summary
 
 _TINY_MOE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
@@ -114,7 +118,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(base_model(model).model.layers)
 
 
-def export_lora(summary: "Summary", out: Path, merge: bool) -> str:  # noqa: F821
+def export_lora(summary: Summary, out: Path, merge: bool) -> str:
     """Rebuild the base a LoRA checkpoint was trained on (checked against its digest), load the
     checkpointed adapters, and save either the adapters (a peft folder) or, with `merge`, the merged
     full model (config.json + model.safetensors for from_pretrained). Returns what was written."""

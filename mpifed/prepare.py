@@ -18,9 +18,12 @@ import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import datasets
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -238,7 +241,7 @@ def _encode(batch: dict, tokenizer, keys: tuple[str, ...]) -> dict:
     return {f"{key}_ids": tokenizer(batch[key], add_special_tokens=False)["input_ids"] for key in keys}
 
 
-def tokenize(records: Records, tokenizer, num_proc: int) -> "datasets.Dataset":  # noqa: F821
+def tokenize(records: Records, tokenizer, num_proc: int) -> datasets.Dataset:
     """Token ids of every document (columns text_ids, or prompt_ids and response_ids), in parallel."""
     import datasets
 

@@ -166,3 +166,16 @@ def test_config_new_project_trains_under_real_slurm(slurm, tmp_path):
     assert "round   2/2" in logs["a"] and "mpifed: facility b joined (2 of 2)" in logs["a"]
     summary = checkpoint.verify(project / "checkpoints" / checkpoint.main_name(2))
     assert [f["name"] for f in summary.facilities] == ["a", "b"] and summary.round == 2
+
+
+def test_config_new_asks_for_what_its_flags_did_not_give(tmp_path):
+    """At a terminal every missing flag is a prompt; answers come from stdin here."""
+    answers = "a:local:1,b:vega:4:fsdp\nllama-tiny\n\n3\n7\nfedavgm\nint8\nshared/port.txt\n\nckpt\n"
+    result = subprocess.run([sys.executable, "-m", "mpifed", "config", "new", str(tmp_path / "p")], input=answers,
+                            capture_output=True, text=True, env=rank_env(), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Facilities (NAME:SITE:RANKS[:ENGINE], comma-separated; the first is the hub)" in result.stdout
+    toml = (tmp_path / "p" / "mpifed.toml").read_text()
+    for line in ('rounds = 3', 'local_steps = 7', 'outer = "fedavgm"', 'compress = "int8"',
+                 'rendezvous = "shared/port.txt"', 'dir = "ckpt"', 'site = "vega"', 'engine = "fsdp"'):
+        assert line in toml

@@ -121,7 +121,7 @@ def test_a_wrong_token_is_refused_and_the_hub_stops_at_the_timeout(joined_run, t
 
 
 def test_a_different_model_is_refused_naming_the_fingerprint(tmp_path):
-    config = _config(tmp_path, {"hub": 1, "edge": 1}, "federation.join_timeout_s=12")
+    config = _config(tmp_path, {"hub": 1, "edge": 1}, "federation.join_timeout_s=8")
     hub, edge = _launch([(1, _run(config, "hub"), {"MPIFED_TOKEN": TOKEN}),
                          (1, _run(config, "edge") + ["--set", "lora.rank=2"], {"MPIFED_TOKEN": TOKEN})], timeout=120)
     for result in (edge, hub):
@@ -139,7 +139,7 @@ def test_a_missing_facility_stops_the_hub_or_is_left_out(tmp_path):
     assert ("error: b, c did not join within 8 s (federation.join_timeout_s); set federation.min_facilities to go "
             "on without them") in hub.stderr
     # with federation.min_facilities = 2, a and b go on without c
-    config = _config(tmp_path, {"a": 1, "b": 1, "c": 1}, "federation.join_timeout_s=20", "federation.min_facilities=2")
+    config = _config(tmp_path, {"a": 1, "b": 1, "c": 1}, "federation.join_timeout_s=10", "federation.min_facilities=2")
     a, b = _launch([(1, _run(config, "a"), {"MPIFED_TOKEN": TOKEN}), (1, _run(config, "b"), {"MPIFED_TOKEN": TOKEN})],
                    timeout=180)
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr

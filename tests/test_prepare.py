@@ -199,3 +199,19 @@ def test_data_path_errors_name_the_folder(bpe_data, tmp_path):
         configfile.from_dict({"data": {"path": str(bpe_data[0])}})
     with pytest.raises(ConfigError, match=f"data.path {tmp_path}: not a prepared dataset"):
         configfile.from_dict({"data": {"path": str(tmp_path)}})
+
+
+def test_a_saved_dataset_is_an_input_with_its_source_field(bpe_data, tmp_path):
+    rows = {"body": [f"Document {i} of the {site} site: " + "words and more words. " * 20 for i in range(30)
+                     for site in ("north", "south", "east")],
+            "site": [site for _ in range(30) for site in ("north", "south", "east")]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "saved"))
+    manifest = prepare(PrepareOptions(inputs=(tmp_path / "saved",), out=tmp_path / "out", seq_len=32, partitions=3,
+                                      split="by-source", text_field="body", source_field="site",
+                                      tokenizer=bpe_data[0] / "tokenizer"), say=lambda _: None)
+    assert sorted(s for p in manifest["partitions"] for s in p["sources"]) == ["east", "north", "south"]
+    tokenizer = AutoTokenizer.from_pretrained(str(bpe_data[0] / "tokenizer"), local_files_only=True)
+    for p in manifest["partitions"]:  # each partition decodes to its own site's documents only
+        text = tokenizer.decode(_rows(tmp_path / "out", p["name"]).reshape(-1))
+        assert f"the {p['sources'][0]} site" in text
+        assert not any(f"the {other} site" in text for other in ("north", "south", "east") if other != p["sources"][0])

@@ -10,7 +10,6 @@ new values go into those tensors and DeepSpeed's fp32 master copy is refreshed f
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
