@@ -3,6 +3,7 @@ the manifest's counts against an independent tokenization, disjoint by-source pa
 partitions, SFT labels token by token, resuming mid-epoch, and one clear error per bad input."""
 import json
 import re
+from collections import Counter
 
 import datasets
 import numpy as np
@@ -103,9 +104,16 @@ def test_iid_partitions_follow_weights_and_do_not_overlap(bpe_data, corpus_dir, 
     sizes = [p["sequences"] for p in manifest["partitions"]]
     assert abs(sizes[0] - 3 * sizes[1]) <= 3
     assert abs(manifest["validation"]["sequences"] - 0.1 * (sum(sizes) + manifest["validation"]["sequences"])) <= 1
-    seen = [set(map(bytes, (r.astype(np.int32).tobytes() for r in _rows(out, s))))
-            for s in ("partition_0", "partition_1", "validation")]
-    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+    # every packed sequence is used exactly once: the rows of the partitions and the validation split are,
+    # as a multiset, the document stream packed independently (identical text may repeat a row's content)
+    tokenizer = AutoTokenizer.from_pretrained(str(bpe_data[0] / "tokenizer"), local_files_only=True)
+    stream = [t for f in sorted(corpus_dir.rglob("*.txt"))
+              for t in tokenizer(f.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+    n = len(stream) // 64
+    packed = Counter(np.array(stream[:n * 64], np.int32).reshape(n, 64)[i].tobytes() for i in range(n))
+    used = Counter(r.astype(np.int32).tobytes() for s in ("partition_0", "partition_1", "validation")
+                   for r in _rows(out, s))
+    assert used == packed
 
 
 def test_resuming_mid_epoch_continues_at_the_next_unseen_sequence(bpe_data):

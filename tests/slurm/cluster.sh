@@ -4,6 +4,7 @@
 #   tests/slurm/cluster.sh stop DIR     stop them
 # Needs root and Debian's slurm-wlm and munge (.ci/run installs them). Use it with SLURM_CONF=DIR/slurm.conf.
 set -euo pipefail
+export PATH="$PATH:/usr/sbin:/sbin"  # the daemons live there; a CI PATH may leave it out
 
 action="${1:?start or stop}"
 dir="${2:?state folder}"
