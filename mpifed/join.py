@@ -242,37 +242,46 @@ def serve(comm: MPI.Intracomm, hub: Hello, token: bytes, expected: dict[str, int
     return world, joined
 
 
+def _accept(world: MPI.Intracomm, port: str, handshake: Callable[[MPI.Intercomm], str] | None
+            ) -> tuple[str, list[str], MPI.Intracomm | None]:
+    """One collective accept on `world`. The hub's leader runs `handshake` (everyone else passes None)
+    and all learn its verdict: (name, problems, the merged world). A wake-up call gives the name _WAKE;
+    a wake-up call or a refused newcomer is disconnected and gives no merged world."""
+    inter = world.Accept(port, root=0)
+    verdict = wire.allgather_str(world, handshake(inter) if handshake else "")[0]
+    name, problems = (_WAKE, []) if verdict == _WAKE else json.loads(verdict)
+    if name == _WAKE or problems:
+        inter.Disconnect()
+        return name, problems, None
+    merged = inter.Merge(high=False)
+    inter.Free()
+    return name, problems, merged
+
+
 def _admit(comm: MPI.Intracomm, port: str, hub: Hello, token: bytes, expected: dict[str, int],
            say: Callable[[str], None]) -> tuple[MPI.Intracomm, list[str], dict[str, str]]:
     """The accept loop on the hub's side; joined newcomers run `follow` meanwhile."""
     world, joined, refused = comm, [hub.facility], {}
+
+    def handshake(inter: MPI.Intercomm) -> str:
+        name, problems = _handshake_hub(inter, hub, token, expected, set(joined), port)
+        return _WAKE if name == _WAKE else json.dumps([name, problems])
+
     while len(joined) < len(expected):
         if world is not comm:
             wire.bcast_int(world, _ACCEPT)  # tell the newcomers already in to accept the next one with us
-        inter = world.Accept(port, root=0)
-        verdict = ""
-        if world.rank == 0:
-            name, problems = _handshake_hub(inter, hub, token, expected, set(joined), port)
-            verdict = _WAKE if name == _WAKE else json.dumps([name, problems])
-            if problems:
-                say(f"refused facility {name}: {'; '.join(problems)}")
-        verdict = wire.allgather_str(world, verdict)[0]
-        if verdict == _WAKE:
-            inter.Disconnect()
+        name, problems, merged = _accept(world, port, handshake if world.rank == 0 else None)
+        if name == _WAKE:
             break
-        name, problems = json.loads(verdict)
         if problems:
             refused[name] = "; ".join(problems)
-            inter.Disconnect()
+            say(f"refused facility {name}: {refused[name]}")
             continue
-        merged = inter.Merge(high=False)
-        inter.Free()
         if world is not comm:
             world.Free()
         world = merged
         joined.append(name)
-        if world.rank == 0:
-            say(f"facility {name} joined ({len(joined)} of {len(expected)})")
+        say(f"facility {name} joined ({len(joined)} of {len(expected)})")
     return world, joined, refused
 
 
@@ -281,25 +290,14 @@ def follow(world: MPI.Intracomm) -> tuple[MPI.Intracomm, list[str]]:
     stop. Returns the names that joined, or raises JoinError if the hub gave up."""
     while True:
         code = wire.bcast_int(world, None)
-        if code == _ACCEPT:
-            inter = world.Accept("", root=0)
-            verdict = wire.allgather_str(world, "")[0]
-            if verdict == _WAKE:
-                inter.Disconnect()
-                continue
-            name, problems = json.loads(verdict)
-            if problems:
-                inter.Disconnect()
-                continue
-            merged = inter.Merge(high=False)
-            inter.Free()
-            world.Free()
-            world = merged
-            continue
         if code == _ABORT:
             raise JoinError("the hub stopped: not every facility joined in time (see the hub's message)")
-        joined = json.loads(wire.allgather_str(world, "")[0])
-        return world, joined
+        if code != _ACCEPT:
+            return world, json.loads(wire.allgather_str(world, "")[0])
+        _, _, merged = _accept(world, "", None)
+        if merged is not None:
+            world.Free()
+            world = merged
 
 
 def _wake_main(port: str) -> None:

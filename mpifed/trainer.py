@@ -96,7 +96,7 @@ class Trainer:
         self.device = choose_device(gpu, local_rank)
 
         self._load_data()
-        model = self._build_model()
+        model = model_for(cfg, self.prepared)
         self.model_config = model.config
         self.layout = FlatLayout.of(model)
         self._check_same_layout()
@@ -129,9 +129,6 @@ class Trainer:
             self.validation = (rows, rows)
         self.sampler = data.Sampler(partition, topo.facility.rank, topo.facility.size, cfg.train.micro_batch,
                                     seed=(cfg.train.seed, topo.facility_index, topo.facility.rank))
-
-    def _build_model(self) -> torch.nn.Module:
-        return model_for(self.cfg, self.prepared)
 
     def _resume(self, target: str) -> "checkpoint.Summary | None":
         """Restore every rank from the checkpoint `target` names ("auto" means the output folder)."""
