@@ -39,9 +39,10 @@ def launch_folder() -> Path:
     raise FileNotFoundError("the launch/ wrappers of mpifed are not installed (reinstall mpifed)")
 
 
-def _q(value: str) -> str:
-    """A double-quoted shell word that still expands $VARS (profiles use $USER, $SLURM_JOB_ID)."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("`", "\\`") + '"'
+def _in_quotes(value: str) -> str:
+    """`value` escaped for use inside a double-quoted shell word that still expands $VARS (profiles use
+    $USER, $SLURM_JOB_ID)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("`", "\\`")
 
 
 def batch_script(cfg: RunConfig, facility: str, site: Site) -> str:
@@ -75,16 +76,16 @@ def batch_script(cfg: RunConfig, facility: str, site: Site) -> str:
                   f"module load {' '.join(shlex.quote(m) for m in site.modules)}", ""]
     lines.append("# Environment, each with its reason. A value already set when you submit wins.")
     for name, var in site.env.items():
-        lines.append(f"export {name}=\"${{{name}:-{_q(var.value)[1:-1]}}}\"  # {var.why}")
+        lines.append(f"export {name}=\"${{{name}:-{_in_quotes(var.value)}}}\"  # {var.why}")
     if site.mpi.libmpi:
         lines.append(f"export MPI4PY_LIBMPI=\"${{MPI4PY_LIBMPI:-{site.mpi.libmpi}}}\"  # the host MPI (MPICH ABI) "
                      "instead of the embedded MPICH, bound into the container")
     if site.container.runtime != "none":
         lines += [
-            f"export MPIFED_IMAGE=\"${{MPIFED_IMAGE:-{_q(site.container.image)[1:-1]}}}\"  # the mpifed container image",
+            f"export MPIFED_IMAGE=\"${{MPIFED_IMAGE:-{_in_quotes(site.container.image)}}}\"  # the mpifed container image",
             f"export MPIFED_RUNTIME=\"${{MPIFED_RUNTIME:-{site.container.runtime}}}\"",
             f"export MPIFED_GPU_FLAG=\"{site.container_flag}\"  # the GPUs of a {site.accelerator} node inside the container",
-            f"export MPIFED_BINDS=\"${{MPIFED_BINDS:-{_q(','.join(site.container.binds))[1:-1]}}}\"  # host paths "
+            f"export MPIFED_BINDS=\"${{MPIFED_BINDS:-{_in_quotes(','.join(site.container.binds))}}}\"  # host paths "
             "the job reads and writes",
         ]
     lines += [
