@@ -403,18 +403,17 @@ def prepare(opts: PrepareOptions, say: Callable[[str], None] = print) -> dict:
             else partial(pack_block, seq_len=opts.seq_len, eos=eos)
         weights = list(opts.weights) or [1.0] * opts.partitions
         if opts.split == "by-source":
-            sizes: dict[str, int] = {}
-            lengths = np.diff(_stream(ds, "prompt_ids" if opts.sft else "text_ids")[1])
+            tokens_by_source: dict[str, int] = {}
+            lengths = sum(np.diff(_stream(ds, f"{key}_ids")[1]) for key in records.columns)
             for source, n in zip(records.sources, lengths):
-                sizes[source] = sizes.get(source, 0) + int(n)
-            groups = assign_sources(sizes, weights)
+                tokens_by_source[source] = tokens_by_source.get(source, 0) + int(n)
+            groups = assign_sources(tokens_by_source, weights)
             blocks = [make(ds.filter(lambda s, keep=set(g): s in keep, input_columns="source")) for g in groups]
         else:
-            groups = [sorted(set(records.sources))] * opts.partitions
+            groups = [[] for _ in range(opts.partitions)]  # iid: every partition draws from every source
             blocks = [make(ds)]
         parts, validation = _split(blocks, opts, weights)
-        empty = [i for i, p in enumerate(parts) if len(p.ids) == 0]
-        if empty or len(validation.ids) == 0:
+        if any(len(p.ids) == 0 for p in [*parts, validation]):
             raise PrepareError(f"the inputs make {sum(len(p.ids) for p in parts) + len(validation.ids)} sequences of "
                                f"{opts.seq_len} tokens: too few for {opts.partitions} partitions and a validation split; "
                                "give more text or a smaller --seq-len")
@@ -428,7 +427,7 @@ def prepare(opts: PrepareOptions, say: Callable[[str], None] = print) -> dict:
             "seed": opts.seed, "inputs": [str(p) for p in opts.inputs],
             "total_tokens": int(sum(p.tokens.sum() for p in parts)),
             "partitions": [{"name": f"partition_{i}", "sequences": len(p.ids), "tokens": int(p.tokens.sum()),
-                            "sources": groups[i] if opts.split == "by-source" else []} for i, p in enumerate(parts)],
+                            "sources": groups[i]} for i, p in enumerate(parts)],
             "validation": {"sequences": len(validation.ids), "tokens": int(validation.tokens.sum())},
             "dropped_tokens": int(sum(b.dropped for b in blocks)),
         }
