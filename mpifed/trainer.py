@@ -153,7 +153,7 @@ class Trainer:
         Returns the base's digest (kept in checkpoints)."""
         digests = wire.allgather_str(self.topo.world, base_digest(model))
         if len(set(digests)) > 1:
-            raise RuntimeError("the frozen base model differs between ranks (a different model.path copy or "
+            raise ModelError("the frozen base model differs between ranks (a different model.path copy or "
                                "build): LoRA needs the same base everywhere")
         return digests[0]
 
