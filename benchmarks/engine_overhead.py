@@ -72,7 +72,8 @@ def worker(args: argparse.Namespace) -> None:
         return time.perf_counter() - start
 
     for batch in batches[:2]:  # warm-up: allocations, lazy initialisation, JIT
-        bare(batch), mpifed(batch)
+        bare(batch)
+        mpifed(batch)
     times = {"bare": [], "engine": []}
     for i in range(args.pairs):
         batch = batches[i % len(batches)]
