@@ -13,10 +13,10 @@ loop (the model's forward, backward and torch AdamW, nothing else) and one of th
 engine step time, so a slow spell of the machine falls on both halves of a pair. The last line is
 `RESULT {json}` with each engine's ratio and min_ratio_vs_bare.
 
-The default workload, 4 sequences of 2,048 tokens per step, is the smallest a real LLM run uses.
-What an engine adds per step is fixed per parameter (ZeRO's gradient buckets, master copies and
-gather hooks), while the model's work grows with the tokens: at a toy workload such as
-`--micro-batch 8 --seq-len 128` DeepSpeed's share is far larger (see the README).
+The default workload is 4 sequences of 2,048 tokens per step, a modest step for LLM training.
+What an engine adds to a step is nearly fixed (FSDP's buffer copies, ZeRO's gradient buckets, master
+copies and gather hooks), while the model's work grows with the tokens: at a toy workload such as
+`--micro-batch 8 --seq-len 128` the engines' share is far larger (see the README).
 """
 from __future__ import annotations
 
@@ -75,10 +75,10 @@ def worker(args: argparse.Namespace) -> None:
         bare(batch)
         mpifed(batch)
     times = {"bare": [], "engine": []}
+    loops = (("bare", bare), ("engine", mpifed))
     for i in range(args.pairs):
         batch = batches[i % len(batches)]
-        order = (("bare", bare), ("engine", mpifed)) if i % 2 == 0 else (("engine", mpifed), ("bare", bare))
-        for key, step in order:
+        for key, step in loops if i % 2 == 0 else loops[::-1]:
             times[key].append(seconds(step, batch))
     tokens = args.micro_batch * args.seq_len
     print("WORKER " + json.dumps({
@@ -107,10 +107,7 @@ def main() -> None:
     print(f"engine overhead: {args.preset}, micro-batch {args.micro_batch} x {args.seq_len} tokens, "
           f"{args.pairs} pairs of steps, {args.threads} threads, one rank", flush=True)
     for key in args.engines.split(","):
-        command = [mpiexec, "-n", "1", sys.executable, __file__, "--worker", key, "--preset", args.preset,
-                   "--micro-batch", str(args.micro_batch), "--seq-len", str(args.seq_len),
-                   "--pairs", str(args.pairs), "--threads", str(args.threads),
-                   "--deepspeed-config", args.deepspeed_config]
+        command = [mpiexec, "-n", "1", sys.executable, __file__, *sys.argv[1:], "--worker", key]  # same options
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
         line = next((l for l in result.stdout.splitlines() if l.startswith("WORKER ")), None)
         if result.returncode != 0 or line is None:
