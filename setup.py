@@ -36,5 +36,5 @@ setup(
     # Site profiles and launch wrappers, found under share/mpifed by mpifed.sites and mpifed.project.
     data_files=[("share/mpifed/sitecfg", sorted(str(p) for p in Path("sitecfg").glob("*.toml"))),
                 ("share/mpifed/launch", sorted(str(p) for p in Path("launch").glob("*.sh")))],
-    entry_points={"console_scripts": ["mpifed = mpifed.cli:main"]},
+    entry_points={"console_scripts": ["mpifed = mpifed.cli.main:main"]},
 )

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from mpifed import checkpoint  # noqa: E402
-from mpifed.engines.base import FlatLayout, ParamSlot  # noqa: E402
+from mpifed.checkpoint import format as checkpoint  # noqa: E402
+from mpifed.layout import FlatLayout, ParamSlot  # noqa: E402
 
 
 def _fsync(path: Path) -> None:

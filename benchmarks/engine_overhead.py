@@ -44,19 +44,20 @@ def worker(args: argparse.Namespace) -> None:
     # MPI_LOCALNRANKS), not the one this benchmark reports.
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT))
+    from mpifed.comm.topology import start_process_group
     from mpifed.config import DeepSpeedConfig
+    from mpifed.data.corpus import VOCAB_SIZE
     from mpifed.engines import EngineSettings, make_engine
     from mpifed.model import build_model
-    from mpifed.topology import start_process_group
 
-    start_process_group(MPI.COMM_WORLD)
+    group, _ = start_process_group(MPI.COMM_WORLD)
     name, stage = ENGINES[args.worker]
     rng = np.random.default_rng(0)
     batches = [torch.from_numpy(rng.integers(0, 256, (args.micro_batch, args.seq_len))) for _ in range(4)]
-    bare_model = build_model(args.preset, args.seq_len, seed=0).train()
+    bare_model = build_model(args.preset, args.seq_len, seed=0, vocab_size=VOCAB_SIZE).train()
     bare_opt = torch.optim.AdamW(bare_model.parameters(), lr=1e-4)
-    settings = EngineSettings(deepspeed=DeepSpeedConfig(zero_stage=stage or 2, config=args.deepspeed_config))
-    engine = make_engine(name, build_model(args.preset, args.seq_len, seed=0), settings, args.micro_batch)
+    settings = EngineSettings(group=group, deepspeed=DeepSpeedConfig(zero_stage=stage or 2, config=args.deepspeed_config))
+    engine = make_engine(name, build_model(args.preset, args.seq_len, seed=0, vocab_size=VOCAB_SIZE), settings, args.micro_batch)
 
     def bare(batch: torch.Tensor) -> None:
         bare_model(input_ids=batch, labels=batch).loss.backward()

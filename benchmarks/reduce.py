@@ -35,7 +35,8 @@ def worker(sizes: list[int], facilities: int, per: int, reps: int) -> None:
     from mpi4py import MPI
 
     sys.path.insert(0, str(ROOT))
-    from mpifed import config, topology, wire
+    from mpifed import config
+    from mpifed.comm import control, topology
     from mpifed.federation.reduce import Federation
 
     comm = MPI.COMM_WORLD
@@ -48,7 +49,7 @@ def worker(sizes: list[int], facilities: int, per: int, reps: int) -> None:
             comm.Barrier()
             t0 = time.perf_counter()
             fn()
-            times.append(wire.allreduce(comm, [time.perf_counter() - t0], MPI.MAX)[0])
+            times.append(control.allreduce(comm, [time.perf_counter() - t0], MPI.MAX)[0])
         return statistics.median(times)
 
     topologies = {r: topology.build(comm, facility, names, r) for r in (1, per)}
@@ -71,7 +72,7 @@ def worker(sizes: list[int], facilities: int, per: int, reps: int) -> None:
 
             def one_round() -> None:
                 model[start:stop] += np.float32(1e-3)  # "training" moved the owned part
-                sent.append(fed.round(owned, held, 1000, True).bytes_inter)
+                sent.append(fed.synchronise(owned, held, 1000, True).bytes_inter)
 
             if compress == "none":
                 row[f"mpifed_R{'n' if roots == per else '1'}_s"] = timed(one_round)
@@ -80,10 +81,10 @@ def worker(sizes: list[int], facilities: int, per: int, reps: int) -> None:
                 one_round()
                 peak = tracemalloc.get_traced_memory()[1] - base
                 tracemalloc.stop()
-                row[f"peak_extra_mb_R{'n' if roots == per else '1'}"] = wire.allreduce(comm, [peak], MPI.MAX)[0] / 2 ** 20
+                row[f"peak_extra_mb_R{'n' if roots == per else '1'}"] = control.allreduce(comm, [peak], MPI.MAX)[0] / 2 ** 20
             else:
                 one_round()
-            row[f"bytes_inter_{compress}"] = int(wire.allreduce(comm, [sent[-1]])[0])
+            row[f"bytes_inter_{compress}"] = int(control.allreduce(comm, [sent[-1]])[0])
             del fed
         flat = np.ones(numel, np.float32)
         row["mpi_allreduce_s"] = timed(lambda: comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM))

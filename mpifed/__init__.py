@@ -4,4 +4,15 @@ Each facility trains locally; every H local steps the facilities' roots reduce w
 MPI, apply an outer optimizer and checkpoint the global model to HDF5. See README.md.
 """
 
+import os
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+
+def cache_dir() -> Path:
+    """Where mpifed caches what is slow to rebuild (the embedded corpus, DeepSpeed's JIT build):
+    $MPIFED_CACHE, else $XDG_CACHE_HOME/mpifed or ~/.cache/mpifed."""
+    base = os.environ.get("MPIFED_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mpifed")
+    return Path(base)

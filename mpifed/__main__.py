@@ -1,4 +1,4 @@
 """`python -m mpifed` is the `mpifed` command (used by `simulate` to start ranks under mpiexec)."""
-from mpifed.cli import main
+from mpifed.cli.main import main
 
 main()

@@ -1,25 +1,38 @@
 """The run configuration: nested dataclasses with a docstring per field, validated as a whole so that
-one error lists every problem. The same configuration drives `mpifed simulate` and `mpifed run`;
-reading it from TOML, `--set` overrides and writing it back live in `mpifed.configfile`.
+one error lists every problem. The same configuration drives `mpifed simulate` and `mpifed run`.
+
+Every setting with a fixed set of values is typed with one of the `Literal` aliases below: that alias is
+the only list of those values; validation, error messages and the command line's choices read it
+(`choices`). Checking a configuration against this machine (site profiles, installed packages, folders
+that must exist) is `mpifed.preflight`'s job; reading it from TOML and `--set` is `mpifed.configfile`'s.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-MODEL_PRESETS = ("llama-tiny", "llama-small", "mixtral-tiny", "llama3-8b", "mixtral-8x7b")
-ATTENTION = ("sdpa", "eager", "flash_attention_2")
-DTYPES = ("fp32", "bf16")
-OUTER_OPTIMIZERS = ("fedavg", "fedavgm", "diloco", "fedadam", "fedyogi")
-COMPRESSIONS = ("none", "bf16", "int8")
-ENGINES = ("replica", "fsdp", "deepspeed")
-ZERO_STAGES = (1, 2, 3)
-SCHEDULES = ("constant", "cosine")
-DEVICES = ("auto", "cpu", "cuda")
+Preset = Literal["llama-tiny", "llama-small", "mixtral-tiny", "llama3-8b", "mixtral-8x7b"]
+Attention = Literal["sdpa", "eager", "flash_attention_2"]
+Precision = Literal["fp32", "bf16"]
+Schedule = Literal["constant", "cosine"]
+InnerState = Literal["keep", "reset"]
+Device = Literal["auto", "cpu", "cuda"]
+OuterName = Literal["fedavg", "fedavgm", "diloco", "fedadam", "fedyogi"]
+Compression = Literal["none", "bf16", "int8"]
+EngineName = Literal["replica", "fsdp", "deepspeed"]
+ZeroStage = Literal[1, 2, 3]
+SplitKind = Literal["iid", "by-source"]
+"""`mpifed data prepare --split`: shuffled sequences, or whole sources per partition (non-IID)."""
+
+# What an unknown value of each choice is called in the error that lists the valid ones.
+_NOUNS: dict[Any, str] = {Preset: "preset", Attention: "implementation", Precision: "precision",
+                          Schedule: "schedule", InnerState: "mode", Device: "device",
+                          OuterName: "outer optimizer", Compression: "compression", EngineName: "engine",
+                          ZeroStage: "ZeRO stage"}
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
@@ -27,16 +40,45 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message lists every problem found, one per '; '."""
 
 
-def _choice(key: str, value: Any, choices: tuple, noun: str) -> list[str]:
-    """The problem with a value that is not one of `choices` (none when it is)."""
-    if value in choices:
-        return []
-    return [f"{key}: unknown {noun} {value!r}; choose one of {', '.join(map(str, choices))}"]
+def choices(alias: Any) -> tuple:
+    """The allowed values of a `Literal` alias, in their documented order."""
+    return typing.get_args(alias)
+
+
+def field_choices(cls: type, name: str) -> tuple:
+    """The allowed values of field `name` of section `cls` (empty when it is not a choice)."""
+    hint = typing.get_type_hints(cls)[name]
+    return choices(hint) if typing.get_origin(hint) is Literal else ()
+
+
+def check_table(table: typing.Mapping, alias: Any, what: str) -> None:
+    """Fail at import when a table keyed by the values of `alias` does not cover exactly those values,
+    so that adding a choice in one place and forgetting its implementation cannot go unnoticed."""
+    if set(table) != set(choices(alias)):
+        raise AssertionError(f"{what} covers {sorted(map(str, table))}, the configuration allows "
+                             f"{sorted(map(str, choices(alias)))}")
+
+
+def _choice_problems(section: Any, where: str) -> list[str]:
+    """Every `Literal` field of `section` whose value is not one of its choices."""
+    out = []
+    hints = typing.get_type_hints(type(section))
+    for f in fields(section):
+        allowed = field_choices(type(section), f.name)
+        value = getattr(section, f.name)
+        if allowed and value not in allowed:
+            alias = hints[f.name]
+            what = (f"ZeRO stage {value} does not exist" if alias is ZeroStage
+                    else f"unknown {_NOUNS[alias]} {value!r}")
+            out.append(f"{where}.{f.name}: {what}; choose one of {', '.join(map(str, allowed))}")
+    return out
 
 
 @dataclass
 class ModelConfig:
-    preset: str = "llama-tiny"
+    """[model]: which architecture to train, from a preset or a local model folder."""
+
+    preset: Preset = "llama-tiny"
     """Built-in architecture: llama-tiny (~0.12M parameters, tests), llama-small (~3M, the demo),
     mixtral-tiny (a 4-expert MoE for tests), llama3-8b or mixtral-8x7b (real runs)."""
     path: str = ""
@@ -44,26 +86,22 @@ class ModelConfig:
     the preset. Empty: build the preset."""
     reinit: bool = False
     """With a path: keep the architecture but start from fresh random weights (pre-training)."""
-    attention: str = "sdpa"
+    attention: Attention = "sdpa"
     """Attention implementation: sdpa, eager, or flash_attention_2 (when flash-attn is installed)."""
-    dtype: str = "fp32"
+    dtype: Precision = "fp32"
     """Parameter dtype of the local model: fp32 or bf16. The federation always exchanges fp32."""
 
     def problems(self) -> list[str]:
-        out = []
-        if not self.path:
-            out += _choice("model.preset", self.preset, MODEL_PRESETS, "preset")
-        if self.path and not (Path(self.path) / "config.json").is_file():
-            out.append(f"model.path: {self.path} is not a model folder (no config.json there); give a local "
-                       "Hugging Face model folder, or leave model.path empty to build model.preset")
+        out = _choice_problems(self, "model")
         if self.reinit and not self.path:
             out.append("model.reinit: only applies with model.path (a preset always starts from random weights)")
-        out += _choice("model.attention", self.attention, ATTENTION, "implementation")
-        return out + _choice("model.dtype", self.dtype, DTYPES, "dtype")
+        return out
 
 
 @dataclass
 class DataConfig:
+    """[data]: the corpus (a prepared folder, or the embedded text) and the validation set."""
+
     path: str = ""
     """A folder made by `mpifed data prepare` (one partition per facility, in facility order); empty: the
     embedded standard-library text. A prepared folder brings its own seq_len, split and tokenizer."""
@@ -74,23 +112,8 @@ class DataConfig:
     val_sequences: int = 64
     """At most this many validation sequences are scored at each evaluation (eval.every)."""
 
-    def manifest(self) -> dict | None:
-        """The prepared folder's manifest (None for the embedded text); raises DataError."""
-        if not self.path:
-            return None
-        from mpifed.data import read_manifest
-
-        return read_manifest(Path(self.path))
-
     def problems(self) -> list[str]:
         out = []
-        if self.path:
-            from mpifed.data import DataError
-
-            try:
-                self.manifest()
-            except DataError as exc:
-                out.append(str(exc))
         if not 8 <= self.seq_len <= 4096:
             out.append(f"data.seq_len: must be between 8 and 4096 (got {self.seq_len})")
         if not 0.0 < self.val_fraction < 0.5:
@@ -102,6 +125,8 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
+    """[lora]: LoRA adapters on a frozen base; only the adapters train and cross facilities."""
+
     rank: int = 0
     """LoRA rank r; 0 trains the whole model. With r > 0 only the adapters train and cross facilities."""
     alpha: float = 16.0
@@ -119,8 +144,6 @@ class LoraConfig:
         out = []
         if self.rank < 0:
             out.append(f"lora.rank: must be >= 0 (got {self.rank})")
-        if self.rank and importlib.util.find_spec("peft") is None:
-            out.append("lora.rank: LoRA needs the peft package; pip install 'mpifed[lora]' or set lora.rank = 0")
         if not 0.0 <= self.dropout < 1.0:
             out.append(f"lora.dropout: must be >= 0 and < 1 (got {self.dropout})")
         if self.rank and not self.modules:
@@ -130,6 +153,8 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
+    """[train]: the inner loop every facility runs between synchronisations."""
+
     local_steps: int = 20
     """H: inner optimizer steps each facility takes between two synchronisations."""
     micro_batch: int = 8
@@ -140,7 +165,7 @@ class TrainConfig:
     """Peak AdamW learning rate of the inner optimizer."""
     scale_lr: bool = False
     """Multiply lr by the facility's number of ranks (larger facilities take larger steps)."""
-    schedule: str = "constant"
+    schedule: Schedule = "constant"
     """Inner learning-rate schedule over all rounds x local_steps: constant or cosine (decay to min_lr)."""
     warmup_steps: int = 0
     """Inner steps of linear warmup from 0 to lr at the start of the run."""
@@ -154,10 +179,10 @@ class TrainConfig:
     """AdamW weight decay of the inner optimizer."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value before each inner step; 0 turns clipping off."""
-    inner_state: str = "keep"
+    inner_state: InnerState = "keep"
     """keep: the inner AdamW state carries over from round to round (DiLoCo); reset: start it afresh
     every round."""
-    device: str = "auto"
+    device: Device = "auto"
     """auto: a GPU (CUDA or ROCm) where torch sees one, else the CPU; cpu or cuda force it."""
     seed: int = 0
     """Seeds model initialisation, data order and partitions; a CPU run with the same seed repeats."""
@@ -165,7 +190,7 @@ class TrainConfig:
     """torch threads per rank; 0 shares the node's cores among the ranks placed on it."""
 
     def problems(self) -> list[str]:
-        out = []
+        out = _choice_problems(self, "train")
         for name in ("local_steps", "micro_batch", "grad_accum"):
             if getattr(self, name) < 1:
                 out.append(f"train.{name}: must be >= 1 (got {getattr(self, name)})")
@@ -179,11 +204,8 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 out.append(f"train.{name}: must be >= 0 and < 1 (got {getattr(self, name)})")
-        out += _choice("train.schedule", self.schedule, SCHEDULES, "schedule")
         if self.warmup_steps < 0:
             out.append(f"train.warmup_steps: must be >= 0 (got {self.warmup_steps})")
-        out += _choice("train.inner_state", self.inner_state, ("keep", "reset"), "mode")
-        out += _choice("train.device", self.device, DEVICES, "device")
         if self.seed < 0:
             out.append(f"train.seed: must be >= 0 (got {self.seed})")
         if self.threads < 0:
@@ -193,9 +215,11 @@ class TrainConfig:
 
 @dataclass
 class FederationConfig:
+    """[federation]: rounds, the outer optimizer, the exchange between facilities and its deadlines."""
+
     rounds: int = 5
     """Number of synchronisations (outer steps)."""
-    outer: str = "fedavg"
+    outer: OuterName = "fedavg"
     """Outer optimizer the roots apply to the averaged pseudo-gradient: fedavg, fedavgm, diloco, fedadam,
     fedyogi."""
     outer_lr: float | None = None
@@ -208,7 +232,7 @@ class FederationConfig:
     """τ, the adaptivity floor of fedadam/fedyogi."""
     roots: int = 1
     """R: roots per facility; segment r of the model is reduced across facilities by root r."""
-    compress: str = "none"
+    compress: Compression = "none"
     """The cross-facility hop: none (fp32), bf16, or int8 (per-block scales, error feedback)."""
     bucket_mb: float = 64.0
     """Inside a facility the model is streamed to the roots in buckets of this many MiB."""
@@ -233,13 +257,11 @@ class FederationConfig:
     """Separate launches: a file (mode 0600) holding the shared join token; MPIFED_TOKEN wins over it."""
 
     def problems(self) -> list[str]:
-        out = []
+        out = _choice_problems(self, "federation")
         if self.rounds < 1:
             out.append(f"federation.rounds: must be >= 1 (got {self.rounds})")
-        out += _choice("federation.outer", self.outer, OUTER_OPTIMIZERS, "outer optimizer")
         if self.roots < 1:
             out.append(f"federation.roots: must be >= 1 (got {self.roots})")
-        out += _choice("federation.compress", self.compress, COMPRESSIONS, "compression")
         for name in ("outer_lr", "outer_tau", "bucket_mb"):
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
@@ -265,6 +287,8 @@ class FederationConfig:
 
 @dataclass
 class CheckpointConfig:
+    """[checkpoint]: where and how often the global model and resume state are written."""
+
     dir: str = "run"
     """Output folder: one HDF5 checkpoint per checkpointed round, the resolved config, metrics."""
     every: int = 1
@@ -287,6 +311,8 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
+    """[eval]: when the global model (and each facility's) is scored on the validation set."""
+
     every: int = 1
     """Score the global model on the shared validation set every this many rounds (and after the last)."""
     facilities: bool = True
@@ -298,6 +324,8 @@ class EvalConfig:
 
 @dataclass
 class MetricsConfig:
+    """[metrics]: the per-round JSON lines and the optional TensorBoard and wandb sinks."""
+
     file: str = ""
     """JSON-lines file, one line per round; empty means metrics.jsonl in checkpoint.dir."""
     tensorboard: str = ""
@@ -306,19 +334,16 @@ class MetricsConfig:
     """Also log to this Weights & Biases project (needs wandb; WANDB_MODE=offline works); empty: off."""
 
     def problems(self) -> list[str]:
-        out = []
-        for key, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
-            if getattr(self, key) and importlib.util.find_spec(package) is None:
-                out.append(f"metrics.{key}: the {package} package is not installed; pip install {package} "
-                           f"or leave metrics.{key} empty")
-        return out
+        return []
 
 
 @dataclass
 class FsdpConfig:
+    """A facility's `fsdp = {...}` table: options of the fsdp engine."""
+
     replicas: int = 1
     """HSDP: shard inside groups of ranks/replicas ranks and replicate across the replicas groups."""
-    mixed_precision: str = "fp32"
+    mixed_precision: Precision = "fp32"
     """fp32, or bf16 (bf16 compute and all-gathers, fp32 gradient reduction and master weights)."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass (less memory, ~30% more compute)."""
@@ -326,35 +351,34 @@ class FsdpConfig:
     """Keep sharded parameters, gradients and optimizer state in host memory (GPU runs only)."""
 
     def problems(self, where: str) -> list[str]:
-        out = []
+        out = _choice_problems(self, f"{where}.fsdp")
         if self.replicas < 1:
             out.append(f"{where}.fsdp.replicas: must be >= 1 (got {self.replicas})")
-        return out + _choice(f"{where}.fsdp.mixed_precision", self.mixed_precision, DTYPES, "precision")
+        return out
 
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 2
+    """A facility's `deepspeed = {...}` table: options of the deepspeed engine."""
+
+    zero_stage: ZeroStage = 2
     """ZeRO stage: 1 (optimizer state sharded), 2 (+ gradients), 3 (+ parameters)."""
     config: str = ""
     """A DeepSpeed JSON config file merged over mpifed's defaults (its keys win); empty: defaults only."""
 
     def problems(self, where: str) -> list[str]:
-        out = []
-        if self.zero_stage not in ZERO_STAGES:
-            out.append(f"{where}.deepspeed.zero_stage: ZeRO stage {self.zero_stage} does not exist; choose 1, 2 or 3")
-        if self.config and not Path(self.config).is_file():
-            out.append(f"{where}.deepspeed.config: file {self.config} does not exist")
-        return out
+        return _choice_problems(self, f"{where}.deepspeed")
 
 
 @dataclass
 class FacilityConfig:
+    """One `[[facility]]`: a group of ranks with its own engine, site and data partition."""
+
     name: str = ""
     """Unique name; facilities are ordered as listed."""
     ranks: int = 1
     """MPI ranks (processes) this facility trains with."""
-    engine: str = "replica"
+    engine: EngineName = "replica"
     """Local training engine: replica (whole model on every rank, gradients all-reduced), fsdp (PyTorch
     FSDP2) or deepspeed (ZeRO 1/2/3)."""
     site: str = "local"
@@ -373,17 +397,7 @@ class FacilityConfig:
                        "(a letter, then letters, digits, '-' or '_')")
         if self.ranks < 1:
             out.append(f"{where}.ranks: must be >= 1 (got {self.ranks})")
-        out += _choice(f"{where}.engine", self.engine, ENGINES, "engine")
-        from mpifed.sites import available
-
-        profiles = available()
-        if self.site not in profiles:
-            out.append(f"{where}.site: no site profile {self.site!r}; choose one of {', '.join(profiles)} "
-                       "(mpifed sites list)")
-        if self.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-            out.append(f"{where}.engine: deepspeed is not installed here; pip install 'mpifed[deepspeed]' "
-                       "or choose the fsdp or replica engine")
-        out += self.fsdp.problems(where) + self.deepspeed.problems(where)
+        out += _choice_problems(self, where) + self.fsdp.problems(where) + self.deepspeed.problems(where)
         if self.engine == "fsdp" and self.ranks % self.fsdp.replicas:
             out.append(f"{where}.fsdp.replicas: {self.fsdp.replicas} replica groups do not divide {self.ranks} ranks")
         return out
@@ -409,6 +423,8 @@ def default_facilities(count: int = 2, ranks: int = 2) -> list[FacilityConfig]:
 
 @dataclass
 class RunConfig:
+    """A whole, validated run configuration: every section and the facilities, in order."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -437,16 +453,9 @@ class RunConfig:
         if self.facility and self.federation.roots > min(f.ranks for f in self.facility):
             problems.append(f"federation.roots: {self.federation.roots} roots per facility, but the smallest "
                             f"facility has {min(f.ranks for f in self.facility)} ranks")
-        manifest = self.data.manifest() if self.data.path and not any(p.startswith("data.path") for p in problems) \
-            else None
-        explicit = any(f.partition >= 0 for f in self.facility)
-        if manifest and not explicit and len(manifest["partitions"]) != len(self.facility):
-            problems.append(f"data.path: {self.data.path} holds {len(manifest['partitions'])} partitions for "
-                            f"{len(self.facility)} facilities; prepare it again with --partitions {len(self.facility)}")
-        chosen = [self.partition_of(i) for i in range(len(self.facility))]
-        if manifest and explicit and (max(chosen) >= len(manifest["partitions"]) or len(set(chosen)) < len(chosen)):
-            problems.append(f"facility.partition: each facility needs its own partition of the "
-                            f"{len(manifest['partitions'])} in {self.data.path} (got {chosen})")
+        if not self.data.path and any(f.partition >= 0 for f in self.facility):
+            problems.append("facility.partition: only applies with data.path (the embedded text is split into one "
+                            "partition per facility, in order)")
         if self.federation.min_facilities > len(self.facility):
             problems.append(f"federation.min_facilities: {self.federation.min_facilities} is more than the "
                             f"{len(self.facility)} facilities listed")

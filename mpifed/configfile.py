@@ -9,8 +9,10 @@ import dataclasses
 import hashlib
 import json
 import tomllib
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from mpifed.config import ENGINE_SECTIONS, SECTIONS, ConfigError, FacilityConfig, RunConfig, default_facilities
 
@@ -19,9 +21,20 @@ def _valid_keys(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def _coerce(where: str, value: Any, kind: Any, problems: list[str]) -> Any:
-    """Check one TOML value against the dataclass field type (ints are accepted for floats)."""
-    kind = {"str": str, "int": int, "float": float, "bool": bool}.get(kind.removesuffix(" | None"), kind)
+def _coerce(where: str, value: Any, hint: Any, problems: list[str]) -> Any:
+    """`value` checked against a field's type: str, int, float (ints accepted), bool, a `Literal` (its
+    values' type; which value is validated with the section), `X | None`, tuple[str, ...] (a TOML list
+    of strings) or a nested dataclass (a table). Appends a problem and returns None on a mismatch."""
+    if dataclasses.is_dataclass(hint):
+        return load_table(hint, value, where, problems)
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    if typing.get_origin(hint) is tuple:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        problems.append(f"{where}: expected a list of strings")
+        return None
+    kind = type(typing.get_args(hint)[0]) if typing.get_origin(hint) is Literal else hint
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
@@ -30,23 +43,34 @@ def _coerce(where: str, value: Any, kind: Any, problems: list[str]) -> Any:
     return None
 
 
-def _section(cls: type, where: str, table: Any, problems: list[str]) -> Any:
+def table_fields(cls: type, table: Any, where: str, problems: list[str], skip: tuple[str, ...] = ()
+                 ) -> dict[str, Any]:
+    """The keyword arguments of dataclass `cls` that a parsed TOML table gives, each type-checked; keys
+    in `skip` are left to the caller. Problems (an unknown key, listing the valid ones; a wrong type)
+    are appended to `problems`, each naming its dotted key under `where`. The one TOML-to-dataclass
+    path, shared by run configurations and site profiles."""
     if not isinstance(table, dict):
         problems.append(f"{where}: expected a table, got {type(table).__name__}")
-        return cls()
-    types = {f.name: f.type for f in dataclasses.fields(cls)}
+        return {}
+    hints = typing.get_type_hints(cls)
+    valid = [name for name in _valid_keys(cls) if name not in skip]
     kwargs = {}
     for key, value in table.items():
-        if key not in types:
-            problems.append(f"{where}.{key}: unknown key; valid keys: {', '.join(types)}")
+        here = f"{where}.{key}" if where else key
+        if key in skip:
             continue
-        if cls is FacilityConfig and key in ENGINE_SECTIONS:
-            kwargs[key] = _section(ENGINE_SECTIONS[key], f"{where}.{key}", value, problems)
+        if key not in valid:
+            problems.append(f"{here}: unknown key; valid keys: {', '.join(valid)}")
             continue
-        coerced = _coerce(f"{where}.{key}", value, types[key], problems)
+        coerced = _coerce(here, value, hints[key], problems)
         if coerced is not None:
             kwargs[key] = coerced
-    return cls(**kwargs)
+    return kwargs
+
+
+def load_table(cls: type, table: Any, where: str, problems: list[str]) -> Any:
+    """`table_fields` made into an instance of `cls` (the defaults fill what is missing or wrong)."""
+    return cls(**table_fields(cls, table, where, problems))
 
 
 def from_dict(data: dict[str, Any]) -> RunConfig:
@@ -55,12 +79,12 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
     parts: dict[str, Any] = {}
     for key, table in data.items():
         if key in SECTIONS:
-            parts[key] = _section(SECTIONS[key], key, table, problems)
+            parts[key] = load_table(SECTIONS[key], table, key, problems)
         elif key == "facility":
             if not isinstance(table, list):
                 problems.append("facility: expected an array of tables ([[facility]])")
                 continue
-            parts["facility"] = [_section(FacilityConfig, f"facility.{i}", t, problems)
+            parts["facility"] = [load_table(FacilityConfig, t, f"facility.{i}", problems)
                                  for i, t in enumerate(table)]
         else:
             problems.append(f"{key}: unknown section; valid sections: {', '.join([*SECTIONS, 'facility'])}")

@@ -1,24 +1,21 @@
 """Models: LLaMA and Mixtral (mixture-of-experts) causal LMs from `transformers`, built from a named
 preset or from a local model folder (never the hub), with the attention implementation and dtype the
-run asks for, and optionally LoRA adapters (`peft`) on top of a frozen base.
+run asks for, optionally LoRA adapters (`peft`) on top of a frozen base; and the flat layout a
+configuration will exchange (`planned_layout`, built on the meta device: nothing allocated).
 
 Every rank builds the same architecture; initial weights come from the global root at start, so ranks
 never need to agree on a random generator.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MixtralConfig, PreTrainedModel
 
-from mpifed.config import LoraConfig, ModelConfig
-from mpifed.data import VOCAB_SIZE
-
-if TYPE_CHECKING:
-    from mpifed.checkpoint import Summary
+from mpifed.config import LoraConfig, ModelConfig, Precision, Preset, RunConfig, check_table
+from mpifed.layout import FlatLayout
 
 _TINY_MOE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
@@ -38,7 +35,10 @@ PRESETS: dict[str, tuple[type, dict]] = {
                                           num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
                                           num_experts_per_tok=2, rope_theta=1e6)),
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+check_table(PRESETS, Preset, "mpifed.model.PRESETS")
+TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""model.dtype (and fsdp.mixed_precision) -> the torch dtype."""
+check_table(TORCH_DTYPES, Precision, "mpifed.model.TORCH_DTYPES")
 
 
 class ModelError(ValueError):
@@ -54,13 +54,12 @@ def _check_attention(name: str) -> None:
                              "install it or choose sdpa")
 
 
-def build_model(cfg: ModelConfig | str, max_positions: int, seed: int, vocab_size: int = VOCAB_SIZE
-                ) -> PreTrainedModel:
+def build_model(cfg: ModelConfig | str, max_positions: int, seed: int, vocab_size: int) -> PreTrainedModel:
     """A model per `cfg` (or a preset name): the preset freshly initialised (deterministic in `seed`),
     or the folder `cfg.path` with its weights (or re-initialised with `cfg.reinit`). Weights are on the CPU."""
     cfg = ModelConfig(preset=cfg) if isinstance(cfg, str) else cfg
     _check_attention(cfg.attention)
-    dtype = DTYPES[cfg.dtype]
+    dtype = TORCH_DTYPES[cfg.dtype]
     torch.manual_seed(seed)
     if cfg.path:
         try:
@@ -118,31 +117,22 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(base_model(model).model.layers)
 
 
-def export_lora(summary: Summary, out: Path, merge: bool) -> str:
-    """Rebuild the base a LoRA checkpoint was trained on (checked against its digest), load the
-    checkpointed adapters, and save either the adapters (a peft folder) or, with `merge`, the merged
-    full model (config.json + model.safetensors for from_pretrained). Returns what was written."""
-    import json
-    import tomllib
+def model_for(cfg: RunConfig, seq_len: int, vocab_size: int, weights: bool = True) -> torch.nn.Module:
+    """The model a run of `cfg` trains on data of `seq_len`-token sequences over `vocab_size` tokens: a
+    preset sized to them, or the model folder (checked to cover the vocabulary); with lora.rank, the
+    adapters on top. `weights=False` builds the same architecture without reading a model folder's
+    weights (for its layout)."""
+    model_cfg = cfg.model if weights or not cfg.model.path else dataclasses.replace(cfg.model, reinit=True)
+    model = build_model(model_cfg, seq_len, cfg.train.seed, vocab_size=vocab_size)
+    if model.config.vocab_size < vocab_size:
+        raise ModelError(f"model.path {cfg.model.path}: its vocabulary of {model.config.vocab_size} tokens is smaller "
+                         f"than the {vocab_size} of data.path {cfg.data.path}; prepare the data with the model's "
+                         "tokenizer")
+    return apply_lora(model, cfg.lora, cfg.train.seed) if cfg.lora.rank else model
 
-    from mpifed import checkpoint
 
-    run = tomllib.loads(summary.config)
-    model_cfg, lora = ModelConfig(**run.get("model", {})), LoraConfig(**run.get("lora", {}))
-    seed = run.get("train", {}).get("seed", 0)
-    hf = json.loads(summary.model_config)
-    model = apply_lora(build_model(model_cfg, hf.get("max_position_embeddings", 2048), seed,
-                                   vocab_size=hf["vocab_size"]), lora, seed)
-    if base_digest(model) != summary.base_digest:
-        raise ModelError(f"{summary.path}: the base model rebuilt from model.path={model_cfg.path or model_cfg.preset!r} "
-                         "is not the one its adapters were trained on; export where that base is")
-    values = summary.layout.unflatten(checkpoint.read_flat(summary.path, summary.layout, "model"))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name in values:
-                param.copy_(torch.from_numpy(values[name]))
-    if merge:
-        model.merge_and_unload().save_pretrained(str(out), safe_serialization=True)
-        return "the merged model"
-    model.save_pretrained(str(out))
-    return "the LoRA adapters (load them with peft's PeftModel.from_pretrained)"
+def planned_layout(cfg: RunConfig, seq_len: int, vocab_size: int) -> FlatLayout:
+    """The flat layout a run of `cfg` will exchange, from a model built on the meta device (no memory,
+    no weights read): what separately launched facilities compare before they join."""
+    with torch.device("meta"):
+        return FlatLayout.of(model_for(cfg, seq_len, vocab_size, weights=False))

@@ -60,7 +60,7 @@ CORPUS_PACKAGES = ("email", "json", "http", "asyncio", "xml", "concurrent", "imp
 def corpus_dir(tmp_path_factory) -> Path:
     import sysconfig
 
-    from mpifed.data import _docstrings
+    from mpifed.data.corpus import _docstrings
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     out = tmp_path_factory.mktemp("corpus")

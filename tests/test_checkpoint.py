@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from conftest import WORKERS, mpifed, rank_env
-from mpifed import checkpoint
-from mpifed.checkpoint import CheckpointError, _boxes
-from mpifed.engines.base import FlatLayout, ParamSlot
+from mpifed.checkpoint import format as checkpoint
+from mpifed.checkpoint.format import CheckpointError, _boxes
+from mpifed.data.corpus import VOCAB_SIZE
+from mpifed.layout import FlatLayout, ParamSlot
 from mpifed.model import build_model
 
 ATTRS = dict(tokens=1234, facilities=json.dumps([{"name": "a", "ranks": 2, "engine": "replica"}]), config="")
@@ -24,7 +25,7 @@ ATTRS = dict(tokens=1234, facilities=json.dumps([{"name": "a", "ranks": 2, "engi
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = build_model("llama-tiny", 64, seed=0)
+    model = build_model("llama-tiny", 64, seed=0, vocab_size=VOCAB_SIZE)
     return model, FlatLayout.of(model)
 
 

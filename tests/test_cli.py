@@ -1,6 +1,6 @@
 """The command line: bad input gives one line naming the option, exit 2, no traceback, nothing written."""
-import sys
 import subprocess
+import sys
 
 import pytest
 
@@ -67,7 +67,7 @@ def test_dry_run_prints_one_program_per_facility(tmp_path):
 def test_help_explains_and_cli_import_is_light():
     result = mpifed("simulate", "--help")
     assert result.returncode == 0 and "--ranks-per-facility" in result.stdout and "--set" in result.stdout
-    probe = subprocess.run([sys.executable, "-c", "import sys, mpifed.cli; print('torch' in sys.modules)"],
+    probe = subprocess.run([sys.executable, "-c", "import sys, mpifed.cli.main; print('torch' in sys.modules)"],
                            capture_output=True, text=True, check=True)
     assert probe.stdout.strip() == "False"  # --help and input errors answer without loading torch
 

@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from mpifed import config, configfile
+from mpifed import config, configfile, preflight
 from mpifed.config import ConfigError, RunConfig
 
 
@@ -127,7 +127,8 @@ def test_engine_table_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"unknown key 'stage'; valid keys: facility.a.deepspeed.zero_stage"):
         configfile.apply_sets({"facility": [{"name": "a"}]}, ["facility.a.deepspeed.stage=3"])
     with pytest.raises(ConfigError, match=r"deepspeed.config: file /no/ds.json does not exist"):
-        configfile.from_dict({"facility": [{"name": "a", "engine": "deepspeed", "deepspeed": {"config": "/no/ds.json"}}]})
+        preflight.checked(configfile.from_dict(
+            {"facility": [{"name": "a", "engine": "deepspeed", "deepspeed": {"config": "/no/ds.json"}}]}))
 
 
 def test_training_settings_are_checked():

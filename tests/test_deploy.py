@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, mpifed, rank_env
-from mpifed import checkpoint, sites
+from mpifed.checkpoint import format as checkpoint
+from mpifed.deploy import sites
 
 PROFILES = {"leonardo", "lumi", "marenostrum5", "meluxina", "vega", "karolina", "discoverer", "deucalion",
             "frontier", "local"}

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import mpiexec, mpifed
-from mpifed import checkpoint, configfile
-from mpifed.engines.base import FlatLayout
+from mpifed import configfile
+from mpifed.checkpoint import format as checkpoint
+from mpifed.data.corpus import VOCAB_SIZE
+from mpifed.layout import FlatLayout
 from mpifed.model import build_model
 
 # lr 1e-2 Adam steps move a weight by up to ~1e-2; engines differ only in summation order.
@@ -47,7 +49,7 @@ def test_two_steps_match_the_replica_engine(tmp_path, replica, engine, options):
     assert got["step"][0] == replica["step"][0] == 2
     np.testing.assert_allclose(got["val"], replica["val"], rtol=1e-5)
     # and the model really moved: two steps at lr 1e-2 change nearly every weight
-    initial = np.concatenate([p.detach().numpy().ravel() for p in build_model("llama-tiny", 32, 0).parameters()])
+    initial = np.concatenate([p.detach().numpy().ravel() for p in build_model("llama-tiny", 32, 0, vocab_size=VOCAB_SIZE).parameters()])
     assert np.mean(np.abs(got["model"] - initial) > 1e-3) > 0.5
 
 
@@ -77,7 +79,7 @@ def test_three_facilities_on_three_engines_hold_one_model(tmp_path):
     mpiexec(5, "train_worker.py", str(tmp_path / "c.toml"), str(tmp_path), timeout=400)
     digests = {(tmp_path / f"digest-{i}.txt").read_text() for i in range(5)}
     assert len(digests) == 1  # every rank of every engine: the same global model
-    layout = FlatLayout.of(build_model("llama-tiny", 64, 0))
+    layout = FlatLayout.of(build_model("llama-tiny", 64, 0, vocab_size=VOCAB_SIZE))
     flat = checkpoint.read_flat(tmp_path / "run" / checkpoint.main_name(3), layout, "model")
     assert digests == {hashlib.sha256(flat.tobytes()).hexdigest()}
     rows = _metrics(tmp_path / "run" / "metrics.jsonl")

@@ -12,7 +12,8 @@ import h5py
 import pytest
 
 from conftest import MPIEXEC, WORKERS, mpifed, rank_env
-from mpifed import checkpoint, configfile
+from mpifed import configfile
+from mpifed.checkpoint import format as checkpoint
 
 TOKEN = "correct horse battery staple"
 

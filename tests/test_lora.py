@@ -12,9 +12,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import mpiexec, mpifed
-from mpifed import checkpoint, configfile
+from mpifed import configfile
+from mpifed.checkpoint import format as checkpoint
+from mpifed.data.prepare import PrepareOptions, prepare
 from mpifed.model import build_model
-from mpifed.prepare import PrepareOptions, prepare
 
 pytest.importorskip("peft")
 RANK, ALPHA = 4, 8.0

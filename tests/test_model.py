@@ -2,13 +2,14 @@
 import numpy as np
 import pytest
 
-from mpifed.engines.base import FlatLayout
+from mpifed.data.corpus import VOCAB_SIZE
+from mpifed.layout import FlatLayout
 from mpifed.model import build_model
 
 
 @pytest.fixture(scope="module")
 def model():
-    return build_model("llama-tiny", 64, seed=0)
+    return build_model("llama-tiny", 64, seed=0, vocab_size=VOCAB_SIZE)
 
 
 def test_layout_covers_every_parameter(model):
@@ -26,32 +27,32 @@ def test_layout_covers_every_parameter(model):
 
 
 def test_fingerprint_tells_architectures_apart(model):
-    same = FlatLayout.of(build_model("llama-tiny", 64, seed=1))
-    other = FlatLayout.of(build_model("llama-small", 64, seed=0))
+    same = FlatLayout.of(build_model("llama-tiny", 64, seed=1, vocab_size=VOCAB_SIZE))
+    other = FlatLayout.of(build_model("llama-small", 64, seed=0, vocab_size=VOCAB_SIZE))
     assert FlatLayout.of(model).fingerprint == same.fingerprint != other.fingerprint
 
 
 def test_same_seed_same_weights():
-    a, b = build_model("llama-tiny", 64, 3), build_model("llama-tiny", 64, 3)
+    a, b = build_model("llama-tiny", 64, 3, vocab_size=VOCAB_SIZE), build_model("llama-tiny", 64, 3, vocab_size=VOCAB_SIZE)
     assert all(np.array_equal(x.detach(), y.detach()) for x, y in zip(a.parameters(), b.parameters()))
 
 
 def test_a_local_model_folder_loads_offline_and_reinit_starts_afresh(tmp_path):
     from mpifed.config import ModelConfig
 
-    saved = build_model("mixtral-tiny", 64, seed=5)
+    saved = build_model("mixtral-tiny", 64, seed=5, vocab_size=VOCAB_SIZE)
     saved.save_pretrained(tmp_path / "m")
-    loaded = build_model(ModelConfig(path=str(tmp_path / "m")), 64, seed=0)
+    loaded = build_model(ModelConfig(path=str(tmp_path / "m")), 64, seed=0, vocab_size=VOCAB_SIZE)
     assert type(loaded).__name__ == "MixtralForCausalLM"
     assert all(np.array_equal(a.detach(), b.detach()) for a, b in zip(saved.parameters(), loaded.parameters()))
-    fresh = build_model(ModelConfig(path=str(tmp_path / "m"), reinit=True), 64, seed=0)
+    fresh = build_model(ModelConfig(path=str(tmp_path / "m"), reinit=True), 64, seed=0, vocab_size=VOCAB_SIZE)
     assert FlatLayout.of(fresh).fingerprint == FlatLayout.of(saved).fingerprint
     assert not np.array_equal(fresh.lm_head.weight.detach(), saved.lm_head.weight.detach())
 
 
 def test_inner_learning_rate_schedule():
     from mpifed.config import TrainConfig
-    from mpifed.trainer import inner_lr
+    from mpifed.run.schedule import inner_lr
 
     cosine = TrainConfig(lr=1e-3, min_lr=1e-4, schedule="cosine", warmup_steps=4)
     assert [inner_lr(cosine, s, 100) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])

@@ -11,8 +11,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import mpifed
-from mpifed import data
-from mpifed.prepare import IGNORE, PrepareOptions, prepare
+from mpifed.data import corpus as data
+from mpifed.data.prepare import IGNORE, PrepareOptions, prepare
 
 
 def _rows(folder, split):
@@ -200,13 +200,13 @@ def _split_names(message, names):
 
 
 def test_data_path_errors_name_the_folder(bpe_data, tmp_path):
-    from mpifed import configfile
+    from mpifed import configfile, preflight
     from mpifed.config import ConfigError
 
     with pytest.raises(ConfigError, match="holds 3 partitions for 2 facilities; prepare it again with --partitions 2"):
-        configfile.from_dict({"data": {"path": str(bpe_data[0])}})
+        preflight.checked(configfile.from_dict({"data": {"path": str(bpe_data[0])}}))
     with pytest.raises(ConfigError, match=f"data.path {tmp_path}: not a prepared dataset"):
-        configfile.from_dict({"data": {"path": str(tmp_path)}})
+        preflight.checked(configfile.from_dict({"data": {"path": str(tmp_path)}}))
 
 
 def test_a_saved_dataset_is_an_input_with_its_source_field(bpe_data, tmp_path):

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from conftest import mpiexec
-from mpifed.topology import facility_of_ranks
+from mpifed.comm.topology import facility_of_ranks
 
 
 def _seen(out, n):

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from conftest import mpiexec, mpifed, rank_env
-from mpifed import checkpoint, configfile
+from mpifed import configfile
+from mpifed.checkpoint import format as checkpoint
+from mpifed.data.corpus import VOCAB_SIZE
 from mpifed.model import build_model
 
 KEYS = {"round", "train_loss", "val_loss", "tokens", "inner_s", "sync_s", "ckpt_s", "bytes_inter"}
@@ -33,7 +35,7 @@ def test_every_rank_holds_the_checkpointed_model_bit_for_bit(tmp_path):
     digests = {(tmp_path / f"digest-{i}.txt").read_text() for i in range(4)}
     assert len(digests) == 1
     # the checkpoint, read with plain h5py in the model's parameter order, hashes the same
-    names = [n for n, _ in build_model("llama-tiny", 64, 0).named_parameters()]
+    names = [n for n, _ in build_model("llama-tiny", 64, 0, vocab_size=VOCAB_SIZE).named_parameters()]
     with h5py.File(tmp_path / "run" / checkpoint.main_name(2)) as h5:
         digest = hashlib.sha256(b"".join(h5["model"][n][()].tobytes() for n in names)).hexdigest()
         assert h5.attrs["round"] == 2 and h5.attrs["tokens"] == 2 * 3 * 4 * 64 * 4
@@ -53,7 +55,7 @@ def test_acceptance_three_facilities(tmp_path):
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
     progress = [line for line in result.stdout.splitlines() if line.startswith("round")]
     assert len(progress) == 4 and "val_loss" in progress[0] and "tokens/s" in progress[0]
-    names = {n for n, _ in build_model("llama-tiny", 128, 0).named_parameters()}
+    names = {n for n, _ in build_model("llama-tiny", 128, 0, vocab_size=VOCAB_SIZE).named_parameters()}
     files = checkpoint.main_files(tmp_path / "run")
     assert [f.name for f in files] == [checkpoint.main_name(r) for r in (1, 2, 3, 4)]
     numel = 0

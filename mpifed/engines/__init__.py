@@ -2,26 +2,26 @@
 Each maps its (possibly sharded) parameters onto the one flat layout the federation works on."""
 from __future__ import annotations
 
+import importlib
+
 import torch
 
-from mpifed.engines.base import Engine, FlatLayout
+from mpifed.config import EngineName, check_table
+from mpifed.engines.base import Engine
 from mpifed.engines.settings import EngineSettings
 
-__all__ = ["Engine", "EngineSettings", "FlatLayout", "make_engine"]
+__all__ = ["Engine", "EngineSettings", "make_engine"]
+
+# engine name -> (module, class); imported only when chosen (DeepSpeed is heavy and optional)
+_ENGINES: dict[str, tuple[str, str]] = {
+    "replica": ("mpifed.engines.replica", "ReplicaEngine"),
+    "fsdp": ("mpifed.engines.fsdp", "FsdpEngine"),
+    "deepspeed": ("mpifed.engines.deepspeed", "DeepSpeedEngine"),
+}
+check_table(_ENGINES, EngineName, "mpifed.engines")
 
 
-def make_engine(name: str, model: torch.nn.Module, settings: EngineSettings, micro_batch: int) -> Engine:
-    """The engine called `name` over the current torch.distributed process group (the facility)."""
-    if name == "replica":
-        from mpifed.engines.replica import ReplicaEngine
-
-        return ReplicaEngine(model, settings)
-    if name == "fsdp":
-        from mpifed.engines.fsdp import FsdpEngine
-
-        return FsdpEngine(model, settings)
-    if name == "deepspeed":
-        from mpifed.engines.deepspeed import DeepSpeedEngine
-
-        return DeepSpeedEngine(model, settings, micro_batch)
-    raise ValueError(f"unknown engine {name!r}; choose replica, fsdp or deepspeed")
+def make_engine(name: EngineName, model: torch.nn.Module, settings: EngineSettings, micro_batch: int) -> Engine:
+    """The engine called `name` over the facility's process group in `settings`."""
+    module, cls = _ENGINES[name]
+    return getattr(importlib.import_module(module), cls)(model, settings, micro_batch)

@@ -1,81 +1,33 @@
-"""The engine-agnostic view of a model: `FlatLayout` (every parameter at a fixed offset of one flat
-fp32 vector, with a fingerprint) and the `Engine` protocol that each local training engine implements.
+"""The `Engine` protocol that every local training engine implements, and what engines share: `Pieces`
+(the ranges of the flat layout a rank holds, as arrays the federation reads and writes) and the
+AdamW state kept in layout order.
 
-Federation only ever sees ranges of the flat vector; that is what lets facilities run different engines.
+Federation only ever sees ranges of the flat layout (mpifed.layout); that is what lets facilities run
+different engines.
 """
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from mpifed.layout import FlatLayout, View
+
 if TYPE_CHECKING:
     from mpifed.engines.settings import EngineSettings
 
 
-@dataclass(frozen=True)
-class ParamSlot:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    offset: int
-
-    @property
-    def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
-
-@dataclass(frozen=True)
-class FlatLayout:
-    """Every trainable parameter, in module order, packed into one flat fp32 vector."""
-
-    slots: tuple[ParamSlot, ...]
-
-    def __post_init__(self) -> None:
-        offset = 0
-        for slot in self.slots:
-            if slot.offset != offset:
-                raise ValueError(f"parameter {slot.name} at offset {slot.offset}, expected {offset}")
-            offset += slot.numel
-        if len({s.name for s in self.slots}) != len(self.slots):
-            raise ValueError("parameter names in a layout must be unique")
-
-    @classmethod
-    def of(cls, model: torch.nn.Module) -> "FlatLayout":
-        slots, offset = [], 0
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                slots.append(ParamSlot(name, tuple(param.shape), str(param.dtype).removeprefix("torch."), offset))
-                offset += param.numel()
-        return cls(tuple(slots))
-
-    @property
-    def numel(self) -> int:
-        return self.slots[-1].offset + self.slots[-1].numel if self.slots else 0
-
-    @property
-    def fingerprint(self) -> str:
-        """sha256 of names, shapes and dtypes: equal layouts are exchangeable, byte for byte."""
-        text = ";".join(f"{s.name}:{'x'.join(map(str, s.shape))}:{s.dtype}" for s in self.slots)
-        return hashlib.sha256(text.encode()).hexdigest()
-
-    def unflatten(self, flat: np.ndarray) -> dict[str, np.ndarray]:
-        """Views of `flat` shaped as each parameter."""
-        return {s.name: flat[s.offset:s.offset + s.numel].reshape(s.shape) for s in self.slots}
-
-
-View = tuple[int, np.ndarray]  # (offset in the flat layout, fp32 values)
-Batch = "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"
+TensorBatch = "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"
 """Token ids [n, L] (predicting the ids themselves), or (ids, labels) with -100 where no loss is taken."""
 
 
-def lm_inputs(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+def lm_inputs(batch: TensorBatch, device: torch.device) -> dict[str, torch.Tensor]:
     """The causal-LM keyword arguments for a batch, on `device`."""
     ids, labels = batch if isinstance(batch, tuple) else (batch, batch)
     return {"input_ids": ids.to(device), "labels": labels.to(device)}
+
+
 OPTIMIZER_KEYS = ("exp_avg", "exp_avg_sq")
 
 
@@ -130,13 +82,13 @@ class Engine:
     _held: Pieces
     _owned: list[View]
 
-    def train_step(self, batches: list[Batch], lr: float) -> float:
+    def train_step(self, batches: list[TensorBatch], lr: float) -> float:
         """One inner optimizer step over `batches` (accumulated micro-batches) at learning rate `lr`;
         returns the facility-mean loss."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def loss(self, batch: Batch) -> float:
+    def loss(self, batch: TensorBatch) -> float:
         """Mean loss of the current model on `batch` (no gradients). Sharded engines need every rank of
         the facility to call this in lockstep."""
         self._forward.eval()

@@ -17,8 +17,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mpifed.engines.base import OPTIMIZER_KEYS, Batch, Engine, FlatLayout, Pieces, lm_inputs
+from mpifed import cache_dir
+from mpifed.engines.base import OPTIMIZER_KEYS, Engine, Pieces, TensorBatch, lm_inputs
 from mpifed.engines.settings import EngineSettings
+from mpifed.layout import FlatLayout
 
 # mpifed sets these from train.micro_batch and train.grad_accum: a user JSON may not change them.
 _OWN_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
@@ -64,16 +66,18 @@ def deepspeed_config(settings: EngineSettings, micro_batch: int, dtype: torch.dt
 
 
 class DeepSpeedEngine(Engine):
-    def __init__(self, model: torch.nn.Module, settings: EngineSettings, micro_batch: int) -> None:
-        from mpifed.data import cache_dir
+    """DeepSpeed ZeRO 1/2/3 over the facility's group (DeepSpeed itself runs on torch's default group,
+    which mpifed makes the facility's, and reads LOCAL_RANK): ZeRO 1/2 ranks hold the whole model and
+    own an even share; ZeRO-3 ranks hold and own their partition of every parameter."""
 
+    def __init__(self, model: torch.nn.Module, settings: EngineSettings, micro_batch: int) -> None:
         # The CPU accelerator JIT-builds a communication op on first use: build it once per machine.
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
         import deepspeed
 
         self.layout = FlatLayout.of(model)
         self.settings = settings
-        self._size, rank = dist.get_world_size(), dist.get_rank()
+        self._size, rank = settings.ranks, settings.rank
         params = [p for p in model.parameters() if p.requires_grad]
         config = deepspeed_config(settings, micro_batch, params[0].dtype, self._size)
         self.zero_stage = config["zero_optimization"]["stage"]
@@ -115,7 +119,7 @@ class DeepSpeedEngine(Engine):
         for group in self._optimizer.param_groups:
             group["lr"] = lr
 
-    def train_step(self, batches: list[Batch], lr: float) -> float:
+    def train_step(self, batches: list[TensorBatch], lr: float) -> float:
         self._engine.train()
         self.set_lr(lr)
         loss_sum = torch.zeros((), device=self.settings.device)
@@ -124,9 +128,8 @@ class DeepSpeedEngine(Engine):
             self._engine.backward(loss)
             self._engine.step()
             loss_sum += loss.detach().float() / len(batches)
-        dist.all_reduce(loss_sum)
+        dist.all_reduce(loss_sum, group=self.settings.group)
         return float(loss_sum) / self._size
-
 
     def _base_state(self) -> dict:
         return self._optimizer.optimizer.state
@@ -154,7 +157,7 @@ class DeepSpeedEngine(Engine):
     def _held_params(self) -> list[torch.nn.Parameter]:
         if self.zero_stage < 3:
             return self._params
-        rank = dist.get_rank()
+        rank = self.settings.rank
         return [p for p in self._params if p.ds_tensor.numel() * rank < p.ds_numel]
 
     def optimizer_state(self) -> dict[str, np.ndarray]:

@@ -12,25 +12,33 @@ import math
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-from mpifed.engines.base import Batch, FlatLayout, Pieces, TorchOptimizerEngine, lm_inputs, local
+from mpifed.engines.base import Pieces, TensorBatch, TorchOptimizerEngine, lm_inputs, local
 from mpifed.engines.settings import EngineSettings
+from mpifed.layout import FlatLayout
 from mpifed.model import decoder_layers
 
 
 class FsdpEngine(TorchOptimizerEngine):
-    def __init__(self, model: torch.nn.Module, settings: EngineSettings) -> None:
+    """PyTorch FSDP2 over the facility's group: each rank holds (and, in the first replica group, owns)
+    its dim-0 shard of every parameter; torch's AdamW steps the plain local shards."""
+
+    def __init__(self, model: torch.nn.Module, settings: EngineSettings, micro_batch: int) -> None:
         opts, device = settings.fsdp, settings.device
         self.layout = FlatLayout.of(model)
         self.settings = settings
-        size = dist.get_world_size()
+        size = settings.ranks
         if opts.cpu_offload and device.type != "cuda":
             raise ValueError("fsdp.cpu_offload needs a GPU (parameters on the CPU are already in host memory)")
-        mesh = init_device_mesh(device.type, (opts.replicas, size // opts.replicas), mesh_dim_names=("replicate", "shard"))
         if opts.replicas == 1:
-            mesh = mesh["shard"]
+            mesh = DeviceMesh.from_group(settings.group, device.type, mesh_dim_names=("shard",))
+        else:  # HSDP's 2-D mesh is cut from the default group, which mpifed makes the facility's own
+            if settings.group is not dist.group.WORLD:
+                raise ValueError("fsdp.replicas > 1 needs the facility's process group to be torch's default group")
+            mesh = init_device_mesh(device.type, (opts.replicas, size // opts.replicas),
+                                    mesh_dim_names=("replicate", "shard"))
         if opts.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
@@ -74,7 +82,7 @@ class FsdpEngine(TorchOptimizerEngine):
         self._model.reshard()
         super().before_exchange()
 
-    def train_step(self, batches: list[Batch], lr: float) -> float:
+    def train_step(self, batches: list[TensorBatch], lr: float) -> float:
         self._model.train()
         loss_sum = torch.zeros((), device=self.settings.device)
         for i, batch in enumerate(batches):
@@ -91,6 +99,6 @@ class FsdpEngine(TorchOptimizerEngine):
         self._optimizer.step()
         for param, shard in zip(self._params, self._shards):
             param.grad = shard.grad = None
-        dist.all_reduce(loss_sum)
+        dist.all_reduce(loss_sum, group=self.settings.group)
         return float(loss_sum) / self._size
 

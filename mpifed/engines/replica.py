@@ -9,12 +9,16 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from mpifed.engines.base import Batch, FlatLayout, Pieces, TorchOptimizerEngine, lm_inputs
+from mpifed.engines.base import Pieces, TensorBatch, TorchOptimizerEngine, lm_inputs
 from mpifed.engines.settings import EngineSettings
+from mpifed.layout import FlatLayout
 
 
 class ReplicaEngine(TorchOptimizerEngine):
-    def __init__(self, model: torch.nn.Module, settings: EngineSettings) -> None:
+    """The whole model on every rank, parameters and gradients as views of two flat buffers; one
+    all-reduce per step. Each rank owns an even 1/n share of the layout for the reduction."""
+
+    def __init__(self, model: torch.nn.Module, settings: EngineSettings, micro_batch: int) -> None:
         self.layout = FlatLayout.of(model)
         self.settings = settings
         self._model = self._forward = model.to(settings.device)
@@ -32,14 +36,14 @@ class ReplicaEngine(TorchOptimizerEngine):
         self._optimizer = settings.adamw(params)
         self._param_places = [(p, 0, slot.offset) for slot, p in zip(self.layout.slots, params)]
         self._params = params
-        self._size, rank = dist.get_world_size(), dist.get_rank()
+        self._size, rank = settings.ranks, settings.rank
         self._held = Pieces([(0, self._flat)])
         self._owned = self._held.share(rank, self._size, self.layout.numel)
 
     def model(self) -> torch.nn.Module:
         return self._model
 
-    def train_step(self, batches: list[Batch], lr: float) -> float:
+    def train_step(self, batches: list[TensorBatch], lr: float) -> float:
         self._model.train()
         self._reduced.zero_()
         loss_sum = 0.0
@@ -49,7 +53,7 @@ class ReplicaEngine(TorchOptimizerEngine):
             loss_sum += loss.detach()
         self._reduced[-1] = loss_sum
         if self._size > 1:  # a one-rank facility has nothing to average
-            dist.all_reduce(self._reduced)
+            dist.all_reduce(self._reduced, group=self.settings.group)
             self._reduced /= self._size
         if self.settings.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self._params, self.settings.grad_clip)

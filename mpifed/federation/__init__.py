@@ -1,1 +1,2 @@
-"""Federation: what crosses facilities each round and how it is combined into the global model."""
+"""The federation of one round: the hierarchical reduction across facilities (reduce), the outer
+optimizers (outer) and the codecs of the cross-facility hop (compress)."""

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from mpifed.config import Compression, check_table
+
 INT8_BLOCK = 256
 
 
 class BF16:
+    """bfloat16: the top 16 bits of each fp32 value, rounded to nearest even; 2 bytes per value."""
+
     name = "bf16"
 
     @staticmethod
@@ -61,7 +65,9 @@ class Int8:
         return values * np.repeat(scales, INT8_BLOCK)[:n]
 
 
-CODECS = {"bf16": BF16, "int8": Int8}
+CODECS: dict[str, type | None] = {"none": None, "bf16": BF16, "int8": Int8}
+"""federation.compress -> its codec (None: fp32 as it is)."""
+check_table(CODECS, Compression, "mpifed.federation.compress.CODECS")
 
 
 class ErrorFeedback:

@@ -15,25 +15,42 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DEFAULT_LR = {"fedavg": 1.0, "fedavgm": 1.0, "diloco": 0.7, "fedadam": 0.01, "fedyogi": 0.01}
-DEFAULT_MOMENTUM = {"fedavg": 0.0, "fedavgm": 0.9, "diloco": 0.9, "fedadam": 0.9, "fedyogi": 0.9}
-STATE_NAMES = {"fedavg": [], "fedavgm": ["momentum"], "diloco": ["momentum"], "fedadam": ["m", "v"],
-               "fedyogi": ["m", "v"]}
+from mpifed.config import OuterName, check_table
+
+
+@dataclass(frozen=True)
+class OuterSpec:
+    """An outer optimizer's defaults: its learning rate, its momentum (β1 for the Adam kinds), and the
+    names of the state arrays it keeps per value of the segment."""
+
+    lr: float
+    momentum: float
+    state: tuple[str, ...]
+
+
+OUTER: dict[str, OuterSpec] = {
+    "fedavg": OuterSpec(1.0, 0.0, ()),
+    "fedavgm": OuterSpec(1.0, 0.9, ("momentum",)),
+    "diloco": OuterSpec(0.7, 0.9, ("momentum",)),
+    "fedadam": OuterSpec(0.01, 0.9, ("m", "v")),
+    "fedyogi": OuterSpec(0.01, 0.9, ("m", "v")),
+}
+check_table(OUTER, OuterName, "mpifed.federation.outer.OUTER")
 
 
 @dataclass
 class OuterOptimizer:
     """One outer optimizer over one segment; `state` maps names to arrays shaped like the segment."""
 
-    kind: str
+    kind: OuterName
     lr: float
     momentum: float
     beta2: float = 0.99
     tau: float = 1e-3
 
     def __post_init__(self) -> None:
-        if self.kind not in DEFAULT_LR:
-            raise ValueError(f"unknown outer optimizer {self.kind!r}; choose one of {', '.join(DEFAULT_LR)}")
+        if self.kind not in OUTER:
+            raise ValueError(f"unknown outer optimizer {self.kind!r}; choose one of {', '.join(OUTER)}")
         self.state: dict[str, np.ndarray] = {}
 
     def _buffer(self, name: str, like: np.ndarray) -> np.ndarray:
@@ -43,7 +60,7 @@ class OuterOptimizer:
 
     @property
     def state_names(self) -> list[str]:
-        return STATE_NAMES[self.kind]
+        return list(OUTER[self.kind].state)
 
     def full_state(self, like: np.ndarray) -> dict[str, np.ndarray]:
         """Every state array, zeros before the first step (for checkpoints)."""
@@ -77,10 +94,9 @@ class OuterOptimizer:
             theta -= lr * m / (np.sqrt(v) + np.float32(self.tau))
 
 
-def make_outer(kind: str, lr: float | None = None, momentum: float | None = None, beta2: float = 0.99,
+def make_outer(kind: OuterName, lr: float | None = None, momentum: float | None = None, beta2: float = 0.99,
                tau: float = 1e-3) -> OuterOptimizer:
-    """The named optimizer; lr and momentum default to the values in DEFAULT_LR / DEFAULT_MOMENTUM."""
-    if kind not in DEFAULT_LR:
-        raise ValueError(f"unknown outer optimizer {kind!r}; choose one of {', '.join(DEFAULT_LR)}")
-    return OuterOptimizer(kind, DEFAULT_LR[kind] if lr is None else lr,
-                          DEFAULT_MOMENTUM[kind] if momentum is None else momentum, beta2, tau)
+    """The named optimizer; lr and momentum default to its `OUTER` entry."""
+    spec = OUTER[kind]
+    return OuterOptimizer(kind, spec.lr if lr is None else lr, spec.momentum if momentum is None else momentum,
+                          beta2, tau)

@@ -21,14 +21,14 @@ from typing import Callable, Sequence
 import numpy as np
 from mpi4py import MPI
 
-from mpifed import wire
+from mpifed.comm import control
+from mpifed.comm.topology import Topology
+from mpifed.comm.watchdog import deadline
 from mpifed.config import FederationConfig
 from mpifed.federation.compress import CODECS, ErrorFeedback
-from mpifed.federation.outer import STATE_NAMES, make_outer
-from mpifed.topology import Topology
-from mpifed.watchdog import deadline
+from mpifed.federation.outer import OUTER, make_outer
+from mpifed.layout import View
 
-View = tuple[int, np.ndarray]  # (offset in the flat model, values)
 Range = tuple[int, int]
 
 
@@ -50,7 +50,7 @@ def _ranges(views: Sequence[View]) -> list[Range]:
 
 
 def _allgather_ranges(comm: MPI.Intracomm, ranges: list[Range]) -> list[list[Range]]:
-    flat = wire.allgather_str(comm, ",".join(f"{a}:{b}" for a, b in ranges))
+    flat = control.allgather_str(comm, ",".join(f"{a}:{b}" for a, b in ranges))
     return [[tuple(map(int, item.split(":"))) for item in text.split(",") if item] for text in flat]
 
 
@@ -94,7 +94,7 @@ class Federation:
         if root is not None:
             start, stop = self.segments[root]
             self.outer = make_outer(cfg.outer, cfg.outer_lr, cfg.outer_momentum, cfg.outer_beta2, cfg.outer_tau)
-            if cfg.compress != "none":
+            if CODECS[cfg.compress] is not None:
                 self.feedback = ErrorFeedback(CODECS[cfg.compress], stop - start)
         # Root r starts from the current model's segment r.
         self.theta = self._gather(owned, lambda i, a, b, out: np.copyto(out, owned[i][1][a:b]))
@@ -152,13 +152,14 @@ class Federation:
         for dtype in types:
             dtype.Free()
 
-    def round(self, owned: Sequence[View], held: Sequence[View], tokens: int, participate: bool) -> RoundExchange:
+    def synchronise(self, owned: Sequence[View], held: Sequence[View], tokens: int, participate: bool
+                    ) -> RoundExchange:
         """One synchronisation. `owned`/`held` are the engine's views; `tokens` what this rank trained.
         Collective over the world; raises FederationError when too few facilities are left."""
-        facility_tokens = int(wire.allreduce(self.topo.facility, [tokens])[0])
+        facility_tokens = int(control.allreduce(self.topo.facility, [tokens])[0])
         delta = self._gather(owned, lambda i, a, b, out: np.subtract(self.theta_owned[i][a:b], owned[i][1][a:b], out=out))
         # A NaN or Inf anywhere makes the squared norm NaN or Inf: no separate scan needed.
-        norm2 = wire.allreduce(self.topo.facility, [float(np.dot(delta, delta)) if delta is not None else 0.0])[0]
+        norm2 = control.allreduce(self.topo.facility, [float(np.dot(delta, delta)) if delta is not None else 0.0])[0]
         sent, left_out = 0, ()
         if delta is not None:
             bad = not math.isfinite(norm2)
@@ -178,7 +179,7 @@ class Federation:
     @property
     def outer_state_names(self) -> list[str]:
         """Names of the outer optimizer's state arrays (known on every rank, held on roots)."""
-        return STATE_NAMES[self.cfg.outer]
+        return list(OUTER[self.cfg.outer].state)
 
     def outer_state(self) -> dict[str, np.ndarray]:
         """On a root: its segment of every outer state array."""

@@ -10,7 +10,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from mpifed.watchdog import abort_on_error, deadline
+from mpifed.comm.watchdog import abort_on_error, deadline
 
 comm = MPI.COMM_WORLD
 with abort_on_error(comm):

@@ -16,23 +16,24 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpifed import wire
+from mpifed.comm import control
+from mpifed.comm.topology import start_process_group, stop_process_group
 from mpifed.config import DeepSpeedConfig, FsdpConfig
+from mpifed.data.corpus import VOCAB_SIZE
 from mpifed.engines import EngineSettings, make_engine
 from mpifed.model import build_model
-from mpifed.topology import start_process_group, stop_process_group
 
 engine_name, out = sys.argv[1], sys.argv[2]
 options = dict(arg.split("=", 1) for arg in sys.argv[3:])
 comm = MPI.COMM_WORLD
 torch.set_num_threads(1)
-start_process_group(comm)
+group, _ = start_process_group(comm)
 settings = EngineSettings(
-    weight_decay=0.1, grad_clip=float(options.get("clip", 0.5)), grad_accum=2,
+    group=group, weight_decay=0.1, grad_clip=float(options.get("clip", 0.5)), grad_accum=2,
     fsdp=FsdpConfig(replicas=int(options.get("replicas", 1)),
                     activation_checkpointing=options.get("checkpointing") == "1"),
     deepspeed=DeepSpeedConfig(zero_stage=int(options.get("stage", 2))))
-model = build_model(options.get("preset", "llama-tiny"), 32, seed=0)
+model = build_model(options.get("preset", "llama-tiny"), 32, seed=0, vocab_size=VOCAB_SIZE)
 engine = make_engine(engine_name, model, settings, micro_batch=2)
 numel = engine.layout.numel
 
@@ -44,7 +45,7 @@ losses = [engine.train_step(batches[:2], lr=1e-2)]
 def flat_state(engine) -> dict[str, np.ndarray]:
     """The optimizer state in layout order, assembled from every rank's owned pieces."""
     state = engine.optimizer_state()
-    out = {key: wire.gather_pieces(comm, engine.owned_pieces(state[key]), numel) for key in ("exp_avg", "exp_avg_sq")}
+    out = {key: control.gather_pieces(comm, engine.owned_pieces(state[key]), numel) for key in ("exp_avg", "exp_avg_sq")}
     return {"step": state["step"], **out}
 
 
@@ -55,16 +56,16 @@ if options.get("reload") == "1":  # through the checkpoint path: out in layout o
 engine.loss(batches[0])  # a forward without backward (validation) before the exchange
 # The exchange: every rank gets a new model (here: the current one scaled) through its held views.
 engine.before_exchange()
-owned_model = wire.gather_pieces(comm, engine.owned(), numel)
+owned_model = control.gather_pieces(comm, engine.owned(), numel)
 for offset, values in engine.held():
     values[:] = owned_model[offset:offset + len(values)] * np.float32(0.9)
 engine.after_exchange()
 losses.append(engine.train_step(batches[2:], lr=5e-3))
 engine.before_exchange()
-final = wire.gather_pieces(comm, engine.owned(), numel)
+final = control.gather_pieces(comm, engine.owned(), numel)
 state = flat_state(engine)
 val = engine.loss(batches[0])
-val = wire.allreduce(comm, [val])[0] / comm.size
+val = control.allreduce(comm, [val])[0] / comm.size
 if comm.rank == 0:
     np.savez(out, model=final, losses=np.array(losses), val=np.array([val]), **state)
 stop_process_group()

@@ -8,15 +8,17 @@ from pathlib import Path
 
 from mpi4py import MPI
 
-from mpifed import configfile, entry, topology
-from mpifed.join import JoinError
-from mpifed.trainer import Trainer
-from mpifed.watchdog import abort_on_error
+from mpifed import configfile
+from mpifed.comm import topology
+from mpifed.comm.join import JoinError
+from mpifed.comm.watchdog import abort_on_error
+from mpifed.run import rank
+from mpifed.run.trainer import Trainer
 
 cfg = configfile.from_dict(configfile.load(sys.argv[1]))
 name, out = sys.argv[2], Path(sys.argv[3])
 with abort_on_error(MPI.COMM_WORLD, expected=(JoinError,)):
-    world, run_cfg, index = entry.join_world(MPI.COMM_WORLD, cfg, name)
+    world, run_cfg, index = rank.join_world(MPI.COMM_WORLD, cfg, name)
 with abort_on_error(world):
     topo = topology.build(world, index, [f.name for f in run_cfg.facility], run_cfg.federation.roots)
     trainer = Trainer(run_cfg, topo)

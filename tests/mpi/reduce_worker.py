@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from mpifed import configfile, topology, wire
+from mpifed import configfile
+from mpifed.comm import control, topology
+from mpifed.comm.watchdog import abort_on_error
 from mpifed.federation.reduce import Federation, sampled
-from mpifed.watchdog import abort_on_error
 
 sizes = [int(s) for s in sys.argv[1].split(",")]
 out, mode, rounds, numel = Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
@@ -28,7 +29,7 @@ fed = configfile.from_dict(configfile.apply_sets({"facility": [{"name": f"fac{i}
                                          [f"federation.{k}={v}" for k, v in settings.items()])).federation
 comm = MPI.COMM_WORLD
 with abort_on_error(comm):
-    indices = topology.facility_of_ranks(sizes, wire.allgather_int(comm, comm.Get_attr(MPI.APPNUM) or 0))
+    indices = topology.facility_of_ranks(sizes, control.allgather_int(comm, comm.Get_attr(MPI.APPNUM) or 0))
     topo = topology.build(comm, indices[comm.rank], [f"fac{i}" for i in range(len(sizes))], fed.roots)
     f, r, n = topo.facility_index, topo.facility.rank, topo.facility.size
     model = np.random.default_rng(7).standard_normal(numel).astype(np.float32)
@@ -51,7 +52,7 @@ with abort_on_error(comm):
             if train:
                 values -= delta[offset:offset + len(values)]
         tokens = (10 * (f + 1) + r) * (t + 1) if train else 0
-        exchange = federation.round(owned, held, tokens, train)
+        exchange = federation.synchronise(owned, held, tokens, train)
         report["bytes_inter"].append(exchange.bytes_inter)
         report["left_out"].append(list(exchange.left_out))
         report["facility_tokens"].append(exchange.facility_tokens)

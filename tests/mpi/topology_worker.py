@@ -9,14 +9,14 @@ from pathlib import Path
 
 from mpi4py import MPI
 
-from mpifed import topology, wire
-from mpifed.watchdog import abort_on_error
+from mpifed.comm import control, topology
+from mpifed.comm.watchdog import abort_on_error
 
 sizes = [int(s) for s in sys.argv[1].split(",")]
 n_roots, out, use_torch = int(sys.argv[2]), Path(sys.argv[3]), "--torch" in sys.argv
 comm = MPI.COMM_WORLD
 with abort_on_error(comm):
-    indices = topology.facility_of_ranks(sizes, wire.allgather_int(comm, comm.Get_attr(MPI.APPNUM) or 0))
+    indices = topology.facility_of_ranks(sizes, control.allgather_int(comm, comm.Get_attr(MPI.APPNUM) or 0))
     topo = topology.build(comm, indices[comm.rank], [f"fac{i}" for i in range(len(sizes))], n_roots)
     seen = {
         "launch_rank": comm.rank, "facility": topo.facility_index, "world_rank": topo.world.rank,

@@ -9,15 +9,16 @@ from pathlib import Path
 
 from mpi4py import MPI
 
-from mpifed import configfile, topology, wire
-from mpifed.trainer import Trainer
-from mpifed.watchdog import abort_on_error
+from mpifed import configfile
+from mpifed.comm import control, topology
+from mpifed.comm.watchdog import abort_on_error
+from mpifed.run.trainer import Trainer
 
 cfg = configfile.from_dict(configfile.load(sys.argv[1]))
 out = Path(sys.argv[2])
 comm = MPI.COMM_WORLD
 with abort_on_error(comm):
-    indices = topology.facility_of_ranks([f.ranks for f in cfg.facility], wire.allgather_int(comm, 0))
+    indices = topology.facility_of_ranks([f.ranks for f in cfg.facility], control.allgather_int(comm, 0))
     topo = topology.build(comm, indices[comm.rank], [f.name for f in cfg.facility], cfg.federation.roots)
     trainer = Trainer(cfg, topo)
     trainer.run()

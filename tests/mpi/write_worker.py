@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mpifed import checkpoint
-from mpifed.engines.base import FlatLayout, ParamSlot
+from mpifed.checkpoint import format as checkpoint
+from mpifed.layout import FlatLayout, ParamSlot
 
 folder, numel = Path(sys.argv[1]), int(sys.argv[2])
 layout = FlatLayout((ParamSlot("a", (numel // 2,), "float32", 0), ParamSlot("b", (numel - numel // 2,), "float32", numel // 2)))

@@ -1,8 +1,9 @@
 """Communicators: which rank belongs to which facility, who the roots are, and how facilities talk.
 
 `Topology` is built once at start from a communicator and this rank's facility, validated, and passed
-down; library code never reads the launch's world communicator (only mpifed/entry.py does). It also bootstraps each facility's torch.distributed
-process group from the facility communicator (the leader binds a free port and broadcasts it).
+down; library code never reads the launch's world communicator (only mpifed/run/rank.py does). This
+module also bootstraps each facility's torch.distributed process group from the facility communicator
+(the leader binds a free port and broadcasts it).
 """
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from mpi4py import MPI
 
-from mpifed import wire
+from mpifed.comm import control
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,11 @@ class Topology:
         return self.facility.rank if self.facility.rank < self.n_roots else None
 
     @property
+    def is_leader(self) -> bool:
+        """Rank 0 of its facility: speaks for the facility (its loss, tokens, checkpoint part)."""
+        return self.facility.rank == 0
+
+    @property
     def is_global_root(self) -> bool:
         """Root 0 of facility 0: prints progress, writes metrics."""
         return self.world.rank == 0
@@ -111,7 +120,7 @@ def facility_of_ranks(sizes: Sequence[int], appnums: Sequence[int]) -> list[int]
 
 def build(comm: MPI.Intracomm, facility_index: int, names: Sequence[str], n_roots: int = 1) -> Topology:
     """Single-launch constructor: split `comm` by facility. Collective over `comm`."""
-    indices = wire.allgather_int(comm, facility_index)
+    indices = control.allgather_int(comm, facility_index)
     sizes = tuple(indices.count(i) for i in range(len(names)))
     if 0 in sizes or len(set(indices) - set(range(len(names)))) > 0:
         raise ValueError(f"every facility needs at least one rank (ranks per facility: {sizes})")
@@ -140,24 +149,25 @@ def local_ranks_on_node(comm: MPI.Intracomm) -> int:
         node.Free()
 
 
-def start_process_group(facility: MPI.Intracomm, backend: str = "gloo", timeout_s: float = 600.0) -> int:
+def start_process_group(facility: MPI.Intracomm, backend: str = "gloo", timeout_s: float = 600.0
+                        ) -> tuple["torch.distributed.ProcessGroup", int]:
     """Initialise torch.distributed over exactly this facility's ranks.
 
     The leader starts the rendezvous store on a port the OS picks (no fixed port, no race) and broadcasts
     its address; ranks all on one node use loopback. MPIFED_STORE_HOST overrides the address on
     multi-homed nodes. Sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE as torchrun would (DeepSpeed
-    reads them) and returns the local rank (this rank's place among the facility's ranks on its node).
-    Collective over `facility`.
+    reads them). Returns the facility's process group (what engines are given) and the local rank (this
+    rank's place among the facility's ranks on its node). Collective over `facility`.
     """
     import torch.distributed as dist
 
     timeout = timedelta(seconds=timeout_s)
-    hosts = wire.allgather_str(facility, MPI.Get_processor_name())
+    hosts = control.allgather_str(facility, MPI.Get_processor_name())
     host = os.environ.get("MPIFED_STORE_HOST") or ("127.0.0.1" if len(set(hosts)) == 1 else socket.gethostname())
     store = None
     if facility.rank == 0:
         store = dist.TCPStore(host, 0, facility.size, is_master=True, timeout=timeout, wait_for_workers=False)
-    port = wire.bcast_int(facility, store.port if store is not None else None, root=0)
+    port = control.bcast_int(facility, store.port if store is not None else None, root=0)
     if store is None:
         store = dist.TCPStore(host, port, facility.size, is_master=False, timeout=timeout)
     node = facility.Split_type(MPI.COMM_TYPE_SHARED)
@@ -166,7 +176,7 @@ def start_process_group(facility: MPI.Intracomm, backend: str = "gloo", timeout_
     os.environ.update(RANK=str(facility.rank), WORLD_SIZE=str(facility.size), LOCAL_RANK=str(local_rank),
                       LOCAL_WORLD_SIZE=str(local_size))
     dist.init_process_group(backend, store=store, rank=facility.rank, world_size=facility.size, timeout=timeout)
-    return local_rank
+    return dist.group.WORLD, local_rank
 
 
 def stop_process_group() -> None:

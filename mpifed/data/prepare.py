@@ -22,193 +22,18 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from mpifed.data.corpus import MANIFEST
+from mpifed.data.options import BPE_SPECIALS, PrepareError, PrepareOptions
+from mpifed.data.reading import Records, read_inputs
+from mpifed.data.sequences import pack, split_rows
+
 if TYPE_CHECKING:
     import datasets
 
-MANIFEST = "manifest.json"
 FORMAT = 1
-TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
-JSON_SUFFIXES = {".jsonl", ".json"}
-BPE_SPECIALS = ("<|endoftext|>", "<|pad|>")
-MIN_BPE_VOCAB = 256 + len(BPE_SPECIALS)
-HUMAN, ASSISTANT = "### Human:", "### Assistant:"
 IGNORE = -100  # the label transformers' loss skips
 
-
-class PrepareError(ValueError):
-    """Input that cannot be prepared; the message names the file, folder, field or option."""
-
-
-@dataclass(frozen=True)
-class PrepareOptions:
-    inputs: tuple[Path, ...]
-    out: Path
-    seq_len: int = 512
-    partitions: int = 2
-    split: str = "iid"
-    weights: tuple[float, ...] = ()
-    val_fraction: float = 0.05
-    tokenizer: Path | None = None
-    train_bpe: int | None = None
-    sft: bool = False
-    text_field: str = "text"
-    source_field: str = ""
-    prompt_field: str = "prompt"
-    response_field: str = "response"
-    num_proc: int = 1
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        problems = []
-        if (self.tokenizer is None) == (self.train_bpe is None):
-            problems.append("give exactly one of --tokenizer PATH and --train-bpe VOCAB")
-        if self.train_bpe is not None and self.train_bpe < MIN_BPE_VOCAB:
-            problems.append(f"--train-bpe: a vocabulary of {self.train_bpe} is too small; a byte-level BPE needs at "
-                            f"least {MIN_BPE_VOCAB} tokens (256 bytes and {len(BPE_SPECIALS)} special tokens)")
-        if not 8 <= self.seq_len <= 1 << 20:
-            problems.append(f"--seq-len: must be between 8 and 1048576 (got {self.seq_len})")
-        if self.partitions < 1:
-            problems.append(f"--partitions: must be >= 1 (got {self.partitions})")
-        if self.split not in ("iid", "by-source"):
-            problems.append(f"--split: unknown split {self.split!r}; choose iid or by-source")
-        if self.weights and (len(self.weights) != self.partitions or min(self.weights) <= 0):
-            problems.append(f"--weights: give {self.partitions} positive numbers, one per partition "
-                            f"(got {','.join(map(str, self.weights))})")
-        if not 0.0 < self.val_fraction < 0.5:
-            problems.append(f"--val-fraction: must be > 0 and < 0.5 (got {self.val_fraction})")
-        problems += [f"{path}: no such file or folder" for path in self.inputs if not path.exists()]
-        if self.tokenizer is not None and not (self.tokenizer.is_dir() and any(self.tokenizer.glob("tokenizer*"))):
-            problems.append(f"--tokenizer {self.tokenizer}: not a tokenizer folder (no tokenizer.json or "
-                            "tokenizer_config.json there); give a local Hugging Face tokenizer or model folder")
-        if problems:
-            raise PrepareError("; ".join(problems))
-
-
-@dataclass
-class Records:
-    """The documents read from the inputs: the text (or prompt and response) of each and its source."""
-
-    columns: dict[str, list[str]]
-    sources: list[str]
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-
-# ---------------------------------------------------------------------------------------------- reading
-def _split_marked(text: str, where: str) -> tuple[str, str]:
-    """'### Human: … ### Assistant: …' → (prompt through the last Assistant marker, response)."""
-    cut = text.rfind(ASSISTANT)
-    if cut < 0 or HUMAN not in text[:cut]:
-        raise PrepareError(f"{where}: an SFT example needs '{HUMAN} … {ASSISTANT} …' "
-                           "(or JSON lines with --prompt-field/--response-field)")
-    cut += len(ASSISTANT)
-    return text[:cut], text[cut:]
-
-
-def _marked_examples(text: str) -> list[str]:
-    """A text file of SFT examples: each starts at a '### Human:' line that follows an answer."""
-    out, current = [], []
-    for line in text.splitlines(keepends=True):
-        if line.startswith(HUMAN) and any(ASSISTANT in seen for seen in current):
-            out.append("".join(current).strip())
-            current = []
-        current.append(line)
-    if "".join(current).strip():
-        out.append("".join(current).strip())
-    return out
-
-
-class _Reader:
-    def __init__(self, opts: PrepareOptions) -> None:
-        self.opts = opts
-        keys = ("prompt", "response") if opts.sft else ("text",)
-        self.records = Records({key: [] for key in keys}, [])
-
-    def add_text(self, text: str, source: str, where: str) -> None:
-        if not text.strip():
-            return
-        if not self.opts.sft:
-            self._add({"text": text}, source)
-            return
-        for i, example in enumerate(_marked_examples(text)):
-            prompt, response = _split_marked(example, f"{where} (example {i + 1})")
-            self._add({"prompt": prompt, "response": response}, source)
-
-    def add_record(self, record: dict, source: str, where: str) -> None:
-        opts = self.opts
-        if opts.source_field:
-            if opts.source_field not in record:
-                raise PrepareError(f"{where}: no field {opts.source_field!r} for --source-field "
-                                   f"(fields: {', '.join(record)})")
-            source = str(record[opts.source_field])
-        if opts.sft and opts.prompt_field in record and opts.response_field in record:
-            self._add({"prompt": str(record[opts.prompt_field]), "response": str(record[opts.response_field])}, source)
-        elif opts.text_field in record:
-            self.add_text(str(record[opts.text_field]), source, where)
-        else:
-            wanted = (f"{opts.prompt_field!r} and {opts.response_field!r} (or {opts.text_field!r})" if opts.sft
-                      else f"{opts.text_field!r} (--text-field)")
-            raise PrepareError(f"{where}: no field {wanted} (fields: {', '.join(record) or 'none'})")
-
-    def _add(self, values: dict[str, str], source: str) -> None:
-        for key, value in values.items():
-            self.records.columns[key].append(value)
-        self.records.sources.append(source)
-
-    def read(self, path: Path) -> None:
-        if path.is_dir() and any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json")):
-            self._read_dataset(path)
-        elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES | JSON_SUFFIXES)
-            if not files:
-                raise PrepareError(f"{path}: no input in this folder (looked for "
-                                   f"{', '.join(sorted(TEXT_SUFFIXES | JSON_SUFFIXES))} files and saved datasets)")
-            for file in files:
-                top = file.relative_to(path).parts
-                self._read_file(file, top[0] if len(top) > 1 else file.name)
-        else:
-            self._read_file(path, path.name)
-
-    def _read_file(self, path: Path, source: str) -> None:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise PrepareError(f"{path}: cannot read it as UTF-8 text ({exc})") from None
-        if path.suffix.lower() not in JSON_SUFFIXES:
-            self.add_text(text, source, str(path))
-            return
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as exc:
-                raise PrepareError(f"{path} line {number}: not a JSON object ({exc})") from None
-            if not isinstance(record, dict):
-                raise PrepareError(f"{path} line {number}: not a JSON object")
-            self.add_record(record, source, f"{path} line {number}")
-
-    def _read_dataset(self, path: Path) -> None:
-        import datasets
-
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            if "train" not in loaded and len(loaded) != 1:
-                raise PrepareError(f"{path}: a DatasetDict without a 'train' split (splits: {', '.join(loaded)}); "
-                                   "save the split to prepare on its own")
-            loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
-        for i, record in enumerate(loaded):
-            self.add_record(record, path.name, f"{path} row {i}")
-
-
-def read_inputs(opts: PrepareOptions) -> Records:
-    reader = _Reader(opts)
-    for path in opts.inputs:
-        reader.read(path)
-    if not reader.records:
-        raise PrepareError(f"{', '.join(map(str, opts.inputs))}: no text found in the inputs")
-    return reader.records
+__all__ = ["MANIFEST", "PrepareError", "PrepareOptions", "prepare"]
 
 
 # ---------------------------------------------------------------------------------------- tokenizing
@@ -278,13 +103,9 @@ def pack_block(ds, seq_len: int, eos: int | None) -> Block:
     """Documents joined (an end-of-text token after each, where the tokenizer has one) and cut into
     sequences of seq_len; the ragged tail is dropped and counted."""
     values, offsets = _stream(ds, "text_ids")
-    if eos is not None:
-        stream = np.insert(values, offsets[1:], eos)  # after every document
-    else:
-        stream = values
-    n = len(stream) // seq_len
-    ids = stream[:n * seq_len].astype(np.int32).reshape(n, seq_len)
-    return Block(ids, None, np.full(n, seq_len, np.int64), len(stream) - n * seq_len)
+    stream = np.insert(values, offsets[1:], eos) if eos is not None else values  # eos after every document
+    ids = pack(stream, seq_len, np.int32) if len(stream) >= seq_len else np.empty((0, seq_len), np.int32)
+    return Block(ids, None, np.full(len(ids), seq_len, np.int64), len(stream) - ids.size)
 
 
 def sft_block(ds, seq_len: int, eos: int | None, pad: int) -> Block:
@@ -334,33 +155,17 @@ def assign_sources(tokens_by_source: dict[str, int], weights: list[float]) -> li
     return parts
 
 
-def _cut(n: int, weights: list[float]) -> list[tuple[int, int]]:
-    edges = np.round(np.cumsum([0.0, *weights]) / sum(weights) * n).astype(int)
-    return list(zip(edges[:-1], edges[1:]))
-
-
-def _val_count(n: int, fraction: float) -> int:
-    return min(n - 1, max(1, int(round(n * fraction)))) if n > 1 else 0
-
-
 def _split(blocks: list[Block], opts: PrepareOptions, weights: list[float]) -> tuple[list[Block], Block]:
     """(partitions, validation): iid shuffles one block and cuts it by weight; by-source keeps each
     group's block as a partition and holds out the same fraction of each."""
     rng = np.random.default_rng(opts.seed)
     if opts.split == "iid":
         whole = concat(blocks)
-        order = rng.permutation(len(whole.ids))
-        n_val = _val_count(len(order), opts.val_fraction)
-        train = order[n_val:]
-        parts = [whole.take(np.sort(train[a:b])) for a, b in _cut(len(train), weights)]
-        return parts, whole.take(np.sort(order[:n_val]))
-    parts, vals = [], []
-    for block in blocks:
-        order = rng.permutation(len(block.ids))
-        n_val = _val_count(len(order), opts.val_fraction)
-        parts.append(block.take(np.sort(order[n_val:])))
-        vals.append(block.take(np.sort(order[:n_val])))
-    return parts, concat(vals)
+        parts, val = split_rows(len(whole.ids), opts.val_fraction, weights, rng)
+        return [whole.take(rows) for rows in parts], whole.take(val)
+    kept = [split_rows(len(block.ids), opts.val_fraction, [1.0], rng) for block in blocks]
+    return ([block.take(parts[0]) for block, (parts, _) in zip(blocks, kept)],
+            concat([block.take(val) for block, (_, val) in zip(blocks, kept)]))
 
 
 def _to_dataset(block: Block):

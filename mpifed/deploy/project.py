@@ -19,13 +19,15 @@ from pathlib import Path
 
 from mpifed import configfile
 from mpifed.config import RunConfig
-from mpifed.sites import Site
+from mpifed.deploy.sites import Site
 
 LAUNCH_SCRIPTS = ("mpifed-srun.sh", "mpifed-mpirun.sh", "mpifed-container.sh")
 
 
 @dataclass(frozen=True)
 class Project:
+    """What a project folder is written from: the run configuration and each facility's site profile."""
+
     cfg: RunConfig
     sites: dict[str, Site]
     """Facility name -> its site profile."""
@@ -33,7 +35,7 @@ class Project:
 
 def launch_folder() -> Path:
     """The launch/ wrappers: beside the package in a checkout, else installed under share/mpifed."""
-    for folder in (Path(__file__).resolve().parent.parent / "launch", Path(sys.prefix) / "share" / "mpifed" / "launch"):
+    for folder in (Path(__file__).resolve().parents[2] / "launch", Path(sys.prefix) / "share" / "mpifed" / "launch"):
         if all((folder / name).is_file() for name in LAUNCH_SCRIPTS):
             return folder
     raise FileNotFoundError("the launch/ wrappers of mpifed are not installed (reinstall mpifed)")

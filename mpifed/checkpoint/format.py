@@ -1,6 +1,6 @@
-"""The HDF5 checkpoint format: writing parts atomically, verifying, choosing one to resume from, reading
-back, and exporting the model to a Hugging Face folder. No MPI here (mpifed/state.py decides who writes
-what); no pickle anywhere.
+"""The HDF5 checkpoint format: writing parts atomically, verifying, choosing one to resume from, and
+reading back. No MPI and no torch here (mpifed/checkpoint/manager.py decides who writes what); no
+pickle anywhere.
 
 Files of round N in the checkpoint folder:
   round_0000N.h5             main file, written last by the global root. Root attributes: format_version,
@@ -34,7 +34,7 @@ import numpy as np
 import xxhash
 
 from mpifed import __version__
-from mpifed.engines.base import FlatLayout, ParamSlot
+from mpifed.layout import FlatLayout, ParamSlot
 
 FORMAT_VERSION = 2
 LATEST = "latest"
@@ -275,17 +275,30 @@ def _open(path: Path) -> h5py.File:
 
 
 @dataclass(frozen=True)
-class Summary:
+class VerifiedCheckpoint:
+    """A checkpoint whose structure (and, unless asked otherwise, every byte) was verified: what it holds,
+    read from the main file's root attributes. Only `verify` makes one."""
+
     path: Path
+    """The main file (round_NNNNN.h5)."""
     round: int
+    """The round it was written after (1-based)."""
     tokens: int
+    """Tokens trained by all facilities up to and including that round."""
     layout: FlatLayout
+    """The flat layout of the exchanged parameters (adapters only, under LoRA)."""
     facilities: list[dict[str, Any]]
+    """The [[facility]] tables of the run that wrote it, in order (name, ranks, engine, ...)."""
     outer_state: list[str]
+    """Names of the outer optimizer's state arrays stored under /outer."""
     roots: int
+    """federation.roots of the run that wrote it (the number of segment files when > 1)."""
     model_config: str
+    """The transformers model configuration, as JSON (what an export writes as config.json)."""
     config: str
+    """The resolved run configuration, as TOML."""
     bytes: int
+    """Bytes whose hashes `verify` reread and checked (0 when it checked the structure only)."""
     base_digest: str = ""
     """Under LoRA: sha256 of the frozen base model the adapters were trained on ("" otherwise)."""
 
@@ -294,7 +307,7 @@ def _layout(text: str) -> FlatLayout:
     return FlatLayout(tuple(ParamSlot(n, tuple(shape), dtype, offset) for n, shape, dtype, offset in json.loads(text)))
 
 
-def verify(path: str | Path, parts_dir: Path | None = None, check_data: bool = True) -> Summary:
+def verify(path: str | Path, parts_dir: Path | None = None, check_data: bool = True) -> VerifiedCheckpoint:
     """Check a whole checkpoint (main file and every part it names): raises CheckpointError naming the
     first bad file or dataset, else returns its summary. check_data=False reads the structure only."""
     path = Path(path)
@@ -307,7 +320,7 @@ def verify(path: str | Path, parts_dir: Path | None = None, check_data: bool = T
             layout = _layout(h5.attrs["layout"])
             parts = json.loads(h5.attrs["parts"])
             outer_state = json.loads(h5.attrs["outer_state"])
-            summary = Summary(path, int(h5.attrs["round"]), int(h5.attrs["tokens"]), layout,
+            summary = VerifiedCheckpoint(path, int(h5.attrs["round"]), int(h5.attrs["tokens"]), layout,
                               json.loads(h5.attrs["facilities"]), outer_state, int(h5.attrs["roots"]),
                               str(h5.attrs["model_config"]), str(h5.attrs["config"]), 0,
                               str(h5.attrs.get("base_digest", "")))
@@ -326,7 +339,7 @@ def verify(path: str | Path, parts_dir: Path | None = None, check_data: bool = T
     for name in [*parts["segments"], *parts["facilities"].values()]:
         with _open(where / name) as part:
             checked += _check_arrays(where / name, part) if check_data else 0
-    return Summary(**{**summary.__dict__, "bytes": checked})
+    return VerifiedCheckpoint(**{**summary.__dict__, "bytes": checked})
 
 
 def main_files(directory: str | Path) -> list[Path]:
@@ -335,7 +348,7 @@ def main_files(directory: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def resolve(target: str | Path, report=print) -> Summary | None:
+def resolve(target: str | Path, report=print) -> VerifiedCheckpoint | None:
     """The checkpoint to resume from: a main file (must verify), or in a folder the newest that
     verifies, reporting each one skipped and why. None when the folder holds none."""
     target = Path(target)
@@ -363,7 +376,7 @@ def read_flat(path: Path, layout: FlatLayout, group: str, start: int = 0, stop: 
     return out
 
 
-def read_facility(summary: Summary, name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def read_facility(summary: VerifiedCheckpoint, name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(arrays by path, attributes) of facility `name`'s resume state in a verified checkpoint."""
     with _open(summary.path) as h5:
         files = json.loads(h5.attrs["parts"])["facilities"]
@@ -386,19 +399,3 @@ def prune(directory: str | Path, keep: int) -> None:
     for path in Path(directory).glob("round_*.h5"):
         if int(path.name[6:].split(".")[0]) < oldest_kept:
             path.unlink()
-
-
-def export(summary: Summary, out: str | Path) -> Path:
-    """A Hugging Face folder (config.json + model.safetensors) of the checkpointed model."""
-    from safetensors.numpy import save_file
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    flat = read_flat(summary.path, summary.layout, "model")
-    tensors = {name: np.ascontiguousarray(v) for name, v in summary.layout.unflatten(flat).items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads(summary.model_config)
-    config.setdefault("architectures", ["LlamaForCausalLM"])
-    config["torch_dtype"] = "float32"
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return out

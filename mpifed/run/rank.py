@@ -1,5 +1,5 @@
 """The per-rank program that `mpifed run` executes under mpiexec/srun: the only code that touches
-`MPI.COMM_WORLD`. Parse -> build topology -> train -> close; any failure on any rank aborts the job.
+`MPI.COMM_WORLD`. Build topology -> train -> close; any failure on any rank aborts the job.
 
 Two ways in: one launch holding every facility (`main`), or one launch per facility that join over
 MPI ports (`main_joined`, with `--facility NAME`)."""
@@ -10,9 +10,9 @@ import sys
 
 from mpi4py import MPI
 
-from mpifed import topology, wire
+from mpifed.comm import control, topology
+from mpifed.comm.watchdog import abort_on_error
 from mpifed.config import RunConfig
-from mpifed.watchdog import abort_on_error
 
 
 def _refuse_to_mix_runs(comm: MPI.Intracomm, cfg: RunConfig, resume: str) -> None:
@@ -20,16 +20,16 @@ def _refuse_to_mix_runs(comm: MPI.Intracomm, cfg: RunConfig, resume: str) -> Non
     replace some of them, and a later --resume auto could pick up the other run's newest."""
     if resume:
         return
-    from mpifed.checkpoint import main_files
+    from mpifed.checkpoint.format import main_files
 
-    found = wire.bcast_int(comm, len(main_files(cfg.checkpoint.dir)) if comm.rank == 0 else None)
+    found = control.bcast_int(comm, len(main_files(cfg.checkpoint.dir)) if comm.rank == 0 else None)
     if found:
         raise ValueError(f"checkpoint.dir {cfg.checkpoint.dir} already holds {found} checkpoint(s) of an earlier "
                          "run; pass --resume auto to continue it, or choose another folder")
 
 
 def _train(cfg: RunConfig, world: MPI.Intracomm, index: int, resume: str) -> None:
-    from mpifed.trainer import Trainer  # heavy imports (torch, transformers) only once MPI is up
+    from mpifed.run.trainer import Trainer  # heavy imports (torch, transformers) only once MPI is up
 
     topo = topology.build(world, index, [f.name for f in cfg.facility], cfg.federation.roots)
     trainer = Trainer(cfg, topo, resume)
@@ -39,11 +39,12 @@ def _train(cfg: RunConfig, world: MPI.Intracomm, index: int, resume: str) -> Non
 
 
 def main(cfg: RunConfig, resume: str = "") -> int:
+    """`mpifed run CONFIG`: every facility in this one launch (MPMD program number, or listing order)."""
     comm = MPI.COMM_WORLD
     try:
         appnum = comm.Get_attr(MPI.APPNUM)
         indices = topology.facility_of_ranks([f.ranks for f in cfg.facility],
-                                             wire.allgather_int(comm, appnum or 0))
+                                             control.allgather_int(comm, appnum or 0))
         _refuse_to_mix_runs(comm, cfg, resume)
     except ValueError as exc:  # the same on every rank: say it once, exit cleanly
         if comm.rank == 0:
@@ -56,8 +57,8 @@ def main(cfg: RunConfig, resume: str = "") -> int:
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Failures that are a situation, not a bug: printed as their message alone."""
-    from mpifed.checkpoint import CheckpointError
-    from mpifed.data import DataError
+    from mpifed.checkpoint.format import CheckpointError
+    from mpifed.data.corpus import DataError
     from mpifed.federation.reduce import FederationError
     from mpifed.model import ModelError
 
@@ -73,9 +74,11 @@ def join_world(comm: MPI.Intracomm, cfg: RunConfig, name: str, port: str = "", r
     """One facility's own launch joins the others: the hub (the first facility listed) admits them, the
     others connect to it. Returns the merged world, the configuration of the facilities that joined
     (each keeping its data partition), and this facility's index in it. Raises JoinError."""
-    from mpifed import configfile, join
-    from mpifed.trainer import planned_layout
-    from mpifed.watchdog import deadline
+    from mpifed import configfile
+    from mpifed.comm import join
+    from mpifed.comm.watchdog import deadline
+    from mpifed.data.corpus import shape
+    from mpifed.model import planned_layout
 
     fed = cfg.federation
     names = [f.name for f in cfg.facility]
@@ -87,7 +90,7 @@ def join_world(comm: MPI.Intracomm, cfg: RunConfig, name: str, port: str = "", r
                              f"{name} {ranks}; launch exactly {ranks}")
     _refuse_to_mix_runs(comm, cfg, resume)
     token = join.read_token(fed.token_file)
-    me = join.Hello(name, comm.size, planned_layout(cfg).fingerprint, configfile.digest(cfg))
+    me = join.Hello(name, comm.size, planned_layout(cfg, *shape(cfg.data)).fingerprint, configfile.digest(cfg))
     say = _say if comm.rank == 0 else (lambda line: None)
     # the join bounds its own waits; this only catches a peer that stops answering mid-handshake
     with deadline(comm, fed.join_timeout_s + 120, "joining the federation", setting="federation.join_timeout_s"):
@@ -106,7 +109,7 @@ def join_world(comm: MPI.Intracomm, cfg: RunConfig, name: str, port: str = "", r
 
 def main_joined(cfg: RunConfig, name: str, port: str = "", resume: str = "") -> int:
     """`mpifed run CONFIG --facility NAME`: join the other facilities' launches, then train as one."""
-    from mpifed.join import JoinError
+    from mpifed.comm.join import JoinError
 
     comm = MPI.COMM_WORLD
     expected = (*_expected_errors(), JoinError)

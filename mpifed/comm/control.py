@@ -1,4 +1,4 @@
-"""Pickle-free collectives for small control values. mpi4py's lowercase methods pickle their payload,
+"""Control values between ranks: pickle-free collectives for small numbers, text and flat arrays. mpi4py's lowercase methods pickle their payload,
 and mpifed never unpickles what came over the network, so every value crosses as a typed buffer:
 numbers as float64/int64 arrays, text as UTF-8 bytes."""
 from __future__ import annotations

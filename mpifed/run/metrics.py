@@ -11,6 +11,8 @@ from typing import Any, TextIO
 
 @dataclass(frozen=True)
 class RoundMetrics:
+    """The numbers of one round, as the global root logs them (one JSON line, one progress line)."""
+
     round: int
     train_loss: float
     """Token-weighted mean inner-step loss of all facilities in this round."""

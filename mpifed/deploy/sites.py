@@ -8,18 +8,20 @@ writes batch scripts from them.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
-ACCELERATORS = ("cuda", "rocm", "cpu")
-BACKENDS = ("nccl", "gloo")
-LAUNCHERS = ("srun", "mpirun")
-RUNTIMES = ("apptainer", "singularity", "none")
+from mpifed.config import choices
+from mpifed.configfile import table_fields
+
+Accelerator = Literal["cuda", "rocm", "cpu"]
+Backend = Literal["nccl", "gloo"]
+Launcher = Literal["srun", "mpirun"]
+Runtime = Literal["apptainer", "singularity", "none"]
 
 
 class SiteError(ValueError):
@@ -28,6 +30,8 @@ class SiteError(ValueError):
 
 @dataclass(frozen=True)
 class Scheduler:
+    """[scheduler]: the SLURM options of a facility's batch job on this site."""
+
     partition: str = ""
     """SLURM partition (empty: the cluster's default)."""
     account: str = ""
@@ -45,7 +49,9 @@ class Scheduler:
 
 @dataclass(frozen=True)
 class Mpi:
-    launcher: str = "srun"
+    """[mpi]: which MPI the ranks use and how they are started."""
+
+    launcher: Launcher = "srun"
     """srun (the scheduler starts the ranks) or mpirun (the MPI's own launcher inside the allocation)."""
     srun_mpi: str = "pmi2"
     """srun --mpi= plugin the MPI speaks (pmi2 for MPICH-family MPIs, pmix for Open MPI 5)."""
@@ -56,13 +62,17 @@ class Mpi:
 
 @dataclass(frozen=True)
 class EnvVar:
+    """One variable of [env]: its value, and why the site needs it (printed beside it in batch scripts)."""
+
     value: str
     why: str
 
 
 @dataclass(frozen=True)
 class Container:
-    runtime: str = "none"
+    """[container]: the runtime and image the ranks run in, and the host paths bound into it."""
+
+    runtime: Runtime = "none"
     image: str = ""
     """Path of the .sif image on the site (a placeholder until you build or copy it there)."""
     binds: tuple[str, ...] = ()
@@ -71,10 +81,12 @@ class Container:
 
 @dataclass(frozen=True)
 class Site:
+    """One site profile (sitecfg/NAME.toml), validated: everything that differs between facilities."""
+
     name: str
     description: str
-    accelerator: str
-    torch_backend: str
+    accelerator: Accelerator
+    torch_backend: Backend
     scheduler: Scheduler = field(default_factory=Scheduler)
     mpi: Mpi = field(default_factory=Mpi)
     modules: tuple[str, ...] = ()
@@ -84,12 +96,12 @@ class Site:
 
     def __post_init__(self) -> None:
         problems = []
-        for key, value, choices in (("accelerator", self.accelerator, ACCELERATORS),
-                                    ("torch_backend", self.torch_backend, BACKENDS),
-                                    ("mpi.launcher", self.mpi.launcher, LAUNCHERS),
-                                    ("container.runtime", self.container.runtime, RUNTIMES)):
-            if value not in choices:
-                problems.append(f"{key}: {value!r} is not one of {', '.join(choices)}")
+        for key, value, alias in (("accelerator", self.accelerator, Accelerator),
+                                  ("torch_backend", self.torch_backend, Backend),
+                                  ("mpi.launcher", self.mpi.launcher, Launcher),
+                                  ("container.runtime", self.container.runtime, Runtime)):
+            if value not in choices(alias):
+                problems.append(f"{key}: {value!r} is not one of {', '.join(choices(alias))}")
         if self.accelerator == "cpu" and self.torch_backend != "gloo":
             problems.append("torch_backend: a cpu site uses gloo")
         if self.accelerator != "cpu" and self.scheduler.gpus_per_node < 1:
@@ -107,55 +119,33 @@ class Site:
         return {"cuda": "--nv", "rocm": "--rocm"}.get(self.accelerator, "")
 
 
-def _table(cls: type, data: Any, where: str, path: Path) -> Any:
-    if not isinstance(data, dict):
-        raise SiteError(f"{path}: {where}: expected a table")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in fields or key == "path":
-            raise SiteError(f"{path}: {where}{key}: unknown key; valid keys: "
-                            f"{', '.join(k for k in fields if k != 'path')}")
-        default = fields[key].default
-        expected = type(default) if default is not dataclasses.MISSING else str
-        if expected is tuple:
-            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-                raise SiteError(f"{path}: {where}{key}: expected a list of strings")
-            value = tuple(value)
-        elif expected in (int, str) and (not isinstance(value, expected) or isinstance(value, bool)):
-            raise SiteError(f"{path}: {where}{key}: expected {expected.__name__}, got {type(value).__name__}")
-        kwargs[key] = value
-    return kwargs
-
-
 def load(path: Path) -> Site:
-    """Read and validate one profile; errors name the file and the key."""
+    """Read and validate one profile; errors name the file and every bad key."""
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise SiteError(f"{path}: cannot read it as TOML ({exc})") from None
-    top = {k: v for k, v in data.items() if k not in ("scheduler", "mpi", "env", "container")}
-    kwargs = _table(Site, top, "", path)
-    for key in ("name", "description", "accelerator", "torch_backend"):
-        if key not in kwargs:
-            raise SiteError(f"{path}: {key}: missing")
-    if kwargs["name"] != path.stem:
-        raise SiteError(f"{path}: name: {kwargs['name']!r} must match the file name {path.stem!r}")
+    problems: list[str] = []
+    kwargs = table_fields(Site, data, "", problems, skip=("env", "path"))
+    problems += [f"{key}: missing" for key in ("name", "description", "accelerator", "torch_backend")
+                 if key not in kwargs]
+    if kwargs.get("name", path.stem) != path.stem:
+        problems.append(f"name: {kwargs['name']!r} must match the file name {path.stem!r}")
     env = {}
     for var, spec in data.get("env", {}).items():
-        if not (isinstance(spec, dict) and set(spec) == {"value", "why"} and all(isinstance(v, str) for v in spec.values())):
-            raise SiteError(f"{path}: env.{var}: give {{ value = \"...\", why = \"...\" }} (every variable says why)")
-        env[var] = EnvVar(**spec)
-    return Site(**kwargs, env=env, path=path,
-                scheduler=Scheduler(**_table(Scheduler, data.get("scheduler", {}), "scheduler.", path)),
-                mpi=Mpi(**_table(Mpi, data.get("mpi", {}), "mpi.", path)),
-                container=Container(**_table(Container, data.get("container", {}), "container.", path)))
+        if isinstance(spec, dict) and set(spec) == {"value", "why"} and all(isinstance(v, str) for v in spec.values()):
+            env[var] = EnvVar(**spec)
+        else:
+            problems.append(f"env.{var}: give {{ value = \"...\", why = \"...\" }} (every variable says why)")
+    if problems:
+        raise SiteError(f"{path}: {'; '.join(problems)}")
+    return Site(**kwargs, env=env, path=path)
 
 
 def folders() -> list[Path]:
     """Where profiles are looked up, in order."""
     out = [Path(os.environ["MPIFED_SITECFG"])] if os.environ.get("MPIFED_SITECFG") else []
-    return out + [Path(__file__).resolve().parent.parent / "sitecfg", Path(sys.prefix) / "share" / "mpifed" / "sitecfg"]
+    return out + [Path(__file__).resolve().parents[2] / "sitecfg", Path(sys.prefix) / "share" / "mpifed" / "sitecfg"]
 
 
 def available() -> dict[str, Path]:

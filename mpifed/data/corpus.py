@@ -1,6 +1,6 @@
-"""Training data: the embedded default corpus, prepared dataset folders (`mpifed data prepare`, read
-memory-mapped with `load_from_disk`), packing into sequences, per-facility partitions, and the per-rank
-sampler.
+"""The corpus a run trains on, behind one interface (`Corpus`): the embedded default text, or a prepared
+dataset folder (`mpifed data prepare`, read memory-mapped with `load_from_disk`); and the per-rank
+`Sampler` over a facility's partition.
 
 The default corpus is real English text present in every Python installation: the help topics of
 `pydoc_data.topics` and the docstrings of the standard library's modules, classes and functions, read
@@ -22,10 +22,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mpifed import cache_dir
+from mpifed.config import DataConfig
+from mpifed.data.sequences import pack, split_rows
+
 if TYPE_CHECKING:
     import datasets
+    from mpi4py import MPI
 
 VOCAB_SIZE = 256
+MANIFEST = "manifest.json"
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
 
 
@@ -54,12 +60,6 @@ def stdlib_text() -> str:
     return "\n\n".join(dict.fromkeys(parts))  # repeated docstrings once: less train/validation overlap
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("MPIFED_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mpifed")
-    return Path(base)
-
-
 def stdlib_tokens() -> np.ndarray:
     """The embedded corpus as uint8 byte tokens, cached per Python build (building takes seconds)."""
     key = hashlib.sha256(f"{sys.version}|{sysconfig.get_paths()['stdlib']}|v2".encode()).hexdigest()[:16]
@@ -79,14 +79,6 @@ def stdlib_tokens() -> np.ndarray:
     return tokens
 
 
-def pack(tokens: np.ndarray, seq_len: int) -> np.ndarray:
-    """Cut a token stream into [n, seq_len] int64 sequences, dropping the ragged tail."""
-    n = len(tokens) // seq_len
-    if n == 0:
-        raise ValueError(f"{len(tokens)} tokens cannot fill one sequence of {seq_len}")
-    return tokens[: n * seq_len].astype(np.int64).reshape(n, seq_len)
-
-
 @dataclass(frozen=True)
 class Split:
     """Disjoint partitions (one per facility) and a validation set, all [n, seq_len]."""
@@ -96,15 +88,12 @@ class Split:
 
 
 def split(sequences: np.ndarray, n_partitions: int, val_fraction: float, seed: int) -> Split:
-    """Shuffle sequences with `seed`, hold out `val_fraction`, cut the rest into equal IID partitions."""
-    order = np.random.default_rng(seed).permutation(len(sequences))
-    n_val = max(1, int(round(len(sequences) * val_fraction)))
-    train = order[n_val:]
-    per = len(train) // n_partitions
-    if per == 0:
+    """Shuffle sequences with `seed`, hold out `val_fraction`, cut the rest into equal IID partitions
+    (`sequences.split_rows`: every sequence used once)."""
+    parts, val = split_rows(len(sequences), val_fraction, [1.0] * n_partitions, np.random.default_rng(seed))
+    if min(map(len, parts)) == 0:
         raise ValueError(f"{len(sequences)} sequences are too few for {n_partitions} partitions and validation")
-    parts = tuple(sequences[np.sort(train[i * per:(i + 1) * per])] for i in range(n_partitions))
-    return Split(partitions=parts, validation=sequences[np.sort(order[:n_val])])
+    return Split(partitions=tuple(sequences[rows] for rows in parts), validation=sequences[val])
 
 
 Batch = "np.ndarray | tuple[np.ndarray, np.ndarray]"
@@ -162,7 +151,44 @@ class DataError(ValueError):
     """A prepared dataset folder that cannot be used; the message names it."""
 
 
-class Prepared:
+class Corpus:
+    """What a run trains and validates on, whatever its source: one partition per facility, a validation
+    set shared by all, and the shape a model needs (sequence length, vocabulary)."""
+
+    seq_len: int
+    vocab_size: int
+    description: str
+    """For the start-up line, e.g. `the embedded text` or `pretrain data DIR (1,234 tokens)`."""
+
+    def partition(self, index: int) -> "np.ndarray | datasets.Dataset":
+        """Partition `index` (a facility's), rows read on demand where the corpus is on disk."""
+        raise NotImplementedError
+
+    def validation(self, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first `limit` validation rows as (ids, labels), in memory."""
+        raise NotImplementedError
+
+
+class Embedded(Corpus):
+    """The standard library's text at byte level (vocabulary 256), packed into `seq_len` sequences and
+    split with the seed into a validation set and `partitions` equal partitions."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, partitions: int, val_fraction: float, seed: int) -> None:
+        self.seq_len, self.vocab_size, self.description = seq_len, VOCAB_SIZE, "the embedded text"
+        try:
+            self._split = split(pack(tokens, seq_len), partitions, val_fraction, seed)
+        except ValueError as exc:
+            raise DataError(f"the embedded text: {exc}; lower data.seq_len or data.val_fraction") from None
+
+    def partition(self, index: int) -> np.ndarray:
+        return self._split.partitions[index]
+
+    def validation(self, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = self._split.validation[:limit]
+        return rows, rows
+
+
+class Prepared(Corpus):
     """A folder written by `mpifed data prepare`: its manifest, and its splits memory-mapped."""
 
     def __init__(self, path: str | Path) -> None:
@@ -172,6 +198,7 @@ class Prepared:
         self.seq_len: int = self.manifest["seq_len"]
         self.vocab_size: int = self.manifest["vocab_size"]
         self.partitions: int = len(self.manifest["partitions"])
+        self.description = f"{self.kind} data {self.path} ({self.manifest['total_tokens']:,} tokens)"
 
     def split(self, name: str) -> datasets.Dataset:
         import datasets
@@ -193,7 +220,7 @@ def read_manifest(path: Path) -> dict:
     if not path.is_dir():
         raise DataError(f"data.path {path}: no such folder; make one with `mpifed data prepare INPUT... --out {path}`")
     try:
-        manifest = json.loads((path / "manifest.json").read_text())
+        manifest = json.loads((path / MANIFEST).read_text())
     except OSError:
         raise DataError(f"data.path {path}: not a prepared dataset (no manifest.json); make one with "
                         "`mpifed data prepare`") from None
@@ -203,3 +230,22 @@ def read_manifest(path: Path) -> dict:
     if missing:
         raise DataError(f"data.path {path}: manifest.json lacks {', '.join(missing)}; prepare the data again")
     return manifest
+
+
+def shape(cfg: DataConfig) -> tuple[int, int]:
+    """(sequence length, vocabulary size) of the corpus `cfg` names, without loading it."""
+    if not cfg.path:
+        return cfg.seq_len, VOCAB_SIZE
+    manifest = read_manifest(Path(cfg.path))
+    return manifest["seq_len"], manifest["vocab_size"]
+
+
+def open_corpus(cfg: DataConfig, world: "MPI.Intracomm", partitions: int, seed: int) -> Corpus:
+    """The corpus of a run. The embedded text is built (or read from cache) once by world rank 0 and
+    sent to every rank, so that all facilities split exactly the same text; collective over `world`."""
+    if cfg.path:
+        return Prepared(cfg.path)
+    from mpifed.comm import control  # MPI only where the embedded text is shared
+
+    tokens = control.bcast_array(world, stdlib_tokens() if world.rank == 0 else None, np.uint8)
+    return Embedded(tokens, cfg.seq_len, partitions, cfg.val_fraction, seed)

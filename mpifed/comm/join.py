@@ -37,7 +37,7 @@ from typing import Callable
 import numpy as np
 from mpi4py import MPI
 
-from mpifed import wire
+from mpifed.comm import control
 
 PROTOCOL = 1
 _TAG = 7101
@@ -165,7 +165,7 @@ def connect(comm: MPI.Intracomm, port: str, me: Hello, token: bytes) -> MPI.Intr
         problems = list(_recv(inter).get("problems", ["the hub sent no verdict"]))
         if not hub_ok and not any("token" in p for p in problems):
             problems.append("the shared token differs (the hub's HMAC does not match MPIFED_TOKEN/token_file)")
-    problems = json.loads(wire.allgather_str(comm, json.dumps(problems))[0])
+    problems = json.loads(control.allgather_str(comm, json.dumps(problems))[0])
     if problems:
         inter.Disconnect()
         raise JoinError(f"facility {me.facility} was refused by the hub: {'; '.join(problems)}")
@@ -179,7 +179,7 @@ def _wake(port: str, token: bytes) -> None:
     """Connect to our own port from a helper process, so the blocked accept returns."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "HYDRA_", "PMIX_"))}
     env["MPIFED_TOKEN"] = token.decode(errors="surrogateescape")
-    subprocess.run([sys.executable, "-m", "mpifed.join", port], env=env, timeout=120, check=False,
+    subprocess.run([sys.executable, "-m", "mpifed.comm.join", port], env=env, timeout=120, check=False,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -232,13 +232,13 @@ def serve(comm: MPI.Intracomm, hub: Hello, token: bytes, expected: dict[str, int
         message = (f"{', '.join(missing)} did not join within {timeout_s:g} s (federation.join_timeout_s){why}; "
                    + (f"{len(joined)} facilities joined, federation.min_facilities = {min_facilities}" if min_facilities
                       else "set federation.min_facilities to go on without them"))
-        wire.bcast_int(world, _ABORT)
+        control.bcast_int(world, _ABORT)
         raise JoinError(message)
     if missing:
         say(f"going on without {', '.join(missing)}: {len(joined)} facilities joined, "
             f"federation.min_facilities = {min_facilities}")
-    wire.bcast_int(world, _STOP)
-    wire.allgather_str(world, json.dumps(joined) if world.rank == 0 else "")
+    control.bcast_int(world, _STOP)
+    control.allgather_str(world, json.dumps(joined) if world.rank == 0 else "")
     return world, joined
 
 
@@ -248,7 +248,7 @@ def _accept(world: MPI.Intracomm, port: str, handshake: Callable[[MPI.Intercomm]
     and all learn its verdict: (name, problems, the merged world). A wake-up call gives the name _WAKE;
     a wake-up call or a refused newcomer is disconnected and gives no merged world."""
     inter = world.Accept(port, root=0)
-    verdict = wire.allgather_str(world, handshake(inter) if handshake else "")[0]
+    verdict = control.allgather_str(world, handshake(inter) if handshake else "")[0]
     name, problems = (_WAKE, []) if verdict == _WAKE else json.loads(verdict)
     if name == _WAKE or problems:
         inter.Disconnect()
@@ -269,7 +269,7 @@ def _admit(comm: MPI.Intracomm, port: str, hub: Hello, token: bytes, expected: d
 
     while len(joined) < len(expected):
         if world is not comm:
-            wire.bcast_int(world, _ACCEPT)  # tell the newcomers already in to accept the next one with us
+            control.bcast_int(world, _ACCEPT)  # tell the newcomers already in to accept the next one with us
         name, problems, merged = _accept(world, port, handshake if world.rank == 0 else None)
         if name == _WAKE:
             break
@@ -289,11 +289,11 @@ def follow(world: MPI.Intracomm) -> tuple[MPI.Intracomm, list[str]]:
     """On a newcomer that has joined: accept the next facilities together with the hub until it says
     stop. Returns the names that joined, or raises JoinError if the hub gave up."""
     while True:
-        code = wire.bcast_int(world, None)
+        code = control.bcast_int(world, None)
         if code == _ABORT:
             raise JoinError("the hub stopped: not every facility joined in time (see the hub's message)")
         if code != _ACCEPT:
-            return world, json.loads(wire.allgather_str(world, "")[0])
+            return world, json.loads(control.allgather_str(world, "")[0])
         _, _, merged = _accept(world, "", None)
         if merged is not None:
             world.Free()
@@ -301,7 +301,7 @@ def follow(world: MPI.Intracomm) -> tuple[MPI.Intracomm, list[str]]:
 
 
 def _wake_main(port: str) -> None:
-    """`python -m mpifed.join PORT`: the hub's own wake-up call (see `_wake`)."""
+    """`python -m mpifed.comm.join PORT`: the hub's own wake-up call (see `_wake`)."""
     token = os.environ.get("MPIFED_TOKEN", "").encode()
     inter = MPI.COMM_SELF.Connect(port, root=0)
     _send(inter, {"wake": True, "mac": _mac(token, "wake", port)})

@@ -1,0 +1,94 @@
+"""Exports of a verified checkpoint, in one place: the whole model as a Hugging Face folder
+(config.json + model.safetensors for `AutoModelForCausalLM.from_pretrained`), a LoRA run's adapters
+(peft's format) or its merged model, and the prepared data's tokenizer beside either.
+
+    mpifed ckpt export run/ hf-model [--merge-lora]
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tomllib
+from pathlib import Path
+
+import numpy as np
+
+from mpifed.checkpoint.format import VerifiedCheckpoint, read_flat
+
+
+class ExportError(ValueError):
+    """An export that cannot be made from this checkpoint here; the message says what to do."""
+
+
+def export(verified: VerifiedCheckpoint, out: Path, merge_lora: bool = False) -> str:
+    """Write `verified`'s model to the folder `out` (created) and copy the tokenizer beside it; returns
+    what was written, for the user. A LoRA checkpoint exports its adapters, or with `merge_lora` the
+    merged model; `merge_lora` on a checkpoint without adapters is an ExportError."""
+    if merge_lora and not verified.base_digest:
+        raise ExportError(f"--merge-lora: {verified.path} is not from a LoRA run (lora.rank = 0); export it without "
+                          "the flag")
+    out.mkdir(parents=True, exist_ok=True)
+    if verified.base_digest:
+        what = _export_lora(verified, out, merge_lora)
+    else:
+        _export_model(verified, out)
+        what = (f"round {verified.round} ({verified.layout.numel:,} parameters); load it with "
+                f"AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    copy_tokenizer(verified, out)
+    return what
+
+
+def _export_model(verified: VerifiedCheckpoint, out: Path) -> None:
+    """config.json + model.safetensors of the checkpointed model."""
+    from safetensors.numpy import save_file
+
+    flat = read_flat(verified.path, verified.layout, "model")
+    tensors = {name: np.ascontiguousarray(v) for name, v in verified.layout.unflatten(flat).items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads(verified.model_config)
+    config.setdefault("architectures", ["LlamaForCausalLM"])
+    config["torch_dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _export_lora(verified: VerifiedCheckpoint, out: Path, merge: bool) -> str:
+    """Rebuild the base a LoRA checkpoint was trained on (checked against its digest), load the
+    checkpointed adapters, and save either the adapters (a peft folder) or, with `merge`, the merged
+    full model (config.json + model.safetensors for from_pretrained). Returns what was written."""
+    import torch
+
+    from mpifed.config import LoraConfig, ModelConfig
+    from mpifed.model import ModelError, apply_lora, base_digest, build_model
+
+    run = tomllib.loads(verified.config)
+    model_cfg, lora = ModelConfig(**run.get("model", {})), LoraConfig(**run.get("lora", {}))
+    seed = run.get("train", {}).get("seed", 0)
+    hf = json.loads(verified.model_config)
+    try:
+        model = apply_lora(build_model(model_cfg, hf.get("max_position_embeddings", 2048), seed,
+                                       vocab_size=hf["vocab_size"]), lora, seed)
+    except ModelError as exc:
+        raise ExportError(str(exc)) from None
+    if base_digest(model) != verified.base_digest:
+        raise ExportError(f"{verified.path}: the base model rebuilt from "
+                          f"model.path={model_cfg.path or model_cfg.preset!r} is not the one its adapters were "
+                          "trained on; export where that base is")
+    values = verified.layout.unflatten(read_flat(verified.path, verified.layout, "model"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in values:
+                param.copy_(torch.from_numpy(values[name]))
+    if merge:
+        model.merge_and_unload().save_pretrained(str(out), safe_serialization=True)
+        return f"the merged model of round {verified.round}"
+    model.save_pretrained(str(out))
+    return f"the LoRA adapters of round {verified.round} (load them with peft's PeftModel.from_pretrained)"
+
+
+def copy_tokenizer(verified: VerifiedCheckpoint, out: Path) -> None:
+    """The prepared data's tokenizer goes beside an exported model, so the folder is complete."""
+    data_path = tomllib.loads(verified.config).get("data", {}).get("path", "")
+    tokenizer = Path(data_path) / "tokenizer"
+    if data_path and tokenizer.is_dir():
+        for file in tokenizer.iterdir():
+            shutil.copy2(file, out / file.name)

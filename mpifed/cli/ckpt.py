@@ -1,0 +1,85 @@
+"""`mpifed ckpt`: inspect, verify and export checkpoints. A folder means its newest checkpoint (the one
+`latest` names). Inspect and verify read HDF5 alone: no torch, no MPI."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from mpifed.checkpoint import format as checkpoint
+from mpifed.checkpoint.format import CheckpointError, VerifiedCheckpoint
+from mpifed.cli.common import JobFailed, UserError, check_writable
+
+
+@click.group()
+def ckpt() -> None:
+    """Inspect, verify and export HDF5 checkpoints (a file, or a folder: its latest)."""
+
+
+def _checkpoint_path(path: Path) -> Path:
+    if path.is_dir():
+        pointer = path / checkpoint.LATEST
+        if pointer.exists():
+            return path / pointer.read_text().strip()
+        mains = checkpoint.main_files(path)
+        if not mains:
+            raise UserError(f"{path}: no checkpoint in this folder")
+        return mains[-1]
+    if not path.exists():
+        raise UserError(f"{path}: no such checkpoint file or folder")
+    return path
+
+
+def _verified(path: Path) -> VerifiedCheckpoint:
+    try:
+        return checkpoint.verify(_checkpoint_path(path))
+    except CheckpointError as exc:
+        raise JobFailed(str(exc)) from None
+
+
+@ckpt.command()
+@click.argument("path", type=click.Path(path_type=Path))
+def inspect(path: Path) -> int:
+    """Round, tokens, parameters, size, facilities and outer state of a checkpoint."""
+    s = _verified(path)
+    model = json.loads(s.model_config)
+    click.echo(f"checkpoint   {s.path}")
+    click.echo(f"round        {s.round}")
+    click.echo(f"tokens       {s.tokens:,}")
+    click.echo(f"model        {model.get('model_type', '?')}: {s.layout.numel:,} parameters in {len(s.layout.slots)} "
+               f"tensors, hidden {model.get('hidden_size')}, layers {model.get('num_hidden_layers')}")
+    click.echo("facilities   " + ", ".join(f"{f['name']} ({f['ranks']} x {f['engine']})" for f in s.facilities))
+    click.echo(f"outer state  {', '.join(s.outer_state) or 'none'}; {s.roots} root(s) per facility")
+    click.echo(f"size         {s.bytes / 2 ** 20:.1f} MiB verified")
+    return 0
+
+
+@ckpt.command("verify")
+@click.argument("path", type=click.Path(path_type=Path))
+def verify_command(path: Path) -> int:
+    """Reread every array of a checkpoint and its parts; exit 1 naming the first bad dataset."""
+    s = _verified(path)
+    click.echo(f"{s.path}: ok (round {s.round}, {s.bytes / 2 ** 20:.1f} MiB checked)")
+    return 0
+
+
+@ckpt.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--merge-lora", is_flag=True,
+              help="For a LoRA run: merge the adapters into the base and write the full model (needs the base "
+                   "model at its model.path). Without it a LoRA checkpoint exports the adapters (peft format).")
+def export(path: Path, out: Path, merge_lora: bool) -> int:
+    """Write the model as a Hugging Face folder (config.json, model.safetensors) for from_pretrained."""
+    from mpifed.checkpoint.export import ExportError
+    from mpifed.checkpoint.export import export as write_export
+
+    verified = _verified(path)
+    check_writable(out, "OUT", is_dir=True)
+    try:
+        what = write_export(verified, out, merge_lora)
+    except ExportError as exc:
+        raise UserError(str(exc)) from None
+    click.echo(f"{out}: exported {what}")
+    return 0

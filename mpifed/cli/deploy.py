@@ -1,0 +1,135 @@
+"""`mpifed sites` (list and show the site profiles in sitecfg/) and `mpifed config new` (write a project:
+mpifed.toml, one batch script per facility, the launch wrappers and a README of the steps)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from mpifed.cli.common import UserError, check_writable, default_of, load_config, set_option
+from mpifed.config import Compression, EngineName, FacilityConfig, OuterName, Preset, choices
+from mpifed.deploy.sites import Site, SiteError, available, get
+
+
+@click.group()
+def sites() -> None:
+    """Site profiles (sitecfg/*.toml): scheduler, accelerator, MPI, modules, environment, container."""
+
+
+def _site(name: str) -> Site:
+    try:
+        return get(name)
+    except SiteError as exc:
+        raise UserError(str(exc)) from None
+
+
+@sites.command("list")
+def sites_list() -> int:
+    """Every profile, one line each (a malformed one is an error naming its file and key)."""
+    for name in available():
+        site = _site(name)
+        click.echo(f"{name:<14} {site.accelerator:<5} {site.mpi.launcher:<7} {site.description}")
+    return 0
+
+
+@sites.command("show")
+@click.argument("name")
+def sites_show(name: str) -> int:
+    """One profile in full, with the reason for every environment variable."""
+    site = _site(name)
+    s, m, c = site.scheduler, site.mpi, site.container
+    click.echo(f"{site.name}: {site.description}\n  file         {site.path}")
+    click.echo(f"  accelerator  {site.accelerator} (torch backend {site.torch_backend})")
+    click.echo(f"  scheduler    partition {s.partition or '(default)'}, account {s.account or '-'}"
+               f"{', qos ' + s.qos if s.qos else ''}, {s.gpus_per_node} GPUs and {s.cpus_per_node} CPUs per node, "
+               f"{s.ranks_per_node} ranks per node, time {s.time}{' ' + ' '.join(s.extra) if s.extra else ''}")
+    click.echo(f"  mpi          {m.launcher} (srun --mpi={m.srun_mpi}), "
+               f"{'MPI4PY_LIBMPI=' + m.libmpi if m.libmpi else 'the embedded MPICH'}")
+    click.echo(f"  modules      {' '.join(site.modules) or '-'}")
+    click.echo(f"  container    {c.runtime}{' ' + c.image if c.image else ''}"
+               f"{' (binds ' + ','.join(c.binds) + ')' if c.binds else ''}")
+    for var, spec in site.env.items():
+        click.echo(f"  env {var}={spec.value}\n      {spec.why}")
+    return 0
+
+
+@click.group("config")
+def config_group() -> None:
+    """Create run configurations and projects."""
+
+
+def _facilities(value: str) -> list[tuple[str, str, int, str]]:
+    """--facilities NAME:SITE:RANKS[:ENGINE],... parsed (a callback would see prompted answers twice)."""
+    out = []
+    for item in filter(None, (v.strip() for v in value.split(","))):
+        parts = item.split(":")
+        if len(parts) not in (3, 4) or not parts[2].isdigit():
+            raise UserError(f"--facilities: {item!r}: expected NAME:SITE:RANKS or NAME:SITE:RANKS:ENGINE")
+        out.append((parts[0], parts[1], int(parts[2]), parts[3] if len(parts) == 4 else default_of(FacilityConfig, "engine")))
+    if not out:
+        raise UserError("--facilities: name at least one facility")
+    return out
+
+
+@config_group.command("new")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--facilities", prompt="Facilities (NAME:SITE:RANKS[:ENGINE], comma-separated; "
+              "the first is the hub)", default="leonardo:leonardo:4:fsdp,lumi:lumi:8:deepspeed",
+              help=f"NAME:SITE:RANKS[:ENGINE],... (engine: {', '.join(choices(EngineName))}; default "
+                   f"{default_of(FacilityConfig, 'engine')}; the first facility is the hub).")
+@click.option("--model", prompt="Model (a preset or a local model folder)", default="llama-small",
+              help=f"A preset ({', '.join(choices(Preset))}) or a model folder.")
+@click.option("--data", "data_path", prompt="Prepared data folder (empty: the embedded text)", default="",
+              help="A folder from `mpifed data prepare` (data.path); empty: the embedded text.")
+@click.option("--rounds", type=click.IntRange(min=1), prompt="Rounds", default=10, help="federation.rounds")
+@click.option("--local-steps", type=click.IntRange(min=1), prompt="Local steps per round (H)", default=50,
+              help="train.local_steps")
+@click.option("--outer", type=click.Choice(choices(OuterName)),
+              prompt="Outer optimizer", default="diloco", help="federation.outer")
+@click.option("--compress", type=click.Choice(choices(Compression)), prompt="Compression between facilities",
+              default="bf16", help="federation.compress")
+@click.option("--rendezvous", prompt="Rendezvous file every site sees (empty: pass the hub's port by hand)",
+              default="hub-port.txt", help="federation.rendezvous")
+@click.option("--token-file", prompt="Token file (empty: MPIFED_TOKEN from the environment)", default="",
+              help="federation.token_file (mode 0600)")
+@click.option("--checkpoint-dir", prompt="Checkpoint folder", default="checkpoints", help="checkpoint.dir")
+@set_option
+@click.option("--overwrite", is_flag=True, help="Replace the files of an existing project in OUT.")
+def config_new(out: Path, facilities: str, model: str, data_path: str, rounds: int, local_steps: int, outer: str,
+               compress: str, rendezvous: str, token_file: str, checkpoint_dir: str, sets: tuple[str, ...],
+               overwrite: bool) -> int:
+    """Write a project to OUT: mpifed.toml, one SLURM script per facility (srun + the container-wrapped
+    `mpifed run --facility`), the launch/ wrappers and a README of the steps.
+
+    Every prompt has a flag, so it also runs without a terminal:
+
+    \b
+    mpifed config new proj --facilities a:local:1,b:local:1 --model llama-tiny --data '' --rounds 2 \\
+        --local-steps 5 --outer diloco --compress none --rendezvous hub-port.txt --token-file '' \\
+        --checkpoint-dir checkpoints
+    """
+    from mpifed.deploy import project
+
+    listed = _facilities(facilities)
+    if (out / "mpifed.toml").exists() and not overwrite:
+        raise UserError(f"OUT: {out} already holds a project (mpifed.toml); choose another folder or pass --overwrite")
+    check_writable(out, "OUT", is_dir=True)
+    try:
+        profiles = {name: get(site) for name, site, _, _ in listed}
+    except SiteError as exc:
+        raise UserError(f"--facilities: {exc}") from None
+    is_folder = "/" in model or Path(model).is_dir()
+    data = {
+        "model": {"path": model} if is_folder else {"preset": model},
+        "data": {"path": data_path} if data_path else {},
+        "train": {"local_steps": local_steps},
+        "federation": {"rounds": rounds, "outer": outer, "compress": compress, "rendezvous": rendezvous,
+                       "token_file": token_file},
+        "checkpoint": {"dir": checkpoint_dir},
+        "facility": [{"name": n, "site": s, "ranks": r, "engine": e} for n, s, r, e in listed],
+    }
+    cfg = load_config(data, sets)
+    written = project.write(out, project.Project(cfg, profiles))
+    click.echo(f"wrote {len(written)} files to {out}: mpifed.toml, "
+               f"{', '.join(f.name + '.sbatch' for f in cfg.facility)}, launch/, README.md; next: {out}/README.md")
+    return 0

@@ -1,0 +1,62 @@
+"""The `mpifed` command: one table of subcommands that parse, validate and hand over.
+
+  simulate   run a whole federation on this machine (starts mpiexec itself)
+  run        the per-rank program, started by mpiexec/srun with a config file
+  data       prepare text into a tokenized, partitioned dataset folder (data.path)
+  ckpt       inspect, verify and export checkpoints
+  sites      list and show the site profiles
+  config     write a project for a federation across sites (config new)
+
+Every error a user can cause is printed as one line naming the option, key or file, with a non-zero
+exit and no traceback; nothing is written before the whole configuration has been validated.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from mpifed import __version__
+from mpifed.cli import ckpt, data, deploy, train
+
+COMMANDS: dict[str, click.Command] = {
+    "simulate": train.simulate,
+    "run": train.run,
+    "data": data.data,
+    "ckpt": ckpt.ckpt,
+    "sites": deploy.sites,
+    "config": deploy.config_group,
+}
+"""Every subcommand, by the name a user types: the only place commands are registered."""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="mpifed")
+def cli() -> None:
+    """Train one language model across several HPC facilities over MPI.
+
+    Each facility trains locally; every H steps the facilities' roots average what they learned
+    (weighted by tokens), apply an outer optimizer and checkpoint the global model to HDF5.
+    """
+
+
+for _name, _command in COMMANDS.items():
+    cli.add_command(_command, _name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: click errors become one line `mpifed CMD: error: ...` and exit code 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        code = cli.main(args=argv, prog_name="mpifed", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("mpifed: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        if getattr(exc, "ctx", None) is not None:
+            where = exc.ctx.command_path
+        else:  # parser errors come without a context
+            where = " ".join(["mpifed", *[a for a in argv[:1] if a in cli.commands]])
+        click.echo(f"{where}: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,75 @@
+"""What a valid run configuration needs from this machine, checked before anything starts: the site
+profiles it names, the optional packages it asks for, the folders and files it points at, and a
+prepared dataset that matches its facilities. `mpifed.config` checks values alone; this module looks
+around. Every problem is collected into one ConfigError, as the configuration's own are.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from mpifed.config import ConfigError, RunConfig
+from mpifed.data.corpus import DataError, read_manifest
+from mpifed.deploy.sites import available
+
+# what a setting needs installed: (problem when missing, package)
+_PACKAGES = {
+    "lora.rank": ("LoRA needs the peft package; pip install 'mpifed[lora]' or set lora.rank = 0", "peft"),
+    "metrics.tensorboard": ("the tensorboard package is not installed; pip install tensorboard or leave "
+                            "metrics.tensorboard empty", "tensorboard"),
+    "metrics.wandb": ("the wandb package is not installed; pip install wandb or leave metrics.wandb empty", "wandb"),
+}
+
+
+def problems(cfg: RunConfig) -> list[str]:
+    """Everything about `cfg` that this machine cannot honour (empty: nothing)."""
+    out = []
+    wanted = {"lora.rank": cfg.lora.rank, "metrics.tensorboard": cfg.metrics.tensorboard,
+              "metrics.wandb": cfg.metrics.wandb}
+    for key, (message, package) in _PACKAGES.items():
+        if wanted[key] and importlib.util.find_spec(package) is None:
+            out.append(f"{key}: {message}")
+    if cfg.model.path and not (Path(cfg.model.path) / "config.json").is_file():
+        out.append(f"model.path: {cfg.model.path} is not a model folder (no config.json there); give a local "
+                   "Hugging Face model folder, or leave model.path empty to build model.preset")
+    profiles = available()
+    for fac in cfg.facility:
+        where = f"facility.{fac.name}"
+        if fac.site not in profiles:
+            out.append(f"{where}.site: no site profile {fac.site!r}; choose one of {', '.join(profiles)} "
+                       "(mpifed sites list)")
+        if fac.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+            out.append(f"{where}.engine: deepspeed is not installed here; pip install 'mpifed[deepspeed]' "
+                       "or choose the fsdp or replica engine")
+        if fac.deepspeed.config and not Path(fac.deepspeed.config).is_file():
+            out.append(f"{where}.deepspeed.config: file {fac.deepspeed.config} does not exist")
+    return out + _data_problems(cfg)
+
+
+def _data_problems(cfg: RunConfig) -> list[str]:
+    """A prepared folder must exist and hold one partition per facility (or the ones they name)."""
+    if not cfg.data.path:
+        return []
+    try:
+        manifest = read_manifest(Path(cfg.data.path))
+    except DataError as exc:
+        return [str(exc)]
+    held = len(manifest["partitions"])
+    if not any(f.partition >= 0 for f in cfg.facility):
+        if held != len(cfg.facility):
+            return [f"data.path: {cfg.data.path} holds {held} partitions for {len(cfg.facility)} facilities; "
+                    f"prepare it again with --partitions {len(cfg.facility)}"]
+        return []
+    chosen = [cfg.partition_of(i) for i in range(len(cfg.facility))]
+    if max(chosen) >= held or len(set(chosen)) < len(chosen):
+        return [f"facility.partition: each facility needs its own partition of the {held} in {cfg.data.path} "
+                f"(got {chosen})"]
+    return []
+
+
+def checked(cfg: RunConfig) -> RunConfig:
+    """`cfg` itself once this machine can run it; else ConfigError listing every problem."""
+    found = problems(cfg)
+    if found:
+        raise ConfigError("; ".join(found))
+    return cfg
