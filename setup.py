@@ -25,13 +25,16 @@ setup(
         "numpy>=1.26",
         "xxhash>=3.0",
         "safetensors>=0.4",
+        "tqdm>=4.60",
     ],
     extras_require={
         # The embedded MPI: the MPICH wheel. Site MPIs are used instead through MPI4PY_LIBMPI.
         "mpich": ["mpich"],
         "deepspeed": ["deepspeed>=0.15"],
         "lora": ["peft>=0.13"],
-        "dev": ["mpich", "deepspeed>=0.15", "peft>=0.13", "pytest>=8", "pytest-timeout>=2.3"],
+        # `mpifed report`: plots of runs, as PNG and a self-contained HTML page.
+        "report": ["matplotlib>=3.8"],
+        "dev": ["mpich", "deepspeed>=0.15", "peft>=0.13", "matplotlib>=3.8", "pytest>=8", "pytest-timeout>=2.3"],
     },
     # Site profiles and launch wrappers, found under share/mpifed by mpifed.sites and mpifed.project.
     data_files=[("share/mpifed/sitecfg", sorted(str(p) for p in Path("sitecfg").glob("*.toml"))),

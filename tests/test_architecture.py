@@ -19,7 +19,7 @@ PACKAGE = ROOT / "mpifed"
 LAYERS = [
     {"mpifed.config", "mpifed.configfile", "mpifed.layout"},
     {"mpifed.comm", "mpifed.model", "mpifed.deploy"},
-    {"mpifed.engines", "mpifed.federation", "mpifed.data", "mpifed.checkpoint", "mpifed.preflight"},
+    {"mpifed.engines", "mpifed.federation", "mpifed.data", "mpifed.checkpoint", "mpifed.preflight", "mpifed.report"},
     {"mpifed.run"},
     {"mpifed.cli", "mpifed.__main__"},
 ]
@@ -131,7 +131,7 @@ def test_file_commands_do_not_load_torch_or_mpi(tmp_path):
         tmp_path, 1, dict(tokens=12, facilities=json.dumps([]), config="", model_config="{}"), layout,
         [(0, 12)], [], [], model=np.arange(12, dtype=np.float32), outer={}))
     for args in (["ckpt", "verify", str(tmp_path)], ["ckpt", "inspect", str(tmp_path)], ["sites", "list"],
-                 ["simulate", "--help"]):
+                 ["simulate", "--help"], ["report", "--help"]):
         result, loaded = _modules_loaded_by(args)
         assert result.returncode == 0, result.stderr
         assert loaded == [], (args, loaded)
@@ -140,14 +140,14 @@ def test_file_commands_do_not_load_torch_or_mpi(tmp_path):
 
 
 def test_one_table_of_commands():
-    from mpifed.cli import ckpt, common, data, deploy, main, train
+    from mpifed.cli import ckpt, common, data, deploy, main, report, train
 
     assert set(main.cli.commands) == set(main.COMMANDS)
     reachable = set()
     for command in main.COMMANDS.values():
         reachable.add(command)
         reachable.update(getattr(command, "commands", {}).values())
-    defined = {obj for module in (ckpt, common, data, deploy, train) for obj in vars(module).values()
+    defined = {obj for module in (ckpt, common, data, deploy, report, train) for obj in vars(module).values()
                if isinstance(obj, click.Command)}
     assert defined <= reachable, f"commands defined but never registered: {defined - reachable}"
     listed = mpifed("--help").stdout.split("Commands:")[1].split()

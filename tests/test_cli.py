@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from conftest import MPIEXEC, mpifed, run
+from conftest import MPIEXEC, mpifed, rank_env, run
 
 
 def _one_line_error(result, *words):
@@ -107,3 +107,36 @@ def test_run_refuses_to_mix_with_an_earlier_run(tmp_path):
     assert result.returncode != 0
     assert result.stderr.count("already holds 1 checkpoint(s) of an earlier run; pass --resume auto") == 1
     assert (out / "round_00003.h5").read_bytes() == b"an earlier run" and len(list(out.iterdir())) == 1
+
+
+def _simulate_one_round(out, stdout):
+    return subprocess.Popen([sys.executable, "-m", "mpifed", "simulate", "--facilities", "1", "--ranks-per-facility",
+                             "1", "--rounds", "2", "--local-steps", "30", "--out", str(out)],
+                            stdout=stdout, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=rank_env(),
+                            start_new_session=True)
+
+
+def test_a_terminal_gets_a_live_bar_and_a_pipe_only_the_round_lines(tmp_path):
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    proc = _simulate_one_round(tmp_path / "tty", slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the terminal's last writer is gone
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert proc.wait(timeout=240) == 0
+    shown = b"".join(chunks).decode(errors="replace")
+    assert "round 1/2" in shown and "step" in shown and "\r" in shown  # the bar, redrawn in place
+    assert "round   1/2  train_loss" in shown and "round   2/2  train_loss" in shown
+    piped = _simulate_one_round(tmp_path / "pipe", subprocess.PIPE)
+    out, _ = piped.communicate(timeout=240)
+    assert piped.returncode == 0 and "round   2/2  train_loss" in out.decode()
+    assert "\r" not in out.decode() and "step/s" not in out.decode()  # batch jobs: the lines alone

@@ -6,6 +6,7 @@
   ckpt       inspect, verify and export checkpoints
   sites      list and show the site profiles
   config     write a project for a federation across sites (config new)
+  report     plot runs side by side: a self-contained HTML page and/or a PNG grid
 
 Every error a user can cause is printed as one line naming the option, key or file, with a non-zero
 exit and no traceback; nothing is written before the whole configuration has been validated.
@@ -17,7 +18,7 @@ import sys
 import click
 
 from mpifed import __version__
-from mpifed.cli import ckpt, data, deploy, train
+from mpifed.cli import ckpt, data, deploy, report, train
 
 COMMANDS: dict[str, click.Command] = {
     "simulate": train.simulate,
@@ -26,6 +27,7 @@ COMMANDS: dict[str, click.Command] = {
     "ckpt": ckpt.ckpt,
     "sites": deploy.sites,
     "config": deploy.config_group,
+    "report": report.report,
 }
 """Every subcommand, by the name a user types: the only place commands are registered."""
 

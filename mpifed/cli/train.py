@@ -19,6 +19,7 @@ import click
 from mpifed import configfile
 from mpifed.cli.common import JobFailed, UserError, check_writable, key_help, load_config, resume_option, set_option
 from mpifed.config import CheckpointConfig, ConfigError, FederationConfig, RunConfig, TrainConfig, default_facilities
+from mpifed.run.metrics import PROGRESS_ENV
 
 _DEFAULT = RunConfig()  # what a run without a config file or flags gets; help reads its defaults
 
@@ -97,6 +98,8 @@ def _rank_environment(cfg: RunConfig) -> dict[str, str]:
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # All ranks share this machine: one BLAS/OpenMP thread pool per rank, sized to the cores.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.total_ranks)))
+    # The ranks' output reaches this terminal through mpiexec's pipes: tell them whether it is one.
+    env.setdefault(PROGRESS_ENV, "1" if sys.stdout.isatty() else "0")
     return env
 
 

@@ -1,12 +1,37 @@
-"""Metrics: one JSON line per round (always), the progress line the global root prints, and the same
-numbers in TensorBoard and Weights & Biases when the run asks for them (neither is required)."""
+"""Metrics: one JSON line per round (always), the progress line the global root prints, a live bar over
+a long round's inner steps on a terminal, and the same numbers in TensorBoard and Weights & Biases when
+the run asks for them (neither is required)."""
 from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Iterable, TextIO
+
+PROGRESS_ENV = "MPIFED_PROGRESS"
+"""1: show the live bar, 0: never. Under mpiexec a rank's output is a pipe even when the launch runs on a
+terminal, so `mpifed simulate` sets it from its own terminal; set it yourself for a hand-run mpiexec."""
+
+
+def live_view_wanted() -> bool:
+    """Whether this process should draw the live bar: MPIFED_PROGRESS if set, else whether stdout is a
+    terminal (batch jobs write to files: no bar, just the per-round lines)."""
+    setting = os.environ.get(PROGRESS_ENV, "")
+    return setting == "1" if setting in ("0", "1") else sys.stdout.isatty()
+
+
+def inner_steps(steps: int, round_: int, rounds: int, live: bool) -> Iterable[int]:
+    """range(steps), drawn as a one-line bar of the round's inner steps when `live` (redrawn at most
+    twice a second, erased when the round ends: its summary line follows)."""
+    if not live:
+        return range(steps)
+    from tqdm import tqdm
+
+    return tqdm(range(steps), desc=f"round {round_}/{rounds}", unit="step", leave=False, mininterval=0.5,
+                file=sys.stdout, dynamic_ncols=True)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from mpifed.engines import EngineSettings, make_engine
 from mpifed.federation.reduce import Federation, FederationError, RoundExchange, sampled
 from mpifed.layout import FlatLayout
 from mpifed.model import ModelError, base_digest, model_for
-from mpifed.run.metrics import MetricsLog, RoundMetrics
+from mpifed.run.metrics import MetricsLog, RoundMetrics, inner_steps, live_view_wanted
 from mpifed.run.schedule import inner_lr
 
 
@@ -81,6 +81,7 @@ class Trainer:
         self.start_round = self.resumed_from.round + 1 if self.resumed_from else 1
         self.log = MetricsLog(cfg.metrics_path, after_round=self.start_round - 1, tensorboard=cfg.metrics.tensorboard,
                               wandb=cfg.metrics.wandb, run_config=to_dict(cfg)) if topo.is_global_root else None
+        self.live_view = topo.is_global_root and live_view_wanted()
 
     def _load_data(self) -> None:
         """This rank's sampler over its facility's partition, and the shared validation set."""
@@ -169,7 +170,7 @@ class Trainer:
             self.engine.reset_optimizer()
         loss_sum, tokens = 0.0, 0
         total = self.cfg.federation.rounds * train.local_steps
-        for k in range(train.local_steps):
+        for k in inner_steps(train.local_steps, round_, self.cfg.federation.rounds, self.live_view):
             batches = [_tensors(self.sampler.next_batch()) for _ in range(train.grad_accum)]
             lr = inner_lr(train, (round_ - 1) * train.local_steps + k, total, self.topo.facility.size)
             loss_sum += self.engine.train_step(batches, lr)
