@@ -226,6 +226,9 @@ class FederationConfig:
     """Outer learning rate; unset: 1.0 (fedavg, fedavgm), 0.7 (diloco), 0.01 (fedadam, fedyogi)."""
     outer_momentum: float | None = None
     """Outer momentum (β1 for fedadam/fedyogi); unset: 0.9 (0 for fedavg)."""
+    outer_warmup: int = 0
+    """fedavgm, diloco: rounds over which the outer step moves from plain FedAvg (lr 1, no momentum) to
+    outer_lr and outer_momentum, linearly; 0: the full step from the first round."""
     outer_beta2: float = 0.99
     """β2 of fedadam/fedyogi."""
     outer_tau: float = 1e-3
@@ -270,6 +273,11 @@ class FederationConfig:
             value = getattr(self, name)
             if value is not None and not 0 <= value < 1:
                 out.append(f"federation.{name}: must be >= 0 and < 1 (got {value})")
+        if self.outer_warmup < 0:
+            out.append(f"federation.outer_warmup: must be >= 0 (got {self.outer_warmup})")
+        elif self.outer_warmup and self.outer not in ("fedavgm", "diloco"):
+            out.append(f"federation.outer_warmup: applies to fedavgm and diloco (federation.outer = {self.outer!r} "
+                       "has no momentum to warm up); set it to 0")
         if not 0 < self.sample <= 1:
             out.append(f"federation.sample: must be > 0 and <= 1 (got {self.sample})")
         if self.min_participants < 1:

@@ -104,6 +104,8 @@ def test_federation_settings_are_checked_together():
     assert "federation.compress: unknown compression 'zip'; choose one of none, bf16, int8" in message
     assert "federation.outer_momentum: must be >= 0 and < 1" in message
     assert "federation.min_participants: 2 can never be met: federation.sample = 0.5 draws 1 of 2" in message
+    with pytest.raises(ConfigError, match=r"federation.outer_warmup: applies to fedavgm and diloco"):
+        configfile.from_dict(configfile.apply_sets({}, ["federation.outer=fedadam", "federation.outer_warmup=3"]))
     cfg = configfile.from_dict(configfile.apply_sets({}, ["federation.outer=diloco", "federation.outer_lr=0.5"]))
     assert cfg.federation.outer_lr == 0.5 and cfg.federation.outer_momentum is None  # unset: the default
 

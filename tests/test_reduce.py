@@ -12,7 +12,7 @@ from mpifed.federation.reduce import sampled, segments
 NUMEL = 1003  # divisible by no facility size, R or chunk length
 
 
-def oracle(sizes, rounds, outer="fedavg", lr=None, mu=None, beta2=0.99, tau=1e-3, skip=(), sample=1.0):
+def oracle(sizes, rounds, outer="fedavg", lr=None, mu=None, beta2=0.99, tau=1e-3, skip=(), sample=1.0, warmup=0):
     """What the worker's rounds must produce, written from the published update rules."""
     lr = {"fedavg": 1.0, "fedavgm": 1.0, "diloco": 0.7, "fedadam": 0.01, "fedyogi": 0.01}[outer] if lr is None else lr
     mu = (0.0 if outer == "fedavg" else 0.9) if mu is None else mu
@@ -25,14 +25,17 @@ def oracle(sizes, rounds, outer="fedavg", lr=None, mu=None, beta2=0.99, tau=1e-3
         deltas = {f: (0.01 * np.random.default_rng([f, t]).standard_normal(NUMEL).astype(np.float32)).astype(np.float64)
                   for f in fs}
         g = sum(tokens[f] * deltas[f] for f in fs) / sum(tokens.values())
+        # warm-up: outer step t + 1 blends FedAvg's lr 1 and momentum 0 into the configured ones
+        w = min(1.0, t / warmup) if warmup else 1.0
+        step_lr, step_mu = 1.0 + (lr - 1.0) * w, mu * w
         if outer == "fedavg":
             theta = theta - lr * g
         elif outer == "fedavgm":
-            m = mu * m + g
-            theta = theta - lr * m
+            m = step_mu * m + g
+            theta = theta - step_lr * m
         elif outer == "diloco":
-            m = mu * m + g
-            theta = theta - lr * (g + mu * m)
+            m = step_mu * m + g
+            theta = theta - step_lr * (g + step_mu * m)
         else:
             m = mu * m + (1 - mu) * g
             v = beta2 * v + (1 - beta2) * g * g if outer == "fedadam" else v - (1 - beta2) * g * g * np.sign(v - g * g)
@@ -82,6 +85,14 @@ def test_three_rounds_match_numpy(tmp_path, sizes, roots, mode, outer):
 def test_outer_hyperparameters_are_used(tmp_path):
     model, _ = run(tmp_path, [2, 2], 3, roots=2, outer="diloco", outer_lr=0.3, outer_momentum=0.5)
     np.testing.assert_allclose(model, oracle([2, 2], 3, "diloco", lr=0.3, mu=0.5), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("outer", ["fedavgm", "diloco"])
+def test_outer_warmup_starts_from_fedavg(tmp_path, outer):
+    """Over 4 rounds with a warm-up of 2: FedAvg, then halfway, then the full step, against numpy."""
+    model, _ = run(tmp_path, [1, 2], 4, roots=1, outer=outer, outer_warmup=2)
+    np.testing.assert_allclose(model, oracle([1, 2], 4, outer, warmup=2), rtol=2e-5, atol=2e-6)
+    assert not np.allclose(oracle([1, 2], 4, outer, warmup=2), oracle([1, 2], 4, outer), rtol=1e-4)
 
 
 @pytest.mark.parametrize("poison", ["1:nan", "1:big"])

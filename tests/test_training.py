@@ -88,7 +88,7 @@ def _datasets(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("settings", [
     ["federation.roots=1", "federation.outer=fedavgm", "train.schedule=cosine", "train.warmup_steps=3"],
-    ["federation.roots=2", "federation.outer=diloco", "federation.compress=int8",
+    ["federation.roots=2", "federation.outer=diloco", "federation.outer_warmup=4", "federation.compress=int8",
      "facility.f0.engine=fsdp", "facility.f1.engine=deepspeed", "train.grad_accum=2"]],
     ids=["replica-cosine", "fsdp-zero2-int8"])
 def test_resume_after_sigkill_is_bit_identical(tmp_path, settings):

@@ -189,7 +189,7 @@ class CheckpointManager:
                 outer[name] = mine
         arrays = checkpoint.read_facility(verified, topo.facility_name)[0] if topo.is_leader else {}
         residual = self._restore_facility(arrays, parts)
-        fed.restore(theta, outer, residual, engine.owned())
+        fed.restore(theta, outer, residual, engine.owned(), verified.round)
         parts.tokens_total = verified.tokens
 
     def _restore_facility(self, arrays: dict[str, np.ndarray], parts: Parts) -> np.ndarray | None:

@@ -8,6 +8,11 @@ same update to the same state, so the global model stays identical everywhere.
   diloco   m ← μ·m + Δ;  θ ← θ − η·(Δ + μ·m)                (Nesterov SGD; Douillard et al. 2023)
   fedadam  m ← β1·m + (1−β1)·Δ;  v ← β2·v + (1−β2)·Δ²;  θ ← θ − η·m / (√v + τ)
   fedyogi  as fedadam with  v ← v − (1−β2)·Δ²·sign(v − Δ²)  (Reddi et al. 2021, no bias correction)
+
+Warm-up (fedavgm, diloco; federation.outer_warmup = N): outer step k (1-based) uses
+  w = min(1, (k − 1)/N),  η_k = 1 + (η − 1)·w,  μ_k = μ·w
+so step 1 is plain FedAvg (the facilities' mean model) and step N + 1 on uses η and μ; the momentum
+builds up only once the facilities' updates are worth extrapolating.
 """
 from __future__ import annotations
 
@@ -47,6 +52,10 @@ class OuterOptimizer:
     momentum: float
     beta2: float = 0.99
     tau: float = 1e-3
+    warmup: int = 0
+    """Outer steps over which lr and momentum move from FedAvg's (1, 0) to theirs (momentum kinds)."""
+    steps: int = 0
+    """Outer steps taken so far (restored on resume: the checkpoint's round)."""
 
     def __post_init__(self) -> None:
         if self.kind not in OUTER:
@@ -66,9 +75,17 @@ class OuterOptimizer:
         """Every state array, zeros before the first step (for checkpoints)."""
         return {name: self._buffer(name, like) for name in self.state_names}
 
+    def schedule(self, step: int) -> tuple[float, float]:
+        """(lr, momentum) of 1-based outer step `step`, after the warm-up (see the module docstring)."""
+        if not self.warmup or self.kind not in ("fedavgm", "diloco"):
+            return self.lr, self.momentum
+        w = min(1.0, (step - 1) / self.warmup)
+        return 1.0 + (self.lr - 1.0) * w, self.momentum * w
+
     def step(self, theta: np.ndarray, delta: np.ndarray) -> None:
         """Update `theta` in place from the averaged `delta` (may be overwritten as scratch)."""
-        lr, mu = np.float32(self.lr), np.float32(self.momentum)
+        self.steps += 1
+        lr, mu = (np.float32(v) for v in self.schedule(self.steps))
         if self.kind == "fedavg":
             theta -= lr * delta if lr != 1 else delta
         elif self.kind in ("fedavgm", "diloco"):
@@ -95,8 +112,8 @@ class OuterOptimizer:
 
 
 def make_outer(kind: OuterName, lr: float | None = None, momentum: float | None = None, beta2: float = 0.99,
-               tau: float = 1e-3) -> OuterOptimizer:
+               tau: float = 1e-3, warmup: int = 0) -> OuterOptimizer:
     """The named optimizer; lr and momentum default to its `OUTER` entry."""
     spec = OUTER[kind]
     return OuterOptimizer(kind, spec.lr if lr is None else lr, spec.momentum if momentum is None else momentum,
-                          beta2, tau)
+                          beta2, tau, warmup)

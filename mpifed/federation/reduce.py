@@ -93,7 +93,8 @@ class Federation:
         self.outer = self.feedback = None
         if root is not None:
             start, stop = self.segments[root]
-            self.outer = make_outer(cfg.outer, cfg.outer_lr, cfg.outer_momentum, cfg.outer_beta2, cfg.outer_tau)
+            self.outer = make_outer(cfg.outer, cfg.outer_lr, cfg.outer_momentum, cfg.outer_beta2, cfg.outer_tau,
+                                    cfg.outer_warmup)
             if CODECS[cfg.compress] is not None:
                 self.feedback = ErrorFeedback(CODECS[cfg.compress], stop - start)
         # Root r starts from the current model's segment r.
@@ -186,10 +187,11 @@ class Federation:
         return self.outer.full_state(self.theta)
 
     def restore(self, theta: np.ndarray, outer: dict[str, np.ndarray], residual: np.ndarray | None,
-                owned: Sequence[View]) -> None:
-        """Resume: the global model is already in the engine's views; on roots also `theta` (segment),
-        `outer` state and error-feedback `residual` of the segment."""
+                owned: Sequence[View], rounds_done: int) -> None:
+        """Resume after `rounds_done` rounds: the global model is already in the engine's views; on roots
+        also `theta` (segment), `outer` state and error-feedback `residual` of the segment."""
         if self.topo.root_index is not None:
+            self.outer.steps = rounds_done  # one outer step per round, on every root
             self.theta[:] = theta
             for name, values in outer.items():
                 self.outer.full_state(self.theta)[name][:] = values
