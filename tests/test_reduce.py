@@ -117,6 +117,12 @@ def test_sampling_renormalises_over_participants(tmp_path):
     assert any(not all(sampled(3, 0.5, 0, t)) for t in (1, 2, 3))  # somebody really sat out
 
 
+def test_one_facility_moves_nothing_between_sites(tmp_path):
+    model, reports = run(tmp_path, [3], 2, roots=2)
+    np.testing.assert_allclose(model, oracle([3], 2), rtol=2e-5, atol=2e-6)
+    assert [rep["bytes_inter"] for rep in reports] == [[0, 0]] * 3
+
+
 @pytest.mark.parametrize("compress, ratio, tol", [("bf16", 0.5, 1e-2), ("int8", 0.26, 2e-2)])
 def test_compressed_exchange(tmp_path, compress, ratio, tol):
     model, reports = run(tmp_path, [2, 2], 2, roots=2, compress=compress)

@@ -169,7 +169,8 @@ class Federation:
         for (offset, values), theta in zip(owned, self.theta_owned):
             if theta is not self.theta:  # an aliased segment is already the new global model
                 theta[:] = values
-        return RoundExchange(sent, facility_tokens, left_out)
+        # A federation of one facility moves nothing between sites, whatever its roots hand each other.
+        return RoundExchange(sent if self.topo.n_facilities > 1 else 0, facility_tokens, left_out)
 
     def segment_counts(self) -> tuple[list[int], list[int]]:
         """Counts and displacements of the segments over the facility's ranks (root r holds segment r,
