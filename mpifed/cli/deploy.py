@@ -85,9 +85,11 @@ def _facilities(value: str) -> list[tuple[str, str, int, str]]:
 @click.option("--local-steps", type=click.IntRange(min=1), prompt="Local steps per round (H)", default=50,
               help="train.local_steps")
 @click.option("--outer", type=click.Choice(choices(OuterName)),
-              prompt="Outer optimizer", default="diloco", help="federation.outer")
+              prompt="Outer optimizer", default="fedavg",
+              help="federation.outer (fedavg: best for tens of rounds in benchmarks/parity.py; see the README)")
 @click.option("--compress", type=click.Choice(choices(Compression)), prompt="Compression between facilities",
-              default="bf16", help="federation.compress")
+              default="int8", help="federation.compress (int8: a quarter of fp32's bytes, no measurable loss "
+                                   "in benchmarks/parity.py)")
 @click.option("--rendezvous", prompt="Rendezvous file every site sees (empty: pass the hub's port by hand)",
               default="hub-port.txt", help="federation.rendezvous")
 @click.option("--token-file", prompt="Token file (empty: MPIFED_TOKEN from the environment)", default="",
