@@ -65,7 +65,8 @@ def worker(sizes: list[int], facilities: int, per: int, reps: int) -> None:
         start, stop = numel * rank // per, numel * (rank + 1) // per
         owned, held = [(start, model[start:stop])], [(0, model)]
         row = {"params_m": millions, "facilities": facilities, "ranks": comm.size}
-        for roots, compress in ((1, "none"), (per, "none"), (per, "int8")):
+        # R=1 and R=n by name, not by comparing roots with per: with one rank per facility they coincide
+        for tag, roots, compress in (("1", 1, "none"), ("n", per, "none"), ("n", per, "int8")):
             fed_cfg = config.FederationConfig(roots=roots, compress=compress, max_norm_ratio=0)
             fed = Federation(topologies[roots], fed_cfg, numel, owned, held)
             sent = []
@@ -75,13 +76,13 @@ def worker(sizes: list[int], facilities: int, per: int, reps: int) -> None:
                 sent.append(fed.synchronise(owned, held, 1000, True).bytes_inter)
 
             if compress == "none":
-                row[f"mpifed_R{'n' if roots == per else '1'}_s"] = timed(one_round)
+                row[f"mpifed_R{tag}_s"] = timed(one_round)
                 tracemalloc.start()
                 base = tracemalloc.get_traced_memory()[0]
                 one_round()
                 peak = tracemalloc.get_traced_memory()[1] - base
                 tracemalloc.stop()
-                row[f"peak_extra_mb_R{'n' if roots == per else '1'}"] = control.allreduce(comm, [peak], MPI.MAX)[0] / 2 ** 20
+                row[f"peak_extra_mb_R{tag}"] = control.allreduce(comm, [peak], MPI.MAX)[0] / 2 ** 20
             else:
                 one_round()
             row[f"bytes_inter_{compress}"] = int(control.allreduce(comm, [sent[-1]])[0])
