@@ -132,3 +132,17 @@ def test_a_failed_round_keeps_the_last_checkpoint(tmp_path):
     assert (tmp_path / "run" / "round_00001.h5").read_bytes() == before
     assert not (tmp_path / "run" / "round_00002.h5").exists()
     assert mpifed("ckpt", "verify", str(tmp_path / "run")).returncode == 0
+
+
+def test_a_resumed_log_drops_the_line_a_killed_run_left_half_written(tmp_path):
+    """A run killed while writing round 3's line leaves it cut; resuming after round 2 keeps rounds 1-2."""
+    from mpifed.run.metrics import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    rounds = [json.dumps({"round": r, "train_loss": 1.0 / r}) for r in (1, 2, 3)]
+    path.write_text("\n".join(rounds[:2] + [rounds[2][:17]]))  # no newline: cut mid-line
+    MetricsLog(path, after_round=2).close()
+    assert path.read_text().splitlines() == rounds[:2]
+    path.write_text("\n".join(rounds) + "\n")
+    MetricsLog(path, after_round=2).close()  # a whole line past the resume point is dropped as before
+    assert path.read_text().splitlines() == rounds[:2]

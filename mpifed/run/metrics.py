@@ -110,6 +110,14 @@ class _Sinks:
             self._wandb.finish()
 
 
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
+
+
 class MetricsLog:
     """Appends RoundMetrics as JSON lines. A new run starts the file afresh; a resumed one keeps the
     lines of the rounds it resumes after and drops any later ones (from a run that died past them)."""
@@ -119,8 +127,10 @@ class MetricsLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if after_round > 0 and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("round", 0) <= after_round]
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            if lines and not _parses(lines[-1]):
+                lines.pop()  # the tail of a run killed while writing it: that round was never checkpointed
+            kept = [line for line in lines if json.loads(line).get("round", 0) <= after_round]
         self._fh: TextIO = path.open("w")
         self._fh.write("".join(line + "\n" for line in kept))
         self._sinks = _Sinks(tensorboard, wandb, run_config or {})
