@@ -180,3 +180,31 @@ def test_config_new_asks_for_what_its_flags_did_not_give(tmp_path):
     for line in ('rounds = 3', 'local_steps = 7', 'outer = "fedavgm"', 'compress = "int8"',
                  'rendezvous = "shared/port.txt"', 'dir = "ckpt"', 'site = "vega"', 'engine = "fsdp"'):
         assert line in toml
+
+
+def test_batch_scripts_keep_profile_values_from_running_as_commands(tmp_path):
+    """A profile's values land in a batch script as data: a '}', a quote, a backtick, '$(...)' or a line
+    break in a value or a reason can neither end the word early nor run a command; $VARS still expand."""
+    hostile = 'a}b"c`d\\e $(touch PWNED) ${USER}/x $HOME'
+    profile = (ROOT / "sitecfg" / "local.toml").read_text().replace(
+        "[env]\n", "[env]\nTRICKY = { value = '" + hostile + "', why = \"\"\"two lines\ntouch PWNED2\"\"\" }\n")
+    (tmp_path / "sites").mkdir()
+    (tmp_path / "sites" / "odd.toml").write_text(profile.replace('name = "local"', 'name = "odd"'))
+    env = {**rank_env(), "MPIFED_SITECFG": str(tmp_path / "sites"), "USER": "tester", "HOME": "/home/tester"}
+    made = subprocess.run([sys.executable, "-m", "mpifed", *NEW, str(tmp_path / "p"), "--facilities", "a:odd:1"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    project = tmp_path / "p"
+    stub = project / "launch" / "mpifed-srun.sh"  # stands in for srun: shows what the job would see
+    stub.write_text('#!/bin/bash\nprintf "%s\\n" "$TRICKY" "$OMP_NUM_THREADS"\n')
+    ran = subprocess.run(["bash", str(project / "a.sbatch")], capture_output=True, text=True, cwd=project,
+                         env={k: v for k, v in env.items() if k not in ("TRICKY", "OMP_NUM_THREADS")})
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.splitlines() == ['a}b"c`d\\e $(touch PWNED) tester/x /home/tester', "1"]
+    assert not list(project.glob("PWNED*")) and not list(tmp_path.glob("PWNED*"))
+    # scheduler values go on #SBATCH lines: a line break there is refused when the profile loads
+    (tmp_path / "sites" / "odd.toml").write_text(profile.replace('name = "local"', 'name = "odd"').replace(
+        'partition = ""', 'partition = "main\\ntouch PWNED3"'))
+    shown = subprocess.run([sys.executable, "-m", "mpifed", "sites", "show", "odd"], capture_output=True, text=True,
+                           env=env)
+    assert shown.returncode == 2 and "scheduler.partition: must be one line" in shown.stderr

@@ -9,6 +9,7 @@ writes batch scripts from them.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tomllib
 from dataclasses import dataclass, field
@@ -110,6 +111,16 @@ class Site:
             problems.append("scheduler.ranks_per_node: must be between 1 and cpus_per_node")
         if self.container.runtime != "none" and not self.container.image:
             problems.append("container.image: a container runtime needs an image path")
+        # Scheduler options and paths land on lines of a batch script: a line break there would start
+        # a command. (Descriptions and reasons may span lines: scripts fold them into one comment line.)
+        for where, part in (("scheduler", self.scheduler), ("mpi", self.mpi), ("container", self.container)):
+            for key, value in vars(part).items():
+                for text in value if isinstance(value, tuple) else (value,):
+                    if isinstance(text, str) and ("\n" in text or "\r" in text):
+                        problems.append(f"{where}.{key}: must be one line")
+        problems += [f"modules: {m!r} must be one line" for m in self.modules if "\n" in m or "\r" in m]
+        problems += [f"env.{name}: not a shell variable name (letters, digits, '_')" for name in self.env
+                     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)]
         if problems:
             raise SiteError(f"{self.path}: {'; '.join(problems)}")
 
