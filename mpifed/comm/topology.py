@@ -149,13 +149,53 @@ def local_ranks_on_node(comm: MPI.Intracomm) -> int:
         node.Free()
 
 
+STORE_HOST = "MPIFED_STORE_HOST"
+"""An interface (ib0, hsn0) or an address of the facility leader's node for the facility's torch store;
+set it where the node's name resolves to a network the other nodes should not use."""
+
+
+class NetworkError(ValueError):
+    """A network setting this node cannot honour; the message names the setting and the node."""
+
+
+def _interface_address(name: str) -> str:
+    """The IPv4 address of network interface `name` (Linux)."""
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        request = struct.pack("256s", name[:15].encode())
+        return socket.inet_ntoa(fcntl.ioctl(probe.fileno(), 0x8915, request)[20:24])  # SIOCGIFADDR
+
+
+def store_address(single_node: bool) -> str:
+    """Where the facility's torch store listens, as the leader decides it: MPIFED_STORE_HOST (an
+    interface of this node or one of its addresses or names); else loopback when the whole facility is
+    on this node; else the address this node's name resolves to. Raises NetworkError when this node has
+    no such interface or address."""
+    wanted = os.environ.get(STORE_HOST, "")
+    here = socket.gethostname()
+    try:
+        if not wanted:
+            return "127.0.0.1" if single_node else socket.gethostbyname(here)
+        if wanted in {name for _, name in socket.if_nameindex()}:
+            return _interface_address(wanted)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((wanted, 0))  # only an address of this node can be bound
+        return wanted
+    except OSError as exc:
+        what = f"{STORE_HOST}={wanted}" if wanted else f"this node's name {here}"
+        raise NetworkError(f"{what}: no usable address on node {here} ({exc.strerror or exc}); set {STORE_HOST} "
+                           "to one of its interfaces (ip addr) or addresses") from None
+
+
 def start_process_group(facility: MPI.Intracomm, backend: str = "gloo", timeout_s: float = 600.0
                         ) -> tuple["torch.distributed.ProcessGroup", int]:
     """Initialise torch.distributed over exactly this facility's ranks.
 
     The leader starts the rendezvous store on a port the OS picks (no fixed port, no race) and broadcasts
-    its address; ranks all on one node use loopback. MPIFED_STORE_HOST overrides the address on
-    multi-homed nodes. Sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE as torchrun would (DeepSpeed
+    its address with the port (`store_address`: loopback when every rank is on its node), so ranks on
+    other nodes connect to the leader's node, not their own. Sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE as torchrun would (DeepSpeed
     reads them). Returns the facility's process group (what engines are given) and the local rank (this
     rank's place among the facility's ranks on its node). Collective over `facility`.
     """
@@ -163,13 +203,20 @@ def start_process_group(facility: MPI.Intracomm, backend: str = "gloo", timeout_
 
     timeout = timedelta(seconds=timeout_s)
     hosts = control.allgather_str(facility, MPI.Get_processor_name())
-    host = os.environ.get("MPIFED_STORE_HOST") or ("127.0.0.1" if len(set(hosts)) == 1 else socket.gethostname())
-    store = None
+    store, told = None, ""
     if facility.rank == 0:
-        store = dist.TCPStore(host, 0, facility.size, is_master=True, timeout=timeout, wait_for_workers=False)
-    port = control.bcast_int(facility, store.port if store is not None else None, root=0)
+        try:
+            host = store_address(single_node=len(set(hosts)) == 1)
+            store = dist.TCPStore(host, 0, facility.size, is_master=True, timeout=timeout, wait_for_workers=False)
+            told = f"{host} {store.port}"
+        except NetworkError as exc:
+            told = f"! {exc}"
+    told = control.allgather_str(facility, told)[0]  # the leader's word, to every rank
+    if told.startswith("!"):
+        raise NetworkError(told[2:])
+    host, port = told.rsplit(" ", 1)
     if store is None:
-        store = dist.TCPStore(host, port, facility.size, is_master=False, timeout=timeout)
+        store = dist.TCPStore(host, int(port), facility.size, is_master=False, timeout=timeout)
     node = facility.Split_type(MPI.COMM_TYPE_SHARED)
     local_rank, local_size = node.rank, node.size
     node.Free()

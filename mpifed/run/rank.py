@@ -58,11 +58,12 @@ def main(cfg: RunConfig, resume: str = "") -> int:
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Failures that are a situation, not a bug: printed as their message alone."""
     from mpifed.checkpoint.format import CheckpointError
+    from mpifed.comm.topology import NetworkError
     from mpifed.data.corpus import DataError
     from mpifed.federation.reduce import FederationError
     from mpifed.model import ModelError
 
-    return CheckpointError, FederationError, DataError, ModelError
+    return CheckpointError, FederationError, DataError, ModelError, NetworkError
 
 
 def _say(line: str) -> None:
