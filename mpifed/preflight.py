@@ -24,10 +24,9 @@ _PACKAGES = {
 def problems(cfg: RunConfig) -> list[str]:
     """Everything about `cfg` that this machine cannot honour (empty: nothing)."""
     out = []
-    wanted = {"lora.rank": cfg.lora.rank, "metrics.tensorboard": cfg.metrics.tensorboard,
-              "metrics.wandb": cfg.metrics.wandb}
     for key, (message, package) in _PACKAGES.items():
-        if wanted[key] and importlib.util.find_spec(package) is None:
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) and importlib.util.find_spec(package) is None:
             out.append(f"{key}: {message}")
     if cfg.model.path and not (Path(cfg.model.path) / "config.json").is_file():
         out.append(f"model.path: {cfg.model.path} is not a model folder (no config.json there); give a local "

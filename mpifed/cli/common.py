@@ -61,6 +61,14 @@ def key_help(text: str, section: type, key: str, name: str) -> str:
     return f"{text} ({name}).  [default: {default_of(section, key)}]"
 
 
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A TOML run configuration as parsed data; a missing or malformed file is a UserError naming it."""
+    try:
+        return configfile.load(path)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+
+
 def load_config(data: dict[str, Any], sets: tuple[str, ...] = ()) -> RunConfig:
     """A configuration from parsed TOML and --set overrides, valid and runnable here; else UserError."""
     try:

@@ -17,8 +17,17 @@ from typing import Any
 import click
 
 from mpifed import configfile
-from mpifed.cli.common import JobFailed, UserError, check_writable, key_help, load_config, resume_option, set_option
-from mpifed.config import CheckpointConfig, ConfigError, FederationConfig, RunConfig, TrainConfig, default_facilities
+from mpifed.cli.common import (
+    JobFailed,
+    UserError,
+    check_writable,
+    key_help,
+    load_config,
+    read_config_file,
+    resume_option,
+    set_option,
+)
+from mpifed.config import CheckpointConfig, FederationConfig, RunConfig, TrainConfig, default_facilities
 from mpifed.run.metrics import PROGRESS_ENV
 
 _DEFAULT = RunConfig()  # what a run without a config file or flags gets; help reads its defaults
@@ -27,10 +36,7 @@ _DEFAULT = RunConfig()  # what a run without a config file or flags gets; help r
 def _resolve(config_file: Path | None, flags: dict[str, Any], sets: tuple[str, ...],
              facilities: int | None = None, ranks: int | None = None) -> RunConfig:
     """defaults < config file < command-line flags < --set, validated as a whole."""
-    try:
-        data = configfile.load(config_file) if config_file else {}
-    except ConfigError as exc:
-        raise UserError(str(exc)) from None
+    data = read_config_file(config_file) if config_file else {}
     if facilities is not None and "facility" in data:
         raise UserError(f"--facilities: {config_file} already lists its [[facility]] tables; "
                         "change them there or with --set facility.NAME.KEY=VALUE")
@@ -176,11 +182,7 @@ def run(config_file: Path, facility: str, port: str, sets: tuple[str, ...], resu
       site A:  srun -n 4 mpifed run mpifed.toml --facility leonardo     (the hub: listed first)
       site B:  srun -n 2 mpifed run mpifed.toml --facility lumi
     """
-    try:
-        data = configfile.load(config_file)
-    except ConfigError as exc:
-        raise UserError(str(exc)) from None
-    cfg = load_config(data, sets)
+    cfg = load_config(read_config_file(config_file), sets)
     if port and not facility:
         raise UserError("--port: only with --facility (a launch of one facility joining the others)")
     from mpifed.run import rank  # imports MPI: only here, never for --help
