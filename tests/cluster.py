@@ -1,10 +1,14 @@
-"""An emulated cluster for tests: nodes as network namespaces on one bridge, each with its own address
-and, for the processes started on it, its own host name (a UTS namespace); names resolve as on a
-cluster (`ip netns exec` binds /etc/netns/NODE/hosts over /etc/hosts). MPICH's `mpiexec -hosts A,B
--launcher ssh -launcher-exec WRAPPER` starts ranks on the nodes: WRAPPER enters the node's namespaces
-instead of sshing to it.
+"""An emulated cluster for tests: nodes as network namespaces, each with its own address and, for the
+processes started on it, its own host name (a UTS namespace); names resolve as on a cluster (`ip netns
+exec` binds /etc/netns/NODE/hosts over /etc/hosts). MPICH's `mpiexec -hosts A,B -launcher ssh
+-launcher-exec WRAPPER` starts ranks on the nodes: WRAPPER enters the node's namespaces instead of
+sshing to it.
 
-    with Cluster(["a0", "a1"]) as cluster:
+Nodes may be grouped into sites. Each site has its own bridge, and the sites' bridges meet through one
+uplink per site that `tc` can shape (the wide-area link); and each site has a private filesystem: on its
+nodes (a mount namespace each) /scratch is that site's own folder, so no site sees another's files.
+
+    with Cluster(["a0", "a1", "b0"], sites={"A": ["a0", "a1"], "B": ["b0"]}, link="100mbit") as cluster:
         cluster.mpiexec(["a0", "a1"], [python, "-m", "mpifed", "run", "c.toml"], ...)
 
 Needs root and `ip netns`; `unavailable()` says why not, for the tests to skip with that reason.
@@ -12,6 +16,7 @@ Needs root and `ip netns`; `unavailable()` says why not, for the tests to skip w
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -38,23 +43,56 @@ def unavailable() -> str:
     return "" if made.returncode == 0 else f"ip netns add is not permitted here: {made.stderr.strip()}"
 
 
-class Cluster:
-    """Nodes `names` (host names) as network namespaces on one bridge, 10.79.0.(i+1)/24."""
+SCRATCH = "/scratch"  # a site's private folder, as its nodes see it
 
-    def __init__(self, names: list[str]) -> None:
+
+class Cluster:
+    """Nodes `names` (host names) as network namespaces, 10.79.0.(i+1)/24. `sites` groups them (site name
+    -> nodes; a node in no site has no private /scratch); `link` shapes each site's uplink (a tc rate
+    such as "100mbit", with a netem delay of `delay` where the kernel has netem)."""
+
+    def __init__(self, names: list[str], sites: dict[str, list[str]] | None = None, link: str = "",
+                 delay: str = "5ms") -> None:
         self.names = list(names)
         tag = os.getpid() % 10000
         self.namespaces = {name: f"mpf{tag}n{i}" for i, name in enumerate(self.names)}
         self.addresses = {name: f"{SUBNET}.{i + 1}" for i, name in enumerate(self.names)}
         self.bridge = f"mpf{tag}br"
         self.folder = Path(tempfile.mkdtemp(prefix="mpifed-cluster-"))
+        self.sites = dict(sites or {})
+        self.site_of = {node: site for site, nodes in self.sites.items() for node in nodes}
+        self.link, self.delay, self.shaping = link, delay, "none"
         self.wrapper = self.folder / "enter-node.sh"
+        self.enter = self.folder / "enter.sh"
+
+    def scratch(self, site: str) -> Path:
+        """Site `site`'s private /scratch, as this (the host's) filesystem sees it."""
+        return self.folder / f"site-{site}"
 
     def __enter__(self) -> "Cluster":
         self.close()
+        try:
+            self._build()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _build(self) -> None:
         _sh("ip", "netns", "add", self.bridge)
-        self._in(self.bridge, "ip", "link", "add", "br0", "type", "bridge")
-        self._in(self.bridge, "ip", "link", "set", "br0", "up")
+        bridges = {site: f"br{i}" for i, site in enumerate(["", *self.sites])}
+        for site, bridge in bridges.items():
+            self._in(self.bridge, "ip", "link", "add", bridge, "type", "bridge")
+            self._in(self.bridge, "ip", "link", "set", bridge, "up")
+        for i, site in enumerate(self.sites, start=1):  # site uplinks meet on br0, the wide area
+            self.scratch(site).mkdir()
+            self._in(self.bridge, "ip", "link", "add", f"up{i}", "type", "veth", "peer", "name", f"wan{i}")
+            for end, bridge in ((f"up{i}", bridges[site]), (f"wan{i}", "br0")):
+                self._in(self.bridge, "ip", "link", "set", end, "master", bridge)
+                self._in(self.bridge, "ip", "link", "set", end, "up")
+            if self.link:
+                for end in (f"up{i}", f"wan{i}"):
+                    self.shaping = self._shape(end)
         hosts = "127.0.0.1 localhost\n" + "".join(f"{a} {n}\n" for n, a in self.addresses.items())
         for i, name in enumerate(self.names):
             ns, up, down = self.namespaces[name], f"mpfu{i}x{os.getpid() % 1000}", f"mpfd{i}x{os.getpid() % 1000}"
@@ -62,24 +100,51 @@ class Cluster:
             _sh("ip", "link", "add", up, "type", "veth", "peer", "name", down)
             _sh("ip", "link", "set", up, "netns", ns)
             _sh("ip", "link", "set", down, "netns", self.bridge)
-            self._in(self.bridge, "ip", "link", "set", down, "master", "br0")
+            self._in(self.bridge, "ip", "link", "set", down, "master", bridges[self.site_of.get(name, "")])
             self._in(self.bridge, "ip", "link", "set", down, "up")
             self._in(ns, "ip", "addr", "add", f"{self.addresses[name]}/24", "dev", up)
             self._in(ns, "ip", "link", "set", up, "up")
             self._in(ns, "ip", "link", "set", "lo", "up")
             Path(f"/etc/netns/{ns}").mkdir(parents=True, exist_ok=True)
             Path(f"/etc/netns/{ns}/hosts").write_text(hosts)
+        if self.sites:
+            Path(SCRATCH).mkdir(exist_ok=True)  # the mount point; each site's nodes bind their own folder on it
+        # enter.sh NAME SCRATCH COMMAND, run inside a node's network, UTS and mount namespaces
+        self.enter.write_text('#!/bin/sh\nhostname "$1"\n'
+                              f'if [ -n "$2" ]; then mount --bind "$2" {SCRATCH} || exit 1; fi\n'
+                              'exec sh -c "$3"\n')
+        self.enter.chmod(0o755)
         # mpiexec calls WRAPPER [ssh options] HOST COMMAND: run COMMAND in HOST's namespaces under its name
-        cases = "".join(f"  {name}|{self.addresses[name]}) ns={self.namespaces[name]}; name={name};;\n"
+        cases = "".join(f"  {name}|{self.addresses[name]}) set -- {self._entering(name)} \"$*\";;\n"
                         for name in self.names)
         self.wrapper.write_text(
             "#!/bin/sh\n"
             'while [ "${1#-}" != "$1" ]; do shift; done\n'
             "host=$1; shift\n"
             f"case $host in\n{cases}  *) echo \"no emulated node $host\" >&2; exit 1;;\nesac\n"
-            'exec ip netns exec "$ns" unshare --uts sh -c "hostname $name; exec sh -c \\"\\$0\\"" "$*"\n')
+            'exec "$@"\n')
         self.wrapper.chmod(0o755)
-        return self
+
+    def _entering(self, node: str) -> str:
+        """The words that run a command (the next argument) on `node`."""
+        site = self.site_of.get(node)
+        return (f"ip netns exec {self.namespaces[node]} unshare --uts --mount {self.enter} {node} "
+                f"'{self.scratch(site) if site is not None else ''}'")
+
+    def _shape(self, device: str) -> str:
+        """Shape `device` in the bridge namespace: netem rate and delay, else tbf rate only."""
+        netem = subprocess.run(["ip", "netns", "exec", self.bridge, "tc", "qdisc", "add", "dev", device, "root",
+                                "netem", "delay", self.delay, "rate", self.link], capture_output=True)
+        if netem.returncode == 0:
+            return f"netem rate {self.link} delay {self.delay}"
+        self._in(self.bridge, "tc", "qdisc", "add", "dev", device, "root", "tbf", "rate", self.link, "burst", "64kb",
+                 "latency", "500ms")
+        return f"tbf rate {self.link} (no netem in this kernel: no delay)"
+
+    def run_on(self, node: str, command: list[str], **kwargs) -> subprocess.CompletedProcess:
+        """Run `command` on `node` (its namespaces, its site's /scratch) and wait for it."""
+        return subprocess.run(["sh", "-c", f'exec {self._entering(node)} "$*"', "sh", shlex.join(command)],
+                              capture_output=True, text=True, **kwargs)
 
     def _in(self, ns: str, *args: str) -> None:
         _sh("ip", "netns", "exec", ns, *args)
@@ -88,9 +153,7 @@ class Cluster:
         """One rank per node of `hosts`, launched from the first of them as a job script on it would."""
         launch = [MPIEXEC, "-hosts", ",".join(hosts), "-launcher", "ssh", "-launcher-exec", str(self.wrapper),
                   "-n", str(len(hosts)), *program]
-        first = hosts[0]
-        command = ["ip", "netns", "exec", self.namespaces[first], "unshare", "--uts", "sh", "-c",
-                   f'hostname {first}; exec "$@"', "sh", *launch]
+        command = ["sh", "-c", f'exec {self._entering(hosts[0])} "$*"', "sh", shlex.join(launch)]
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                 cwd=cwd, start_new_session=True, stdin=subprocess.DEVNULL)
 

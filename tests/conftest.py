@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,41 @@ def bpe_data(corpus_dir, tmp_path_factory) -> tuple[Path, subprocess.CompletedPr
                     "--split", "by-source", "--num-proc", "2", "--out", str(out))
     assert result.returncode == 0, result.stderr
     return out, result
+
+
+def launch_all(jobs: list[tuple[int, list[str], dict[str, str]]], timeout: float, starts: list[float] | None = None
+               ) -> list[subprocess.CompletedProcess]:
+    """Start every job (ranks, arguments, extra environment) under its own mpiexec, as separate sites
+    would: one after another, or each `starts[i]` seconds after the first. Wait for all, killing them all
+    at `timeout` (a hang fails the test). Each result's `ended` is when it exited (time.monotonic())."""
+    procs, first = [], time.monotonic()
+    for i, (ranks, args, env) in enumerate(jobs):
+        if starts:
+            time.sleep(max(0.0, first + starts[i] - time.monotonic()))
+        command = [MPIEXEC, "-n", str(ranks), *args]
+        procs.append((command, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                                env={**rank_env(), **env}, start_new_session=True,
+                                                stdin=subprocess.DEVNULL)))
+        time.sleep(0.3)
+    results: list[subprocess.CompletedProcess | None] = [None] * len(procs)
+
+    def wait(i: int, command: list[str], proc: subprocess.Popen) -> None:
+        out, err = proc.communicate()
+        results[i] = subprocess.CompletedProcess(command, proc.returncode, out, err)
+        results[i].ended = time.monotonic()
+
+    waiters = [threading.Thread(target=wait, args=(i, *job), daemon=True) for i, job in enumerate(procs)]
+    for waiter in waiters:
+        waiter.start()
+    deadline = time.monotonic() + timeout
+    for waiter in waiters:
+        waiter.join(max(0.0, deadline - time.monotonic()))
+    if any(waiter.is_alive() for waiter in waiters):
+        for _, proc in procs:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for waiter in waiters:
+            waiter.join(10)
+        stuck = [" ".join(command) for (command, _), r in zip(procs, results) if r is None or r.returncode == -9]
+        pytest.fail(f"still running after {timeout} s: {stuck}\n"
+                    + "\n".join(f"{r.stdout}\n{r.stderr}" for r in results if r is not None))
+    return results

@@ -96,6 +96,25 @@ def test_ckpt_commands_name_what_is_wrong(tmp_path):
     assert result.returncode == 1 and "not a readable HDF5 file" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_run_refuses_a_checkpoint_dir_it_cannot_write(tmp_path):
+    """A read-only checkpoint.dir (a bind mount in a mount namespace of its own: root may write anywhere
+    else) is one line and exit 2 before MPI starts, from every launch form."""
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[checkpoint]\ndir = "{out / "run"}"\n')
+    launch = [MPIEXEC, "-n", "2", sys.executable, "-m", "mpifed", "run", str(cfg)]
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"mount namespaces are not permitted here: {probe.stderr.decode().strip()}")
+    result = run(["unshare", "-m", "sh", "-c", f'mount --bind -o ro "{out}" "{out}" && exec "$@"', "sh", *launch],
+                 timeout=120)
+    assert result.returncode == 2, result
+    assert result.stderr.count("error") == 1  # from the first rank only: every rank fails alike
+    assert f"mpifed run: error: checkpoint.dir: cannot write to {out / 'run'}: no write permission on {out}" in result.stderr
+    assert "Traceback" not in result.stderr and not list(out.iterdir())
+
+
 def test_run_refuses_to_mix_with_an_earlier_run(tmp_path):
     """`mpifed run` (what batch jobs start) must not write into another run's checkpoints."""
     out = tmp_path / "ckpt"
@@ -105,7 +124,7 @@ def test_run_refuses_to_mix_with_an_earlier_run(tmp_path):
     cfg.write_text(f'[checkpoint]\ndir = "{out}"\n')
     result = run([MPIEXEC, "-n", "4", sys.executable, "-m", "mpifed", "run", str(cfg)], timeout=120)
     assert result.returncode != 0
-    assert result.stderr.count("already holds 1 checkpoint(s) of an earlier run; pass --resume auto") == 1
+    assert result.stderr.count("already holds 1 checkpoint file(s) of an earlier run; pass --resume auto") == 1
     assert (out / "round_00003.h5").read_bytes() == b"an earlier run" and len(list(out.iterdir())) == 1
 
 

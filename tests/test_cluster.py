@@ -1,15 +1,22 @@
-"""Facilities that span several nodes, rehearsed on an emulated cluster (tests/cluster.py: network
-namespaces with their own host names and addresses, ranks started by `mpiexec -hosts`): each facility's
-torch store is found at its leader's address, and the result equals the same run on one host."""
+"""Deployments rehearsed on an emulated cluster (tests/cluster.py: network namespaces with their own
+host names and addresses, ranks started by `mpiexec -hosts`, sites with private filesystems and a shaped
+link between them): facilities span several nodes, each facility's torch store is found at its leader's
+address, no two sites share a filesystem, and the results equal the same run on one host."""
+import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import h5py
 import pytest
 
-from cluster import Cluster, unavailable
+from cluster import SCRATCH, Cluster, unavailable
 from conftest import MPIEXEC, rank_env
 from mpifed import configfile
+from mpifed.checkpoint import format as checkpoint
 
 WHY_NOT = unavailable()
 needs_nodes = pytest.mark.skipif(bool(WHY_NOT), reason=WHY_NOT or "emulated nodes are available")
@@ -87,7 +94,105 @@ def test_a_store_host_this_node_lacks_is_one_clear_error(tmp_path):
     result = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "mpifed", "run", str(config)],
                             capture_output=True, text=True, env={**rank_env(), "MPIFED_STORE_HOST": "10.255.255.1"},
                             timeout=120)
-    assert result.returncode != 0
-    assert "MPIFED_STORE_HOST=10.255.255.1: no usable address on node" in result.stderr
+    assert result.returncode == 2, result.stderr  # bad input
+    said = [line for line in result.stderr.splitlines() if line.startswith("mpifed")]
+    assert len(said) == 1 and "MPIFED_STORE_HOST=10.255.255.1: no usable address on node" in said[0], result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("round_*"))
+
+
+class Watched:
+    """A launch whose output is read as it comes, so a test can act when a line appears."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc, self.out, self.err = proc, [], []
+        self.readers = [threading.Thread(target=lambda: self.out.extend(proc.stdout), daemon=True),
+                        threading.Thread(target=lambda: self.err.extend(proc.stderr), daemon=True)]
+        for reader in self.readers:
+            reader.start()
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = next((m for line in list(self.out) if (m := re.search(pattern, line))), None)
+            if found:
+                return found
+            if self.proc.poll() is not None and not any(r.is_alive() for r in self.readers):
+                break
+            time.sleep(0.1)
+        self.kill()
+        pytest.fail(f"no line matching {pattern!r} within {timeout} s\n{''.join(self.out)}\n{''.join(self.err)}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def finish(self, timeout: float) -> subprocess.CompletedProcess:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"still running after {timeout} s\n{''.join(self.out)}\n{''.join(self.err)}")
+        for reader in self.readers:
+            reader.join(5)
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, "".join(self.out), "".join(self.err))
+
+
+SITES = {"A": ["a0", "a1"], "B": ["b0"]}
+
+
+def _two_sites(cluster: Cluster, config, env: dict[str, str], cwd, resume: bool = False) -> list[Watched]:
+    """Facility a (the hub) on site A's two nodes, facility b on site B's node, each its own launch; b
+    learns the hub's port from the hub's output, as an operator would pass it on (no shared file)."""
+    extra = ["--resume", "auto"] if resume else []
+    program = [sys.executable, "-m", "mpifed", "run", str(config), *extra, "--facility"]
+    hub = Watched(cluster.mpiexec(SITES["A"], [*program, "a"], env, cwd))
+    port = hub.wait_for(r"on MPI port (\S+)", 120).group(1)
+    newcomer = Watched(cluster.mpiexec(SITES["B"], [*program, "b", "--port", port], env, cwd))
+    return [hub, newcomer]
+
+
+@needs_nodes
+def test_sites_without_a_shared_filesystem_checkpoint_and_resume_each_their_own_part(tmp_path):
+    """Site A (the hub, fsdp over two nodes) and site B each see only their own /scratch, over a shaped
+    link. Killed after round 3, with B's part of the newest round lost too, both resume with --resume
+    auto: they agree over MPI on the newest round whose every part verifies at its own site, and end
+    with the model of a run that never stopped; `ckpt verify` works on the hub's folder alone."""
+    facilities = [{"name": "a", "ranks": 2, "engine": "fsdp"}, {"name": "b", "ranks": 1}]
+    config = _config(tmp_path, facilities, "federation.rounds=6", "federation.outer=diloco",
+                     "federation.compress=int8", "federation.rendezvous=", f"checkpoint.dir={SCRATCH}/run",
+                     "federation.join_timeout_s=120", "federation.timeout_s=120", "checkpoint.keep=3")
+    env = {**rank_env(), "MPIFED_TOKEN": TOKEN}
+    with Cluster([*SITES["A"], *SITES["B"]], sites=SITES, link="200mbit") as cluster:
+        first = _two_sites(cluster, config, env, tmp_path)
+        first[0].wait_for(r"round   3/6", 300)
+        for launch in first:  # every site at once, mid-run
+            launch.kill()
+        a_run, b_run = cluster.scratch("A") / "run", cluster.scratch("B") / "run"
+        assert {p.name for p in b_run.iterdir()} <= {p.name for p in b_run.glob("round_*.fac-b.h5")}, \
+            "site B holds only its own parts"
+        assert not list(a_run.glob("*.fac-b.h5")) and list(b_run.glob("*.fac-b.h5")), "each part stays at its site"
+        newest = checkpoint.main_files(a_run)[-1]
+        newest_round = int(newest.name[6:11])
+        assert newest_round >= 3
+        (b_run / checkpoint.facility_name(newest_round, "b")).unlink(missing_ok=True)  # lost at site B
+
+        verify = cluster.run_on("a0", [sys.executable, "-m", "mpifed", "ckpt", "verify", f"{SCRATCH}/run"], env=env,
+                                timeout=120)
+        assert verify.returncode == 0, verify.stderr
+        assert "kept at their sites: the parts of b" in verify.stdout
+
+        second = _two_sites(cluster, config, env, tmp_path, resume=True)
+        results = [second[0].finish(400), second[1].finish(60)]
+        final = _models(a_run / "round_00006.h5") if (a_run / "round_00006.h5").exists() else None
+    for result in results:
+        assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    hub = results[0].stdout
+    assert f"skipping checkpoint {newest.name}: facility b:" in hub and "missing" in hub
+    assert f"resuming from {SCRATCH}/run/round_{newest_round - 1:05d}.h5" in hub
+    alone = subprocess.run([sys.executable, "-m", "mpifed", "simulate", "--config", str(config),
+                            "--out", str(tmp_path / "one")], capture_output=True, text=True, env=rank_env(),
+                           cwd=tmp_path, timeout=400)
+    assert alone.returncode == 0, alone.stderr
+    assert final == _models(tmp_path / "one" / "round_00006.h5")

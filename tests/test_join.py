@@ -11,7 +11,7 @@ import time
 import h5py
 import pytest
 
-from conftest import MPIEXEC, WORKERS, mpifed, rank_env
+from conftest import MPIEXEC, WORKERS, launch_all, mpifed, rank_env
 from mpifed import configfile
 from mpifed.checkpoint import format as checkpoint
 
@@ -26,29 +26,6 @@ def _config(tmp_path, ranks: dict[str, int], *sets: str):
     cfg = configfile.from_dict(configfile.apply_sets(data, base + list(sets)))
     (tmp_path / "c.toml").write_text(configfile.dump_toml(cfg))
     return tmp_path / "c.toml"
-
-
-def _launch(jobs: list[tuple[int, list[str], dict[str, str]]], timeout: float) -> list[subprocess.CompletedProcess]:
-    """Start every job at once (ranks, arguments, extra environment); wait for all, killing them all at
-    `timeout` (a hang fails the test)."""
-    procs = []
-    for ranks, args, env in jobs:
-        command = [MPIEXEC, "-n", str(ranks), *args]
-        procs.append((command, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                                env={**rank_env(), **env}, start_new_session=True,
-                                                stdin=subprocess.DEVNULL)))
-        time.sleep(0.3)
-    deadline, results = time.monotonic() + timeout, []
-    for command, proc in procs:
-        try:
-            out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for _, p in procs:
-                os.killpg(p.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            pytest.fail(f"{' '.join(command)} still running after {timeout}s\n{out}\n{err}")
-        results.append(subprocess.CompletedProcess(command, proc.returncode, out, err))
-    return results
 
 
 def _run(config, name):
@@ -69,7 +46,7 @@ def joined_run(tmp_path_factory):
     """Two separate launches, the newcomer started first (it waits for the hub's rendezvous file)."""
     tmp = tmp_path_factory.mktemp("join2")
     config = _config(tmp, {"hub": 2, "edge": 1}, "facility.edge.engine=fsdp")
-    results = _launch([(1, _worker(config, "edge", tmp), {"MPIFED_TOKEN": TOKEN}),
+    results = launch_all([(1, _worker(config, "edge", tmp), {"MPIFED_TOKEN": TOKEN}),
                        (2, _worker(config, "hub", tmp), {"MPIFED_TOKEN": TOKEN})], timeout=240)
     for r in results:
         assert r.returncode == 0, r.stderr
@@ -93,7 +70,7 @@ def test_two_separate_launches_equal_one_simulate_launch(joined_run, tmp_path):
 @pytest.mark.slow
 def test_three_separate_launches_equal_one_simulate_launch(tmp_path):
     config = _config(tmp_path, {"a": 1, "b": 1, "c": 1}, "facility.b.engine=deepspeed", "federation.outer=diloco")
-    results = _launch([(1, _worker(config, name, tmp_path), {"MPIFED_TOKEN": TOKEN}) for name in ("c", "a", "b")],
+    results = launch_all([(1, _worker(config, name, tmp_path), {"MPIFED_TOKEN": TOKEN}) for name in ("c", "a", "b")],
                       timeout=300)
     for r in results:
         assert r.returncode == 0, r.stderr
@@ -111,7 +88,7 @@ def test_a_wrong_token_is_refused_and_the_hub_stops_at_the_timeout(joined_run, t
                      "federation.join_timeout_s=15")
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
     start = time.monotonic()
-    hub, edge = _launch([(2, _run(config, "hub") + ["--resume", "auto"], {"MPIFED_TOKEN": TOKEN}),
+    hub, edge = launch_all([(2, _run(config, "hub") + ["--resume", "auto"], {"MPIFED_TOKEN": TOKEN}),
                          (1, _run(config, "edge") + ["--resume", "auto"], {"MPIFED_TOKEN": "guess"})], timeout=120)
     assert time.monotonic() - start < 90
     message = "the shared token differs (HMAC check failed)"
@@ -123,7 +100,7 @@ def test_a_wrong_token_is_refused_and_the_hub_stops_at_the_timeout(joined_run, t
 
 def test_a_different_model_is_refused_naming_the_fingerprint(tmp_path):
     config = _config(tmp_path, {"hub": 1, "edge": 1}, "federation.join_timeout_s=8")
-    hub, edge = _launch([(1, _run(config, "hub"), {"MPIFED_TOKEN": TOKEN}),
+    hub, edge = launch_all([(1, _run(config, "hub"), {"MPIFED_TOKEN": TOKEN}),
                          (1, _run(config, "edge") + ["--set", "lora.rank=2"], {"MPIFED_TOKEN": TOKEN})], timeout=120)
     for result in (edge, hub):
         assert result.returncode != 0
@@ -135,13 +112,13 @@ def test_a_different_model_is_refused_naming_the_fingerprint(tmp_path):
 def test_a_missing_facility_stops_the_hub_or_is_left_out(tmp_path):
     config = _config(tmp_path, {"a": 1, "b": 1, "c": 1}, "federation.join_timeout_s=8")
     start = time.monotonic()
-    hub, = _launch([(1, _run(config, "a"), {"MPIFED_TOKEN": TOKEN})], timeout=90)
+    hub, = launch_all([(1, _run(config, "a"), {"MPIFED_TOKEN": TOKEN})], timeout=90)
     assert hub.returncode != 0 and time.monotonic() - start < 60
     assert ("error: b, c did not join within 8 s (federation.join_timeout_s); set federation.min_facilities to go "
             "on without them") in hub.stderr
     # with federation.min_facilities = 2, a and b go on without c
     config = _config(tmp_path, {"a": 1, "b": 1, "c": 1}, "federation.join_timeout_s=10", "federation.min_facilities=2")
-    a, b = _launch([(1, _run(config, "a"), {"MPIFED_TOKEN": TOKEN}), (1, _run(config, "b"), {"MPIFED_TOKEN": TOKEN})],
+    a, b = launch_all([(1, _run(config, "a"), {"MPIFED_TOKEN": TOKEN}), (1, _run(config, "b"), {"MPIFED_TOKEN": TOKEN})],
                    timeout=180)
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
     assert "going on without c: 2 facilities joined, federation.min_facilities = 2" in a.stdout
@@ -158,3 +135,75 @@ def test_a_token_file_must_be_private(tmp_path):
                             timeout=120)
     assert result.returncode != 0
     assert f"federation.token_file {token}: mode 0644 lets others read it; chmod 600 {token}" in result.stderr
+
+
+STALE_PORT = "tag#0$connentry#0200A1E27F000001$"  # the shape of an MPICH port name, of no live process
+
+
+def test_a_facility_that_is_in_waits_as_long_as_the_hub_admits_others(tmp_path):
+    """Staggered starts, as from three sites' queues, after a run whose hub was killed left its
+    rendezvous file behind: b starts first, sees that the file is stale and waits for the hub; the hub
+    starts 25 s later and rewrites it; c arrives 76 s after b, later than b's own join timeout plus every
+    slack (60 + 10 + 5 s), yet within the hub's 60 s: b waits as long as the hub does and all three
+    train."""
+    join_timeout, timeout = 60, 5
+    config = _config(tmp_path, {"a": 1, "b": 1, "c": 1}, f"federation.join_timeout_s={join_timeout}",
+                     f"federation.timeout_s={timeout}", "federation.rounds=1")
+    (tmp_path / "port.txt").write_text(f"{STALE_PORT}\nbeat 7\n")
+    env = {"MPIFED_TOKEN": TOKEN}
+    b, a, c = launch_all([(1, _run(config, "b"), env), (1, _run(config, "a"), env), (1, _run(config, "c"), env)],
+                      timeout=240, starts=[0, 25, 76])
+    from mpifed.comm.join import HANDSHAKE_S
+    assert 76 > join_timeout + HANDSHAKE_S + timeout
+    for result in (a, b, c):
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{tmp_path / 'port.txt'} holds the port of a hub that is gone (not rewritten for 3 s); waiting" in b.stdout
+    assert "facility b is in; the hub admits the others for up to" in b.stdout
+    assert "facility c joined (3 of 3)" in a.stdout and "round   1/1" in a.stdout
+
+
+def test_a_peer_that_breaks_the_handshake_is_dropped_and_others_still_join(tmp_path):
+    """Two connections that are not facilities reach the hub's port first: one says nothing, one sends
+    a message far larger than a handshake may hold. Each is dropped after the short handshake deadline
+    (the big one unread), and the real newcomer that queued behind them joins."""
+    config = _config(tmp_path, {"hub": 1, "edge": 1}, "federation.join_timeout_s=90", "federation.rounds=1")
+    script = tmp_path / "peer.py"
+    script.write_text(
+        "import os, sys, time\nimport numpy as np\nfrom mpi4py import MPI\nfrom pathlib import Path\n"
+        "path = Path(sys.argv[1])\n"
+        "while not path.exists() or not path.read_text().strip():\n    time.sleep(0.1)\n"
+        "inter = MPI.COMM_WORLD.Connect(path.read_text().split()[0])\n"
+        "pending = inter.Isend([np.zeros(64 << 20, np.uint8), MPI.BYTE], dest=0, tag=7101) \\\n"
+        "    if sys.argv[2] == 'big' else MPI.REQUEST_NULL\n"
+        "ends = time.monotonic() + 30\n"
+        "while time.monotonic() < ends:  # keep MPI progressing the send, which nobody will receive\n"
+        "    pending.Test()\n    time.sleep(0.01)\n"
+        "os._exit(0)\n")
+    env = {"MPIFED_TOKEN": TOKEN}
+    silent = [sys.executable, str(script), str(tmp_path / "port.txt"), "silent"]
+    big = [sys.executable, str(script), str(tmp_path / "port.txt"), "big"]
+    start = time.monotonic()
+    hub, _, _, edge = launch_all([(1, _run(config, "hub"), env), (1, silent, {}), (1, big, {}), (1, _run(config, "edge"), env)],
+                              timeout=200, starts=[0, 0.5, 6, 12])
+    assert hub.returncode == 0 and edge.returncode == 0, hub.stdout + hub.stderr + edge.stderr
+    assert "dropped a connection that said nothing within 10 s" in hub.stdout, hub.stdout
+    assert "dropped a connection that sent a 67108864-byte message, more than a handshake may hold" in hub.stdout, \
+        hub.stdout
+    assert "facility edge joined (2 of 2)" in hub.stdout
+    assert time.monotonic() - start < 150
+
+
+def test_a_rendezvous_file_left_by_a_hub_that_is_gone_is_one_line_and_exit_2(tmp_path):
+    """No hub rewrites the file within the join timeout: the newcomer never connects to the dead port
+    (MPICH crashes connecting to one) and says so in one line."""
+    config = _config(tmp_path, {"hub": 1, "edge": 2}, "federation.join_timeout_s=6")
+    (tmp_path / "port.txt").write_text(f"{STALE_PORT}\nbeat 3\n")
+    start = time.monotonic()
+    edge, = launch_all([(2, _run(config, "edge"), {"MPIFED_TOKEN": TOKEN})], timeout=90)
+    assert edge.returncode == 2, edge.stdout + edge.stderr
+    assert edge.stderr.strip() == (f"mpifed run: error: federation.rendezvous {tmp_path / 'port.txt'}: holds the port "
+                                   "of a hub that is gone (the file was not rewritten within 6 s, "
+                                   "federation.join_timeout_s); start the hub facility, which writes a new one, or "
+                                   "remove the file")
+    assert time.monotonic() - start < 60
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").iterdir())

@@ -12,7 +12,9 @@ Files of round N in the checkpoint folder:
   round_0000N.seg-R.h5       with R > 1 roots: segment r of the model (/model) and of the outer state
                              (/outer/<state>), flat fp32, written by root r of the first facility.
   round_0000N.fac-NAME.h5    facility NAME's state for an exact resume: inner optimizer, data position
-                             and RNG of each rank, error-feedback residual; written by its leader.
+                             and RNG of each rank, error-feedback residual; written by its leader into
+                             its own site's folder. The main file records each part's content digest
+                             (`part_digests`), learned over MPI: sites need not share a filesystem.
   latest                     the name of the newest main file that verified.
 Every stored array carries an `xxh3_128` attribute: `verify` rereads and compares each one. Every file is
 written to a hidden temporary name, fsynced and renamed; the main file only after all its parts, and
@@ -25,9 +27,9 @@ import json
 import os
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import h5py
 import numpy as np
@@ -40,6 +42,10 @@ FORMAT_VERSION = 2
 LATEST = "latest"
 HASH = "xxh3_128"
 _MAIN = re.compile(r"^round_(\d{5,})\.h5$")
+
+PartsCheck = Literal["all", "here", "none"]
+"""Which facility parts `verify` checks: all (each must be in the folder), here (those in the folder;
+the others are kept at their own sites), none (each facility checks its own, as a resume does)."""
 
 
 class CheckpointError(RuntimeError):
@@ -60,6 +66,17 @@ def facility_name(round_: int, name: str) -> str:
 
 def _digest(values: np.ndarray) -> str:
     return xxhash.xxh3_128_hexdigest(np.ascontiguousarray(values).view(np.uint8))
+
+
+def part_digest(path: Path) -> str:
+    """The content digest of a part file: xxh3-128 over its identity (round, facility) and the name and
+    hash of every array in it. It reads attributes only; `verify` ties each hash to the bytes."""
+    with _open(path) as h5:
+        hashes: dict[str, str] = {}
+        h5.visititems(lambda name, obj: hashes.__setitem__(name, str(obj.attrs.get(HASH, "")))
+                      if isinstance(obj, h5py.Dataset) else None)
+        identity = [int(h5.attrs.get("round", -1)), str(h5.attrs.get("facility", ""))]
+    return xxhash.xxh3_128_hexdigest(json.dumps([identity, sorted(hashes.items())]).encode())
 
 
 def _store(group: h5py.Group, name: str, values: np.ndarray, fletcher32: bool, stored: list) -> None:
@@ -201,13 +218,14 @@ def _virtual(group: h5py.Group, slot: ParamSlot, round_: int, segments: list[tup
 def write_main(directory: Path, round_: int, attrs: dict[str, Any], layout: FlatLayout,
                segments: list[tuple[int, int]], outer_names: list[str], facilities: list[str],
                model: np.ndarray | None = None, outer: dict[str, np.ndarray] | None = None,
-               fletcher32: bool = False) -> "_Atomic":
+               fletcher32: bool = False, part_digests: dict[str, str] | None = None) -> "_Atomic":
     """The main file of a round, after all its parts were written: with one root `model`/`outer` are the
     whole flat arrays, with several the datasets are virtual over the segment files. The whole
     checkpoint is fsynced and reopened (every dataset and part present, in shape) and left under its
     temporary name: `publish` puts it in place. (Rereading every byte would cost a second pass over the
     model at each checkpoint; the hashes are checked in full by `verify`, on --resume and by
-    `mpifed ckpt verify`.)"""
+    `mpifed ckpt verify`.) `part_digests` (facility -> `part_digest`) ties each facility's part, which
+    may live at another site, to this checkpoint."""
     directory = Path(directory)
     parts = {"segments": [segment_name(round_, r) for r in range(len(segments))] if len(segments) > 1 else [],
              "facilities": {name: facility_name(round_, name) for name in facilities}}
@@ -216,7 +234,8 @@ def write_main(directory: Path, round_: int, attrs: dict[str, Any], layout: Flat
         h5.attrs.update(format_version=FORMAT_VERSION, mpifed_version=__version__, round=round_,
                         layout=json.dumps([[s.name, list(s.shape), s.dtype, s.offset] for s in layout.slots]),
                         layout_fingerprint=layout.fingerprint, roots=len(segments), parts=json.dumps(parts),
-                        outer_state=json.dumps(outer_names), **attrs)
+                        outer_state=json.dumps(outer_names), part_digests=json.dumps(part_digests or {}),
+                        **attrs)
         groups = {"model": h5.create_group("model")}
         groups.update({name: h5.create_group(f"outer/{name}") for name in outer_names})
         for slot in layout.slots:
@@ -231,7 +250,7 @@ def write_main(directory: Path, round_: int, attrs: dict[str, Any], layout: Flat
                     _virtual(groups[name], slot, round_, segments, f"outer/{name}")
 
     out = _write_file(directory / main_name(round_), fill)
-    verify(out.tmp, parts_dir=directory, check_data=False)
+    verify(out.tmp, parts_dir=directory, check_data=False, facilities="here")
     return out
 
 
@@ -301,17 +320,25 @@ class VerifiedCheckpoint:
     """Bytes whose hashes `verify` reread and checked (0 when it checked the structure only)."""
     base_digest: str = ""
     """Under LoRA: sha256 of the frozen base model the adapters were trained on ("" otherwise)."""
+    part_digests: dict[str, str] = field(default_factory=dict)
+    """facility -> content digest of its part (empty in checkpoints written before sites could keep
+    their parts apart)."""
+    elsewhere: tuple[str, ...] = ()
+    """Facilities whose parts were not checked: not in this folder (kept at their own sites), or not
+    asked for."""
 
 
 def _layout(text: str) -> FlatLayout:
     return FlatLayout(tuple(ParamSlot(n, tuple(shape), dtype, offset) for n, shape, dtype, offset in json.loads(text)))
 
 
-def verify(path: str | Path, parts_dir: Path | None = None, check_data: bool = True) -> VerifiedCheckpoint:
-    """Check a whole checkpoint (main file and every part it names): raises CheckpointError naming the
-    first bad file or dataset, else returns its summary. check_data=False reads the structure only."""
+def verify(path: str | Path, parts_dir: Path | None = None, check_data: bool = True,
+           facilities: PartsCheck = "all") -> VerifiedCheckpoint:
+    """Check a checkpoint (main file, segment files, and the facility parts `facilities` asks for):
+    raises CheckpointError naming the first bad file or dataset, else returns its summary.
+    check_data=False reads the structure only."""
     path = Path(path)
-    where = parts_dir or path.parent
+    where = Path(parts_dir or path.parent)
     with _open(path) as h5:
         if h5.attrs.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{path}: format_version {h5.attrs.get('format_version')!r}, this mpifed reads "
@@ -323,7 +350,7 @@ def verify(path: str | Path, parts_dir: Path | None = None, check_data: bool = T
             summary = VerifiedCheckpoint(path, int(h5.attrs["round"]), int(h5.attrs["tokens"]), layout,
                               json.loads(h5.attrs["facilities"]), outer_state, int(h5.attrs["roots"]),
                               str(h5.attrs["model_config"]), str(h5.attrs["config"]), 0,
-                              str(h5.attrs.get("base_digest", "")))
+                              str(h5.attrs.get("base_digest", "")), json.loads(h5.attrs.get("part_digests", "{}")))
         except (KeyError, ValueError) as exc:
             raise CheckpointError(f"{path}: root attributes incomplete or malformed: {exc}") from None
         if layout.fingerprint != h5.attrs.get("layout_fingerprint"):
@@ -336,10 +363,27 @@ def verify(path: str | Path, parts_dir: Path | None = None, check_data: bool = T
             if wrong:
                 raise CheckpointError(f"{path}: /{group}/{wrong[0]}: wrong shape")
         checked = _check_arrays(path, h5) if check_data else 0
-    for name in [*parts["segments"], *parts["facilities"].values()]:
+    for name in parts["segments"]:
         with _open(where / name) as part:
             checked += _check_arrays(where / name, part) if check_data else 0
-    return VerifiedCheckpoint(**{**summary.__dict__, "bytes": checked})
+    elsewhere = []
+    for facility, name in parts["facilities"].items():
+        if facilities == "none" or (facilities == "here" and not (where / name).exists()):
+            elsewhere.append(facility)
+            continue
+        checked += check_part(where / name, summary.part_digests.get(facility, ""), check_data)
+    return VerifiedCheckpoint(**{**summary.__dict__, "bytes": checked, "elsewhere": tuple(elsewhere)})
+
+
+def check_part(path: Path, digest: str = "", check_data: bool = True) -> int:
+    """Check one facility part: every array against its hash (unless check_data is False) and the whole
+    against the `digest` its main file recorded ("": not recorded). Returns the bytes reread."""
+    with _open(path) as part:
+        checked = _check_arrays(path, part) if check_data else 0
+    if digest and part_digest(path) != digest:
+        raise CheckpointError(f"{path}: not the part this checkpoint recorded (content digest differs: a part of "
+                              "another run or round)")
+    return checked
 
 
 def main_files(directory: str | Path) -> list[Path]:
@@ -348,15 +392,32 @@ def main_files(directory: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def resolve(target: str | Path, report=print) -> VerifiedCheckpoint | None:
+def round_files(directory: str | Path) -> list[Path]:
+    """Every checkpoint file of `directory`: main files, segments and facility parts."""
+    return sorted(p for p in Path(directory).glob("round_*.h5") if p.name[6:].split(".")[0].isdigit())
+
+
+def candidates(target: str | Path) -> list[Path]:
+    """The main files a resume from `target` may pick, newest first: the file itself, or a folder's."""
+    target = Path(target)
+    return [target] if target.is_file() or target.suffix == ".h5" else list(reversed(main_files(target)))
+
+
+def parts_folder(target: str | Path) -> Path:
+    """Where a site looks for its own part of a checkpoint `target` names (a file or a folder)."""
+    target = Path(target)
+    return target.parent if target.is_file() or target.suffix == ".h5" else target
+
+
+def resolve(target: str | Path, report=print, facilities: PartsCheck = "all") -> VerifiedCheckpoint | None:
     """The checkpoint to resume from: a main file (must verify), or in a folder the newest that
     verifies, reporting each one skipped and why. None when the folder holds none."""
-    target = Path(target)
-    if target.is_file() or target.suffix == ".h5":
-        return verify(target)
-    for path in reversed(main_files(target)):
+    found = candidates(target)
+    if len(found) == 1 and found[0] == Path(target):
+        return verify(found[0], facilities=facilities)
+    for path in found:
         try:
-            return verify(path)
+            return verify(path, facilities=facilities)
         except CheckpointError as exc:
             report(f"mpifed: skipping checkpoint {path.name}: {exc}")
     return None
@@ -376,14 +437,11 @@ def read_flat(path: Path, layout: FlatLayout, group: str, start: int = 0, stop: 
     return out
 
 
-def read_facility(summary: VerifiedCheckpoint, name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """(arrays by path, attributes) of facility `name`'s resume state in a verified checkpoint."""
-    with _open(summary.path) as h5:
-        files = json.loads(h5.attrs["parts"])["facilities"]
-    if name not in files:
-        raise CheckpointError(f"{summary.path}: holds no state of facility {name!r} (it has {', '.join(files)})")
+def read_facility(directory: str | Path, round_: int, name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(arrays by path, attributes) of facility `name`'s resume state for round `round_`, from the part
+    file in `directory` (its own site's folder; `check_part` verified it)."""
     arrays: dict[str, np.ndarray] = {}
-    with _open(summary.path.parent / files[name]) as h5:
+    with _open(Path(directory) / facility_name(round_, name)) as h5:
         h5.visititems(lambda key, obj: arrays.__setitem__(key, obj[()]) if isinstance(obj, h5py.Dataset) else None)
         return arrays, dict(h5.attrs)
 
@@ -395,7 +453,20 @@ def prune(directory: str | Path, keep: int) -> None:
     mains = main_files(directory)
     if len(mains) <= keep:
         return
-    oldest_kept = int(_MAIN.match(mains[-keep].name).group(1))
-    for path in Path(directory).glob("round_*.h5"):
-        if int(path.name[6:].split(".")[0]) < oldest_kept:
-            path.unlink()
+    _remove_before(directory, int(_MAIN.match(mains[-keep].name).group(1)))
+
+
+def prune_parts(directory: str | Path, name: str, keep: int) -> None:
+    """At a site that holds only facility `name`'s parts: delete all but its newest `keep` parts."""
+    rounds = sorted(int(p.name[6:].split(".")[0]) for p in Path(directory).glob(f"round_*.fac-{name}.h5"))
+    if keep > 0 and len(rounds) > keep:
+        _remove_before(directory, rounds[-keep], name)
+
+
+def _remove_before(directory: str | Path, round_: int, facility: str = "") -> None:
+    """Delete the files of rounds before `round_` (only facility `facility`'s parts, when given). Another
+    site's leader may prune the same shared folder at once: a file already gone is fine."""
+    pattern = f"round_*.fac-{facility}.h5" if facility else "round_*.h5"
+    for path in Path(directory).glob(pattern):
+        if int(path.name[6:].split(".")[0]) < round_:
+            path.unlink(missing_ok=True)

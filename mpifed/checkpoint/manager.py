@@ -5,12 +5,15 @@ The manager is built from explicit parts (the configuration, the communicators, 
 handed the training state to save or restore as `Parts` (engine, sampler, federation, token count); it
 never sees the round loop. Every wait across facilities runs under its own deadline.
 
-Writing (collective over the world): each facility leader gathers its ranks' data positions, RNG states
-and error-feedback residuals and writes the facility file with the inner optimizer state; with R > 1,
-root r of the first facility writes segment r; after a barrier the global root writes, verifies and
-publishes the main file. Reading: world rank 0 reads the model and broadcasts it (as at a fresh start);
-the first facility's roots read their outer-state segments and broadcast them to the other roots;
-each facility leader reads its own facility file and hands every rank its part.
+No two sites need to share a filesystem. Writing (collective over the world): each facility leader
+gathers its ranks' data positions, RNG states and error-feedback residuals and writes the facility part,
+with the inner optimizer state, into its own site's `checkpoint.dir`; with R > 1, root r of the first
+facility writes segment r; the parts' content digests travel over MPI to the global root, which writes,
+checks and publishes the main file (model, outer state, the digests) in the hub's folder. Resuming: the
+global root offers the newest main file that verifies, every facility leader checks its own part of that
+round against the recorded digest, and they go back a round until all agree. World rank 0 then
+broadcasts the model (as at a fresh start), the first facility's roots read their outer-state segments
+and broadcast them to the other roots, and each leader hands every rank of its facility its part.
 """
 from __future__ import annotations
 
@@ -38,6 +41,18 @@ if TYPE_CHECKING:
     from mpifed.federation.reduce import Federation
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint every site agreed to resume from (the same on every rank)."""
+
+    round: int
+    """The round it was written after."""
+    tokens: int
+    """Tokens trained by all facilities up to then."""
+    path: str
+    """Its main file, as the hub's site sees it."""
+
+
 @dataclass
 class Parts:
     """One rank's training state as a checkpoint sees it: what is saved, and what a resume fills in."""
@@ -61,6 +76,8 @@ class CheckpointManager:
         self.cfg, self.topo, self.layout = cfg, topo, layout
         self.model_config, self.base_digest = model_config, base_digest
         self.directory = Path(cfg.checkpoint.dir)
+        self.resume_dir = self.directory
+        """Where this site's own part of the checkpoint to resume from is (set by `choose`)."""
 
     def _deadline(self, what: str) -> ContextManager[None]:
         return deadline(self.topo.world, self.cfg.federation.timeout_s, what)
@@ -74,14 +91,18 @@ class CheckpointManager:
         f32 = cfg.checkpoint.fletcher32
         arrays = self._facility_arrays(parts)
         if topo.is_leader:
-            checkpoint.write_facility(self.directory, round_, topo.facility_name, arrays,
-                                      {"ranks": topo.facility.size, "engine": cfg.facility[topo.facility_index].engine},
-                                      f32)
+            part = checkpoint.write_facility(self.directory, round_, topo.facility_name, arrays,
+                                             {"ranks": topo.facility.size,
+                                              "engine": cfg.facility[topo.facility_index].engine}, f32)
         if topo.n_roots > 1 and topo.facility_index == 0 and topo.root_index is not None:
             start = fed.segments[topo.root_index][0]
             checkpoint.write_segment(self.directory, round_, topo.root_index, start, fed.theta, fed.outer_state(), f32)
-        with self._deadline("waiting for every part of the checkpoint"):
-            topo.world.Barrier()
+        with self._deadline(f"checkpoint of round {round_}: collecting every site's part"):
+            said = control.allgather_str(topo.world, checkpoint.part_digest(part) if topo.is_leader else "")
+        digests = {name: said[first] for name, first in zip(topo.facility_names, topo.facility_offsets)}
+        if topo.is_leader and not topo.is_global_root and cfg.checkpoint.keep:
+            # one more than the hub keeps: the newest part's main file may not be published yet
+            checkpoint.prune_parts(self.directory, topo.facility_name, cfg.checkpoint.keep + 1)
         if not topo.is_global_root:
             return None
         one_root = topo.n_roots == 1
@@ -91,7 +112,8 @@ class CheckpointManager:
         pending = checkpoint.write_main(self.directory, round_, attrs, self.layout, fed.segments,
                                         fed.outer_state_names, list(topo.facility_names),
                                         model=fed.theta if one_root else None,
-                                        outer=fed.outer_state() if one_root else None, fletcher32=f32)
+                                        outer=fed.outer_state() if one_root else None, fletcher32=f32,
+                                        part_digests=digests)
 
         def publish() -> None:
             checkpoint.publish(pending)
@@ -132,24 +154,66 @@ class CheckpointManager:
         return out if self.topo.is_leader else {}
 
     # ---------------------------------------------------------------------------------------- resuming
-    def choose(self, target: str) -> VerifiedCheckpoint | None:
-        """World rank 0 picks (and fully verifies) the checkpoint named by --resume; every rank gets it."""
-        world = self.topo.world
-        chosen = ""
-        if world.rank == 0:
-            try:
-                verified = checkpoint.resolve(target)
-            except CheckpointError as exc:
-                chosen = f"!{exc}"
-            else:
-                chosen = str(verified.path) if verified else ""
-        with self._deadline("choosing the checkpoint to resume from"):
-            chosen = control.allgather_str(world, chosen if world.rank == 0 else "")[0]
-        if chosen.startswith("!"):
-            raise CheckpointError(f"--resume {target}: {chosen[1:]}")
-        return checkpoint.verify(chosen, check_data=False) if chosen else None
+    def choose(self, target: str, parts: Parts) -> ResumePoint | None:
+        """The checkpoint named by --resume (a main file, or a folder's newest) that every site can
+        verify its part of: the global root offers main files newest first (each verified in full), every
+        facility leader checks its own part in its own folder, and they go back until all agree. None
+        when there is none; a CheckpointError, on every rank, when a named file cannot be used."""
+        world, topo = self.topo.world, self.topo
+        found = checkpoint.candidates(target) if world.rank == 0 else []
+        single = len(found) == 1 and found[0] == Path(target)
+        self.resume_dir = checkpoint.parts_folder(target)
+        refusal = ""  # on the global root: why a named file cannot be used
+        while True:
+            offer = None
+            if world.rank == 0:
+                offer = json.dumps({"error": refusal}) if refusal else self._offer(found, single, parts)
+            with self._deadline("resume: choosing the checkpoint"):
+                point = json.loads(control.bcast_str(world, offer))
+            if "error" in point:
+                raise CheckpointError(point["error"])
+            if not point:
+                return None
+            problem = self._check_own_part(point) if topo.is_leader else ""
+            with self._deadline(f"resume: every site checking its part of round {point['round']}"):
+                problems = [p for p in control.allgather_str(world, problem) if p]
+            if not problems:
+                return ResumePoint(point["round"], point["tokens"], point["path"])
+            if world.rank == 0 and single:
+                refusal = f"--resume {target}: {'; '.join(problems)}"
+            elif world.rank == 0:
+                print(f"mpifed: skipping checkpoint {Path(point['path']).name}: {'; '.join(problems)}", flush=True)
 
-    def _check_compatible(self, verified: VerifiedCheckpoint, parts: Parts) -> None:
+    def _offer(self, found: list[Path], single: bool, parts: Parts) -> str:
+        """On the global root: the next candidate of `found` as JSON ({} when none is left, {"error"} to
+        stop every rank)."""
+        while found:
+            path = found.pop(0)
+            try:
+                verified = checkpoint.verify(path, facilities="none")
+            except CheckpointError as exc:
+                if single:
+                    return json.dumps({"error": f"--resume {path}: {exc}"})
+                print(f"mpifed: skipping checkpoint {path.name}: {exc}", flush=True)
+                continue
+            problems = self._incompatibilities(verified, parts)
+            if problems:
+                return json.dumps({"error": f"cannot resume from {verified.path}: {'; '.join(problems)}"})
+            return json.dumps({"round": verified.round, "tokens": verified.tokens, "path": str(verified.path),
+                               "digests": verified.part_digests})
+        return "{}"
+
+    def _check_own_part(self, point: dict) -> str:
+        """On a facility leader: why its part of the offered round cannot be used here ("" if it can)."""
+        name = self.topo.facility_name
+        path = self.resume_dir / checkpoint.facility_name(point["round"], name)
+        try:
+            checkpoint.check_part(path, point["digests"].get(name, ""))
+        except CheckpointError as exc:
+            return f"facility {name}: {exc}"
+        return ""
+
+    def _incompatibilities(self, verified: VerifiedCheckpoint, parts: Parts) -> list[str]:
         saved = [(f["name"], f["ranks"]) for f in verified.facilities]
         ours = [(f.name, f.ranks) for f in self.cfg.facility]
         problems = []
@@ -162,15 +226,15 @@ class CheckpointManager:
         if verified.outer_state != parts.federation.outer_state_names:
             problems.append(f"the checkpoint holds outer state {verified.outer_state}, federation.outer = "
                             f"{self.cfg.federation.outer!r} needs {parts.federation.outer_state_names}")
-        if problems:
-            raise CheckpointError(f"cannot resume from {verified.path}: {'; '.join(problems)}")
+        return problems
 
-    def restore(self, verified: VerifiedCheckpoint, parts: Parts) -> None:
-        """Give every rank its state from `verified`, into `parts` (its token count included)."""
-        self._check_compatible(verified, parts)
+    def restore(self, point: ResumePoint, parts: Parts) -> None:
+        """Give every rank its state from the checkpoint `choose` agreed on, into `parts` (its token count
+        included)."""
         topo, fed, engine = self.topo, parts.federation, parts.engine
-        model = checkpoint.read_flat(verified.path, self.layout, "model") if topo.world.rank == 0 else None
-        with self._deadline("sending the checkpointed model"):
+        path = Path(point.path)  # the hub's file: read only by ranks of the first facility, at the hub's site
+        model = checkpoint.read_flat(path, self.layout, "model") if topo.world.rank == 0 else None
+        with self._deadline("resume: sending the checkpointed model"):
             model = control.bcast_array(topo.world, model, np.float32)
         engine.before_exchange()
         for offset, values in engine.held():
@@ -181,16 +245,16 @@ class CheckpointManager:
         if topo.root_index is not None:
             start, stop = fed.segments[topo.root_index]
             theta = model[start:stop]
-            for name in verified.outer_state:
-                mine = checkpoint.read_flat(verified.path, self.layout, f"outer/{name}", start, stop) \
+            for name in fed.outer_state_names:
+                mine = checkpoint.read_flat(path, self.layout, f"outer/{name}", start, stop) \
                     if topo.facility_index == 0 else np.empty(stop - start, np.float32)
-                with self._deadline("sending the checkpointed outer state"):
+                with self._deadline("resume: sending the checkpointed outer state"):
                     topo.roots.Bcast(mine, root=0)
                 outer[name] = mine
-        arrays = checkpoint.read_facility(verified, topo.facility_name)[0] if topo.is_leader else {}
+        arrays = checkpoint.read_facility(self.resume_dir, point.round, topo.facility_name)[0] if topo.is_leader else {}
         residual = self._restore_facility(arrays, parts)
-        fed.restore(theta, outer, residual, engine.owned(), verified.round)
-        parts.tokens_total = verified.tokens
+        fed.restore(theta, outer, residual, engine.owned(), point.round)
+        parts.tokens_total = point.tokens
 
     def _restore_facility(self, arrays: dict[str, np.ndarray], parts: Parts) -> np.ndarray | None:
         """Hand every rank of the facility its part of the leader's `arrays`; returns this root's residual."""

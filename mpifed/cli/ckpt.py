@@ -32,8 +32,10 @@ def _checkpoint_path(path: Path) -> Path:
 
 
 def _verified(path: Path) -> VerifiedCheckpoint:
+    """The checkpoint at `path`, verified with the facility parts found beside it (sites that share no
+    filesystem keep theirs at home: each checks its own when a run resumes)."""
     try:
-        return checkpoint.verify(_checkpoint_path(path))
+        return checkpoint.verify(_checkpoint_path(path), facilities="here")
     except CheckpointError as exc:
         raise JobFailed(str(exc)) from None
 
@@ -61,6 +63,9 @@ def verify_command(path: Path) -> int:
     """Reread every array of a checkpoint and its parts; exit 1 naming the first bad dataset."""
     s = _verified(path)
     click.echo(f"{s.path}: ok (round {s.round}, {s.bytes / 2 ** 20:.1f} MiB checked)")
+    if s.elsewhere:
+        click.echo(f"not in this folder, kept at their sites: the parts of {', '.join(s.elsewhere)} (each site's "
+                   "run checks its own part against the digest recorded here when it resumes)")
     return 0
 
 

@@ -36,6 +36,18 @@ class JobFailed(Failure):
     exit_code = 1
 
 
+_RANK_VARIABLES = ("PMI_RANK", "PMIX_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK")
+
+
+def launch_rank() -> int:
+    """This process's rank in its launch, as the launcher (mpiexec, srun) tells it before MPI starts;
+    0 when started by hand."""
+    for name in _RANK_VARIABLES:
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
 def set_option(f: Callable) -> Callable:
     """--set SECTION.KEY=VALUE, repeatable: any configuration key."""
     return click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",

@@ -19,6 +19,7 @@ import click
 
 from mpifed import __version__
 from mpifed.cli import ckpt, data, deploy, report, train
+from mpifed.cli.common import launch_rank
 
 COMMANDS: dict[str, click.Command] = {
     "simulate": train.simulate,
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
             where = exc.ctx.command_path
         else:  # parser errors come without a context
             where = " ".join(["mpifed", *[a for a in argv[:1] if a in cli.commands]])
-        click.echo(f"{where}: error: {exc.format_message()}", err=True)
+        if where != "mpifed run" or launch_rank() == 0:  # every rank of a launch fails alike: one says why
+            click.echo(f"{where}: error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
     sys.exit(code if isinstance(code, int) else 0)

@@ -185,6 +185,10 @@ def run(config_file: Path, facility: str, port: str, sets: tuple[str, ...], resu
     cfg = load_config(read_config_file(config_file), sets)
     if port and not facility:
         raise UserError("--port: only with --facility (a launch of one facility joining the others)")
+    # every site writes its own part of each checkpoint here: say so now, before MPI starts, not at the
+    # first checkpoint
+    check_writable(Path(cfg.checkpoint.dir), "checkpoint.dir", is_dir=True)
+    Path(cfg.checkpoint.dir).mkdir(parents=True, exist_ok=True)
     from mpifed.run import rank  # imports MPI: only here, never for --help
 
     resume = cfg.checkpoint.dir if resume == "auto" else resume

@@ -37,6 +37,12 @@ def allgather_str(comm: MPI.Intracomm, text: str) -> list[str]:
     return [out[offsets[i]:offsets[i + 1]].tobytes().decode("utf-8") for i in range(comm.size)]
 
 
+def bcast_str(comm: MPI.Intracomm, text: str | None, root: int = 0) -> str:
+    """Text that only `root` has, delivered to every rank."""
+    data = np.frombuffer(text.encode("utf-8"), np.uint8) if comm.rank == root else None
+    return bcast_array(comm, data, np.uint8, root).tobytes().decode("utf-8")
+
+
 def bcast_array(comm: MPI.Intracomm, array: np.ndarray | None, dtype: type, root: int = 0) -> np.ndarray:
     """A 1-D array of `dtype` that only `root` has, delivered to every rank."""
     size = bcast_int(comm, len(array) if comm.rank == root else None, root)

@@ -37,16 +37,31 @@ from typing import Callable
 import numpy as np
 from mpi4py import MPI
 
-from mpifed.comm import control
+from mpifed.comm import control, watchdog
 
 PROTOCOL = 1
+HANDSHAKE_S = 10.0
+"""How long either side of a handshake waits for the other's next message: a peer that connects and
+says nothing is dropped after this, and only this delays the facilities queued behind it."""
+HEARTBEAT_S = 1.0
+"""While the hub admits facilities it rewrites the rendezvous file this often."""
+STALE_S = 3 * HEARTBEAT_S
+"""A rendezvous file unchanged for this long was left by a hub that is gone."""
+_LIMIT = 1 << 16  # bytes a handshake message may hold; a larger one is refused unread
 _TAG = 7101
 _WAKE = "<wake>"  # not a valid facility name
+_DROPPED = "<dropped>"  # nor this: a connection that broke the handshake's rules
 _ACCEPT, _STOP, _ABORT = 0, 1, 2
 
 
 class JoinError(RuntimeError):
     """A facility that cannot join, or a federation that cannot start; the message says what differs."""
+
+
+class LaunchError(JoinError):
+    """A launch that cannot join as given: its facility name or rank count, its token, no way to find the
+    hub, a rendezvous file only a hub that is gone wrote. Found before anything starts, the same on every
+    rank of the launch (exit code 2)."""
 
 
 @dataclass(frozen=True)
@@ -65,19 +80,19 @@ def read_token(token_file: str) -> bytes:
     if os.environ.get("MPIFED_TOKEN"):
         return os.environ["MPIFED_TOKEN"].encode()
     if not token_file:
-        raise JoinError("facilities launched separately need a shared token: set MPIFED_TOKEN, or "
+        raise LaunchError("facilities launched separately need a shared token: set MPIFED_TOKEN, or "
                         "federation.token_file to a file readable only by you (chmod 600)")
     path = Path(token_file)
     try:
         mode = path.stat().st_mode
     except OSError:
-        raise JoinError(f"federation.token_file {path}: no such file") from None
+        raise LaunchError(f"federation.token_file {path}: no such file") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise JoinError(f"federation.token_file {path}: mode {stat.S_IMODE(mode):04o} lets others read it; "
+        raise LaunchError(f"federation.token_file {path}: mode {stat.S_IMODE(mode):04o} lets others read it; "
                         f"chmod 600 {path}")
     token = path.read_bytes().strip()
     if not token:
-        raise JoinError(f"federation.token_file {path}: the file is empty")
+        raise LaunchError(f"federation.token_file {path}: the file is empty")
     return token
 
 
@@ -90,19 +105,41 @@ def _send(inter: MPI.Intercomm, message: dict) -> None:
     inter.Send([data, MPI.BYTE], dest=0, tag=_TAG)
 
 
-def _recv(inter: MPI.Intercomm, limit: int = 1 << 16) -> dict:
-    status = MPI.Status()
-    inter.Probe(source=0, tag=_TAG, status=status)
+class _Unanswered(Exception):
+    """The other side of a handshake went silent, or sent more than a handshake message may hold."""
+
+
+def _recv(inter: MPI.Intercomm) -> dict:
+    """The next handshake message from the other side's leader, waiting at most HANDSHAKE_S. Its size is
+    checked before anything is allocated; what is not a JSON object reads as {}."""
+    status, ends = MPI.Status(), time.monotonic() + HANDSHAKE_S
+    while not inter.Iprobe(source=0, tag=_TAG, status=status):
+        if time.monotonic() > ends:
+            raise _Unanswered(f"said nothing within {HANDSHAKE_S:g} s")
+        time.sleep(0.005)
     size = status.Get_count(MPI.BYTE)
+    if size > _LIMIT:
+        _drain(inter)
+        raise _Unanswered(f"sent a {size}-byte message, more than a handshake may hold ({_LIMIT})")
     data = np.empty(size, np.uint8)
     inter.Recv([data, MPI.BYTE], source=0, tag=_TAG)
-    if size > limit:
-        return {}
     try:
         message = json.loads(data.tobytes())
     except ValueError:
         return {}
     return message if isinstance(message, dict) else {}
+
+
+def _drain(inter: MPI.Intercomm) -> None:
+    """Consume, unread, whatever a peer about to be dropped has sent: left unmatched, a message could
+    be matched later by another connection that happens to reuse the same MPI context."""
+    inter.Set_errhandler(MPI.ERRORS_RETURN)
+    status = MPI.Status()
+    while inter.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
+        try:  # into no buffer at all: MPI reports the truncation and the message is gone
+            inter.Recv([np.empty(0, np.uint8), MPI.BYTE], source=status.Get_source(), tag=status.Get_tag())
+        except MPI.Exception:
+            pass
 
 
 def _differences(hub: Hello, new: dict, expected: dict[str, int], joined: set[str]) -> list[str]:
@@ -128,53 +165,125 @@ def _differences(hub: Hello, new: dict, expected: dict[str, int], joined: set[st
 
 
 # -------------------------------------------------------------------------------------------- newcomer
-def wait_for_port(rendezvous: str, port: str, timeout_s: float, say: Callable[[str], None]) -> str:
-    """The hub's port name: given, or read from the rendezvous file once the hub has written it."""
+def find_hub(comm: MPI.Intracomm, rendezvous: str, port: str, timeout_s: float, say: Callable[[str], None]) -> str:
+    """The hub's port name, the same on every rank of this launch: given, or read by the leader from the
+    rendezvous file once a live hub writes it. Raises LaunchError on every rank when there is no way
+    to find the hub, or the file only ever held the port of a hub that is gone. Collective over `comm`."""
+    found = ""
+    if comm.rank == 0:
+        try:
+            found = _read_port(rendezvous, port, timeout_s, say)
+        except LaunchError as exc:
+            found = f"!{exc}"
+    found = control.bcast_str(comm, found)
+    if found.startswith("!"):
+        raise LaunchError(found[1:])
+    return found
+
+
+def _read_port(rendezvous: str, port: str, timeout_s: float, say: Callable[[str], None]) -> str:
+    """The port in the rendezvous file, once the file has been seen to change: a live hub rewrites it
+    every HEARTBEAT_S (see `_Beacon`), a file that stays the same was left by a hub that is gone."""
     if port:
         return port
     if not rendezvous:
-        raise JoinError("no way to find the hub: set federation.rendezvous to a file both sites see, or pass "
-                        "--port with the name the hub printed")
-    path, deadline, told = Path(rendezvous), time.monotonic() + timeout_s, False
-    while time.monotonic() < deadline:
+        raise LaunchError("no way to find the hub: set federation.rendezvous to a file both sites see, or pass "
+                              "--port with the name the hub printed")
+    path, ends = Path(rendezvous), time.monotonic() + timeout_s
+    seen, since, told = "", 0.0, ""
+    while time.monotonic() < ends:
         try:
-            text = path.read_text().strip()
+            text = path.read_text()
         except OSError:
             text = ""
-        if text:
-            return text
-        if not told:
-            say(f"waiting for the hub to publish its port in {path}")
-            told = True
+        now = time.monotonic()
+        if text.strip() and seen and text != seen:
+            return text.split()[0]  # rewritten since we first read it: its hub is alive
+        if text.strip() and text != seen:
+            seen, since = text, now
+        elif not text.strip():
+            seen = ""
+        state = "stale" if seen and now - since > STALE_S else "" if seen else "absent"
+        if state and state != told:
+            say(f"{path} holds the port of a hub that is gone (not rewritten for {STALE_S:g} s); waiting for the hub "
+                "to write a new one" if state == "stale" else f"waiting for the hub to publish its port in {path}")
+            told = state
         time.sleep(0.2)
-    raise JoinError(f"the hub did not publish its port in {path} within {timeout_s:g} s "
-                    "(federation.join_timeout_s); is the hub facility running?")
+    if seen:
+        raise LaunchError(f"federation.rendezvous {path}: holds the port of a hub that is gone (the file was not "
+                              f"rewritten within {timeout_s:g} s, federation.join_timeout_s); start the hub facility, "
+                              "which writes a new one, or remove the file")
+    raise LaunchError(f"federation.rendezvous {path}: the hub did not publish its port within {timeout_s:g} s "
+                          "(federation.join_timeout_s); is the hub facility running?")
 
 
-def connect(comm: MPI.Intracomm, port: str, me: Hello, token: bytes) -> MPI.Intracomm:
+def connect(comm: MPI.Intracomm, port: str, me: Hello, token: bytes) -> tuple[MPI.Intracomm, float]:
     """Join the hub at `port` (collective over this facility's job). Returns the merged world, in which
-    this job's ranks take part in admitting the remaining facilities (see `_admit`)."""
+    this job's ranks take part in admitting the remaining facilities (see `_admit`), and the seconds the
+    hub will still wait for them."""
     inter = comm.Connect(port, root=0)
-    problems = []
+    problems, remaining = [], 0.0
     if comm.rank == 0:
-        nonce = secrets.token_hex(16)
-        _send(inter, {**me.__dict__, "nonce": nonce})
-        reply = _recv(inter)
-        hub_ok = hmac.compare_digest(str(reply.get("mac", "")), _mac(token, "hub", nonce, str(reply.get("nonce"))))
-        _send(inter, {"mac": _mac(token, "newcomer", str(reply.get("nonce")), nonce), "hub_ok": hub_ok})
-        problems = list(_recv(inter).get("problems", ["the hub sent no verdict"]))
-        if not hub_ok and not any("token" in p for p in problems):
-            problems.append("the shared token differs (the hub's HMAC does not match MPIFED_TOKEN/token_file)")
-    problems = json.loads(control.allgather_str(comm, json.dumps(problems))[0])
-    if problems:
+        try:
+            problems, remaining = _handshake_newcomer(inter, me, token)
+        except _Unanswered as exc:
+            problems = [f"the hub {exc} during the handshake"]
+    verdict = json.loads(control.allgather_str(comm, json.dumps([problems, remaining]))[0])
+    if verdict[0]:
         inter.Disconnect()
-        raise JoinError(f"facility {me.facility} was refused by the hub: {'; '.join(problems)}")
+        raise JoinError(f"facility {me.facility} was refused by the hub: {'; '.join(verdict[0])}")
     world = inter.Merge(high=True)
     inter.Free()
-    return world
+    return world, float(verdict[1])
+
+
+def _handshake_newcomer(inter: MPI.Intercomm, me: Hello, token: bytes) -> tuple[list[str], float]:
+    """On the newcomer's leader: (the hub's verdict, the seconds the hub will still wait for others)."""
+    nonce = secrets.token_hex(16)
+    _send(inter, {**me.__dict__, "nonce": nonce})
+    reply = _recv(inter)
+    hub_ok = hmac.compare_digest(str(reply.get("mac", "")), _mac(token, "hub", nonce, str(reply.get("nonce"))))
+    _send(inter, {"mac": _mac(token, "newcomer", str(reply.get("nonce")), nonce), "hub_ok": hub_ok})
+    problems = [str(p) for p in _recv(inter).get("problems", ["the hub sent no verdict"])]
+    if not hub_ok and not any("token" in p for p in problems):
+        problems.append("the shared token differs (the hub's HMAC does not match MPIFED_TOKEN/token_file)")
+    remaining = reply.get("remaining_s", 0.0)
+    return problems, float(remaining) if isinstance(remaining, (int, float)) else 0.0
 
 
 # ------------------------------------------------------------------------------------------------ hub
+class _Beacon:
+    """The rendezvous file while the hub admits facilities: the port name and a count, rewritten every
+    HEARTBEAT_S (each time whole, by rename), so a newcomer can tell a live hub's file from one a killed
+    hub left behind; removed when the hub stops admitting."""
+
+    def __init__(self, path: Path, port: str) -> None:
+        self.path, self.port = path, port
+        self._stop = threading.Event()
+        self._write(0)
+        self._thread = threading.Thread(target=self._beat, name="mpifed-rendezvous", daemon=True)
+        self._thread.start()
+
+    def _write(self, beat: int) -> None:
+        tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
+        tmp.write_text(f"{self.port}\nbeat {beat}\n")
+        os.replace(tmp, self.path)
+
+    def _beat(self) -> None:
+        beat = 0
+        while not self._stop.wait(HEARTBEAT_S):
+            beat += 1
+            try:
+                self._write(beat)
+            except OSError:  # a shared filesystem's hiccup: the next beat tries again
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.path.unlink(missing_ok=True)
+
+
 def _wake(port: str, token: bytes) -> None:
     """Connect to our own port from a helper process, so the blocked accept returns."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "HYDRA_", "PMIX_"))}
@@ -184,14 +293,24 @@ def _wake(port: str, token: bytes) -> None:
 
 
 def _handshake_hub(inter: MPI.Intercomm, hub: Hello, token: bytes, expected: dict[str, int], joined: set[str],
-                   port: str) -> tuple[str, list[str]]:
-    """On the hub leader: ("wake", []) for our own wake-up call, else (newcomer name, its problems)."""
+                   port: str, ends: float) -> tuple[str, list[str]]:
+    """On the hub leader: ("wake", []) for our own wake-up call, else (newcomer name, its problems). A
+    peer that goes silent or oversteps the message size gets no verdict: it is dropped."""
+    try:
+        return _hello_and_verdict(inter, hub, token, expected, joined, port, ends)
+    except _Unanswered as exc:
+        return _DROPPED, [f"dropped a connection that {exc}"]
+
+
+def _hello_and_verdict(inter: MPI.Intercomm, hub: Hello, token: bytes, expected: dict[str, int], joined: set[str],
+                       port: str, ends: float) -> tuple[str, list[str]]:
     hello = _recv(inter)
     if hello.get("wake"):
         return (_WAKE, []) if hmac.compare_digest(str(hello.get("mac", "")), _mac(token, "wake", port)) \
             else ("?", ["a wake-up call with a wrong token"])
     nonce = secrets.token_hex(16)
-    _send(inter, {**hub.__dict__, "nonce": nonce, "mac": _mac(token, "hub", str(hello.get("nonce")), nonce)})
+    _send(inter, {**hub.__dict__, "nonce": nonce, "mac": _mac(token, "hub", str(hello.get("nonce")), nonce),
+                  "remaining_s": max(0.0, ends - time.monotonic())})
     answer = _recv(inter)
     problems = _differences(hub, hello, expected, joined)
     if not hmac.compare_digest(str(answer.get("mac", "")), _mac(token, "newcomer", nonce, str(hello.get("nonce")))) \
@@ -208,24 +327,21 @@ def serve(comm: MPI.Intracomm, hub: Hello, token: bytes, expected: dict[str, int
     world and the names that joined (the hub's first). Collective over `comm`."""
     port = MPI.Open_port() if comm.rank == 0 else ""
     wanted = [name for name in expected if name != hub.facility]
+    beacon = _Beacon(Path(rendezvous), port) if comm.rank == 0 and rendezvous else None
     if comm.rank == 0:
-        if rendezvous:
-            tmp = Path(f"{rendezvous}.tmp{os.getpid()}")
-            tmp.write_text(port + "\n")
-            os.replace(tmp, rendezvous)
         say(f"hub {hub.facility} is waiting up to {timeout_s:g} s for {', '.join(wanted)} on MPI port {port}"
             + (f" (written to {rendezvous})" if rendezvous else " (pass it to them with --port)"))
         timer = threading.Timer(timeout_s, _wake, args=(port, token))
         timer.daemon = True
         timer.start()
     try:
-        world, joined, refused = _admit(comm, port, hub, token, expected, say)
+        world, joined, refused = _admit(comm, port, hub, token, expected, say, time.monotonic() + timeout_s)
     finally:
         if comm.rank == 0:
             timer.cancel()
             MPI.Close_port(port)
-            if rendezvous:
-                Path(rendezvous).unlink(missing_ok=True)
+        if beacon is not None:
+            beacon.stop()
     missing = [name for name in wanted if name not in joined]
     if missing and (min_facilities == 0 or len(joined) < min_facilities):
         why = "".join(f"; {name} was refused: {refused[name]}" for name in missing if name in refused)
@@ -251,6 +367,8 @@ def _accept(world: MPI.Intracomm, port: str, handshake: Callable[[MPI.Intercomm]
     verdict = control.allgather_str(world, handshake(inter) if handshake else "")[0]
     name, problems = (_WAKE, []) if verdict == _WAKE else json.loads(verdict)
     if name == _WAKE or problems:
+        if handshake:
+            _drain(inter)
         inter.Disconnect()
         return name, problems, None
     merged = inter.Merge(high=False)
@@ -259,12 +377,13 @@ def _accept(world: MPI.Intracomm, port: str, handshake: Callable[[MPI.Intercomm]
 
 
 def _admit(comm: MPI.Intracomm, port: str, hub: Hello, token: bytes, expected: dict[str, int],
-           say: Callable[[str], None]) -> tuple[MPI.Intracomm, list[str], dict[str, str]]:
-    """The accept loop on the hub's side; joined newcomers run `follow` meanwhile."""
+           say: Callable[[str], None], ends: float) -> tuple[MPI.Intracomm, list[str], dict[str, str]]:
+    """The accept loop on the hub's side, until every facility joined or the wake-up call at `ends`
+    (monotonic time); joined newcomers run `follow` meanwhile."""
     world, joined, refused = comm, [hub.facility], {}
 
     def handshake(inter: MPI.Intercomm) -> str:
-        name, problems = _handshake_hub(inter, hub, token, expected, set(joined), port)
+        name, problems = _handshake_hub(inter, hub, token, expected, set(joined), port, ends)
         return _WAKE if name == _WAKE else json.dumps([name, problems])
 
     while len(joined) < len(expected):
@@ -273,6 +392,9 @@ def _admit(comm: MPI.Intracomm, port: str, hub: Hello, token: bytes, expected: d
         name, problems, merged = _accept(world, port, handshake if world.rank == 0 else None)
         if name == _WAKE:
             break
+        if name == _DROPPED:
+            say(problems[0])
+            continue
         if problems:
             refused[name] = "; ".join(problems)
             say(f"refused facility {name}: {refused[name]}")
@@ -282,6 +404,7 @@ def _admit(comm: MPI.Intracomm, port: str, hub: Hello, token: bytes, expected: d
         world = merged
         joined.append(name)
         say(f"facility {name} joined ({len(joined)} of {len(expected)})")
+        watchdog.set_phase(f"join: admitting the others ({', '.join(joined)} in)")
     return world, joined, refused
 
 

@@ -157,6 +157,8 @@ set it where the node's name resolves to a network the other nodes should not us
 class NetworkError(ValueError):
     """A network setting this node cannot honour; the message names the setting and the node."""
 
+    exit_code = 2  # bad input, found before anything is written
+
 
 def _interface_address(name: str) -> str:
     """The IPv4 address of network interface `name` (Linux)."""
@@ -213,7 +215,9 @@ def start_process_group(facility: MPI.Intracomm, backend: str = "gloo", timeout_
             told = f"! {exc}"
     told = control.allgather_str(facility, told)[0]  # the leader's word, to every rank
     if told.startswith("!"):
-        raise NetworkError(told[2:])
+        if facility.rank == 0:
+            raise NetworkError(told[2:])
+        facility.Barrier()  # never completes: the leader says why, once, and its abort ends the job
     host, port = told.rsplit(" ", 1)
     if store is None:
         store = dist.TCPStore(host, int(port), facility.size, is_master=False, timeout=timeout)

@@ -153,10 +153,11 @@ class Federation:
         for dtype in types:
             dtype.Free()
 
-    def synchronise(self, owned: Sequence[View], held: Sequence[View], tokens: int, participate: bool
-                    ) -> RoundExchange:
-        """One synchronisation. `owned`/`held` are the engine's views; `tokens` what this rank trained.
-        Collective over the world; raises FederationError when too few facilities are left."""
+    def synchronise(self, owned: Sequence[View], held: Sequence[View], tokens: int, participate: bool,
+                    phase: str = "exchange") -> RoundExchange:
+        """One synchronisation. `owned`/`held` are the engine's views; `tokens` what this rank trained;
+        `phase` names its waits in errors. Collective over the world; raises FederationError when too few
+        facilities are left."""
         facility_tokens = int(control.allreduce(self.topo.facility, [tokens])[0])
         delta = self._gather(owned, lambda i, a, b, out: np.subtract(self.theta_owned[i][a:b], owned[i][1][a:b], out=out))
         # A NaN or Inf anywhere makes the squared norm NaN or Inf: no separate scan needed.
@@ -164,7 +165,8 @@ class Federation:
         sent, left_out = 0, ()
         if delta is not None:
             bad = not math.isfinite(norm2)
-            sent, left_out = self._exchange(delta, facility_tokens, 0.0 if bad else math.sqrt(norm2), bad, participate)
+            sent, left_out = self._exchange(delta, facility_tokens, 0.0 if bad else math.sqrt(norm2), bad, participate,
+                                            phase)
         self._distribute(held)
         for (offset, values), theta in zip(owned, self.theta_owned):
             if theta is not self.theta:  # an aliased segment is already the new global model
@@ -222,15 +224,15 @@ class Federation:
                                   + (f" ({'; '.join(reasons)})" if reasons else "") + "; the last checkpoint is kept")
         return mask, reasons
 
-    def _exchange(self, delta: np.ndarray, tokens: int, norm: float, bad: bool, participate: bool
+    def _exchange(self, delta: np.ndarray, tokens: int, norm: float, bad: bool, participate: bool, phase: str
                   ) -> tuple[int, tuple[str, ...]]:
         roots, me = self.topo.roots, self.topo.facility_index
         stats = np.empty((roots.size, 4), np.float64)
-        with deadline(self.topo.world, self.cfg.timeout_s, "sharing update norms across facilities"):
+        with deadline(self.topo.world, self.cfg.timeout_s, f"{phase}: sharing the update norms"):
             roots.Allgather(np.array([norm, bad, tokens if participate else 0, participate], np.float64), stats)
         mask, reasons = self._decide(stats)
         sent = 0
-        with deadline(self.topo.world, self.cfg.timeout_s, "the exchange across facilities"):
+        with deadline(self.topo.world, self.cfg.timeout_s, f"{phase}: combining the updates"):
             group = roots if all(mask) else roots.Split(1 if mask[me] else MPI.UNDEFINED, key=me)
             if mask[me]:
                 delta *= np.float32(tokens / sum(s[2] for s, m in zip(stats, mask) if m))

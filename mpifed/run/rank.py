@@ -10,7 +10,8 @@ import sys
 
 from mpi4py import MPI
 
-from mpifed.comm import control, topology
+from mpifed.comm import control, topology, watchdog
+from mpifed.comm.rollcall import RollCall
 from mpifed.comm.watchdog import abort_on_error
 from mpifed.config import RunConfig
 
@@ -20,21 +21,25 @@ def _refuse_to_mix_runs(comm: MPI.Intracomm, cfg: RunConfig, resume: str) -> Non
     replace some of them, and a later --resume auto could pick up the other run's newest."""
     if resume:
         return
-    from mpifed.checkpoint.format import main_files
+    from mpifed.checkpoint.format import round_files
 
-    found = control.bcast_int(comm, len(main_files(cfg.checkpoint.dir)) if comm.rank == 0 else None)
+    found = control.bcast_int(comm, len(round_files(cfg.checkpoint.dir)) if comm.rank == 0 else None)
     if found:
-        raise ValueError(f"checkpoint.dir {cfg.checkpoint.dir} already holds {found} checkpoint(s) of an earlier "
-                         "run; pass --resume auto to continue it, or choose another folder")
+        raise ValueError(f"checkpoint.dir {cfg.checkpoint.dir} already holds {found} checkpoint file(s) of an "
+                         "earlier run; pass --resume auto to continue it, or choose another folder")
 
 
 def _train(cfg: RunConfig, world: MPI.Intracomm, index: int, resume: str) -> None:
     from mpifed.run.trainer import Trainer  # heavy imports (torch, transformers) only once MPI is up
 
     topo = topology.build(world, index, [f.name for f in cfg.facility], cfg.federation.roots)
+    roll = RollCall(topo.world, topo.facility_offsets, topo.facility_names)
+    watchdog.install(roll)  # from here a failure names the facility that was lost
     trainer = Trainer(cfg, topo, resume)
     trainer.run()
     trainer.close()
+    watchdog.install(None)
+    roll.close()
     topo.close()
 
 
@@ -84,23 +89,32 @@ def join_world(comm: MPI.Intracomm, cfg: RunConfig, name: str, port: str = "", r
     fed = cfg.federation
     names = [f.name for f in cfg.facility]
     if name not in names:
-        raise join.JoinError(f"--facility {name}: not in the configuration (facilities: {', '.join(names)})")
+        raise join.LaunchError(f"--facility {name}: not in the configuration (facilities: {', '.join(names)})")
     ranks = cfg.facility[names.index(name)].ranks
     if comm.size != ranks:
-        raise join.JoinError(f"--facility {name}: this launch has {comm.size} ranks, the configuration gives "
+        raise join.LaunchError(f"--facility {name}: this launch has {comm.size} ranks, the configuration gives "
                              f"{name} {ranks}; launch exactly {ranks}")
-    _refuse_to_mix_runs(comm, cfg, resume)
+    try:
+        _refuse_to_mix_runs(comm, cfg, resume)
+    except ValueError as exc:
+        raise join.LaunchError(str(exc)) from None
     token = join.read_token(fed.token_file)
     me = join.Hello(name, comm.size, planned_layout(cfg, *shape(cfg.data)).fingerprint, configfile.digest(cfg))
     say = _say if comm.rank == 0 else (lambda line: None)
-    # the join bounds its own waits; this only catches a peer that stops answering mid-handshake
-    with deadline(comm, fed.join_timeout_s + 120, "joining the federation", setting="federation.join_timeout_s"):
+    # The join bounds its own waits (the hub's wake-up call, the handshake's); this deadline catches a
+    # peer that stops answering. A facility that is in waits as long as the hub still admits others.
+    slack = join.HANDSHAKE_S + fed.timeout_s
+    with deadline(comm, fed.join_timeout_s + slack, "join: waiting for the other facilities",
+                  setting="federation.join_timeout_s") as watch:
         if name == names[0]:
             world, joined = join.serve(comm, me, token, {f.name: f.ranks for f in cfg.facility}, fed.rendezvous,
                                        fed.join_timeout_s, fed.min_facilities, say)
         else:
-            address = join.wait_for_port(fed.rendezvous, port, fed.join_timeout_s, say)
-            world, joined = join.follow(join.connect(comm, address, me, token))
+            address = join.find_hub(comm, fed.rendezvous, port, fed.join_timeout_s, say)
+            world, hub_waits_s = join.connect(comm, address, me, token)
+            say(f"facility {name} is in; the hub admits the others for up to {hub_waits_s:.0f} s more")
+            watch.restart(hub_waits_s + slack, f"join: in, waiting with the hub {names[0]} for the others")
+            world, joined = join.follow(world)
             say(f"facility {name} joined the federation")
     present = [dataclasses.replace(f, partition=cfg.partition_of(i)) if cfg.data.path else f
                for i, f in enumerate(cfg.facility) if f.name in joined]
@@ -110,12 +124,17 @@ def join_world(comm: MPI.Intracomm, cfg: RunConfig, name: str, port: str = "", r
 
 def main_joined(cfg: RunConfig, name: str, port: str = "", resume: str = "") -> int:
     """`mpifed run CONFIG --facility NAME`: join the other facilities' launches, then train as one."""
-    from mpifed.comm.join import JoinError
+    from mpifed.comm.join import JoinError, LaunchError
 
     comm = MPI.COMM_WORLD
     expected = (*_expected_errors(), JoinError)
     with abort_on_error(comm, expected=expected):
-        world, run_cfg, index = join_world(comm, cfg, name, port, resume)
+        try:
+            world, run_cfg, index = join_world(comm, cfg, name, port, resume)
+        except LaunchError as exc:  # the same on every rank: say it once, exit cleanly
+            if comm.rank == 0:
+                print(f"mpifed run: error: {exc}", file=sys.stderr, flush=True)
+            return 2
     with abort_on_error(world, expected=expected):
         _train(run_cfg, world, index, resume)
     return 0

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpifed.checkpoint.format import VerifiedCheckpoint
-from mpifed.checkpoint.manager import CheckpointManager, Parts
-from mpifed.comm import control
+from mpifed.checkpoint.manager import CheckpointManager, Parts, ResumePoint
+from mpifed.comm import control, watchdog
+from mpifed.comm.arrival import Arrival
 from mpifed.comm.topology import Topology, local_ranks_on_node, start_process_group, stop_process_group
 from mpifed.comm.watchdog import deadline
 from mpifed.config import FacilityConfig, RunConfig
@@ -55,6 +55,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, topo: Topology, resume: str = "") -> None:
         """Build everything for one rank; `resume` is "", "auto" or a checkpoint file or folder."""
         self.cfg, self.topo = cfg, topo
+        self.round = 0  # the round being trained, for the names of its waits
         threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // local_ranks_on_node(topo.world))
         torch.set_num_threads(threads)
         facility = cfg.facility[topo.facility_index]
@@ -75,6 +76,7 @@ class Trainer:
                                   grad_accum=cfg.train.grad_accum, fsdp=facility.fsdp, deepspeed=facility.deepspeed)
         self.engine = make_engine(facility.engine, model, settings, cfg.train.micro_batch)
         self.federation = Federation(topo, cfg.federation, self.layout.numel, self.engine.owned(), self.engine.held())
+        self.arrival = Arrival(topo)
         self.checkpoints = CheckpointManager(cfg, topo, self.layout, model.config.to_json_string(), digest)
         self.parts = Parts(self.engine, self.sampler, self.federation, tokens_total=0)
         self.resumed_from = self._resume(resume) if resume else None
@@ -86,25 +88,25 @@ class Trainer:
     def _load_data(self) -> None:
         """This rank's sampler over its facility's partition, and the shared validation set."""
         cfg, topo = self.cfg, self.topo
-        with self.world_deadline("sharing the corpus"):
+        with self.world_deadline("start: sharing the corpus"):
             self.corpus = open_corpus(cfg.data, topo.world, topo.n_facilities, cfg.train.seed)
         self.validation = self.corpus.validation(cfg.data.val_sequences)
         self.sampler = Sampler(self.corpus.partition(cfg.partition_of(topo.facility_index)), topo.facility.rank,
                                topo.facility.size, cfg.train.micro_batch,
                                seed=(cfg.train.seed, topo.facility_index, topo.facility.rank))
 
-    def _resume(self, target: str) -> VerifiedCheckpoint | None:
+    def _resume(self, target: str) -> ResumePoint | None:
         """Restore every rank from the checkpoint `target` names ("auto" means the output folder)."""
-        verified = self.checkpoints.choose(target)
-        if verified is not None:
-            self.checkpoints.restore(verified, self.parts)
+        point = self.checkpoints.choose(target, self.parts)
+        if point is not None:
+            self.checkpoints.restore(point, self.parts)
         elif self.topo.is_global_root:
             print(f"mpifed: --resume {target}: no checkpoint found; starting from round 1", flush=True)
-        return verified
+        return point
 
     def _check_same_layout(self) -> None:
         """Refuse to exchange anything between ranks whose models differ in names, shapes or dtypes."""
-        with self.world_deadline("comparing the model layouts"):
+        with self.world_deadline("layout check: comparing every facility's model"):
             prints = control.allgather_str(self.topo.world, self.layout.fingerprint)
         names = [name for name, size in zip(self.topo.facility_names, self.topo.facility_sizes) for _ in range(size)]
         differing = sorted({name for name, fingerprint in zip(names, prints) if fingerprint != prints[0]})
@@ -115,7 +117,7 @@ class Trainer:
     def _check_same_base(self, model: torch.nn.Module) -> str:
         """Under LoRA only the adapters are exchanged: refuse to train if any rank's frozen base differs.
         Returns the base's digest (kept in checkpoints)."""
-        with self.world_deadline("comparing the LoRA base models"):
+        with self.world_deadline("layout check: comparing the LoRA base models"):
             digests = control.allgather_str(self.topo.world, base_digest(model))
         if len(set(digests)) > 1:
             raise ModelError("the frozen base model differs between ranks (a different model.path copy or "
@@ -131,7 +133,7 @@ class Trainer:
         if self.topo.world.rank == 0:
             for name, values in views.items():
                 values[...] = params[name].float().numpy()
-        with self.world_deadline("sending the initial model"):
+        with self.world_deadline("initial model: sending world rank 0's weights"):
             self.topo.world.Bcast(initial, root=0)
         for name, values in views.items():
             params[name].copy_(torch.from_numpy(values))
@@ -190,7 +192,7 @@ class Trainer:
         its leader counts."""
         total, rows = self._score(slice(self.topo.facility_index, None, self.topo.n_facilities))
         leader = self.topo.is_leader
-        with self.world_deadline("validation"):
+        with self.world_deadline(f"round {self.round}: validation"):
             total, count = control.allreduce(self.topo.world, [total if leader else 0.0, rows if leader else 0])
         return float(total / count)
 
@@ -201,30 +203,35 @@ class Trainer:
         losses = np.zeros(self.topo.n_facilities)
         if self.topo.is_leader:
             losses[self.topo.facility_index] = mine
-        with self.world_deadline("validation of the facilities' models"):
+        with self.world_deadline(f"round {self.round}: validation of the facilities' models"):
             self.topo.world.Allreduce(MPI.IN_PLACE, losses)
         return dict(zip(self.topo.facility_names, map(float, losses)))
 
     def train_round(self, round_: int) -> None:
         """H inner steps, the exchange, validation, checkpoint, metrics."""
         fed = self.cfg.federation
-        participate = sampled(self.topo.n_facilities, fed.sample, self.cfg.train.seed, round_)[self.topo.facility_index]
+        self.round = round_
+        watchdog.set_phase(f"round {round_}: inner steps")
+        trained = sampled(self.topo.n_facilities, fed.sample, self.cfg.train.seed, round_)
+        participate = trained[self.topo.facility_index]
         evaluate = round_ % self.cfg.eval.every == 0 or round_ == fed.rounds
         start = time.perf_counter()
         loss_sum, tokens = self._inner(round_) if participate else (0.0, 0)
         inner_s = time.perf_counter() - start
+        idle_s = self.arrival.wait(trained, fed.timeout_s, f"round {round_}: waiting for the other facilities")
         local_losses = self._validate_facilities() if evaluate and self.cfg.eval.facilities else {}
         exchange_start = time.perf_counter()
         self.engine.before_exchange()
         try:
-            exchange = self.federation.synchronise(self.engine.owned(), self.engine.held(), tokens, participate)
+            exchange = self.federation.synchronise(self.engine.owned(), self.engine.held(), tokens, participate,
+                                                   phase=f"round {round_}: exchange")
         except FederationError as exc:
             raise FederationError(f"round {round_}: {exc}") from None
         self.engine.after_exchange()
         if self.topo.is_global_root:
             for reason in exchange.left_out:
                 print(f"mpifed: warning: round {round_}: left out {reason}", flush=True)
-        summary = self._summarise(loss_sum, exchange, inner_s, time.perf_counter() - exchange_start)
+        summary = self._summarise(loss_sum, exchange, inner_s, idle_s, time.perf_counter() - exchange_start)
         val_loss = self._validate() if evaluate else None
         self.parts.tokens_total += summary["tokens"]
         ckpt_s, publish = 0.0, None
@@ -240,20 +247,21 @@ class Trainer:
         if publish is not None:  # after the metrics line: a run killed in between resumes before this round
             publish()
 
-    def _summarise(self, loss_sum: float, exchange: RoundExchange, inner_s: float, sync_s: float) -> dict:
+    def _summarise(self, loss_sum: float, exchange: RoundExchange, inner_s: float, idle_s: float, sync_s: float
+                   ) -> dict:
         """World-wide sums and extremes of one round (every rank gets them)."""
         leader = self.topo.is_leader  # leaders speak for their facility's loss and tokens
         facility_tokens = exchange.facility_tokens if leader else 0
         mean_loss = loss_sum / self.cfg.train.local_steps  # 0 where the facility sat this round out
-        with self.world_deadline("collecting round metrics"):
+        with self.world_deadline(f"round {self.round}: collecting the metrics"):
             weighted_loss, tokens, bytes_inter = control.allreduce(
                 self.topo.world, [mean_loss * facility_tokens, facility_tokens, exchange.bytes_inter])
-            # The last rank to arrive waits least: its sync time is the exchange itself; what others
-            # spend beyond it is idle time of faster facilities waiting for slower ones.
-            slowest_inner, slowest_sync, neg_fastest_sync = control.allreduce(
-                self.topo.world, [inner_s, sync_s, -sync_s], op=MPI.MAX)
+            # Every rank starts the exchange together (after `Arrival.wait`): the fastest one's sync time
+            # is the exchange itself; the longest wait there was a faster facility's for a slower one.
+            slowest_inner, longest_idle, neg_fastest_sync = control.allreduce(
+                self.topo.world, [inner_s, idle_s, -sync_s], op=MPI.MAX)
         return dict(train_loss=weighted_loss / tokens, tokens=int(tokens), inner_s=slowest_inner,
-                    sync_s=-neg_fastest_sync, idle_s=slowest_sync + neg_fastest_sync, bytes_inter=int(bytes_inter))
+                    sync_s=-neg_fastest_sync, idle_s=longest_idle, bytes_inter=int(bytes_inter))
 
     def model_flat(self) -> np.ndarray:
         """The facility's whole model as the engine holds it, flat fp32 on every rank (collective over
@@ -266,6 +274,7 @@ class Trainer:
         return hashlib.sha256(self.model_flat().tobytes()).hexdigest()
 
     def close(self) -> None:
+        self.arrival.close()
         if self.log is not None:
             self.log.close()
         stop_process_group()
