@@ -10,9 +10,13 @@ times, as the median of several repetitions (slowest rank each time):
   MPI Allreduce     one flat MPI_Allreduce of the model over all ranks
   gloo all_reduce   torch.distributed gloo all_reduce of the model over all ranks
 and reports bytes between facilities per round (fp32, and int8) against what DDP would send in H=50
-steps, and the peak extra memory one reduction allocates (tracemalloc). The last line is
-`RESULT {json}` with ratio_vs_flat (mpifed R=n / MPI Allreduce at the largest size, the worse facility
-count) and int8_bytes_ratio.
+steps, and the peak extra memory one reduction allocates (tracemalloc). Then, with one rank per
+facility and --traffic-facilities (2, 3, 4, 6), the bytes a root receives in one compressed (int8)
+exchange against its payload: the reduce-scatter and all-gather keep it about twice the payload at any
+number of facilities. The last line is `RESULT {json}` with ratio_vs_flat (mpifed R=n / MPI Allreduce at
+the largest size, the worse facility count), ratio_vs_best_flat (the same over the faster of MPI and
+gloo), int8_bytes_ratio and compressed_bytes_growth (per-root received bytes at the most facilities
+over those at 2).
 """
 from __future__ import annotations
 
@@ -73,7 +77,7 @@ def worker(sizes: list[int], facilities: int, per: int, reps: int) -> None:
 
             def one_round() -> None:
                 model[start:stop] += np.float32(1e-3)  # "training" moved the owned part
-                sent.append(fed.synchronise(owned, held, 1000, True).bytes_inter)
+                sent.append(fed.synchronise(0, owned, held, 1000, True).bytes_inter)
 
             if compress == "none":
                 row[f"mpifed_R{tag}_s"] = timed(one_round)
@@ -102,17 +106,48 @@ def worker(sizes: list[int], facilities: int, per: int, reps: int) -> None:
     topology.stop_process_group()
 
 
+def traffic_worker(millions: float) -> None:
+    """One int8 exchange, one rank per facility: the most any root received, and its payload."""
+    import numpy as np
+    from mpi4py import MPI
+
+    sys.path.insert(0, str(ROOT))
+    from mpifed import config
+    from mpifed.comm import control, topology
+    from mpifed.federation.compress import make_codec
+    from mpifed.federation.reduce import Federation
+
+    comm = MPI.COMM_WORLD
+    numel = int(millions * 1e6)
+    topo = topology.build(comm, comm.rank, [f"f{i}" for i in range(comm.size)], 1)
+    model = np.random.default_rng(comm.rank).standard_normal(numel).astype(np.float32)
+    fed = Federation(topo, config.FederationConfig(compress="int8", max_norm_ratio=0), numel, [(0, model)],
+                     [(0, model)])
+    model += np.float32(1e-3)
+    received = fed.synchronise(0, [(0, model)], [(0, model)], 1000, True).bytes_received
+    most = control.allreduce(comm, [received], MPI.MAX)[0]
+    if comm.rank == 0:
+        print("TRAFFIC " + json.dumps({"facilities": comm.size, "received": int(most),
+                                       "payload": make_codec("int8").payload_bytes(numel)}), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1,10,50", help="model sizes in millions of parameters")
     parser.add_argument("--facilities", default="2,3")
     parser.add_argument("--ranks-per-facility", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--traffic-facilities", default="2,3,4,6")
+    parser.add_argument("--traffic-millions", type=float, default=4.0, help="model size of the traffic count")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--traffic-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.worker:
         worker(sizes, int(args.facilities), args.ranks_per_facility, args.reps)
+        return
+    if args.traffic_worker:
+        traffic_worker(args.traffic_millions)
         return
     mpiexec = str(Path(sys.executable).parent / "mpiexec")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -126,6 +161,14 @@ def main() -> None:
         if out.returncode != 0:
             sys.exit(f"benchmark worker failed ({out.returncode}):\n{out.stderr[-3000:]}")
         rows += json.loads(next(line for line in out.stdout.splitlines() if line.startswith("ROWS "))[5:])
+    traffic = []
+    for facilities in [int(f) for f in args.traffic_facilities.split(",")]:
+        out = subprocess.run([mpiexec, "-n", str(facilities), sys.executable, __file__, "--traffic-worker",
+                              "--traffic-millions", str(args.traffic_millions)], env=env, capture_output=True,
+                             text=True, timeout=600)
+        if out.returncode != 0:
+            sys.exit(f"traffic worker failed ({out.returncode}):\n{out.stderr[-3000:]}")
+        traffic.append(json.loads(next(line for line in out.stdout.splitlines() if line.startswith("TRAFFIC "))[8:]))
     header = (f"{'params':>7} {'fac':>3} {'ranks':>5} {'R=1 s':>8} {'R=n s':>8} {'MPI s':>8} {'gloo s':>8} "
               f"{'R=n/MPI':>8} {'R=1/MPI':>8} {'inter MB':>9} {'DDP H=50 MB':>12} {'int8/fp32':>9} {'peak R=1':>8} {'R=n MiB':>8}")
     print(header)
@@ -134,9 +177,17 @@ def main() -> None:
               f"{r['mpi_allreduce_s']:>8.3f} {r['gloo_allreduce_s']:>8.3f} {r['ratio_Rn_vs_flat']:>8.2f} "
               f"{r['ratio_R1_vs_flat']:>8.2f} {r['bytes_inter_none'] / 1e6:>9.1f} {r['ddp_bytes_H50'] / 1e6:>12.0f} "
               f"{r['int8_bytes_ratio']:>9.3f} {r['peak_extra_mb_R1']:>8.1f} {r['peak_extra_mb_Rn']:>8.1f}")
+    print(f"int8 exchange, {args.traffic_millions:g}M parameters, one rank per facility: bytes a root receives / "
+          "its payload")
+    for t in traffic:
+        print(f"  {t['facilities']} facilities: {t['received']:>12,} B  {t['received'] / t['payload']:.3f}x "
+              f"(an all-gather of payloads: {t['facilities'] - 1}x)")
     largest = [r for r in rows if r["params_m"] == max(sizes)]
     result = {
         "ratio_vs_flat": max(r["ratio_Rn_vs_flat"] for r in largest),
+        "ratio_vs_best_flat": max(r["mpifed_Rn_s"] / min(r["mpi_allreduce_s"], r["gloo_allreduce_s"]) for r in largest),
+        "compressed_bytes_growth": round(traffic[-1]["received"] / traffic[0]["received"], 3),
+        "compressed_received_vs_payload": {t["facilities"]: round(t["received"] / t["payload"], 3) for t in traffic},
         "ratio_R1_vs_flat": max(r["ratio_R1_vs_flat"] for r in largest),
         "int8_bytes_ratio": max(r["int8_bytes_ratio"] for r in rows),
         "params_m": max(sizes),

@@ -2,13 +2,19 @@
 veth pair whose uplink `tc` shapes (rate, and delay where the kernel has netem), each facility launched
 separately (`mpifed run --facility`) and joined over MPI ports as on real sites.
 
-Reports, for the same run unshaped and shaped (and shaped with int8 compression): sync seconds per round,
-bytes between facilities per round (mpifed's count and the bytes `tc` saw leave each uplink), and compute
-utilization, the share of wall time not spent synchronising.
+For 2 and 3 facilities, the same run unshaped (blocking fp32), and shaped: blocking fp32, blocking int8,
+delayed (federation.overlap) fp32 and delayed int4. Reports per round: sync seconds (the time training
+waited for the exchange), compute utilization (the share of wall time not spent waiting), and the bytes
+between facilities as mpifed counts them (bytes_inter) against the bytes `tc` saw leave the uplinks over
+the same rounds (the counters are read when round 1's line appears and at the end: start-up, the join
+and the initial model are left out; TCP/IP headers and the control messages are in).
 
-    python benchmarks/wan.py [--rate 100mbit] [--delay 20ms] [--model llama-small] [--rounds 3]
+    python benchmarks/wan.py [--facilities 2,3] [--rate 100mbit] [--delay 20ms] [--model llama-small]
+                             [--rounds 4] [--local-steps 10]
 
-Needs root (ip netns, veth, tc); elsewhere it prints why and a RESULT line with "skipped".
+Needs root (ip netns, veth, tc); elsewhere it prints why and a RESULT line with "skipped". The RESULT
+keys: utilization_blocking, utilization_delayed and utilization_delayed_int4 (the worse facility count),
+and link_bytes_vs_counted (tc's bytes over mpifed's, the largest deviation from 1 of any case).
 """
 from __future__ import annotations
 
@@ -102,8 +108,9 @@ def permitted() -> str:
     return "" if probe.returncode == 0 else f"ip netns add failed: {probe.stderr.strip()}"
 
 
-def run_federation(wan: Wan, work: Path, sets: list[str], ranks: int, timeout: float = 600) -> list[dict]:
-    """One federated run, facility i launched in namespace i; returns the hub's metrics rows."""
+def run_federation(wan: Wan, work: Path, sets: list[str], ranks: int, timeout: float = 900) -> tuple[list[dict], int]:
+    """One federated run, facility i launched in namespace i; returns the hub's metrics rows and the
+    bytes that left the uplinks from the end of round 1 to the end of the run."""
     from mpifed import configfile
 
     names = [f"site{i}" for i in range(len(wan.names))]
@@ -124,46 +131,62 @@ def run_federation(wan: Wan, work: Path, sets: list[str], ranks: int, timeout: f
                    str(work / "c.toml"), "--facility", name]
         procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         time.sleep(0.3)
-    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
-    if any(p.returncode for p in procs):
+    metrics, after_first = work / "run" / "metrics.jsonl", None
+    ends = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs) and time.monotonic() < ends:
+        if after_first is None and metrics.exists() and metrics.read_text().count("\n") >= 1:
+            after_first = wan.sent_bytes()
+        time.sleep(0.05)
+    outputs = [p.communicate(timeout=max(1.0, ends - time.monotonic()))[0] for p in procs]
+    if any(p.returncode for p in procs) or after_first is None:
         raise RuntimeError("a facility failed:\n" + "\n".join(outputs))
-    return [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in metrics.read_text().splitlines()], wan.sent_bytes() - after_first
 
 
-def summarise(rows: list[dict], sent: int) -> dict:
+def summarise(rows: list[dict], link: int) -> dict:
     steady = rows[1:] or rows  # round 1 includes the first connections' setup
     wall = sum(r["wall_s"] for r in steady)
     sync = sum(r["sync_s"] + r["idle_s"] for r in steady)
-    return {"sync_s": round(sync / len(steady), 3), "bytes_inter_per_round": steady[0]["bytes_inter"],
-            "link_bytes_per_round": sent // len(rows), "utilization": round(1 - sync / wall, 3),
-            "wall_s_per_round": round(wall / len(steady), 3)}
+    counted = sum(r["bytes_inter"] for r in steady)
+    return {"sync_s": round(sync / len(steady), 3), "utilization": round(1 - sync / wall, 3),
+            "bytes_inter_per_round": counted // len(steady), "link_bytes_per_round": link // len(steady),
+            "link_vs_counted": round(link / counted, 3) if counted else None,
+            "wall_s_per_round": round(wall / len(steady), 3), "final_val_loss": rows[-1]["val_loss"]}
+
+
+CASES = {
+    "unshaped": (False, []),
+    "blocking": (True, []),
+    "blocking_int8": (True, ["federation.compress=int8"]),
+    "delayed": (True, ["federation.overlap=delayed"]),
+    "delayed_int4": (True, ["federation.overlap=delayed", "federation.compress=int4"]),
+}
 
 
 def measure(facilities: int, ranks: int, rate: str, delay: str, sets: list[str], say=print) -> dict:
-    cases = {"unshaped": ("", []), "shaped": (rate, []), "shaped_int8": (rate, ["federation.compress=int8"])}
     out = {}
     with Wan(facilities) as wan, tempfile.TemporaryDirectory() as tmp:
-        for label, (shape_rate, extra) in cases.items():
-            applied = wan.shape(shape_rate, delay)
-            before = wan.sent_bytes()
+        for label, (shaped, extra) in CASES.items():
+            applied = wan.shape(rate if shaped else "", delay)
             work = Path(tmp) / label
             work.mkdir()
-            rows = run_federation(wan, work, sets + extra, ranks)
-            out[label] = {**summarise(rows, wan.sent_bytes() - before), "shaping": applied}
-            say(f"{label:<12} {applied:<60} sync {out[label]['sync_s']:.3f} s/round  utilization "
-                f"{out[label]['utilization']:.1%}  bytes between facilities {out[label]['bytes_inter_per_round']:,}"
-                f"/round (link {out[label]['link_bytes_per_round']:,})")
+            rows, link = run_federation(wan, work, sets + extra, ranks)
+            out[label] = {**summarise(rows, link), "shaping": applied}
+            r = out[label]
+            say(f"{facilities} fac {label:<14} sync {r['sync_s']:6.3f} s/round  utilization {r['utilization']:6.1%}  "
+                f"bytes/round {r['bytes_inter_per_round']:>12,} counted, {r['link_bytes_per_round']:>12,} on the link "
+                f"({r['link_vs_counted']}x)  final val_loss {r['final_val_loss']:.4f}  [{applied}]", flush=True)
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--facilities", type=int, default=2)
+    parser.add_argument("--facilities", default="2,3")
     parser.add_argument("--ranks", type=int, default=1, help="ranks per facility")
     parser.add_argument("--rate", default="100mbit")
     parser.add_argument("--delay", default="20ms")
     parser.add_argument("--model", default="llama-small")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--local-steps", type=int, default=10)
     args = parser.parse_args()
     why = permitted()
@@ -173,13 +196,19 @@ def main() -> None:
         return
     sets = [f"model.preset={args.model}", f"federation.rounds={args.rounds}", f"train.local_steps={args.local_steps}",
             "train.micro_batch=4", "data.seq_len=128"]
-    out = measure(args.facilities, args.ranks, args.rate, args.delay, sets)
+    counts = [int(f) for f in args.facilities.split(",")]
+    runs = {count: measure(count, args.ranks, args.rate, args.delay, sets) for count in counts}
+    worst = lambda label: min(runs[c][label]["utilization"] for c in counts)  # noqa: E731
+    deviation = max((abs(r["link_vs_counted"] - 1), r["link_vs_counted"]) for out in runs.values()
+                    for label, r in out.items() if r["link_vs_counted"] is not None)[1]
     result = {
-        "facilities": args.facilities, "model": args.model, "rate": args.rate, "delay": args.delay,
-        "shaping": out["shaped"]["shaping"],
-        "sync_ratio_shaped_vs_unshaped": round(out["shaped"]["sync_s"] / max(out["unshaped"]["sync_s"], 1e-9), 2),
-        "sync_ratio_int8_vs_fp32_shaped": round(out["shaped_int8"]["sync_s"] / max(out["shaped"]["sync_s"], 1e-9), 2),
-        **{f"{label}_{key}": value for label, values in out.items() for key, value in values.items() if key != "shaping"},
+        "facilities": counts, "model": args.model, "rate": args.rate, "delay": args.delay,
+        "shaping": runs[counts[0]]["blocking"]["shaping"],
+        "utilization_unshaped": worst("unshaped"), "utilization_blocking": worst("blocking"),
+        "utilization_blocking_int8": worst("blocking_int8"), "utilization_delayed": worst("delayed"),
+        "utilization_delayed_int4": worst("delayed_int4"), "link_bytes_vs_counted": deviation,
+        "runs": {str(c): {label: {k: v for k, v in r.items() if k != "shaping"} for label, r in out.items()}
+                 for c, out in runs.items()},
     }
     print("RESULT " + json.dumps(result))
 

@@ -22,7 +22,8 @@ Schedule = Literal["constant", "cosine"]
 InnerState = Literal["keep", "reset"]
 Device = Literal["auto", "cpu", "cuda"]
 OuterName = Literal["fedavg", "fedavgm", "diloco", "fedadam", "fedyogi"]
-Compression = Literal["none", "bf16", "int8"]
+Compression = Literal["none", "bf16", "int8", "int4", "int2", "topk"]
+Overlap = Literal["none", "delayed"]
 EngineName = Literal["replica", "fsdp", "deepspeed"]
 ZeroStage = Literal[1, 2, 3]
 SplitKind = Literal["iid", "by-source"]
@@ -32,7 +33,7 @@ SplitKind = Literal["iid", "by-source"]
 _NOUNS: dict[Any, str] = {Preset: "preset", Attention: "implementation", Precision: "precision",
                           Schedule: "schedule", InnerState: "mode", Device: "device",
                           OuterName: "outer optimizer", Compression: "compression", EngineName: "engine",
-                          ZeroStage: "ZeRO stage"}
+                          ZeroStage: "ZeRO stage", Overlap: "overlap mode"}
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
@@ -236,7 +237,16 @@ class FederationConfig:
     roots: int = 1
     """R: roots per facility; segment r of the model is reduced across facilities by root r."""
     compress: Compression = "none"
-    """The cross-facility hop: none (fp32), bf16, or int8 (per-block scales, error feedback)."""
+    """The cross-facility hop: none (fp32), bf16, int8, int4, int2 (per-block scales), or topk (the
+    largest values of each block); every codec but none with error feedback."""
+    topk_fraction: float = 1 / 32
+    """compress = topk: the fraction of each block of 64 values that is sent (rounded up to whole values)."""
+    overlap: Overlap = "none"
+    """none: every exchange finishes before training goes on; delayed: an exchange runs in the background
+    during the next inner steps and its outer step lands one exchange late (see README, Hiding the link)."""
+    fragments: int = 1
+    """K: the model is cut into K fragments; fragment j is exchanged every local_steps steps, at offset
+    j * local_steps / K, so the bytes of one exchange drop K-fold (with overlap, one fragment in flight)."""
     bucket_mb: float = 64.0
     """Inside a facility the model is streamed to the roots in buckets of this many MiB."""
     sample: float = 1.0
@@ -278,6 +288,14 @@ class FederationConfig:
         elif self.outer_warmup and self.outer not in ("fedavgm", "diloco"):
             out.append(f"federation.outer_warmup: applies to fedavgm and diloco (federation.outer = {self.outer!r} "
                        "has no momentum to warm up); set it to 0")
+        if self.fragments < 1:
+            out.append(f"federation.fragments: must be >= 1 (got {self.fragments})")
+        if (self.overlap != "none" or self.fragments > 1) and self.sample < 1:
+            out.append(f"federation.sample: {self.sample} with federation.overlap = {self.overlap!r} and "
+                       f"federation.fragments = {self.fragments}: a facility that sits a round out would leave a "
+                       "streamed exchange without its update; use sample = 1 with overlap or fragments")
+        if not 0 < self.topk_fraction <= 1:
+            out.append(f"federation.topk_fraction: must be > 0 and <= 1 (got {self.topk_fraction})")
         if not 0 < self.sample <= 1:
             out.append(f"federation.sample: must be > 0 and <= 1 (got {self.sample})")
         if self.min_participants < 1:
@@ -464,6 +482,9 @@ class RunConfig:
         if not self.data.path and any(f.partition >= 0 for f in self.facility):
             problems.append("facility.partition: only applies with data.path (the embedded text is split into one "
                             "partition per facility, in order)")
+        if fed.fragments > self.train.local_steps:
+            problems.append(f"federation.fragments: {fed.fragments} fragments need at least as many local steps "
+                            f"(train.local_steps = {self.train.local_steps}): each is exchanged at its own step")
         if self.federation.min_facilities > len(self.facility):
             problems.append(f"federation.min_facilities: {self.federation.min_facilities} is more than the "
                             f"{len(self.facility)} facilities listed")

@@ -24,6 +24,7 @@ def _one_line_error(result, *words):
     (["--ranks-per-facility", "two"], ["--ranks-per-facility", "'two' is not a valid integer"]),
     (["--set", "train.nope=1"], ["train.nope", "valid keys"]),
     (["--set", "train.lr=-1"], ["train.lr", "positive"]),
+    (["--local-steps", "4", "--set", "federation.fragments=8"], ["federation.fragments", "train.local_steps = 4"]),
 ])
 def test_bad_options(tmp_path, args, words):
     line = _one_line_error(mpifed("simulate", "--out", str(tmp_path / "out"), *args), *words)

@@ -101,13 +101,32 @@ def test_federation_settings_are_checked_together():
         configfile.from_dict(configfile.apply_sets({}, ["federation.compress=zip", "federation.outer_momentum=1.5",
                                                 "federation.sample=0.5", "federation.min_participants=2"]))
     message = str(err.value)
-    assert "federation.compress: unknown compression 'zip'; choose one of none, bf16, int8" in message
+    assert "federation.compress: unknown compression 'zip'; choose one of none, bf16, int8, int4, int2, topk" in message
     assert "federation.outer_momentum: must be >= 0 and < 1" in message
     assert "federation.min_participants: 2 can never be met: federation.sample = 0.5 draws 1 of 2" in message
     with pytest.raises(ConfigError, match=r"federation.outer_warmup: applies to fedavgm and diloco"):
         configfile.from_dict(configfile.apply_sets({}, ["federation.outer=fedadam", "federation.outer_warmup=3"]))
     cfg = configfile.from_dict(configfile.apply_sets({}, ["federation.outer=diloco", "federation.outer_lr=0.5"]))
     assert cfg.federation.outer_lr == 0.5 and cfg.federation.outer_momentum is None  # unset: the default
+
+
+@pytest.mark.parametrize("sets, line", [
+    (["federation.fragments=5", "train.local_steps=4"],
+     "federation.fragments: 5 fragments need at least as many local steps (train.local_steps = 4)"),
+    (["federation.fragments=0"], "federation.fragments: must be >= 1 (got 0)"),
+    (["federation.topk_fraction=0"], "federation.topk_fraction: must be > 0 and <= 1 (got 0.0)"),
+    (["federation.topk_fraction=1.5"], "federation.topk_fraction: must be > 0 and <= 1 (got 1.5)"),
+    (["federation.overlap=eager"], "federation.overlap: unknown overlap mode 'eager'; choose one of none, delayed"),
+    (["federation.overlap=delayed", "federation.sample=0.5"],
+     "federation.sample: 0.5 with federation.overlap = 'delayed' and federation.fragments = 1: a facility that sits a "
+     "round out would leave a streamed exchange without its update"),
+    (["federation.fragments=2", "federation.sample=0.5"], "federation.sample: 0.5 with federation.overlap = 'none' and "
+                                                           "federation.fragments = 2"),
+])
+def test_streaming_settings_that_cannot_be_honoured_are_refused(sets, line):
+    with pytest.raises(ConfigError) as err:
+        configfile.from_dict(configfile.apply_sets({}, sets))
+    assert line in str(err.value)
 
 
 def test_engine_tables_parse_set_and_round_trip(tmp_path):

@@ -63,8 +63,9 @@ def test_acceptance_three_facilities(tmp_path):
         with h5py.File(f) as h5:
             assert set(h5["model"]) == names
             numel = sum(ds.size for ds in h5["model"].values())
-    # three facilities each hand one fp32 copy of the model to the cross-facility exchange
-    assert all(r["bytes_inter"] == 3 * numel * 4 for r in rows)
+    # three facilities each send 2/3 of an fp32 model to the others in the reduce-scatter (all but the
+    # chunk they sum themselves) and their summed chunk to the two others in the all-gather: 4 models in all
+    assert all(r["bytes_inter"] == 4 * numel * 4 for r in rows)
 
 
 @pytest.mark.slow
@@ -89,8 +90,10 @@ def _datasets(path):
 @pytest.mark.parametrize("settings", [
     ["federation.roots=1", "federation.outer=fedavgm", "train.schedule=cosine", "train.warmup_steps=3"],
     ["federation.roots=2", "federation.outer=diloco", "federation.outer_warmup=4", "federation.compress=int8",
-     "facility.f0.engine=fsdp", "facility.f1.engine=deepspeed", "train.grad_accum=2"]],
-    ids=["replica-cosine", "fsdp-zero2-int8"])
+     "facility.f0.engine=fsdp", "facility.f1.engine=deepspeed", "train.grad_accum=2"],
+    ["federation.overlap=delayed", "federation.fragments=2", "federation.compress=int4", "federation.outer=diloco",
+     "facility.f1.engine=fsdp"]],
+    ids=["replica-cosine", "fsdp-zero2-int8", "delayed-fragments-int4"])
 def test_resume_after_sigkill_is_bit_identical(tmp_path, settings):
     common = ["simulate", "--rounds", "6", "--local-steps", "4", "--set", "train.micro_batch=4",
               "--set", "data.seq_len=64", *[arg for s in settings for arg in ("--set", s)]]

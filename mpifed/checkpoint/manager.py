@@ -62,7 +62,7 @@ class Parts:
     sampler: "Sampler"
     """Its data position (epoch, offset)."""
     federation: "Federation"
-    """On roots: the global segment, the outer optimizer's state and the error-feedback residual."""
+    """On roots: the global segment, the outer optimizer's state and the exchange's error-feedback state."""
     tokens_total: int
     """Tokens trained by all facilities so far."""
 
@@ -131,13 +131,16 @@ class CheckpointManager:
                     "ranks/torch_rng": np.empty((fac.size, len(rng)), np.uint8)}
         fac.Gather(positions, gathered["ranks/data"] if leader else None, root=0)
         fac.Gather(rng, gathered["ranks/torch_rng"] if leader else None, root=0)
-        feedback = parts.federation.feedback
-        if self.cfg.federation.compress != "none":
-            counts, displs = parts.federation.segment_counts()
-            residual = np.empty(self.layout.numel, np.float32) if leader else None
-            mine = feedback.residual if feedback is not None else np.empty(0, np.float32)
-            fac.Gatherv(mine, [residual, counts, displs, MPI.FLOAT] if leader else None, root=0)
-            gathered["exchange/residual"] = residual
+        fed = parts.federation
+        if fed.local_differs:  # the local model itself (not its distance to the global one: that rounds)
+            gathered["federation/local"] = control.gather_pieces(fac, parts.engine.owned(), self.layout.numel, root=0)
+            gathered["federation/tokens"] = np.array([*fed.tokens, fed.flushed], np.int64)
+        counts, displs = fed.segment_counts()
+        for name in fed.exchange_state_names:  # each root's segment of it, assembled in layout order
+            whole = np.empty(self.layout.numel, np.float32) if leader else None
+            mine = fed.exchange_state()[name] if self.topo.root_index is not None else np.empty(0, np.float32)
+            fac.Gatherv(mine, [whole, counts, displs, MPI.FLOAT] if leader else None, root=0)
+            gathered[f"exchange/{name}"] = whole
         return {**arrays, **gathered} if leader else {}
 
     def _gather_optimizer(self, engine: "Engine") -> dict[str, np.ndarray]:
@@ -252,12 +255,29 @@ class CheckpointManager:
                     topo.roots.Bcast(mine, root=0)
                 outer[name] = mine
         arrays = checkpoint.read_facility(self.resume_dir, point.round, topo.facility_name)[0] if topo.is_leader else {}
-        residual = self._restore_facility(arrays, parts)
-        fed.restore(theta, outer, residual, engine.owned(), point.round)
+        exchange = self._restore_facility(arrays, parts)
+        if not fed.local_differs:
+            fed.restore(theta, outer, exchange, engine.owned(), point.round)
+            parts.tokens_total = point.tokens
+            return
+        # A checkpoint of a run without fragments or overlap has no local model (it equals the global one,
+        # as after a flush) and, not posting after it, no weights.
+        leader = topo.is_leader
+        kept = control.bcast_array(topo.facility, arrays.get("federation/tokens", np.array([0] * len(fed.fragments)
+                                                                                            + [1], np.int64))
+                                   if leader else None, np.int64).tolist()
+        fed.restore(theta, outer, exchange, engine.owned(), point.round, kept[:-1], bool(kept[-1]))
+        if control.bcast_int(topo.facility, int("federation/local" in arrays) if leader else None):
+            local = control.bcast_array(topo.facility, arrays.get("federation/local") if leader else None, np.float32)
+            engine.before_exchange()
+            for offset, values in engine.held():
+                values[:] = local[offset:offset + len(values)]
+            engine.after_exchange()
         parts.tokens_total = point.tokens
 
-    def _restore_facility(self, arrays: dict[str, np.ndarray], parts: Parts) -> np.ndarray | None:
-        """Hand every rank of the facility its part of the leader's `arrays`; returns this root's residual."""
+    def _restore_facility(self, arrays: dict[str, np.ndarray], parts: Parts) -> dict[str, np.ndarray]:
+        """Hand every rank of the facility its part of the leader's `arrays`; returns this root's segment of
+        the exchange's state (empty arrays off the roots)."""
         fac, leader = self.topo.facility, self.topo.is_leader
         names = control.allgather_str(fac, ",".join(k for k in arrays if k.startswith("optimizer/")) if leader else "")[0]
         state = {key.split("/", 1)[1]: control.bcast_array(fac, arrays.get(key).reshape(-1) if leader else None,
@@ -270,12 +290,14 @@ class CheckpointManager:
         rng = np.empty(len(torch.get_rng_state()), np.uint8)
         fac.Scatter(arrays.get("ranks/torch_rng") if leader else None, rng, root=0)
         torch.set_rng_state(torch.from_numpy(rng))
-        if self.cfg.federation.compress == "none":
-            return None
         counts, displs = parts.federation.segment_counts()
         root = self.topo.root_index
-        mine = np.empty(counts[root] if root is not None else 0, np.float32)
-        # A checkpoint from a run without compression has no residual: start from zero.
-        residual = arrays.get("exchange/residual", np.zeros(self.layout.numel, np.float32)) if leader else None
-        fac.Scatterv([residual, counts, displs, MPI.FLOAT] if leader else None, mine, root=0)
-        return mine if root is not None else None
+        exchange = {}
+        for name in parts.federation.exchange_state_names:
+            mine = np.empty(counts[root] if root is not None else 0, np.float32)
+            # A checkpoint without this state (a run without compression, or before the second residual
+            # existed) starts it from zero.
+            whole = arrays.get(f"exchange/{name}", np.zeros(self.layout.numel, np.float32)) if leader else None
+            fac.Scatterv([whole, counts, displs, MPI.FLOAT] if leader else None, mine, root=0)
+            exchange[name] = mine
+        return exchange

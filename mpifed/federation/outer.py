@@ -82,14 +82,25 @@ class OuterOptimizer:
         w = min(1.0, (step - 1) / self.warmup)
         return 1.0 + (self.lr - 1.0) * w, self.momentum * w
 
-    def step(self, theta: np.ndarray, delta: np.ndarray) -> None:
-        """Update `theta` in place from the averaged `delta` (may be overwritten as scratch)."""
-        self.steps += 1
-        lr, mu = (np.float32(v) for v in self.schedule(self.steps))
+    def step(self, theta: np.ndarray, delta: np.ndarray, at: slice | None = None, number: int | None = None) -> None:
+        """Update `theta` in place from the averaged `delta` (may be overwritten as scratch). With `at`,
+        theta and delta are the segment's values `at` (a fragment) and the state is sliced alike;
+        `number` is the 1-based outer step of those values (default: the next of `steps`)."""
+        if number is None:
+            self.steps += 1
+            number = self.steps
+        lr, mu = (np.float32(v) for v in self.schedule(number))
         if self.kind == "fedavg":
             theta -= lr * delta if lr != 1 else delta
-        elif self.kind in ("fedavgm", "diloco"):
-            m = self._buffer("momentum", theta)
+            return
+        # a fragment's values `at`: the state was made for the whole segment (full_state) beforehand
+        state = self.full_state(theta) if at is None else {name: self.state[name][at] for name in self.state_names}
+        self._step_with_state(theta, delta, lr, mu, state)
+
+    def _step_with_state(self, theta: np.ndarray, delta: np.ndarray, lr: np.float32, mu: np.float32,
+                         state: dict[str, np.ndarray]) -> None:
+        if self.kind in ("fedavgm", "diloco"):
+            m = state["momentum"]
             m *= mu
             m += delta
             if self.kind == "diloco":
@@ -98,7 +109,7 @@ class OuterOptimizer:
             else:
                 theta -= lr * m
         else:
-            m, v = self._buffer("m", theta), self._buffer("v", theta)
+            m, v = state["m"], state["v"]
             b2 = np.float32(self.beta2)
             m *= mu
             m += (1 - mu) * delta

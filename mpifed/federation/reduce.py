@@ -1,22 +1,36 @@
-"""The hierarchical reduction of one round: inside each facility first, across facilities by the roots,
-then back into every facility.
+"""The hierarchical reduction: inside each facility first, across facilities by the roots, then back
+into every facility; fragment by fragment, blocking or in the background.
 
-The flat model is cut into R segments, segment r belonging to root r of every facility.
-1. Gather: every rank sends the pseudo-gradient Δ = θ_global − θ_local of the ranges it owns to the root
-   of each segment they fall in, streamed in buckets; the root receives each piece in place (an MPI
-   indexed datatype), so no rank holds more than one bucket beyond its state.
-2. Guard: roots share each facility's update norm and token count; facilities with NaN/Inf or an
-   outsized update, and facilities not sampled this round, are left out; weights are renormalised.
-3. Exchange: root r of every participating facility combines its token-weighted segment: an fp32
-   all-reduce, or (bf16/int8) an all-gather of compressed payloads summed in facility order, so every
-   root gets the same bytes. Left-out roots receive the result too, to keep the outer state identical.
-4. Outer step on each root's segment; then the new segments flow back into the facility.
+The flat model is cut into R segments, segment r belonging to root r of every facility, and into K
+fragments (federation.fragments), each exchanged on its own schedule. At a fragment's sync point:
+1. Gather: every rank sends what its owned ranges of the fragment learned, Δ = anchor − local (the
+   anchor: the global model as of the fragment's last exchange), to the root of each segment they fall
+   in, streamed in buckets; the root receives each piece in place (an MPI indexed datatype), so no rank
+   holds more than one bucket beyond its state.
+2. Exchange (mpifed/federation/exchange.py): roots share update norms and token counts, the guard
+   leaves out NaN/Inf, outsized or unsampled facilities, root r of every facility combines its
+   token-weighted piece (reduce-scatter and all-gather, compressed or fp32, the same bytes on every
+   root), and applies the outer step to its segment's piece of the fragment.
+3. Distribute: the new values flow back into every rank's held ranges.
+
+With federation.overlap = delayed, step 2 runs in the background while training goes on, and lands at
+the next sync point: the fragment in flight is folded in (the local model becomes the new global
+model plus what was learned since it was posted), then the next fragment is posted. The rule, for
+one fragment (K = 1), with Δ_f^k what facility f learned in round k and θ^k the global model:
+
+    θ^(k+1) = Outer(θ^k, Σ_f w_f Δ_f^k)             (the same outer step as blocking rounds)
+    round k+1 of facility f trains from θ^k − Δ_f^k  (blocking: from θ^(k+1))
+
+so an outer step lands one round late, and the last round's is taken at the end (`flush`). Fragment j
+syncs at step offset j·H/K of every round (fragment 0 at the round's end); with overlap, the fragment
+posted at one sync point is folded in at the next, so one fragment is in flight at a time.
 """
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from mpi4py import MPI
@@ -25,20 +39,24 @@ from mpifed.comm import control
 from mpifed.comm.topology import Topology
 from mpifed.comm.watchdog import deadline
 from mpifed.config import FederationConfig
-from mpifed.federation.compress import CODECS, ErrorFeedback
+from mpifed.federation.compress import make_codec
+from mpifed.federation.exchange import Background, Combiner, FederationError, Outcome, RootExchange, Traffic
 from mpifed.federation.outer import OUTER, make_outer
 from mpifed.layout import View
 
 Range = tuple[int, int]
-
-
-class FederationError(RuntimeError):
-    """A round that cannot produce a trustworthy global model."""
+__all__ = ["Federation", "FederationError", "RoundExchange", "sampled", "segments", "sync_offsets"]
 
 
 def segments(numel: int, n: int) -> list[Range]:
     """[start, stop) of n nearly equal segments covering 0..numel."""
     return [(numel * i // n, numel * (i + 1) // n) for i in range(n)]
+
+
+def sync_offsets(local_steps: int, fragments: int) -> list[int]:
+    """The inner step of a round after which each fragment syncs: fragment 0 at the round's end,
+    fragment j at j·H/K."""
+    return [local_steps] + [j * local_steps // fragments for j in range(1, fragments)]
 
 
 def _clip(ranges: Sequence[Range], lo: int, hi: int) -> list[Range]:
@@ -66,42 +84,66 @@ def sampled(n_facilities: int, fraction: float, seed: int, round_: int) -> list[
 
 @dataclass(frozen=True)
 class RoundExchange:
-    """What one rank saw of a round's exchange."""
+    """What one rank saw of the exchanges that landed at one sync point (0 or 1; more at a flush)."""
 
     bytes_inter: int
-    """Payload bytes this rank handed to the cross-facility exchange (0 off the roots)."""
+    """Bytes this rank sent to other facilities, both phases (0 off the roots)."""
+    bytes_received: int
+    """Bytes this rank received from other facilities (0 off the roots)."""
     facility_tokens: int
-    """Tokens this rank's facility trained in the round."""
+    """Tokens this rank's facility trained since the previous sync point."""
     left_out: tuple[str, ...] = ()
     """On roots: 'NAME: reason' for each facility whose update was not used."""
 
 
 class Federation:
-    """The reduction state of one rank: θ_global over its owned ranges, and on root r the θ_global
-    segment r with its outer optimizer and error-feedback residual. Built collectively per facility."""
+    """The reduction state of one rank: the anchors (global values) of its owned ranges, what it has in
+    flight, and on root r the global segment r with its outer optimizer and the exchange's
+    error-feedback state. Built collectively per facility; `threads` encode and decode the segment."""
 
     def __init__(self, topo: Topology, cfg: FederationConfig, numel: int, owned: Sequence[View],
-                 held: Sequence[View]) -> None:
+                 held: Sequence[View], threads: int = 1) -> None:
         self.topo, self.cfg, self.numel = topo, cfg, numel
         self.segments = segments(numel, topo.n_roots)
+        self.fragments = segments(numel, cfg.fragments)
+        self.delayed = cfg.overlap == "delayed"
         self.bucket = max(1, int(cfg.bucket_mb * 2 ** 20) // 4)
         self.owned_all = _allgather_ranges(topo.facility, sorted(_ranges(owned)))
         self._check_ownership(_ranges(held))
         self.full_replicas = all(h == [(0, numel)] for h in _allgather_ranges(topo.facility, _ranges(held)))
-        self.theta_owned = [values.copy() for _, values in owned]
+        self.anchor = [values.copy() for _, values in owned]
+        """The global model on each owned view, as of each fragment's last exchange."""
+        self.posted = [np.zeros_like(values) for _, values in owned] if self.delayed else None
+        """What each owned view has in flight (overlap): its Δ as posted, zero elsewhere."""
+        self.tokens = [0] * cfg.fragments
+        """Tokens this facility trained since each fragment was last posted."""
+        self.steps = [0] * cfg.fragments
+        """Outer steps each fragment has taken."""
+        self.in_flight: tuple[int, int] | None = None
+        """(fragment, this facility's tokens) of the exchange in flight."""
+        self.flushed = False
+        """Whether `flush` ran: nothing is left to exchange (a run that resumes from here posts nothing)."""
+        self._kept: dict[str, np.ndarray] = {}
         root = topo.root_index
-        self.outer = self.feedback = None
+        self.outer = self.combiner = self.exchange = self.background = None
         if root is not None:
             start, stop = self.segments[root]
             self.outer = make_outer(cfg.outer, cfg.outer_lr, cfg.outer_momentum, cfg.outer_beta2, cfg.outer_tau,
                                     cfg.outer_warmup)
-            if CODECS[cfg.compress] is not None:
-                self.feedback = ErrorFeedback(CODECS[cfg.compress], stop - start)
+            self.combiner = Combiner(make_codec(cfg.compress, cfg.topk_fraction), stop - start, threads)
+            self.exchange = RootExchange(topo.roots.Dup() if self.delayed else topo.roots, cfg, topo.facility_names,
+                                         self.combiner, self.outer)
+            self.background = Background() if self.delayed else None
         # Root r starts from the current model's segment r.
-        self.theta = self._gather(owned, lambda i, a, b, out: np.copyto(out, owned[i][1][a:b]))
-        if root is not None and _ranges(owned) == [self.segments[root]]:
-            self.theta_owned = [self.theta]  # shard-aligned: what I own is my segment; keep one copy
+        self.theta = self._gather(owned, lambda i, a, b, out: np.copyto(out, owned[i][1][a:b]), 0, numel)
+        if root is not None:
+            self.outer.full_state(self.theta)
+            if _ranges(owned) == [self.segments[root]] and not self.delayed:
+                # shard-aligned: what I own is my segment; keep one copy (not with overlap: the anchor is
+                # read while the outer step of the exchange in flight changes the segment)
+                self.anchor = [self.theta]
 
+    # ---------------------------------------------------------------------------- layout and ownership
     def _check_ownership(self, held: list[Range]) -> None:
         pieces = sorted(r for ranges in self.owned_all for r in ranges)
         covered = pieces[0][0] == 0 and pieces[-1][1] == self.numel and all(
@@ -113,23 +155,45 @@ class Federation:
         if any(not any(h0 <= a and b <= h1 for h0, h1 in held) for a, b in mine):
             raise ValueError("every range a rank owns must lie within what it holds")
 
-    def _gather(self, owned: Sequence[View], produce: Callable[[int, int, int, np.ndarray], None]) -> np.ndarray | None:
-        """Root r receives segment r assembled from every rank's owned pieces; `produce(i, a, b, out)`
-        writes owned view i's values [a, b) (relative to the view) into `out`."""
+    def _piece(self, lo: int, hi: int) -> tuple[int, int] | None:
+        """On a root: [lo, hi) ∩ its segment, relative to the segment (None off the roots)."""
+        if self.topo.root_index is None:
+            return None
+        start, stop = self.segments[self.topo.root_index]
+        return max(lo, start) - start, max(min(hi, stop), max(lo, start)) - start
+
+    def segment_counts(self) -> tuple[list[int], list[int]]:
+        """Counts and displacements of the segments over the facility's ranks (root r holds segment r,
+        the other ranks nothing), as Allgatherv/Gatherv/Scatterv take them."""
+        idle = [0] * (self.topo.facility.size - len(self.segments))
+        return [b - a for a, b in self.segments] + idle, [a for a, _ in self.segments] + idle
+
+    # ------------------------------------------------------------------------------ inside a facility
+    def _gather(self, owned: Sequence[View], produce: Callable[[int, int, int, np.ndarray], None], lo: int,
+                hi: int, into: str = "") -> np.ndarray | None:
+        """Root r receives [lo, hi) ∩ segment r assembled from every rank's owned pieces; `produce(i, a,
+        b, out)` writes owned view i's values [a, b) (relative to the view) into `out`. `into` names a
+        segment-sized buffer kept between rounds (a fresh one each time would cost its page faults)."""
         fac, root = self.topo.facility, self.topo.root_index
-        result = np.empty(self.segments[root][1] - self.segments[root][0], np.float32) if root is not None else None
+        piece = self._piece(lo, hi)
+        result = None
+        if piece is not None:
+            if into and into not in self._kept:
+                self._kept[into] = np.empty(self.segments[root][1] - self.segments[root][0], np.float32)
+            result = self._kept[into][:piece[1] - piece[0]] if into else np.empty(piece[1] - piece[0], np.float32)
         mine = _ranges(owned)
         for r, (start, stop) in enumerate(self.segments):
-            for lo in range(start, stop, self.bucket):
-                hi = min(stop, lo + self.bucket)
+            first, last = max(start, lo), min(stop, hi)
+            for b_lo in range(first, last, self.bucket):
+                b_hi = min(last, b_lo + self.bucket)
                 if fac.rank == r:
-                    self._receive_bucket(result, start, lo, hi)
+                    self._receive_bucket(result, first, b_lo, b_hi)
                     for i, (a, b) in enumerate(mine):
-                        for x, y in _clip([(a, b)], lo, hi):
-                            produce(i, x - a, y - a, result[x - start:y - start])
+                        for x, y in _clip([(a, b)], b_lo, b_hi):
+                            produce(i, x - a, y - a, result[x - first:y - first])
                 else:  # in offset order: the order of the root's indexed datatype for this rank
                     pieces = [(i, x - a, y - a) for i, (a, b) in sorted(enumerate(mine), key=lambda v: v[1])
-                              for x, y in _clip([(a, b)], lo, hi)]
+                              for x, y in _clip([(a, b)], b_lo, b_hi)]
                     if pieces:
                         buf = np.empty(sum(y - x for _, x, y in pieces), np.float32)
                         at = 0
@@ -153,32 +217,149 @@ class Federation:
         for dtype in types:
             dtype.Free()
 
-    def synchronise(self, owned: Sequence[View], held: Sequence[View], tokens: int, participate: bool,
-                    phase: str = "exchange") -> RoundExchange:
-        """One synchronisation. `owned`/`held` are the engine's views; `tokens` what this rank trained;
-        `phase` names its waits in errors. Collective over the world; raises FederationError when too few
-        facilities are left."""
-        facility_tokens = int(control.allreduce(self.topo.facility, [tokens])[0])
-        delta = self._gather(owned, lambda i, a, b, out: np.subtract(self.theta_owned[i][a:b], owned[i][1][a:b], out=out))
-        # A NaN or Inf anywhere makes the squared norm NaN or Inf: no separate scan needed.
-        norm2 = control.allreduce(self.topo.facility, [float(np.dot(delta, delta)) if delta is not None else 0.0])[0]
-        sent, left_out = 0, ()
-        if delta is not None:
-            bad = not math.isfinite(norm2)
-            sent, left_out = self._exchange(delta, facility_tokens, 0.0 if bad else math.sqrt(norm2), bad, participate,
-                                            phase)
-        self._distribute(held)
-        for (offset, values), theta in zip(owned, self.theta_owned):
-            if theta is not self.theta:  # an aliased segment is already the new global model
-                theta[:] = values
-        # A federation of one facility moves nothing between sites, whatever its roots hand each other.
-        return RoundExchange(sent if self.topo.n_facilities > 1 else 0, facility_tokens, left_out)
+    def _distribute(self, held: Sequence[View], values: np.ndarray | None, lo: int, hi: int,
+                    whole: bool = True) -> None:
+        """Every rank's views `held` of [lo, hi) get the roots' `values` (on root r: [lo, hi) ∩ segment r).
+        `whole`: the views are the engine's held ones (with full replicas: the whole model, gathered in
+        place); else any views within them."""
+        fac, root = self.topo.facility, self.topo.root_index
+        spans = [(max(a, lo), max(min(b, hi), max(a, lo))) for a, b in self.segments]
+        if self.full_replicas and whole:
+            flat = held[0][1]
+            if root is not None:
+                a, b = spans[root]
+                flat[a:b] = values
+            idle = [0] * (fac.size - len(spans))
+            fac.Allgatherv(MPI.IN_PLACE, [flat, [b - a for a, b in spans] + idle, [a for a, _ in spans] + idle,
+                                          MPI.FLOAT])
+            return
+        for r, (first, last) in enumerate(spans):
+            for b_lo in range(first, last, self.bucket):
+                b_hi = min(last, b_lo + self.bucket)
+                buf = values[b_lo - first:b_hi - first] if root == r else np.empty(b_hi - b_lo, np.float32)
+                fac.Bcast(buf, root=r)
+                for offset, local in held:
+                    for x, y in _clip([(offset, offset + len(local))], b_lo, b_hi):
+                        local[x - offset:y - offset] = buf[x - b_lo:y - b_lo]
 
-    def segment_counts(self) -> tuple[list[int], list[int]]:
-        """Counts and displacements of the segments over the facility's ranks (root r holds segment r,
-        the other ranks nothing), as Allgatherv/Gatherv/Scatterv take them."""
-        idle = [0] * (self.topo.facility.size - len(self.segments))
-        return [b - a for a, b in self.segments] + idle, [a for a, _ in self.segments] + idle
+    def _each_owned(self, owned: Sequence[View], lo: int, hi: int) -> Iterator[tuple[int, slice]]:
+        """(owned view index, its slice) of every owned piece within [lo, hi)."""
+        for i, (offset, values) in enumerate(owned):
+            for x, y in _clip([(offset, offset + len(values))], lo, hi):
+                yield i, slice(x - offset, y - offset)
+
+    def _norm(self, delta: np.ndarray | None) -> float:
+        """The facility's update norm (NaN/Inf anywhere make it NaN/Inf: no separate scan)."""
+        return math.sqrt(abs(control.allreduce(self.topo.facility,
+                                               [float(np.dot(delta, delta)) if delta is not None else 0.0])[0]))
+
+    # ------------------------------------------------------------------------------------ sync points
+    def synchronise(self, fragment: int, owned: Sequence[View], held: Sequence[View], tokens: int,
+                    participate: bool = True, phase: str = "exchange") -> RoundExchange:
+        """Fragment `fragment`'s sync point (`tokens`: what this rank trained since the previous one).
+        Blocking: exchange the fragment now. Delayed: fold in the exchange in flight; `post` then starts
+        the next. Collective over the world; raises FederationError when too few facilities are left."""
+        facility_tokens = int(control.allreduce(self.topo.facility, [tokens])[0])
+        self.tokens = [t + facility_tokens for t in self.tokens]
+        if self.delayed:
+            outcome = self._fold(owned, held, phase) if self.in_flight is not None else Outcome(Traffic())
+        else:
+            outcome = self._exchange_now(fragment, owned, held, participate, phase)
+        return RoundExchange(outcome.traffic.sent, outcome.traffic.received, facility_tokens, outcome.left_out)
+
+    def post(self, fragment: int, owned: Sequence[View], phase: str = "exchange") -> None:
+        """Overlap: start the exchange of what the fragment learned since it was last posted; it is
+        folded in at the next sync point. Collective over the world."""
+        lo, hi = self.fragments[fragment]
+        # Δ = anchor − local: after the fold, exactly what was learned since the last post
+        delta = self._gather(owned, lambda i, a, b, out: np.subtract(self.anchor[i][a:b], owned[i][1][a:b], out=out),
+                             lo, hi, "delta")
+        for i, part in self._each_owned(owned, lo, hi):
+            np.subtract(self.anchor[i][part], owned[i][1][part], out=self.posted[i][part])
+        norm = self._norm(delta)
+        tokens, self.tokens[fragment] = self.tokens[fragment], 0
+        self.steps[fragment] += 1
+        self.in_flight = (fragment, tokens)
+        if self.topo.root_index is None:
+            return
+        piece = self._piece(lo, hi)
+        number, at = self.steps[fragment], slice(*piece)
+        self.background.start(lambda: self.exchange.run(delta, self.theta, at, number, tokens, norm,
+                                                        not math.isfinite(norm), True))
+
+    def flush(self, owned: Sequence[View], held: Sequence[View], phase: str = "exchange") -> RoundExchange:
+        """At the end of training: whatever any fragment learned since its last exchange is exchanged now,
+        so the global model holds every step and every rank's model is the global model."""
+        traffic, left_out = Traffic(), ()
+        if self.delayed and self.in_flight is not None:
+            outcome = self._fold(owned, held, phase)
+            traffic, left_out = traffic + outcome.traffic, left_out + outcome.left_out
+        pending = range(len(self.fragments)) if self.delayed else range(1, len(self.fragments))
+        for fragment in pending:
+            outcome = self._exchange_now(fragment, owned, held, True, phase)
+            traffic, left_out = traffic + outcome.traffic, left_out + outcome.left_out
+        self.flushed = True
+        return RoundExchange(traffic.sent, traffic.received, 0, left_out)
+
+    def _exchange_now(self, fragment: int, owned: Sequence[View], held: Sequence[View], participate: bool,
+                      phase: str) -> Outcome:
+        """Gather, exchange and distribute one fragment, waiting for all of it."""
+        lo, hi = self.fragments[fragment]
+        delta = self._gather(owned, lambda i, a, b, out: np.subtract(self.anchor[i][a:b], owned[i][1][a:b], out=out),
+                             lo, hi, "delta")
+        norm = self._norm(delta)
+        tokens, self.tokens[fragment] = self.tokens[fragment], 0
+        self.steps[fragment] += 1
+        outcome = Outcome(Traffic())
+        if delta is not None:
+            with deadline(self.topo.world, self.cfg.timeout_s, f"{phase}: combining the updates"):
+                outcome = self.exchange.run(delta, self.theta, slice(*self._piece(lo, hi)), self.steps[fragment],
+                                            tokens if participate else 0, norm, not math.isfinite(norm), participate)
+        piece = self._piece(lo, hi)
+        self._distribute(held, self.theta[slice(*piece)] if piece is not None else None, lo, hi)
+        for i, part in self._each_owned(owned, lo, hi):
+            if self.anchor[i] is not self.theta:  # an aliased segment is already the new global model
+                self.anchor[i][part] = owned[i][1][part]
+        return outcome
+
+    def _fold(self, owned: Sequence[View], held: Sequence[View], phase: str) -> Outcome:
+        """Overlap: wait for the exchange in flight, then make the local model the new global model minus
+        what was learned since the fragment was posted; its anchor becomes the global model."""
+        fragment, _ = self.in_flight
+        lo, hi = self.fragments[fragment]
+        learned = [None] * len(owned)  # what each owned piece learned since the post: (anchor − posted) − local
+        for i, part in self._each_owned(owned, lo, hi):
+            learned[i] = self.anchor[i][part] - self.posted[i][part] - owned[i][1][part]
+        spans = {i: part for i, part in self._each_owned(owned, lo, hi)}
+        since = self._gather(owned, lambda i, a, b, out: np.copyto(out, learned[i][a - spans[i].start:b - spans[i].start]),
+                             lo, hi, "since")
+        outcome, new, local = Outcome(Traffic()), None, None
+        if self.topo.root_index is not None:
+            with deadline(self.topo.world, self.cfg.timeout_s, f"{phase}: combining the updates"):
+                outcome = self.background.wait()
+            new = self.theta[slice(*self._piece(lo, hi))]
+            local = np.subtract(new, since)
+        # the anchors become the global values exactly (not local + learned, which rounds differently)
+        self._distribute([(offset, anchor) for (offset, _), anchor in zip(owned, self.anchor)], new, lo, hi,
+                         whole=False)
+        self._distribute(held, local, lo, hi)
+        for i, part in spans.items():
+            self.posted[i][part] = 0
+        self.in_flight = None
+        return outcome
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    @contextmanager
+    def global_model(self, held: Sequence[View]) -> Iterator[None]:
+        """The global model in the held views for the body (to score it), and the local model back after:
+        with fragments or overlap the two differ (`local_differs`). Collective over the facility."""
+        kept = [values.copy() for _, values in held]
+        self._distribute(held, self.theta, 0, self.numel)
+        try:
+            yield
+        finally:
+            for (_, values), copy in zip(held, kept):
+                values[:] = copy
 
     @property
     def outer_state_names(self) -> list[str]:
@@ -189,89 +370,46 @@ class Federation:
         """On a root: its segment of every outer state array."""
         return self.outer.full_state(self.theta)
 
-    def restore(self, theta: np.ndarray, outer: dict[str, np.ndarray], residual: np.ndarray | None,
-                owned: Sequence[View], rounds_done: int) -> None:
-        """Resume after `rounds_done` rounds: the global model is already in the engine's views; on roots
-        also `theta` (segment), `outer` state and error-feedback `residual` of the segment."""
+    @property
+    def exchange_state_names(self) -> list[str]:
+        """Names of the exchange's own state arrays (error feedback), known on every rank."""
+        return [] if make_codec(self.cfg.compress, self.cfg.topk_fraction) is None else ["residual", "sum_residual"]
+
+    def exchange_state(self) -> dict[str, np.ndarray]:
+        """On a root: its segment of every exchange state array."""
+        return self.combiner.state
+
+    @property
+    def local_differs(self) -> bool:
+        """Whether, between exchanges, the local model may differ from the global one (fragments or
+        overlap): then a checkpoint keeps each facility's local model too. Nothing may be in flight."""
+        assert self.in_flight is None, "a checkpoint comes between a sync point and its post"
+        return len(self.fragments) > 1 or self.delayed
+
+    def restore(self, theta: np.ndarray, outer: dict[str, np.ndarray], exchange: dict[str, np.ndarray],
+                owned: Sequence[View], rounds_done: int, tokens: Sequence[int] = (), flushed: bool = False) -> None:
+        """Resume after `rounds_done` rounds: the engine's views hold the global model (the local model,
+        where it differs, is put back into them afterwards), which becomes every anchor; on roots also
+        `theta` (segment), `outer` state and the `exchange` state. `tokens`: trained since each
+        fragment's last exchange; `flushed`: the checkpoint came after `flush`."""
+        self.steps = [rounds_done - (1 if self.delayed and j == 0 and not flushed else 0)
+                      for j in range(len(self.fragments))]
+        self.tokens = list(tokens) or [0] * len(self.fragments)
+        self.flushed = flushed
         if self.topo.root_index is not None:
-            self.outer.steps = rounds_done  # one outer step per round, on every root
             self.theta[:] = theta
             for name, values in outer.items():
                 self.outer.full_state(self.theta)[name][:] = values
-            if self.feedback is not None and residual is not None:
-                self.feedback.residual[:] = residual
-        for (_, values), copy in zip(owned, self.theta_owned):
-            if copy is not self.theta:
-                copy[:] = values
+            for name, values in exchange.items():
+                self.combiner.state[name][:] = values
+        for (_, values), anchor in zip(owned, self.anchor):
+            if anchor is not self.theta:
+                anchor[:] = values
+        if self.posted is not None:
+            for posted in self.posted:
+                posted[:] = 0
 
-    def _decide(self, stats: np.ndarray) -> tuple[list[bool], list[str]]:
-        """Who takes part, from every facility's [norm, bad, tokens, participate]: the same on every root."""
-        names = self.topo.facility_names
-        mask = [bool(p) and not b for _, b, _, p in stats]
-        reasons = [f"{names[f]}: its update has NaN/Inf values" for f, (_, b, _, p) in enumerate(stats) if p and b]
-        ratio = self.cfg.max_norm_ratio
-        if ratio > 0:
-            norms = [(f, s[0]) for f, s in enumerate(stats) if mask[f]]
-            for f, norm in norms:
-                others = [n for g, n in norms if g != f]
-                if others and norm > ratio * float(np.median(others)):
-                    mask[f] = False
-                    reasons.append(f"{names[f]}: update norm {norm:.3g} is more than {ratio:g}x the median "
-                                   f"{float(np.median(others)):.3g} of the others (federation.max_norm_ratio)")
-        if sum(mask) < self.cfg.min_participants:
-            raise FederationError(f"only {sum(mask)} facilities are left this round, fewer than "
-                                  f"federation.min_participants = {self.cfg.min_participants}"
-                                  + (f" ({'; '.join(reasons)})" if reasons else "") + "; the last checkpoint is kept")
-        return mask, reasons
-
-    def _exchange(self, delta: np.ndarray, tokens: int, norm: float, bad: bool, participate: bool, phase: str
-                  ) -> tuple[int, tuple[str, ...]]:
-        roots, me = self.topo.roots, self.topo.facility_index
-        stats = np.empty((roots.size, 4), np.float64)
-        with deadline(self.topo.world, self.cfg.timeout_s, f"{phase}: sharing the update norms"):
-            roots.Allgather(np.array([norm, bad, tokens if participate else 0, participate], np.float64), stats)
-        mask, reasons = self._decide(stats)
-        sent = 0
-        with deadline(self.topo.world, self.cfg.timeout_s, f"{phase}: combining the updates"):
-            group = roots if all(mask) else roots.Split(1 if mask[me] else MPI.UNDEFINED, key=me)
-            if mask[me]:
-                delta *= np.float32(tokens / sum(s[2] for s, m in zip(stats, mask) if m))
-                sent = self._combine(group, delta)
-            if not all(mask):
-                roots.Bcast(delta, root=mask.index(True))
-                if group != MPI.COMM_NULL:
-                    group.Free()
-        self.outer.step(self.theta, delta)
-        return sent, tuple(reasons)
-
-    def _combine(self, group: MPI.Intracomm, delta: np.ndarray) -> int:
-        """Sum `delta` over `group` in place; returns the payload bytes this root sent."""
-        if self.feedback is None:
-            group.Allreduce(MPI.IN_PLACE, delta, op=MPI.SUM)
-            return delta.nbytes
-        payload = self.feedback.compress(delta)
-        everyone = np.empty((group.size, len(payload)), np.uint8)
-        group.Allgather(payload, everyone)
-        delta[:] = 0
-        for row in everyone:  # facility order: the same sum, bit for bit, on every root
-            delta += self.feedback.codec.decode(row, len(delta))
-        return payload.nbytes
-
-    def _distribute(self, held: Sequence[View]) -> None:
-        fac, root = self.topo.facility, self.topo.root_index
-        if self.full_replicas:
-            flat = held[0][1]
-            if root is not None:
-                start, stop = self.segments[root]
-                flat[start:stop] = self.theta
-            counts, displs = self.segment_counts()
-            fac.Allgatherv(MPI.IN_PLACE, [flat, counts, displs, MPI.FLOAT])
-            return
-        for r, (start, stop) in enumerate(self.segments):
-            for lo in range(start, stop, self.bucket):
-                hi = min(stop, lo + self.bucket)
-                buf = self.theta[lo - start:hi - start] if root == r else np.empty(hi - lo, np.float32)
-                fac.Bcast(buf, root=r)
-                for offset, values in held:
-                    for x, y in _clip([(offset, offset + len(values))], lo, hi):
-                        values[x - offset:y - offset] = buf[x - lo:y - lo]
+    def close(self) -> None:
+        if self.background is not None:
+            self.background.close()
+            self.exchange.comm.Free()

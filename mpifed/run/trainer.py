@@ -23,7 +23,7 @@ from mpifed.config import FacilityConfig, RunConfig
 from mpifed.configfile import to_dict
 from mpifed.data.corpus import Sampler, open_corpus
 from mpifed.engines import EngineSettings, make_engine
-from mpifed.federation.reduce import Federation, FederationError, RoundExchange, sampled
+from mpifed.federation.reduce import Federation, FederationError, RoundExchange, sampled, sync_offsets
 from mpifed.layout import FlatLayout
 from mpifed.model import ModelError, base_digest, model_for
 from mpifed.run.metrics import MetricsLog, RoundMetrics, inner_steps, live_view_wanted
@@ -56,8 +56,8 @@ class Trainer:
         """Build everything for one rank; `resume` is "", "auto" or a checkpoint file or folder."""
         self.cfg, self.topo = cfg, topo
         self.round = 0  # the round being trained, for the names of its waits
-        threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // local_ranks_on_node(topo.world))
-        torch.set_num_threads(threads)
+        self.threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // local_ranks_on_node(topo.world))
+        torch.set_num_threads(self.threads)
         facility = cfg.facility[topo.facility_index]
         gpu = uses_gpu(cfg.train.device)
         if facility.engine == "deepspeed" and not gpu:
@@ -75,7 +75,8 @@ class Trainer:
                                   weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
                                   grad_accum=cfg.train.grad_accum, fsdp=facility.fsdp, deepspeed=facility.deepspeed)
         self.engine = make_engine(facility.engine, model, settings, cfg.train.micro_batch)
-        self.federation = Federation(topo, cfg.federation, self.layout.numel, self.engine.owned(), self.engine.held())
+        self.federation = Federation(topo, cfg.federation, self.layout.numel, self.engine.owned(), self.engine.held(),
+                                     self.threads)
         self.arrival = Arrival(topo)
         self.checkpoints = CheckpointManager(cfg, topo, self.layout, model.config.to_json_string(), digest)
         self.parts = Parts(self.engine, self.sampler, self.federation, tokens_total=0)
@@ -100,6 +101,8 @@ class Trainer:
         point = self.checkpoints.choose(target, self.parts)
         if point is not None:
             self.checkpoints.restore(point, self.parts)
+            if not self.federation.flushed:  # as the checkpointed run did next
+                self._post(0, f"resume: posting round {point.round}'s exchange")
         elif self.topo.is_global_root:
             print(f"mpifed: --resume {target}: no checkpoint found; starting from round 1", flush=True)
         return point
@@ -165,19 +168,44 @@ class Trainer:
             print(f"mpifed: done; checkpoints in {self.cfg.checkpoint.dir}, metrics in {self.cfg.metrics_path}",
                   flush=True)
 
-    def _inner(self, round_: int) -> tuple[float, int]:
-        """H local steps; (sum of facility-mean step losses, tokens this rank trained)."""
+    def _inner(self, round_: int, sync_after: dict[int, int]) -> tuple[float, int, float]:
+        """H local steps; (sum of facility-mean step losses, tokens this rank trained since the last
+        sync point, seconds spent in the mid-round sync points). After step s, fragment
+        `sync_after[s]` syncs (federation.fragments > 1)."""
         train = self.cfg.train
         if train.inner_state == "reset":
             self.engine.reset_optimizer()
-        loss_sum, tokens = 0.0, 0
+        loss_sum, tokens, sync_s = 0.0, 0, 0.0
         total = self.cfg.federation.rounds * train.local_steps
         for k in inner_steps(train.local_steps, round_, self.cfg.federation.rounds, self.live_view):
             batches = [_tensors(self.sampler.next_batch()) for _ in range(train.grad_accum)]
             lr = inner_lr(train, (round_ - 1) * train.local_steps + k, total, self.topo.facility.size)
             loss_sum += self.engine.train_step(batches, lr)
             tokens += sum(ids.numel() for ids, _ in batches)
-        return loss_sum, tokens
+            if k + 1 in sync_after:
+                start = time.perf_counter()
+                exchange = self._sync(sync_after[k + 1], tokens, True, f"round {round_}: fragment {sync_after[k + 1]}")
+                self.round_exchanges.append(exchange)
+                self._post(sync_after[k + 1], f"round {round_}: fragment {sync_after[k + 1]}")
+                sync_s += time.perf_counter() - start
+                tokens = 0
+        return loss_sum, tokens, sync_s
+
+    def _sync(self, fragment: int, tokens: int, participate: bool, phase: str) -> RoundExchange:
+        """A sync point of `fragment` (the engine's views made current before, loaded after)."""
+        self.engine.before_exchange()
+        try:
+            exchange = self.federation.synchronise(fragment, self.engine.owned(), self.engine.held(), tokens,
+                                                   participate, phase)
+        except FederationError as exc:
+            raise FederationError(f"{phase.split(':')[0]}: {exc}") from None
+        self.engine.after_exchange()
+        return exchange
+
+    def _post(self, fragment: int, phase: str) -> None:
+        """federation.overlap = delayed: start the fragment's exchange in the background."""
+        if self.federation.delayed:
+            self.federation.post(fragment, self.engine.owned(), phase)
 
     def _score(self, rows: slice) -> tuple[float, int]:
         """(Sum of the mean losses of validation `rows` in batches of 8, each weighted by its size; rows
@@ -196,6 +224,18 @@ class Trainer:
             total, count = control.allreduce(self.topo.world, [total if leader else 0.0, rows if leader else 0])
         return float(total / count)
 
+    def _validate_global(self) -> float:
+        """`_validate` of the global model (with fragments or overlap the local one differs from it)."""
+        if not self.federation.local_differs:
+            return self._validate()
+        self.engine.before_exchange()
+        with self.federation.global_model(self.engine.held()):
+            self.engine.after_exchange()
+            loss = self._validate()
+            self.engine.before_exchange()  # an engine may keep what the forward gathered: drop it first
+        self.engine.after_exchange()
+        return loss
+
     def _validate_facilities(self) -> dict[str, float]:
         """Every facility's local model (before the exchange) on the whole validation set."""
         total, rows = self._score(slice(None))
@@ -208,37 +248,43 @@ class Trainer:
         return dict(zip(self.topo.facility_names, map(float, losses)))
 
     def train_round(self, round_: int) -> None:
-        """H inner steps, the exchange, validation, checkpoint, metrics."""
+        """H inner steps (with the mid-round fragments' sync points), the exchange, validation,
+        checkpoint, metrics."""
         fed = self.cfg.federation
         self.round = round_
         watchdog.set_phase(f"round {round_}: inner steps")
         trained = sampled(self.topo.n_facilities, fed.sample, self.cfg.train.seed, round_)
         participate = trained[self.topo.facility_index]
         evaluate = round_ % self.cfg.eval.every == 0 or round_ == fed.rounds
+        last = round_ == fed.rounds
         start = time.perf_counter()
-        loss_sum, tokens = self._inner(round_) if participate else (0.0, 0)
-        inner_s = time.perf_counter() - start
+        self.round_exchanges: list[RoundExchange] = []
+        offsets = sync_offsets(self.cfg.train.local_steps, fed.fragments)
+        loss_sum, tokens, mid_sync_s = self._inner(round_, {step: j for j, step in enumerate(offsets) if j}) \
+            if participate else (0.0, 0, 0.0)
+        inner_s = time.perf_counter() - start - mid_sync_s
         idle_s = self.arrival.wait(trained, fed.timeout_s, f"round {round_}: waiting for the other facilities")
         local_losses = self._validate_facilities() if evaluate and self.cfg.eval.facilities else {}
         exchange_start = time.perf_counter()
-        self.engine.before_exchange()
-        try:
-            exchange = self.federation.synchronise(self.engine.owned(), self.engine.held(), tokens, participate,
-                                                   phase=f"round {round_}: exchange")
-        except FederationError as exc:
-            raise FederationError(f"round {round_}: {exc}") from None
-        self.engine.after_exchange()
+        self.round_exchanges.append(self._sync(0, tokens, participate, f"round {round_}: exchange"))
+        if last:  # what every fragment learned since its last exchange: into the final global model
+            self.engine.before_exchange()
+            self.round_exchanges.append(self.federation.flush(self.engine.owned(), self.engine.held(),
+                                                              f"round {round_}: exchange"))
+            self.engine.after_exchange()
         if self.topo.is_global_root:
-            for reason in exchange.left_out:
+            for reason in (r for e in self.round_exchanges for r in e.left_out):
                 print(f"mpifed: warning: round {round_}: left out {reason}", flush=True)
-        summary = self._summarise(loss_sum, exchange, inner_s, idle_s, time.perf_counter() - exchange_start)
-        val_loss = self._validate() if evaluate else None
+        summary = self._summarise(loss_sum, inner_s, idle_s, time.perf_counter() - exchange_start + mid_sync_s)
+        val_loss = self._validate_global() if evaluate else None
         self.parts.tokens_total += summary["tokens"]
         ckpt_s, publish = 0.0, None
-        if round_ % self.cfg.checkpoint.every == 0 or round_ == self.cfg.federation.rounds:
+        if round_ % self.cfg.checkpoint.every == 0 or last:
             t0 = time.perf_counter()
             publish = self.checkpoints.save(round_, self.parts)
             ckpt_s = time.perf_counter() - t0
+        if not last:
+            self._post(0, f"round {round_}: exchange")
         if self.log is not None:
             metrics = RoundMetrics(round=round_, val_loss=val_loss, tokens_total=self.parts.tokens_total, ckpt_s=ckpt_s,
                                    wall_s=time.perf_counter() - start, facility_val_loss=local_losses, **summary)
@@ -247,15 +293,15 @@ class Trainer:
         if publish is not None:  # after the metrics line: a run killed in between resumes before this round
             publish()
 
-    def _summarise(self, loss_sum: float, exchange: RoundExchange, inner_s: float, idle_s: float, sync_s: float
-                   ) -> dict:
-        """World-wide sums and extremes of one round (every rank gets them)."""
+    def _summarise(self, loss_sum: float, inner_s: float, idle_s: float, sync_s: float) -> dict:
+        """World-wide sums and extremes of one round's exchanges (`round_exchanges`); every rank gets them."""
         leader = self.topo.is_leader  # leaders speak for their facility's loss and tokens
-        facility_tokens = exchange.facility_tokens if leader else 0
+        facility_tokens = sum(e.facility_tokens for e in self.round_exchanges) if leader else 0
+        sent = sum(e.bytes_inter for e in self.round_exchanges)
         mean_loss = loss_sum / self.cfg.train.local_steps  # 0 where the facility sat this round out
         with self.world_deadline(f"round {self.round}: collecting the metrics"):
             weighted_loss, tokens, bytes_inter = control.allreduce(
-                self.topo.world, [mean_loss * facility_tokens, facility_tokens, exchange.bytes_inter])
+                self.topo.world, [mean_loss * facility_tokens, facility_tokens, sent])
             # Every rank starts the exchange together (after `Arrival.wait`): the fastest one's sync time
             # is the exchange itself; the longest wait there was a faster facility's for a slower one.
             slowest_inner, longest_idle, neg_fastest_sync = control.allreduce(
@@ -274,6 +320,7 @@ class Trainer:
         return hashlib.sha256(self.model_flat().tobytes()).hexdigest()
 
     def close(self) -> None:
+        self.federation.close()
         self.arrival.close()
         if self.log is not None:
             self.log.close()

@@ -1,11 +1,20 @@
 """Under mpiexec: ROUNDS federated rounds on known values, written out for an independent numpy check.
 
-In round t, facility f's model is θ_global − Δ(f, t) with Δ(f, t) = 0.01·normal(seed=[f, t]); rank r of
-facility f trained (10(f+1) + r)(t+1) tokens; θ_global starts as normal(seed=7). Ownership is `replica`
-(each rank owns a contiguous 1/n of the model and holds all of it) or `sharded` (rank r owns and holds
-every n-th chunk of 37 values). `poison=F:nan|F:big` makes facility F's update NaN or 1000x larger in
-every round. Facilities not sampled in a round (federation.sample) leave their model untouched.
-Each rank writes OUT/rank-N.npy (its held values, NaN elsewhere) and OUT/rank-N.json.
+θ_global starts as normal(seed=7). Training is simulated, in one of two ways (`train=`):
+  shift  (default) once per round, facility f's model moves by -Δ(f, t), Δ(f, t) = 0.01·normal(seed=[f, t]);
+         rank r of facility f trained (10(f+1) + r)(t+1) tokens in round t;
+  pull   every one of `steps=H` inner steps moves the model 2(f+1)% of the way to facility f's own
+         target c_f = normal(seed=[f, 99]); rank r trains 10(f+1) + r tokens per step. Facilities pulling
+         at different rates make where each round starts from matter, which is what tests overlap
+         (federation.overlap) and fragments.
+Fragment j (federation.fragments) syncs after inner step j·H/K, fragment 0 at the round's end; with
+overlap each sync point is followed by a post, and after the last round by a flush.
+Ownership is `replica` (each rank owns a contiguous 1/n of the model and holds all of it) or `sharded`
+(rank r owns and holds every n-th chunk of 37 values). `poison=F:nan|F:big` makes facility F's update
+NaN or 1000x larger in every round. Facilities not sampled in a round (federation.sample) leave their
+model untouched. Each rank writes OUT/rank-N.npy (its held values, NaN elsewhere), OUT/rank-N.json and,
+on roots with compression, OUT/rank-N-exchange.npy (the sum of its error-feedback residuals, zero
+outside its segment).
 
     mpiexec -n 6 python tests/mpi/reduce_worker.py 1,2,3 OUT replica ROUNDS NUMEL [federation.key=value ...]
 """
@@ -19,12 +28,13 @@ from mpi4py import MPI
 from mpifed import configfile
 from mpifed.comm import control, topology
 from mpifed.comm.watchdog import abort_on_error
-from mpifed.federation.reduce import Federation, sampled
+from mpifed.federation.reduce import Federation, sampled, sync_offsets
 
 sizes = [int(s) for s in sys.argv[1].split(",")]
 out, mode, rounds, numel = Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 settings = dict(arg.split("=", 1) for arg in sys.argv[6:])
 poison = settings.pop("poison", None)
+training, steps = settings.pop("train", "shift"), int(settings.pop("steps", "1"))
 fed = configfile.from_dict(configfile.apply_sets({"facility": [{"name": f"fac{i}", "ranks": s} for i, s in enumerate(sizes)]},
                                          [f"federation.{k}={v}" for k, v in settings.items()])).federation
 comm = MPI.COMM_WORLD
@@ -42,23 +52,51 @@ with abort_on_error(comm):
         owned = [(a, model[a:min(a + 37, numel)]) for a in range(37 * r, numel, 37 * n)][::-1]
         held = owned
     federation = Federation(topo, fed, numel, owned, held)
-    report = {"facility": f, "bytes_inter": [], "left_out": [], "facility_tokens": []}
+    target = np.random.default_rng([f, 99]).standard_normal(numel).astype(np.float32)
+    sync_after = {step: j for j, step in enumerate(sync_offsets(steps, fed.fragments))}
+    report = {"facility": f, "bytes_inter": [], "bytes_received": [], "left_out": [], "facility_tokens": []}
+
+    def note(exchange, new_round):
+        if new_round:
+            for key in ("bytes_inter", "bytes_received", "left_out", "facility_tokens"):
+                report[key].append([] if key == "left_out" else 0)
+        report["bytes_inter"][-1] += exchange.bytes_inter
+        report["bytes_received"][-1] += exchange.bytes_received
+        report["left_out"][-1] += list(exchange.left_out)
+        report["facility_tokens"][-1] += exchange.facility_tokens
+
     for t in range(rounds):
         train = sampled(len(sizes), fed.sample, 0, t + 1)[f]
-        delta = 0.01 * np.random.default_rng([f, t]).standard_normal(numel).astype(np.float32)
-        if poison and int(poison.split(":")[0]) == f:
-            delta = delta * np.float32(np.nan if poison.endswith("nan") else 1000)
-        for offset, values in held:
-            if train:
-                values -= delta[offset:offset + len(values)]
-        tokens = (10 * (f + 1) + r) * (t + 1) if train else 0
-        exchange = federation.synchronise(owned, held, tokens, train)
-        report["bytes_inter"].append(exchange.bytes_inter)
-        report["left_out"].append(list(exchange.left_out))
-        report["facility_tokens"].append(exchange.facility_tokens)
+        tokens, first = 0, True
+        for step in range(1, steps + 1):
+            if training == "shift":
+                delta = 0.01 * np.random.default_rng([f, t]).standard_normal(numel).astype(np.float32)
+                if poison and int(poison.split(":")[0]) == f:
+                    delta = delta * np.float32(np.nan if poison.endswith("nan") else 1000)
+                tokens += (10 * (f + 1) + r) * (t + 1) if train else 0
+            else:
+                tokens += 10 * (f + 1) + r
+            for offset, values in held:
+                if training == "shift" and train:
+                    values -= delta[offset:offset + len(values)]
+                elif training == "pull":
+                    values -= np.float32(0.02 * (f + 1)) * (values - target[offset:offset + len(values)])
+            if step in sync_after:
+                note(federation.synchronise(sync_after[step], owned, held, tokens, train), first)
+                first, tokens = False, 0
+                if step == steps and t == rounds - 1:
+                    note(federation.flush(owned, held), False)
+                elif federation.delayed:
+                    federation.post(sync_after[step], owned)
     mine = np.full(numel, np.nan, np.float32)
     for offset, values in held:
         mine[offset:offset + len(values)] = values
     np.save(out / f"rank-{comm.rank}.npy", mine)
+    if topo.root_index is not None and federation.exchange_state_names:
+        kept = np.zeros(numel, np.float32)
+        start, stop = federation.segments[topo.root_index]
+        kept[start:stop] = sum(federation.exchange_state().values())
+        np.save(out / f"rank-{comm.rank}-exchange.npy", kept)
     (out / f"rank-{comm.rank}.json").write_text(json.dumps(report))
+    federation.close()
     topo.close()
