@@ -19,7 +19,8 @@ PACKAGE = ROOT / "mpifed"
 LAYERS = [
     {"mpifed.config", "mpifed.configfile", "mpifed.layout"},
     {"mpifed.comm", "mpifed.model", "mpifed.deploy"},
-    {"mpifed.engines", "mpifed.federation", "mpifed.data", "mpifed.checkpoint", "mpifed.preflight", "mpifed.report"},
+    {"mpifed.engines", "mpifed.federation", "mpifed.data", "mpifed.checkpoint", "mpifed.preflight", "mpifed.report",
+     "mpifed.plan"},
     {"mpifed.run"},
     {"mpifed.cli", "mpifed.__main__"},
 ]

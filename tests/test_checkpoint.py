@@ -116,6 +116,33 @@ def test_damaged_or_missing_segment_file(tmp_path, tiny):
         checkpoint.verify(path)
 
 
+def test_a_streamed_part_reads_back_and_one_missing_ranges_is_named(tmp_path):
+    numel, bucket = 10_000, 3_000
+    exp_avg = np.random.default_rng(1).standard_normal(numel).astype(np.float32)
+    small = {"ranks/data": np.array([[0, 5], [1, 7]], np.int64)}
+    writer = checkpoint.PartWriter(tmp_path, 2, "f0", {"ranks": 2}, small, {"optimizer/exp_avg": numel})
+    with pytest.raises(ValueError, match="pieces come in order"):
+        writer.write("optimizer/exp_avg", bucket, exp_avg[bucket:2 * bucket])
+    for lo in range(0, numel, bucket):  # in buckets, as a facility's leader receives them
+        writer.write("optimizer/exp_avg", lo, exp_avg[lo:lo + bucket])
+    path = writer.close().commit()
+    checkpoint.check_part(path, checkpoint.part_digest(path), numel=numel)
+    arrays, flat = checkpoint.read_part(path)
+    assert flat == ["optimizer/exp_avg"] and arrays["ranks/data"].tolist() == [[0, 5], [1, 7]]
+    with h5py.File(path) as h5:  # an independent reader sees the same values
+        np.testing.assert_array_equal(h5["optimizer/exp_avg"][()], exp_avg)
+    np.testing.assert_array_equal(checkpoint.read_range(path, "optimizer/exp_avg", 2500, 7100), exp_avg[2500:7100])
+    # a part whose flat array covers less than the model (its hash made to match): named, not misread
+    with h5py.File(path, "r+") as h5:
+        del h5["optimizer/exp_avg"]
+        h5["optimizer/exp_avg"] = exp_avg[:6000]
+        h5["optimizer/exp_avg"].attrs[checkpoint.HASH] = checkpoint._digest(exp_avg[:6000])
+    checkpoint.check_part(path)
+    with pytest.raises(CheckpointError, match=r"f0.h5: /optimizer/exp_avg: 6,000 values of the model's 10,000 "
+                                              r"\(the part is missing ranges"):
+        checkpoint.check_part(path, numel=numel)
+
+
 def test_killed_writer_never_publishes_a_broken_file(tmp_path):
     layout_numel = 40_000_000  # ~1 s to write, verify and publish both arrays on this machine
     outcomes = []

@@ -42,6 +42,7 @@ FORMAT_VERSION = 2
 LATEST = "latest"
 HASH = "xxh3_128"
 _MAIN = re.compile(r"^round_(\d{5,})\.h5$")
+_READ = 1 << 24  # values of a flat array read at a time when verifying it
 
 PartsCheck = Literal["all", "here", "none"]
 """Which facility parts `verify` checks: all (each must be in the folder), here (those in the folder;
@@ -50,6 +51,12 @@ the others are kept at their own sites), none (each facility checks its own, as 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or damaged; the message names the file and dataset."""
+
+
+class CheckpointRefused(CheckpointError):
+    """The checkpoint a user named cannot be resumed from (bad input: the job exits 2)."""
+
+    exit_code = 2
 
 
 def main_name(round_: int) -> str:
@@ -167,15 +174,85 @@ def write_segment(directory: Path, round_: int, r: int, start: int, model: np.nd
     return _write_file(Path(directory) / segment_name(round_, r), fill).commit()
 
 
-def write_facility(directory: Path, round_: int, name: str, arrays: dict[str, np.ndarray],
-                   attrs: dict[str, Any], fletcher32: bool = False) -> Path:
-    """One facility's resume state: named arrays (groups with '/') and attributes."""
-    def fill(h5: h5py.File, stored: list) -> None:
-        h5.attrs.update(format_version=FORMAT_VERSION, round=round_, facility=name, **attrs)
-        for key, values in arrays.items():
-            _store(h5.require_group(os.path.dirname(key) or "/"), os.path.basename(key), values, fletcher32, stored)
+class PartWriter:
+    """A facility part whose flat arrays (length-n fp32) arrive in pieces, each from its first value to
+    its last, so that no writer holds more than a piece at a time; small arrays come whole. The datasets
+    are laid out first (contiguous, allocated, never filled, as `_store` does), every piece goes to its
+    place with pwrite while its array's hash advances, and `close` adds the hashes. With fletcher32 the
+    flat arrays are chunked and HDF5 writes (and checksums) each piece itself."""
 
-    return _write_file(Path(directory) / facility_name(round_, name), fill).commit()
+    def __init__(self, directory: Path, round_: int, name: str, attrs: dict[str, Any],
+                 small: dict[str, np.ndarray], flat: dict[str, int], fletcher32: bool = False) -> None:
+        self.out = _Atomic(Path(directory) / facility_name(round_, name))
+        self.fletcher32, self.sizes = fletcher32, dict(flat)
+        self.hashes = {key: xxhash.xxh3_128() for key in flat}
+        self.next = dict.fromkeys(flat, 0)
+        self.offsets: dict[str, int] = {}
+        stored: list = []
+        with h5py.File(self.out.tmp, "w") as h5:
+            h5.attrs.update(format_version=FORMAT_VERSION, round=round_, facility=name, **attrs)
+            for key, values in small.items():
+                _store(self._group(h5, key), os.path.basename(key), values, fletcher32, stored)
+            for key, n in flat.items():
+                group = self._group(h5, key)
+                if fletcher32 and n:
+                    group.create_dataset(os.path.basename(key), shape=(n,), dtype=np.float32, chunks=True,
+                                         fletcher32=True)
+                else:
+                    self.offsets[key] = self._contiguous(group, os.path.basename(key), n)
+        _pwrite_all(self.out.tmp, [entry for entry in stored if entry[2] is not None])
+        self.small = [(name_, _digest(values)) for name_, values, _ in stored]
+        self._fd = os.open(self.out.tmp, os.O_WRONLY)
+        self._h5 = h5py.File(self.out.tmp, "r+") if fletcher32 else None
+
+    @staticmethod
+    def _group(h5: h5py.File, key: str) -> h5py.Group:
+        return h5.require_group(os.path.dirname(key) or "/")
+
+    @staticmethod
+    def _contiguous(group: h5py.Group, name: str, n: int) -> int:
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+        dsid = h5py.h5d.create(group.id, name.encode(), h5py.h5t.py_create(np.dtype(np.float32)),
+                               h5py.h5s.create_simple((n,)), dcpl=dcpl)
+        return dsid.get_offset() if n else -1
+
+    def write(self, key: str, start: int, values: np.ndarray) -> None:
+        """The piece [start, start + len(values)) of flat array `key`: the next one, in order."""
+        if start != self.next[key]:
+            raise ValueError(f"{key}: piece at {start}, expected {self.next[key]} (pieces come in order)")
+        values = np.ascontiguousarray(values, np.float32)
+        self.hashes[key].update(memoryview(values).cast("B"))
+        if self._h5 is not None:
+            self._h5[key][start:start + len(values)] = values
+        else:
+            data, at = memoryview(values).cast("B"), self.offsets[key] + 4 * start
+            while data:
+                written = os.pwrite(self._fd, data, at)
+                data, at = data[written:], at + written
+        self.next[key] = start + len(values)
+
+    def close(self) -> "_Atomic":
+        """Every flat array complete: add the hashes; the file is left under its temporary name."""
+        short = [key for key in self.sizes if self.next[key] != self.sizes[key]]
+        if short:
+            raise ValueError(f"{self.out.final}: {', '.join(short)} not written to the end")
+        os.close(self._fd)
+        h5 = self._h5 or h5py.File(self.out.tmp, "r+")
+        with h5:
+            for name, digest in self.small:
+                h5[name].attrs[HASH] = digest
+            for key, hasher in self.hashes.items():
+                h5[key].attrs[HASH] = hasher.hexdigest()
+        return self.out
+
+
+def read_range(path: Path, key: str, lo: int, hi: int) -> np.ndarray:
+    """Values [lo, hi) of the flat array `key` of a part file."""
+    with _open(path) as h5:
+        return h5[key][lo:hi]
 
 
 def _boxes(shape: tuple[int, ...], a: int, b: int) -> Iterator[tuple[tuple, int, int]]:
@@ -274,13 +351,16 @@ def _check_arrays(path: Path, h5: h5py.File) -> int:
             continue
         if HASH not in obj.attrs:
             raise CheckpointError(f"{path}: /{name}: no {HASH} attribute")
-        try:
-            values = obj[()]
+        hasher = xxhash.xxh3_128()
+        try:  # a flat array in pieces: verifying holds no more of it than one
+            for at in range(0, obj.shape[0], _READ) if obj.ndim == 1 else [None]:
+                values = np.ascontiguousarray(obj[()] if at is None else obj[at:at + _READ])
+                hasher.update(values.view(np.uint8))
+                checked += values.nbytes
         except OSError as exc:  # fletcher32 or a truncated file
             raise CheckpointError(f"{path}: /{name}: cannot be read: {exc}") from None
-        if _digest(values) != obj.attrs[HASH]:
+        if hasher.hexdigest() != obj.attrs[HASH]:
             raise CheckpointError(f"{path}: /{name}: checksum mismatch (the data changed after it was written)")
-        checked += values.nbytes
     return checked
 
 
@@ -371,14 +451,20 @@ def verify(path: str | Path, parts_dir: Path | None = None, check_data: bool = T
         if facilities == "none" or (facilities == "here" and not (where / name).exists()):
             elsewhere.append(facility)
             continue
-        checked += check_part(where / name, summary.part_digests.get(facility, ""), check_data)
+        checked += check_part(where / name, summary.part_digests.get(facility, ""), check_data, layout.numel)
     return VerifiedCheckpoint(**{**summary.__dict__, "bytes": checked, "elsewhere": tuple(elsewhere)})
 
 
-def check_part(path: Path, digest: str = "", check_data: bool = True) -> int:
-    """Check one facility part: every array against its hash (unless check_data is False) and the whole
-    against the `digest` its main file recorded ("": not recorded). Returns the bytes reread."""
+def check_part(path: Path, digest: str = "", check_data: bool = True, numel: int = 0) -> int:
+    """Check one facility part: every array against its hash (unless check_data is False), the whole
+    against the `digest` its main file recorded ("": not recorded) and, given the model's `numel`, that
+    every flat array covers all of it. Returns the bytes reread."""
     with _open(path) as part:
+        if numel:
+            for key in read_part_names(part):
+                if part[key].shape[0] != numel:
+                    raise CheckpointError(f"{path}: /{key}: {part[key].shape[0]:,} values of the model's {numel:,} "
+                                          "(the part is missing ranges: written by another run or damaged)")
         checked = _check_arrays(path, part) if check_data else 0
     if digest and part_digest(path) != digest:
         raise CheckpointError(f"{path}: not the part this checkpoint recorded (content digest differs: a part of "
@@ -432,18 +518,38 @@ def read_flat(path: Path, layout: FlatLayout, group: str, start: int = 0, stop: 
             a, b = max(start, slot.offset), min(stop, slot.offset + slot.numel)
             if a == slot.offset and b == slot.offset + slot.numel and slot.numel:  # whole: no extra copy
                 h5[group][slot.name].read_direct(out[a - start:b - start].reshape(slot.shape))
-            elif a < b:
-                out[a - start:b - start] = h5[group][slot.name][()].reshape(-1)[a - slot.offset:b - slot.offset]
+            elif a < b:  # part of a parameter: read only its boxes, not the whole of it
+                dataset = h5[group][slot.name]
+                for index, flat, count in _boxes(slot.shape, a - slot.offset, b - slot.offset):
+                    at = slot.offset + flat - start
+                    out[at:at + count] = dataset[index].reshape(-1)
     return out
 
 
-def read_facility(directory: str | Path, round_: int, name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """(arrays by path, attributes) of facility `name`'s resume state for round `round_`, from the part
-    file in `directory` (its own site's folder; `check_part` verified it)."""
-    arrays: dict[str, np.ndarray] = {}
-    with _open(Path(directory) / facility_name(round_, name)) as h5:
-        h5.visititems(lambda key, obj: arrays.__setitem__(key, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-        return arrays, dict(h5.attrs)
+def _is_flat(key: str, obj: Any) -> bool:
+    """A part's flat arrays (full-layout fp32 vectors) are its 1-D fp32 datasets but the step count."""
+    return isinstance(obj, h5py.Dataset) and obj.ndim == 1 and obj.dtype == np.float32 and key != "optimizer/step"
+
+
+def read_part_names(h5: h5py.File) -> list[str]:
+    """The names of an open part's flat arrays."""
+    flat: list[str] = []
+    h5.visititems(lambda key, obj: flat.append(key) if _is_flat(key, obj) else None)
+    return flat
+
+
+def read_part(path: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+    """A verified facility part: its small arrays, read whole, and the names of its flat arrays (read by
+    range with `read_range`)."""
+    small: dict[str, np.ndarray] = {}
+
+    def sort(key: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset) and not _is_flat(key, obj):
+            small[key] = obj[()]
+
+    with _open(path) as h5:
+        h5.visititems(sort)
+        return small, read_part_names(h5)
 
 
 def prune(directory: str | Path, keep: int) -> None:

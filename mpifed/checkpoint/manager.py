@@ -11,16 +11,17 @@ with the inner optimizer state, into its own site's `checkpoint.dir`; with R > 1
 facility writes segment r; the parts' content digests travel over MPI to the global root, which writes,
 checks and publishes the main file (model, outer state, the digests) in the hub's folder. Resuming: the
 global root offers the newest main file that verifies, every facility leader checks its own part of that
-round against the recorded digest, and they go back a round until all agree. World rank 0 then
-broadcasts the model (as at a fresh start), the first facility's roots read their outer-state segments
-and broadcast them to the other roots, and each leader hands every rank of its facility its part.
+round against the recorded digest, and they go back a round until all agree. World rank 0 then streams
+the model to every rank, bucket by bucket and each rank only what its engine holds (as at a fresh
+start), the first facility's roots read their outer-state segments and broadcast them to the other
+roots, and each leader streams every rank of its facility its own ranges of the part.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, ContextManager
+from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 import numpy as np
 import torch
@@ -28,8 +29,8 @@ from mpi4py import MPI
 
 from mpifed import configfile
 from mpifed.checkpoint import format as checkpoint
-from mpifed.checkpoint.format import CheckpointError, VerifiedCheckpoint
-from mpifed.comm import control
+from mpifed.checkpoint.format import CheckpointError, CheckpointRefused, VerifiedCheckpoint
+from mpifed.comm import control, pieces
 from mpifed.comm.topology import Topology
 from mpifed.comm.watchdog import deadline
 from mpifed.config import RunConfig
@@ -89,11 +90,7 @@ class CheckpointManager:
         published unless the whole checkpoint verified."""
         topo, cfg, fed = self.topo, self.cfg, parts.federation
         f32 = cfg.checkpoint.fletcher32
-        arrays = self._facility_arrays(parts)
-        if topo.is_leader:
-            part = checkpoint.write_facility(self.directory, round_, topo.facility_name, arrays,
-                                             {"ranks": topo.facility.size,
-                                              "engine": cfg.facility[topo.facility_index].engine}, f32)
+        part = self._write_part(round_, parts)
         if topo.n_roots > 1 and topo.facility_index == 0 and topo.root_index is not None:
             start = fed.segments[topo.root_index][0]
             checkpoint.write_segment(self.directory, round_, topo.root_index, start, fed.theta, fed.outer_state(), f32)
@@ -121,40 +118,49 @@ class CheckpointManager:
 
         return publish
 
-    def _facility_arrays(self, parts: Parts) -> dict[str, np.ndarray]:
-        """This facility's resume state, assembled on its leader (collective over the facility)."""
-        fac, leader = self.topo.facility, self.topo.is_leader
-        arrays = self._gather_optimizer(parts.engine)
+    def _write_part(self, round_: int, parts: Parts) -> Path | None:
+        """This facility's part of round `round_` (collective over the facility; the leader writes it and
+        returns its path). Small arrays are gathered whole; every flat array (the inner optimizer state,
+        the local model, the exchange's state) streams to the leader one bucket at a time, assembled
+        from the ranks' own pieces, and on into the file: nobody holds more than a bucket of it."""
+        fac, leader, cfg = self.topo.facility, self.topo.is_leader, self.cfg
+        small, flat = self._part_contents(parts)
+        writer = checkpoint.PartWriter(self.directory, round_, self.topo.facility_name,
+                                       {"ranks": fac.size, "engine": cfg.facility[self.topo.facility_index].engine},
+                                       small, dict.fromkeys(flat, self.layout.numel),
+                                       cfg.checkpoint.fletcher32) if leader else None
+        for key, views in flat.items():
+            mine = pieces.ranges_of(views)
+            sink = (lambda lo, hi, values, key=key: writer.write(key, lo, values)) if leader else None
+            pieces.gather(fac, 0, mine, pieces.everyones(fac, mine), pieces.from_views(views), 0, self.layout.numel,
+                          self._bucket, sink=sink)
+        return writer.close().commit() if leader else None
+
+    @property
+    def _bucket(self) -> int:
+        return max(1, int(self.cfg.federation.bucket_mb * 2 ** 20) // 4)
+
+    def _part_contents(self, parts: Parts) -> tuple[dict[str, np.ndarray], dict[str, list[tuple[int, np.ndarray]]]]:
+        """(small arrays, on the leader; flat arrays as this rank's pieces, the same names on every rank)."""
+        fac, leader, fed = self.topo.facility, self.topo.is_leader, parts.federation
         positions = np.array([parts.sampler.epoch, parts.sampler.position], np.int64)
         rng = torch.get_rng_state().numpy()
-        gathered = {"ranks/data": np.empty((fac.size, 2), np.int64),
-                    "ranks/torch_rng": np.empty((fac.size, len(rng)), np.uint8)}
-        fac.Gather(positions, gathered["ranks/data"] if leader else None, root=0)
-        fac.Gather(rng, gathered["ranks/torch_rng"] if leader else None, root=0)
-        fed = parts.federation
+        small = {"ranks/data": np.empty((fac.size, 2), np.int64), "ranks/torch_rng": np.empty((fac.size, len(rng)), np.uint8)}
+        fac.Gather(positions, small["ranks/data"] if leader else None, root=0)
+        fac.Gather(rng, small["ranks/torch_rng"] if leader else None, root=0)
+        flat: dict[str, list[tuple[int, np.ndarray]]] = {}
+        state = parts.engine.optimizer_state()
+        if control.bcast_int(fac, int(bool(state)) if leader else None):
+            small["optimizer/step"] = state["step"]
+            for key in (k for k in state if k != "step"):
+                flat[f"optimizer/{key}"] = parts.engine.owned_pieces(state[key])
         if fed.local_differs:  # the local model itself (not its distance to the global one: that rounds)
-            gathered["federation/local"] = control.gather_pieces(fac, parts.engine.owned(), self.layout.numel, root=0)
-            gathered["federation/tokens"] = np.array([*fed.tokens, fed.flushed], np.int64)
-        counts, displs = fed.segment_counts()
-        for name in fed.exchange_state_names:  # each root's segment of it, assembled in layout order
-            whole = np.empty(self.layout.numel, np.float32) if leader else None
-            mine = fed.exchange_state()[name] if self.topo.root_index is not None else np.empty(0, np.float32)
-            fac.Gatherv(mine, [whole, counts, displs, MPI.FLOAT] if leader else None, root=0)
-            gathered[f"exchange/{name}"] = whole
-        return {**arrays, **gathered} if leader else {}
-
-    def _gather_optimizer(self, engine: "Engine") -> dict[str, np.ndarray]:
-        """The inner optimizer state in layout order, on the facility leader, assembled from what each
-        rank owns (so its shape depends neither on the engine nor on the facility size)."""
-        fac = self.topo.facility
-        state = engine.optimizer_state()
-        if not control.bcast_int(fac, int(bool(state)) if self.topo.is_leader else None):
-            return {}
-        out = {"optimizer/step": state["step"]}
-        for key in (k for k in state if k != "step"):
-            out[f"optimizer/{key}"] = control.gather_pieces(fac, engine.owned_pieces(state[key]), self.layout.numel,
-                                                            root=0)
-        return out if self.topo.is_leader else {}
+            flat["federation/local"] = list(parts.engine.owned())
+            small["federation/tokens"] = np.array([*fed.tokens, fed.flushed], np.int64)
+        segment = fed.segments[self.topo.root_index][0] if self.topo.root_index is not None else 0
+        for name in fed.exchange_state_names:  # each root's segment of it
+            flat[f"exchange/{name}"] = [(segment, fed.exchange_state()[name])] if self.topo.root_index is not None else []
+        return (small if leader else {}), flat
 
     # ---------------------------------------------------------------------------------------- resuming
     def choose(self, target: str, parts: Parts) -> ResumePoint | None:
@@ -174,7 +180,7 @@ class CheckpointManager:
             with self._deadline("resume: choosing the checkpoint"):
                 point = json.loads(control.bcast_str(world, offer))
             if "error" in point:
-                raise CheckpointError(point["error"])
+                raise CheckpointRefused(point["error"])
             if not point:
                 return None
             problem = self._check_own_part(point) if topo.is_leader else ""
@@ -211,7 +217,7 @@ class CheckpointManager:
         name = self.topo.facility_name
         path = self.resume_dir / checkpoint.facility_name(point["round"], name)
         try:
-            checkpoint.check_part(path, point["digests"].get(name, ""))
+            checkpoint.check_part(path, point["digests"].get(name, ""), numel=self.layout.numel)
         except CheckpointError as exc:
             return f"facility {name}: {exc}"
         return ""
@@ -233,71 +239,105 @@ class CheckpointManager:
 
     def restore(self, point: ResumePoint, parts: Parts) -> None:
         """Give every rank its state from the checkpoint `choose` agreed on, into `parts` (its token count
-        included)."""
+        included). Every flat array streams bucket by bucket from the rank that reads it to the ranks that
+        hold each piece: no rank receives more than what it holds, plus one bucket."""
         topo, fed, engine = self.topo, parts.federation, parts.engine
         path = Path(point.path)  # the hub's file: read only by ranks of the first facility, at the hub's site
-        model = checkpoint.read_flat(path, self.layout, "model") if topo.world.rank == 0 else None
-        with self._deadline("resume: sending the checkpointed model"):
-            model = control.bcast_array(topo.world, model, np.float32)
+        held = engine.held()
+        mine = pieces.ranges_of(held)
+        everyone = pieces.everyones(topo.world, mine)
+        source = (lambda lo, hi: checkpoint.read_flat(path, self.layout, "model", lo, hi)) if topo.world.rank == 0 else None
         engine.before_exchange()
-        for offset, values in engine.held():
-            values[:] = model[offset:offset + len(values)]
+        with self._deadline("resume: sending the checkpointed model"):
+            pieces.scatter(topo.world, 0, mine, everyone, source, pieces.into_views(held), 0, self.layout.numel,
+                           self._bucket)
         engine.after_exchange()
         outer: dict[str, np.ndarray] = {}
-        theta = None
         if topo.root_index is not None:
             start, stop = fed.segments[topo.root_index]
-            theta = model[start:stop]
             for name in fed.outer_state_names:
-                mine = checkpoint.read_flat(path, self.layout, f"outer/{name}", start, stop) \
+                values = checkpoint.read_flat(path, self.layout, f"outer/{name}", start, stop) \
                     if topo.facility_index == 0 else np.empty(stop - start, np.float32)
                 with self._deadline("resume: sending the checkpointed outer state"):
-                    topo.roots.Bcast(mine, root=0)
-                outer[name] = mine
-        arrays = checkpoint.read_facility(self.resume_dir, point.round, topo.facility_name)[0] if topo.is_leader else {}
-        exchange = self._restore_facility(arrays, parts)
+                    topo.roots.Bcast(values, root=0)
+                outer[name] = values
+        part = self.resume_dir / checkpoint.facility_name(point.round, topo.facility_name)
+        small, stored = self._read_small(part)
+        exchange = self._restore_facility(part, small, stored, parts)
         if not fed.local_differs:
-            fed.restore(theta, outer, exchange, engine.owned(), point.round)
+            fed.restore(outer, exchange, engine.owned(), point.round)
             parts.tokens_total = point.tokens
             return
         # A checkpoint of a run without fragments or overlap has no local model (it equals the global one,
         # as after a flush) and, not posting after it, no weights.
-        leader = topo.is_leader
-        kept = control.bcast_array(topo.facility, arrays.get("federation/tokens", np.array([0] * len(fed.fragments)
-                                                                                            + [1], np.int64))
-                                   if leader else None, np.int64).tolist()
-        fed.restore(theta, outer, exchange, engine.owned(), point.round, kept[:-1], bool(kept[-1]))
-        if control.bcast_int(topo.facility, int("federation/local" in arrays) if leader else None):
-            local = control.bcast_array(topo.facility, arrays.get("federation/local") if leader else None, np.float32)
+        kept = small.get("federation/tokens", np.array([0] * len(fed.fragments) + [1], np.int64))
+        fed.restore(outer, exchange, engine.owned(), point.round, kept[:-1].tolist(), bool(kept[-1]))
+        if "federation/local" in stored:
             engine.before_exchange()
-            for offset, values in engine.held():
-                values[:] = local[offset:offset + len(values)]
+            self._scatter_part(part, "federation/local", held)
             engine.after_exchange()
         parts.tokens_total = point.tokens
 
-    def _restore_facility(self, arrays: dict[str, np.ndarray], parts: Parts) -> dict[str, np.ndarray]:
-        """Hand every rank of the facility its part of the leader's `arrays`; returns this root's segment of
-        the exchange's state (empty arrays off the roots)."""
+    def _read_small(self, part: Path) -> tuple[dict[str, np.ndarray], set[str]]:
+        """On every rank of the facility: the part's small arrays (read by the leader, sent to all) and the
+        names of its flat arrays."""
         fac, leader = self.topo.facility, self.topo.is_leader
-        names = control.allgather_str(fac, ",".join(k for k in arrays if k.startswith("optimizer/")) if leader else "")[0]
-        state = {key.split("/", 1)[1]: control.bcast_array(fac, arrays.get(key).reshape(-1) if leader else None,
-                                                           np.float32)
-                 for key in names.split(",") if key}
-        parts.engine.load_optimizer_state(state)
-        positions = np.empty(2, np.int64)
-        fac.Scatter(arrays.get("ranks/data") if leader else None, positions, root=0)
-        parts.sampler.restore(int(positions[0]), int(positions[1]))
-        rng = np.empty(len(torch.get_rng_state()), np.uint8)
-        fac.Scatter(arrays.get("ranks/torch_rng") if leader else None, rng, root=0)
-        torch.set_rng_state(torch.from_numpy(rng))
-        counts, displs = parts.federation.segment_counts()
-        root = self.topo.root_index
+        arrays, flat = checkpoint.read_part(part) if leader else ({}, [])
+        shapes = json.loads(control.allgather_str(fac, json.dumps({key: [str(v.dtype), list(v.shape)]
+                                                                   for key, v in arrays.items()}) if leader else "")[0])
+        stored = set(control.allgather_str(fac, ",".join(flat) if leader else "")[0].split(",")) - {""}
+        small = {}
+        for key, (dtype, shape) in shapes.items():
+            values = np.ascontiguousarray(arrays[key]) if leader else np.empty(shape, dtype)
+            fac.Bcast(values, root=0)
+            small[key] = values
+        return small, stored
+
+    def _scatter_part(self, part: Path, key: str, views: list[tuple[int, np.ndarray]]) -> None:
+        """Flat array `key` of the facility's part into `views` on every rank (the leader reads it)."""
+        fac = self.topo.facility
+        mine = pieces.ranges_of(views)
+        source = (lambda lo, hi: checkpoint.read_range(part, key, lo, hi)) if self.topo.is_leader else None
+        pieces.scatter(fac, 0, mine, pieces.everyones(fac, mine), source, pieces.into_views(views), 0,
+                       self.layout.numel, self._bucket)
+
+    def _restore_facility(self, part: Path, small: dict[str, np.ndarray], stored: set[str],
+                          parts: Parts) -> dict[str, np.ndarray]:
+        """Give every rank of the facility its inner optimizer state (over what it holds), data position
+        and RNG; returns this root's segment of the exchange's state (empty off the roots)."""
+        fac, engine = self.topo.facility, parts.engine
+        keys = [key for key in stored if key.startswith("optimizer/")]
+        if keys:
+            state: dict[str, Any] = {"step": small["optimizer/step"]}
+            for key in sorted(keys):
+                views = [(offset, np.empty(len(values), np.float32)) for offset, values in engine.held()]
+                self._scatter_part(part, key, views)
+                state[key.split("/", 1)[1]] = HeldArray(views)
+            engine.load_optimizer_state(state)
+        parts.sampler.restore(*map(int, small["ranks/data"][fac.rank]))
+        torch.set_rng_state(torch.from_numpy(small["ranks/torch_rng"][fac.rank].copy()))
+        fed, root = parts.federation, self.topo.root_index
         exchange = {}
-        for name in parts.federation.exchange_state_names:
-            mine = np.empty(counts[root] if root is not None else 0, np.float32)
+        for name in fed.exchange_state_names:
+            values = np.zeros(fed.segments[root][1] - fed.segments[root][0] if root is not None else 0, np.float32)
             # A checkpoint without this state (a run without compression, or before the second residual
             # existed) starts it from zero.
-            whole = arrays.get(f"exchange/{name}", np.zeros(self.layout.numel, np.float32)) if leader else None
-            fac.Scatterv([whole, counts, displs, MPI.FLOAT] if leader else None, mine, root=0)
-            exchange[name] = mine
+            if f"exchange/{name}" in stored:
+                views = [(fed.segments[root][0], values)] if root is not None else []
+                self._scatter_part(part, f"exchange/{name}", views)
+            exchange[name] = values
         return exchange
+
+
+class HeldArray:
+    """A full-layout array of which this rank has only the pieces it holds: `a[lo:hi]` within one of
+    them is that piece (what an engine asks of its optimizer state when it loads it)."""
+
+    def __init__(self, views: list[tuple[int, np.ndarray]]) -> None:
+        self.views = views
+
+    def __getitem__(self, where: slice) -> np.ndarray:
+        for offset, values in self.views:
+            if offset <= where.start and where.stop <= offset + len(values):
+                return values[where.start - offset:where.stop - offset]
+        raise IndexError(f"[{where.start}:{where.stop}] is not within what this rank holds")

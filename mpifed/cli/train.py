@@ -154,6 +154,9 @@ def simulate(config_file: Path | None, facilities: int | None, ranks_per_facilit
         code = subprocess.run(command, env=_rank_environment(cfg), stdin=subprocess.DEVNULL).returncode
     except KeyboardInterrupt:
         raise UserError("interrupted; the last completed checkpoint is kept") from None
+    if code == UserError.exit_code:  # the ranks found bad input (a model folder, a checkpoint): said above
+        raise UserError(f"the MPI job stopped on bad input (see the message above); completed checkpoints are "
+                        f"kept in {cfg.checkpoint.dir}")
     if code != 0:
         raise JobFailed(f"the MPI job failed with exit code {code} (see the messages above); "
                         f"completed checkpoints are kept in {cfg.checkpoint.dir}")

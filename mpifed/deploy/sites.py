@@ -46,6 +46,10 @@ class Scheduler:
     time: str = "01:00:00"
     extra: tuple[str, ...] = ()
     """Further #SBATCH options, verbatim (e.g. --exclusive)."""
+    memory_gb: float = 0.0
+    """Host memory of a node (0: unknown; `mpifed plan` then uses this machine's)."""
+    gpu_memory_gb: float = 0.0
+    """Memory of one GPU (one GCD on MI250X): what a rank's model state must fit in on GPU sites."""
 
 
 @dataclass(frozen=True)

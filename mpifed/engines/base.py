@@ -142,6 +142,29 @@ class Engine:
         return np.concatenate(parts) if parts else np.empty(0, np.float32)
 
 
+def on_meta(model: torch.nn.Module) -> bool:
+    """Whether `model` was built with its parameters on the meta device (mpifed.model.parameters_on_meta)."""
+    return any(p.device.type == "meta" for p in model.parameters())
+
+
+def materialise(model: torch.nn.Module, device: torch.device) -> None:
+    """Storage on `device` for every parameter of `model` (uninitialised: the start or a checkpoint fills
+    it), keeping the buffers' values (rotary tables), which `to_empty` would drop."""
+    buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+
+
+def rebind(model: torch.nn.Module, old: torch.nn.Parameter, new: torch.nn.Parameter) -> None:
+    """Put `new` wherever `old` is registered in `model` (tied weights: in every module that shares it)."""
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is old:
+                module._parameters[name] = new
+
+
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """The rank-local part of a tensor (a DTensor's shard; a plain tensor itself)."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor

@@ -4,7 +4,8 @@ replicate across the k groups); optional bf16 mixed precision, activation checkp
 
 FSDP2 shards every parameter on dim 0 (in chunks of ceil(rows/shards) rows), so this rank's local
 shard of a parameter is one contiguous range of the flat layout: those shards are what it holds, and
-(in the first replica group) what it owns.
+(in the first replica group) what it owns. A model built with its parameters on the meta device is
+sharded first and then given storage for the local shards alone: no rank ever holds the whole model.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-from mpifed.engines.base import Pieces, TensorBatch, TorchOptimizerEngine, lm_inputs, local
+from mpifed.engines.base import Pieces, TensorBatch, TorchOptimizerEngine, lm_inputs, local, materialise, on_meta
 from mpifed.engines.settings import EngineSettings
 from mpifed.layout import FlatLayout
 from mpifed.model import decoder_layers
@@ -44,10 +45,14 @@ class FsdpEngine(TorchOptimizerEngine):
         precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if opts.mixed_precision == "bf16" else MixedPrecisionPolicy()
         offload = CPUOffloadPolicy() if opts.cpu_offload else OffloadPolicy()
-        model.to(device)
+        empty = on_meta(model)
+        if not empty:
+            model.to(device)
         for layer in decoder_layers(model):
             fully_shard(layer, mesh=mesh, mp_policy=precision, offload_policy=offload)
         fully_shard(model, mesh=mesh, mp_policy=precision, offload_policy=offload)
+        if empty:  # parameters on the meta device: allocate this rank's shards only (values come later)
+            materialise(model, device)
         self._model = self._forward = model
         self._size = size
         self._params = [p for p in model.parameters() if p.requires_grad]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from mpifed.engines.base import Pieces, TensorBatch, TorchOptimizerEngine, lm_inputs
+from mpifed.engines.base import Pieces, TensorBatch, TorchOptimizerEngine, lm_inputs, on_meta, rebind
 from mpifed.engines.settings import EngineSettings
 from mpifed.layout import FlatLayout
 
@@ -21,7 +21,7 @@ class ReplicaEngine(TorchOptimizerEngine):
     def __init__(self, model: torch.nn.Module, settings: EngineSettings, micro_batch: int) -> None:
         self.layout = FlatLayout.of(model)
         self.settings = settings
-        self._model = self._forward = model.to(settings.device)
+        empty = on_meta(model)  # built empty: the flat buffer is the parameters' first storage
         params = [p for p in model.parameters() if p.requires_grad]
         kind = dict(dtype=params[0].dtype, device=settings.device)
         self._flat = torch.empty(self.layout.numel, **kind)
@@ -30,9 +30,15 @@ class ReplicaEngine(TorchOptimizerEngine):
         self._grad = self._reduced[:-1]
         for slot, param in zip(self.layout.slots, params):
             view = slice(slot.offset, slot.offset + slot.numel)
-            self._flat[view].copy_(param.detach().reshape(-1))
-            param.data = self._flat[view].view(slot.shape)
-            param.grad = self._grad[view].view(slot.shape)
+            if empty:  # a meta parameter cannot take storage: put a real one in its place
+                rebind(model, param, torch.nn.Parameter(self._flat[view].view(slot.shape)))
+            else:
+                self._flat[view].copy_(param.detach().reshape(-1).to(settings.device))
+                param.data = self._flat[view].view(slot.shape)
+        params = [p for p in model.parameters() if p.requires_grad]
+        for slot, param in zip(self.layout.slots, params):
+            param.grad = self._grad[slot.offset:slot.offset + slot.numel].view(slot.shape)
+        self._model = self._forward = model.to(settings.device)  # the buffers (the parameters are there)
         self._optimizer = settings.adamw(params)
         self._param_places = [(p, 0, slot.offset) for slot, p in zip(self.layout.slots, params)]
         self._params = params

@@ -14,6 +14,7 @@ all-gather of whole payloads would make it receive F − 1 of them). Chunks are 
 """
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -54,6 +55,17 @@ class Combiner:
             "residual": np.zeros(n, np.float32), "sum_residual": np.zeros(n, np.float32)}
         """Error-feedback state, by name (what a checkpoint keeps of the exchange)."""
         self._buffers: dict[str, np.ndarray] = {}
+        self.poll_s = 0.0
+        """0: wait for MPI the usual way (spinning); > 0: test every this many seconds and sleep between,
+        leaving the core to training (an exchange in the background, over a slow link)."""
+
+    def _done(self, request: MPI.Request) -> None:
+        """Wait for `request` (see `poll_s`)."""
+        if self.poll_s <= 0:
+            request.Wait()
+            return
+        while not request.Test():
+            time.sleep(self.poll_s)
 
     def _buffer(self, name: str, size: int) -> np.ndarray:
         """A byte buffer kept between rounds (large fresh arrays would cost their page faults each time)."""
@@ -90,8 +102,8 @@ class Combiner:
         mine = delta[lo:hi]
         pieces = self._buffer("pieces", size * sizes[me]).reshape(size, sizes[me])
         if self.codec is None:  # the fp32 values are the payload: no copy before, none after
-            group.Alltoallv([delta, [s // 4 for s in sizes], [s // 4 for s in starts], MPI.FLOAT],
-                            [pieces, [sizes[me]] * size, [sizes[me] * f for f in range(size)], MPI.BYTE])
+            self._done(group.Ialltoallv([delta, [s // 4 for s in sizes], [s // 4 for s in starts], MPI.FLOAT],
+                                        [pieces, [sizes[me]] * size, [sizes[me] * f for f in range(size)], MPI.BYTE]))
             values = pieces.view(np.float32)
             for f in range(size):  # facility order: the same sum, bit for bit, wherever it is taken
                 if weights:
@@ -100,17 +112,18 @@ class Combiner:
                     np.copyto(mine, values[0])
                 if f > 0:
                     np.add(mine, values[f], out=mine)
-            group.Allgatherv(MPI.IN_PLACE, [delta, [s // 4 for s in sizes], [s // 4 for s in starts], MPI.FLOAT])
+            self._done(group.Iallgatherv(MPI.IN_PLACE, [delta, [s // 4 for s in sizes], [s // 4 for s in starts],
+                                                        MPI.FLOAT]))
         else:
             residual, sums = self.state["residual"][at], self.state["sum_residual"][at]
             payload = encode(self.codec, delta, residual, self._buffer("payload", sum(sizes)), self.threads)
-            group.Alltoallv([payload, sizes, starts, MPI.BYTE],
-                            [pieces, [sizes[me]] * size, [sizes[me] * f for f in range(size)], MPI.BYTE])
+            self._done(group.Ialltoallv([payload, sizes, starts, MPI.BYTE],
+                                        [pieces, [sizes[me]] * size, [sizes[me] * f for f in range(size)], MPI.BYTE]))
             for f in range(size):  # facility order, as above
                 decode(self.codec, pieces[f], hi - lo, mine, f > 0, self.threads)
             gathered = self._buffer("gathered", sum(sizes))
             encode(self.codec, mine, sums[lo:hi], gathered[starts[me]:starts[me] + sizes[me]], self.threads)
-            group.Allgatherv(MPI.IN_PLACE, [gathered, sizes, starts, MPI.BYTE])
+            self._done(group.Iallgatherv(MPI.IN_PLACE, [gathered, sizes, starts, MPI.BYTE]))
             for (a, b), start, length in zip(spans, starts, sizes):
                 decode(self.codec, gathered[start:start + length], b - a, delta[a:b], False, self.threads)
         others = sum(sizes) - sizes[me]
@@ -143,7 +156,8 @@ class RootExchange:
         apply outer step `number` to `theta[at]`. Collective over `comm`."""
         comm, me = self.comm, self.comm.rank
         stats = np.empty((comm.size, 4), np.float64)
-        comm.Allgather(np.array([norm, bad, tokens if participate else 0, participate], np.float64), stats)
+        mine = np.array([norm, bad, tokens if participate else 0, participate], np.float64)
+        self.combiner._done(comm.Iallgather(mine, stats))
         mask, reasons = self._decide(stats)
         traffic = Traffic()
         group = comm if all(mask) else comm.Split(1 if mask[me] else MPI.UNDEFINED, key=me)
@@ -154,7 +168,7 @@ class RootExchange:
             traffic = self.combiner.combine(group, delta, at, weights)
         if not all(mask):
             first = mask.index(True)
-            comm.Bcast(delta, root=first)  # to the left-out roots: each receives the fp32 result once
+            self.combiner._done(comm.Ibcast(delta, root=first))  # to the left-out roots: the fp32 result, once
             traffic += Traffic(sent=delta.nbytes * mask.count(False) if me == first else 0,
                                received=0 if mask[me] else delta.nbytes)
             if group != MPI.COMM_NULL:

@@ -35,7 +35,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from mpi4py import MPI
 
-from mpifed.comm import control
+from mpifed.comm import control, pieces
 from mpifed.comm.topology import Topology
 from mpifed.comm.watchdog import deadline
 from mpifed.config import FederationConfig
@@ -45,6 +45,8 @@ from mpifed.federation.outer import OUTER, make_outer
 from mpifed.layout import View
 
 Range = tuple[int, int]
+POLL_S = 0.0002
+"""An exchange in the background tests its MPI requests this often and sleeps in between."""
 __all__ = ["Federation", "FederationError", "RoundExchange", "sampled", "segments", "sync_offsets"]
 
 
@@ -57,19 +59,6 @@ def sync_offsets(local_steps: int, fragments: int) -> list[int]:
     """The inner step of a round after which each fragment syncs: fragment 0 at the round's end,
     fragment j at j·H/K."""
     return [local_steps] + [j * local_steps // fragments for j in range(1, fragments)]
-
-
-def _clip(ranges: Sequence[Range], lo: int, hi: int) -> list[Range]:
-    return [(max(a, lo), min(b, hi)) for a, b in ranges if max(a, lo) < min(b, hi)]
-
-
-def _ranges(views: Sequence[View]) -> list[Range]:
-    return [(offset, offset + len(values)) for offset, values in views]
-
-
-def _allgather_ranges(comm: MPI.Intracomm, ranges: list[Range]) -> list[list[Range]]:
-    flat = control.allgather_str(comm, ",".join(f"{a}:{b}" for a, b in ranges))
-    return [[tuple(map(int, item.split(":"))) for item in text.split(",") if item] for text in flat]
 
 
 def sampled(n_facilities: int, fraction: float, seed: int, round_: int) -> list[bool]:
@@ -108,9 +97,10 @@ class Federation:
         self.fragments = segments(numel, cfg.fragments)
         self.delayed = cfg.overlap == "delayed"
         self.bucket = max(1, int(cfg.bucket_mb * 2 ** 20) // 4)
-        self.owned_all = _allgather_ranges(topo.facility, sorted(_ranges(owned)))
-        self._check_ownership(_ranges(held))
-        self.full_replicas = all(h == [(0, numel)] for h in _allgather_ranges(topo.facility, _ranges(held)))
+        self.owned_all = pieces.everyones(topo.facility, sorted(pieces.ranges_of(owned)))
+        self._check_ownership(pieces.ranges_of(held))
+        self.held_all = pieces.everyones(topo.facility, sorted(pieces.ranges_of(held)))
+        self.full_replicas = all(h == [(0, numel)] for h in self.held_all)
         self.anchor = [values.copy() for _, values in owned]
         """The global model on each owned view, as of each fragment's last exchange."""
         self.posted = [np.zeros_like(values) for _, values in owned] if self.delayed else None
@@ -130,7 +120,11 @@ class Federation:
             start, stop = self.segments[root]
             self.outer = make_outer(cfg.outer, cfg.outer_lr, cfg.outer_momentum, cfg.outer_beta2, cfg.outer_tau,
                                     cfg.outer_warmup)
-            self.combiner = Combiner(make_codec(cfg.compress, cfg.topk_fraction), stop - start, threads)
+            # In the background the exchange stays on its own thread, and MPI's waits do not spin: the
+            # cores belong to training.
+            self.combiner = Combiner(make_codec(cfg.compress, cfg.topk_fraction), stop - start,
+                                     1 if self.delayed else threads)
+            self.combiner.poll_s = POLL_S if self.delayed else 0.0
             self.exchange = RootExchange(topo.roots.Dup() if self.delayed else topo.roots, cfg, topo.facility_names,
                                          self.combiner, self.outer)
             self.background = Background() if self.delayed else None
@@ -138,7 +132,7 @@ class Federation:
         self.theta = self._gather(owned, lambda i, a, b, out: np.copyto(out, owned[i][1][a:b]), 0, numel)
         if root is not None:
             self.outer.full_state(self.theta)
-            if _ranges(owned) == [self.segments[root]] and not self.delayed:
+            if pieces.ranges_of(owned) == [self.segments[root]] and not self.delayed:
                 # shard-aligned: what I own is my segment; keep one copy (not with overlap: the anchor is
                 # read while the outer step of the exchange in flight changes the segment)
                 self.anchor = [self.theta]
@@ -171,9 +165,10 @@ class Federation:
     # ------------------------------------------------------------------------------ inside a facility
     def _gather(self, owned: Sequence[View], produce: Callable[[int, int, int, np.ndarray], None], lo: int,
                 hi: int, into: str = "") -> np.ndarray | None:
-        """Root r receives [lo, hi) ∩ segment r assembled from every rank's owned pieces; `produce(i, a,
-        b, out)` writes owned view i's values [a, b) (relative to the view) into `out`. `into` names a
-        segment-sized buffer kept between rounds (a fresh one each time would cost its page faults)."""
+        """Root r receives [lo, hi) ∩ segment r assembled from every rank's owned pieces (comm/pieces.py);
+        `produce(i, a, b, out)` writes owned view i's values [a, b) (relative to the view) into `out`.
+        `into` names a segment-sized buffer kept between rounds (a fresh one each time would cost its
+        page faults)."""
         fac, root = self.topo.facility, self.topo.root_index
         piece = self._piece(lo, hi)
         result = None
@@ -181,51 +176,30 @@ class Federation:
             if into and into not in self._kept:
                 self._kept[into] = np.empty(self.segments[root][1] - self.segments[root][0], np.float32)
             result = self._kept[into][:piece[1] - piece[0]] if into else np.empty(piece[1] - piece[0], np.float32)
-        mine = _ranges(owned)
+        starts = {offset: i for i, (offset, _) in enumerate(owned)}
+        mine = pieces.ranges_of(owned)
+
+        def absolute(x: int, y: int, out: np.ndarray) -> None:  # [x, y) lies in one owned view
+            offset = max(a for a in starts if a <= x)
+            produce(starts[offset], x - offset, y - offset, out)
+
         for r, (start, stop) in enumerate(self.segments):
             first, last = max(start, lo), min(stop, hi)
-            for b_lo in range(first, last, self.bucket):
-                b_hi = min(last, b_lo + self.bucket)
-                if fac.rank == r:
-                    self._receive_bucket(result, first, b_lo, b_hi)
-                    for i, (a, b) in enumerate(mine):
-                        for x, y in _clip([(a, b)], b_lo, b_hi):
-                            produce(i, x - a, y - a, result[x - first:y - first])
-                else:  # in offset order: the order of the root's indexed datatype for this rank
-                    pieces = [(i, x - a, y - a) for i, (a, b) in sorted(enumerate(mine), key=lambda v: v[1])
-                              for x, y in _clip([(a, b)], b_lo, b_hi)]
-                    if pieces:
-                        buf = np.empty(sum(y - x for _, x, y in pieces), np.float32)
-                        at = 0
-                        for i, x, y in pieces:
-                            produce(i, x, y, buf[at:at + y - x])
-                            at += y - x
-                        fac.Send(buf, dest=r, tag=r)
+            if first < last:
+                pieces.gather(fac, r, mine, self.owned_all, absolute, first, last, self.bucket,
+                              into=result if fac.rank == r else None)
         return result
 
-    def _receive_bucket(self, result: np.ndarray, start: int, lo: int, hi: int) -> None:
-        fac = self.topo.facility
-        requests, types = [], []
-        for k, ranges in enumerate(self.owned_all):
-            pieces = _clip(ranges, lo, hi)
-            if k == fac.rank or not pieces:
-                continue
-            dtype = MPI.FLOAT.Create_indexed([b - a for a, b in pieces], [a - start for a, b in pieces]).Commit()
-            requests.append(fac.Irecv([result, 1, dtype], source=k, tag=fac.rank))
-            types.append(dtype)
-        MPI.Request.Waitall(requests)
-        for dtype in types:
-            dtype.Free()
-
-    def _distribute(self, held: Sequence[View], values: np.ndarray | None, lo: int, hi: int,
-                    whole: bool = True) -> None:
-        """Every rank's views `held` of [lo, hi) get the roots' `values` (on root r: [lo, hi) ∩ segment r).
-        `whole`: the views are the engine's held ones (with full replicas: the whole model, gathered in
-        place); else any views within them."""
+    def _distribute(self, views: Sequence[View], values: np.ndarray | None, lo: int, hi: int,
+                    owned: bool = False) -> None:
+        """Every rank's `views` of [lo, hi) get the roots' `values` (on root r: [lo, hi) ∩ segment r):
+        the engine's held views, or with `owned` views over the owned ranges. Full replicas gather the
+        whole model in place; otherwise root r sends each rank only the pieces of each bucket it holds
+        (an MPI indexed datatype over the bucket), so nobody receives what it does not keep."""
         fac, root = self.topo.facility, self.topo.root_index
         spans = [(max(a, lo), max(min(b, hi), max(a, lo))) for a, b in self.segments]
-        if self.full_replicas and whole:
-            flat = held[0][1]
+        if self.full_replicas and not owned:
+            flat = views[0][1]
             if root is not None:
                 a, b = spans[root]
                 flat[a:b] = values
@@ -233,19 +207,17 @@ class Federation:
             fac.Allgatherv(MPI.IN_PLACE, [flat, [b - a for a, b in spans] + idle, [a for a, _ in spans] + idle,
                                           MPI.FLOAT])
             return
+        everyone = self.owned_all if owned else self.held_all
+        take, mine = pieces.into_views(views), pieces.ranges_of(views)
         for r, (first, last) in enumerate(spans):
-            for b_lo in range(first, last, self.bucket):
-                b_hi = min(last, b_lo + self.bucket)
-                buf = values[b_lo - first:b_hi - first] if root == r else np.empty(b_hi - b_lo, np.float32)
-                fac.Bcast(buf, root=r)
-                for offset, local in held:
-                    for x, y in _clip([(offset, offset + len(local))], b_lo, b_hi):
-                        local[x - offset:y - offset] = buf[x - b_lo:y - b_lo]
+            if first < last:
+                source = (lambda b_lo, b_hi, first=first: values[b_lo - first:b_hi - first]) if fac.rank == r else None
+                pieces.scatter(fac, r, mine, everyone, source, take, first, last, self.bucket)
 
     def _each_owned(self, owned: Sequence[View], lo: int, hi: int) -> Iterator[tuple[int, slice]]:
         """(owned view index, its slice) of every owned piece within [lo, hi)."""
         for i, (offset, values) in enumerate(owned):
-            for x, y in _clip([(offset, offset + len(values))], lo, hi):
+            for x, y in pieces.clip([(offset, offset + len(values))], lo, hi):
                 yield i, slice(x - offset, y - offset)
 
     def _norm(self, delta: np.ndarray | None) -> float:
@@ -341,7 +313,7 @@ class Federation:
             local = np.subtract(new, since)
         # the anchors become the global values exactly (not local + learned, which rounds differently)
         self._distribute([(offset, anchor) for (offset, _), anchor in zip(owned, self.anchor)], new, lo, hi,
-                         whole=False)
+                         owned=True)
         self._distribute(held, local, lo, hi)
         for i, part in spans.items():
             self.posted[i][part] = 0
@@ -386,16 +358,18 @@ class Federation:
         assert self.in_flight is None, "a checkpoint comes between a sync point and its post"
         return len(self.fragments) > 1 or self.delayed
 
-    def restore(self, theta: np.ndarray, outer: dict[str, np.ndarray], exchange: dict[str, np.ndarray],
-                owned: Sequence[View], rounds_done: int, tokens: Sequence[int] = (), flushed: bool = False) -> None:
+    def restore(self, outer: dict[str, np.ndarray], exchange: dict[str, np.ndarray], owned: Sequence[View],
+                rounds_done: int, tokens: Sequence[int] = (), flushed: bool = False) -> None:
         """Resume after `rounds_done` rounds: the engine's views hold the global model (the local model,
-        where it differs, is put back into them afterwards), which becomes every anchor; on roots also
-        `theta` (segment), `outer` state and the `exchange` state. `tokens`: trained since each
-        fragment's last exchange; `flushed`: the checkpoint came after `flush`."""
+        where it differs, is put back into them afterwards), which becomes every anchor and, gathered
+        as at the start, every root's segment; on roots also the `outer` state and the `exchange` state
+        of their segment. `tokens`: trained since each fragment's last exchange; `flushed`: the
+        checkpoint came after `flush`. Collective over the facility."""
         self.steps = [rounds_done - (1 if self.delayed and j == 0 and not flushed else 0)
                       for j in range(len(self.fragments))]
         self.tokens = list(tokens) or [0] * len(self.fragments)
         self.flushed = flushed
+        theta = self._gather(owned, lambda i, a, b, out: np.copyto(out, owned[i][1][a:b]), 0, self.numel)
         if self.topo.root_index is not None:
             self.theta[:] = theta
             for name, values in outer.items():

@@ -8,14 +8,14 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from typing import ContextManager
+from typing import Callable, ContextManager
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
 from mpifed.checkpoint.manager import CheckpointManager, Parts, ResumePoint
-from mpifed.comm import control, watchdog
+from mpifed.comm import control, pieces, watchdog
 from mpifed.comm.arrival import Arrival
 from mpifed.comm.topology import Topology, local_ranks_on_node, start_process_group, stop_process_group
 from mpifed.comm.watchdog import deadline
@@ -25,7 +25,8 @@ from mpifed.data.corpus import Sampler, open_corpus
 from mpifed.engines import EngineSettings, make_engine
 from mpifed.federation.reduce import Federation, FederationError, RoundExchange, sampled, sync_offsets
 from mpifed.layout import FlatLayout
-from mpifed.model import ModelError, base_digest, model_for
+from mpifed.model import InitialModel, ModelError, base_digest, model_for
+from mpifed.run.memory import Peaks
 from mpifed.run.metrics import MetricsLog, RoundMetrics, inner_steps, live_view_wanted
 from mpifed.run.schedule import inner_lr
 
@@ -54,6 +55,18 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, topo: Topology, resume: str = "") -> None:
         """Build everything for one rank; `resume` is "", "auto" or a checkpoint file or folder."""
+        self.memory = Peaks(topo.world.rank)
+        with self.memory.phase("start", since_start=True):
+            self._build(cfg, topo)
+        with self.memory.phase("resume"):
+            self.resumed_from = self._resume(resume) if resume else None
+        self.start_round = self.resumed_from.round + 1 if self.resumed_from else 1
+        self.log = MetricsLog(cfg.metrics_path, after_round=self.start_round - 1, tensorboard=cfg.metrics.tensorboard,
+                              wandb=cfg.metrics.wandb, run_config=to_dict(cfg)) if topo.is_global_root else None
+        self.live_view = topo.is_global_root and live_view_wanted()
+
+    def _build(self, cfg: RunConfig, topo: Topology) -> None:
+        """The engine, data, federation and checkpoints of this rank, started from the initial model."""
         self.cfg, self.topo = cfg, topo
         self.round = 0  # the round being trained, for the names of its waits
         self.threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // local_ranks_on_node(topo.world))
@@ -66,25 +79,24 @@ class Trainer:
         self.device = choose_device(gpu, local_rank)
 
         self._load_data()
-        model = model_for(cfg, self.corpus.seq_len, self.corpus.vocab_size)
+        # Engines that shard (fsdp) or copy the model (replica) build it empty and allocate what they hold;
+        # DeepSpeed partitions a built model itself, and LoRA needs its frozen base's real weights.
+        empty = facility.engine in ("fsdp", "replica") and not cfg.lora.rank
+        model = model_for(cfg, self.corpus.seq_len, self.corpus.vocab_size, empty=empty)
         self.layout = FlatLayout.of(model)
         self._check_same_layout()
         digest = self._check_same_base(model) if cfg.lora.rank else ""
-        self._start_from_rank_zero(model)  # before any engine shards the model
+        initial = self._initial_model(model)
         settings = EngineSettings(group=group, device=self.device, betas=(cfg.train.beta1, cfg.train.beta2),
                                   weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
                                   grad_accum=cfg.train.grad_accum, fsdp=facility.fsdp, deepspeed=facility.deepspeed)
         self.engine = make_engine(facility.engine, model, settings, cfg.train.micro_batch)
+        self._start(initial)
         self.federation = Federation(topo, cfg.federation, self.layout.numel, self.engine.owned(), self.engine.held(),
                                      self.threads)
         self.arrival = Arrival(topo)
         self.checkpoints = CheckpointManager(cfg, topo, self.layout, model.config.to_json_string(), digest)
         self.parts = Parts(self.engine, self.sampler, self.federation, tokens_total=0)
-        self.resumed_from = self._resume(resume) if resume else None
-        self.start_round = self.resumed_from.round + 1 if self.resumed_from else 1
-        self.log = MetricsLog(cfg.metrics_path, after_round=self.start_round - 1, tensorboard=cfg.metrics.tensorboard,
-                              wandb=cfg.metrics.wandb, run_config=to_dict(cfg)) if topo.is_global_root else None
-        self.live_view = topo.is_global_root and live_view_wanted()
 
     def _load_data(self) -> None:
         """This rank's sampler over its facility's partition, and the shared validation set."""
@@ -127,19 +139,32 @@ class Trainer:
                                "build): LoRA needs the same base everywhere")
         return digests[0]
 
-    @torch.no_grad()
-    def _start_from_rank_zero(self, model: torch.nn.Module) -> None:
-        """The global model starts as world rank 0's initialisation, on every rank (whole, unsharded)."""
+    def _initial_model(self, model: torch.nn.Module) -> Callable[[int, int], np.ndarray] | None:
+        """On world rank 0: where the initial global model's values come from (None elsewhere). A fresh
+        model is drawn parameter by parameter from the seed, a model folder read by range (see
+        mpifed.model.InitialModel); LoRA adapters are world rank 0's own initialisation."""
+        if self.topo.world.rank != 0:
+            return None
+        if not self.cfg.lora.rank:
+            return InitialModel(model, self.layout, self.cfg)
+        initial = np.empty(self.layout.numel, dtype=np.float32)  # the adapters alone: small
         params = dict(model.named_parameters())
-        initial = np.empty(self.layout.numel, dtype=np.float32)
-        views = self.layout.unflatten(initial)
-        if self.topo.world.rank == 0:
-            for name, values in views.items():
-                values[...] = params[name].float().numpy()
+        for name, values in self.layout.unflatten(initial).items():
+            values[...] = params[name].detach().float().numpy()
+        return lambda lo, hi: initial[lo:hi]
+
+    def _start(self, initial: Callable[[int, int], np.ndarray] | None) -> None:
+        """Every rank's held pieces of the initial global model, streamed from world rank 0 bucket by
+        bucket (comm/pieces.py): nobody holds more of the model than its engine does, plus one bucket."""
+        held = self.engine.held()
+        mine = pieces.ranges_of(held)
+        everyone = pieces.everyones(self.topo.world, mine)
+        bucket = max(1, int(self.cfg.federation.bucket_mb * 2 ** 20) // 4)
+        self.engine.before_exchange()
         with self.world_deadline("initial model: sending world rank 0's weights"):
-            self.topo.world.Bcast(initial, root=0)
-        for name, values in views.items():
-            params[name].copy_(torch.from_numpy(values))
+            pieces.scatter(self.topo.world, 0, mine, everyone, initial, pieces.into_views(held), 0, self.layout.numel,
+                           bucket)
+        self.engine.after_exchange()
 
     def world_deadline(self, what: str) -> ContextManager[None]:
         """A deadline of federation.timeout_s on a wait that involves other facilities."""
@@ -253,12 +278,34 @@ class Trainer:
         fed = self.cfg.federation
         self.round = round_
         watchdog.set_phase(f"round {round_}: inner steps")
+        start = time.perf_counter()
+        self.round_exchanges: list[RoundExchange] = []
+        with self.memory.phase("train"):
+            summary, val_loss, local_losses = self._train_and_exchange(round_, start)
+        ckpt_s, publish = 0.0, None
+        if round_ % self.cfg.checkpoint.every == 0 or round_ == fed.rounds:
+            t0 = time.perf_counter()
+            with self.memory.phase("checkpoint"):
+                publish = self.checkpoints.save(round_, self.parts)
+            ckpt_s = time.perf_counter() - t0
+        if round_ != fed.rounds:
+            self._post(0, f"round {round_}: exchange")
+        if self.log is not None:
+            metrics = RoundMetrics(round=round_, val_loss=val_loss, tokens_total=self.parts.tokens_total, ckpt_s=ckpt_s,
+                                   wall_s=time.perf_counter() - start, facility_val_loss=local_losses, **summary)
+            self.log.write(metrics)
+            print(metrics.line(self.cfg.federation.rounds), flush=True)
+        if publish is not None:  # after the metrics line: a run killed in between resumes before this round
+            publish()
+
+    def _train_and_exchange(self, round_: int, start: float) -> tuple[dict, float | None, dict[str, float]]:
+        """The round's inner steps, its exchanges and validation: (the round's world-wide numbers, the
+        global model's validation loss, each facility's local one)."""
+        fed = self.cfg.federation
         trained = sampled(self.topo.n_facilities, fed.sample, self.cfg.train.seed, round_)
         participate = trained[self.topo.facility_index]
         evaluate = round_ % self.cfg.eval.every == 0 or round_ == fed.rounds
         last = round_ == fed.rounds
-        start = time.perf_counter()
-        self.round_exchanges: list[RoundExchange] = []
         offsets = sync_offsets(self.cfg.train.local_steps, fed.fragments)
         loss_sum, tokens, mid_sync_s = self._inner(round_, {step: j for j, step in enumerate(offsets) if j}) \
             if participate else (0.0, 0, 0.0)
@@ -278,20 +325,7 @@ class Trainer:
         summary = self._summarise(loss_sum, inner_s, idle_s, time.perf_counter() - exchange_start + mid_sync_s)
         val_loss = self._validate_global() if evaluate else None
         self.parts.tokens_total += summary["tokens"]
-        ckpt_s, publish = 0.0, None
-        if round_ % self.cfg.checkpoint.every == 0 or last:
-            t0 = time.perf_counter()
-            publish = self.checkpoints.save(round_, self.parts)
-            ckpt_s = time.perf_counter() - t0
-        if not last:
-            self._post(0, f"round {round_}: exchange")
-        if self.log is not None:
-            metrics = RoundMetrics(round=round_, val_loss=val_loss, tokens_total=self.parts.tokens_total, ckpt_s=ckpt_s,
-                                   wall_s=time.perf_counter() - start, facility_val_loss=local_losses, **summary)
-            self.log.write(metrics)
-            print(metrics.line(self.cfg.federation.rounds), flush=True)
-        if publish is not None:  # after the metrics line: a run killed in between resumes before this round
-            publish()
+        return summary, val_loss, local_losses
 
     def _summarise(self, loss_sum: float, inner_s: float, idle_s: float, sync_s: float) -> dict:
         """World-wide sums and extremes of one round's exchanges (`round_exchanges`); every rank gets them."""
@@ -320,6 +354,7 @@ class Trainer:
         return hashlib.sha256(self.model_flat().tobytes()).hexdigest()
 
     def close(self) -> None:
+        self.memory.write()
         self.federation.close()
         self.arrival.close()
         if self.log is not None:

@@ -1,0 +1,234 @@
+"""`mpifed plan`: what a run configuration will need, worked out before asking for an allocation and
+without allocating the model (its layout comes from a build on the meta device).
+
+Per facility and engine it gives the bytes one rank holds (weights, gradients, optimizer state,
+mpifed's own buffers), its peak at start, in training, at a checkpoint and at a resume, the bytes a
+round moves inside the facility and between sites and the time the latter take at a given bandwidth,
+and whether the ranks fit the site profile's memory. The figures for the busiest rank (a root) are
+what benchmarks/memory.py measures; the rules follow what the engines and mpifed allocate:
+
+  weights, gradients   replica and ZeRO-1 whole (ZeRO-2: gradients 1/n), fsdp and ZeRO-3 1/n; DeepSpeed
+                       adds its fp32 master copy of 1/n
+  optimizer            AdamW's two moments, 1/n of the model (replica: all of it)
+  transient            fsdp gathers one unit (a decoder layer, or the rest of the model: embeddings
+                       and the head) with its gradients; DeepSpeed its reduction bucket and (ZeRO-3)
+                       its live parameters with their gradients; activations of one micro-batch
+  mpifed               the anchors of what a rank owns; on a root its segment of the global model,
+                       the outer state, the update and receive buffers and the error feedback; buckets
+  checkpoint, resume   one bucket more on the writer, and a copy of the rank's own optimizer state
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mpifed.config import FacilityConfig, RunConfig
+from mpifed.deploy import sites
+from mpifed.federation.compress import make_codec
+from mpifed.federation.outer import OUTER
+from mpifed.layout import FlatLayout
+
+GB = 1e9
+RUNTIME_GB = 0.5
+"""Resident memory of a rank before any model: Python, torch, transformers, MPI (measured on this
+project's CPU machine; a GPU rank adds the CUDA context on the device instead)."""
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Bytes one rank holds, by what for, and its peaks."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    mpifed: float
+    transient: float
+    runtime: float
+    start: float
+    train: float
+    checkpoint: float
+    resume: float
+
+    @property
+    def peak(self) -> float:
+        return max(self.start, self.train, self.checkpoint, self.resume)
+
+
+@dataclass(frozen=True)
+class FacilityPlan:
+    """One facility's plan: its busiest rank (a root), what a round moves, and whether it fits."""
+
+    facility: FacilityConfig
+    params: int
+    rank: RankMemory
+    intra_bytes: float
+    """Bytes a round moves inside the facility (gather to the roots and back)."""
+    inter_bytes: float
+    """Bytes its roots send to other facilities in a round (both phases of the exchange)."""
+    inter_s: float
+    """Seconds `inter_bytes` take at the bandwidth asked for."""
+    device_capacity: float
+    """One GPU's memory on GPU sites (what the engine's state must fit in; 0: a CPU site or unknown)."""
+    host_capacity: float
+    """The node's memory over the ranks it runs (0: unknown)."""
+
+    @property
+    def device_bytes(self) -> float:
+        """On a GPU site, what the engine keeps on the device: weights, gradients, optimizer, transient."""
+        r = self.rank
+        return r.weights + r.gradients + r.optimizer + r.transient if self.device_capacity else 0.0
+
+    @property
+    def host_bytes(self) -> float:
+        """What the rank keeps in host memory at its peak (all of it on a CPU site; mpifed's buffers, the
+        runtime and the checkpoint's copies where a GPU holds the engine's state)."""
+        return self.rank.peak - self.device_bytes
+
+    def problems(self) -> list[str]:
+        """Why the busiest rank does not fit its site ([] if it does)."""
+        out = []
+        if self.device_capacity and self.device_bytes > self.device_capacity:
+            out.append(f"a rank's engine state needs {self.device_bytes / GB:.1f} GB, more than the "
+                       f"{self.device_capacity / GB:.1f} GB of a GPU")
+        if self.host_capacity and self.host_bytes > self.host_capacity:
+            out.append(f"a rank needs {self.host_bytes / GB:.1f} GB of host memory, more than the "
+                       f"{self.host_capacity / GB:.1f} GB it has of a node")
+        return out
+
+
+def _units(layout: FlatLayout) -> int:
+    """Values of the largest unit fsdp and ZeRO-3 gather at once: a decoder layer or the rest."""
+    layers: dict[str, int] = {}
+    for slot in layout.slots:
+        parts = slot.name.split(".")
+        key = ".".join(parts[:parts.index("layers") + 2]) if "layers" in parts else "rest"
+        layers[key] = layers.get(key, 0) + slot.numel
+    return max(layers.values(), default=0)
+
+
+def _activations(cfg: RunConfig, layout: FlatLayout, hidden: int, layers: int, vocab: int, seq_len: int) -> float:
+    """Bytes of one micro-batch's activations kept for the backward pass (fp32; a rough count of a
+    LLaMA block's tensors, with the logits and their gradient)."""
+    tokens = cfg.train.micro_batch * seq_len
+    per_layer = 0 if cfg.facility and all(f.fsdp.activation_checkpointing for f in cfg.facility) else 18 * hidden
+    return 4.0 * tokens * (layers * per_layer + 3 * vocab)
+
+
+def plan_facility(cfg: RunConfig, index: int, layout: FlatLayout, shape: tuple[int, int, int, int],
+                  bandwidth_bps: float) -> FacilityPlan:
+    """The plan of facility `index`; `shape` is (hidden size, layers, vocabulary, sequence length)."""
+    fac, fed = cfg.facility[index], cfg.federation
+    n, p, roots, f_count = fac.ranks, layout.numel, fed.roots, len(cfg.facility)
+    engine = fac.engine if fac.engine != "deepspeed" else f"zero{fac.deepspeed.zero_stage}"
+    whole, share = 4.0 * p, 4.0 * p / n
+    weights = {"replica": whole, "fsdp": share, "zero1": whole + share, "zero2": whole + share,
+               "zero3": 2 * share}[engine]
+    gradients = {"replica": whole, "fsdp": share, "zero1": whole, "zero2": share, "zero3": share}[engine]
+    optimizer = 2 * (whole if engine == "replica" else share)
+    unit = 4.0 * _units(layout)
+    transient = (2 * unit if engine == "fsdp" else 0.0) + _activations(cfg, layout, *shape)
+    if fac.engine == "deepspeed":
+        transient += _deepspeed_buffers(fac, p)
+    segment = whole / roots
+    codec = make_codec(fed.compress, fed.topk_fraction)
+    payload = segment if codec is None else codec.payload_bytes(p // roots)
+    bucket = 4.0 * max(1, int(fed.bucket_mb * 2 ** 20) // 4)
+    delayed = fed.overlap == "delayed"
+    mpifed = share + segment * (1 + len(OUTER[fed.outer].state)) + segment + payload \
+        + (2 * segment if codec is not None else 0) + (share + segment if delayed else 0) + bucket
+    held = weights + gradients + optimizer + mpifed
+    holds = whole if engine in ("replica", "zero1", "zero2") else share  # what a rank holds of the model
+    # DeepSpeed builds the whole model before it partitions it; fsdp and replica build it empty
+    start = RUNTIME_GB * GB + (whole if engine.startswith("zero") else 0) + weights + gradients + share + segment \
+        + bucket
+    train = RUNTIME_GB * GB + held + transient
+    # an engine hands its optimizer state over as arrays of what it holds, then of what it owns
+    checkpoint = RUNTIME_GB * GB + held + 2 * (holds + share) + 2 * bucket
+    resume = RUNTIME_GB * GB + held + 2 * holds + 2 * bucket
+    rank = RankMemory(weights, gradients, optimizer, mpifed, transient, RUNTIME_GB * GB, start, train, checkpoint,
+                      resume)
+    intra = (whole - share) if engine in ("replica", "zero1", "zero2") else 0.0
+    intra += segment * (n - 1) / n * roots if engine in ("fsdp", "zero3") else 0.0
+    inter = 2.0 * (f_count - 1) / f_count * payload * roots if f_count > 1 else 0.0
+    return FacilityPlan(fac, p, rank, intra, inter, inter * 8 / bandwidth_bps if bandwidth_bps else 0.0,
+                        *_capacity(fac))
+
+
+DEEPSPEED_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_max_live_parameters": 1e9}
+"""DeepSpeed's own defaults for the zero_optimization keys that size its buffers (values, not bytes)."""
+
+
+def _deepspeed_buffers(fac: FacilityConfig, p: int) -> float:
+    """Bytes of DeepSpeed's own working buffers on a rank: its gradient reduction bucket and, with ZeRO-3,
+    the parameters it keeps gathered (up to stage3_max_live_parameters) with their gradients; the sizes
+    from the facility's DeepSpeed JSON where it sets them. (On this project's CPU machine a bare ZeRO-3
+    loop of a 0.17B model peaks at what this adds to the partitions; see benchmarks/memory.py.)"""
+    keys = dict(DEEPSPEED_DEFAULTS)
+    if fac.deepspeed.config:
+        try:
+            zero = json.loads(Path(fac.deepspeed.config).read_text()).get("zero_optimization", {})
+            keys.update({k: float(zero[k]) for k in keys if k in zero})
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass  # preflight names an unreadable JSON; the plan keeps the defaults
+    buffers = 4.0 * min(p, keys["reduce_bucket_size"])
+    if fac.deepspeed.zero_stage == 3:
+        buffers += 2 * 4.0 * min(p, keys["stage3_max_live_parameters"])
+    return buffers
+
+
+def _capacity(fac: FacilityConfig) -> tuple[float, float]:
+    """(one GPU's memory on GPU sites, else 0; the node's memory over the ranks it runs, 0 if unknown)."""
+    site = sites.get(fac.site)
+    gpu = site.accelerator != "cpu"
+    device = site.scheduler.gpu_memory_gb * GB if gpu else 0.0
+    memory = site.scheduler.memory_gb * GB or _this_machine()
+    per_node = min(fac.ranks, site.scheduler.ranks_per_node) if gpu or site.scheduler.memory_gb else fac.ranks
+    return device, memory / max(1, per_node)
+
+
+def _this_machine() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0.0
+
+
+def render(plans: list[FacilityPlan], bandwidth: str) -> str:
+    """The plan as a table, one facility a block, with a line per problem found."""
+    out = []
+    for plan in plans:
+        r, fac = plan.rank, plan.facility
+        label = fac.engine if fac.engine != "deepspeed" else f"deepspeed ZeRO-{fac.deepspeed.zero_stage}"
+        out.append(f"facility {fac.name}: {fac.ranks} ranks x {label} on site {fac.site}, "
+                   f"{plan.params / 1e6:,.1f}M parameters")
+        out.append(f"  per rank (a root)  weights {r.weights / GB:7.2f} GB  gradients {r.gradients / GB:7.2f} GB  "
+                   f"optimizer {r.optimizer / GB:7.2f} GB  mpifed {r.mpifed / GB:6.2f} GB  transient "
+                   f"{r.transient / GB:6.2f} GB  runtime {r.runtime / GB:.2f} GB")
+        out.append(f"  peak per rank      start {r.start / GB:7.2f} GB  train {r.train / GB:7.2f} GB  checkpoint "
+                   f"{r.checkpoint / GB:7.2f} GB  resume {r.resume / GB:7.2f} GB  -> {r.peak / GB:.2f} GB")
+        if plan.device_capacity:
+            out.append(f"  of which           {plan.device_bytes / GB:.2f} GB on its GPU "
+                       f"(of {plan.device_capacity / GB:.1f} GB), {plan.host_bytes / GB:.2f} GB in host memory "
+                       f"(of {plan.host_capacity / GB:.1f} GB)")
+        out.append(f"  a round moves      {plan.intra_bytes / 1e6:,.1f} MB inside the facility, "
+                   f"{plan.inter_bytes / 1e6:,.1f} MB to other sites"
+                   + (f" ({plan.inter_s:,.1f} s at {bandwidth})" if plan.inter_s else ""))
+        for problem in plan.problems():
+            out.append(f"  warning: {problem} (site {fac.site}): shard it (fsdp, deepspeed ZeRO-3), use more ranks or "
+                       "federation.roots, or a smaller model")
+    return "\n".join(out)
+
+
+def parse_bandwidth(text: str) -> float:
+    """'10gbit', '100mbit', '1.5gbps' -> bits per second; ValueError for anything else."""
+    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "kbps": 1e3, "mbps": 1e6, "gbps": 1e9}
+    text = text.strip().lower()
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            value = float(text[:-len(unit)])
+            if value > 0 and math.isfinite(value):
+                return value * factor
+    raise ValueError(f"{text!r}: give a rate such as 100mbit or 10gbit")

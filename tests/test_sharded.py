@@ -1,0 +1,189 @@
+"""Every rank holds only its share of the model (issue 15): the initial model reaches each engine's
+shards by range, from the seed or from a model folder's sharded safetensors (checked against the
+files read whole by safetensors itself); a sharded rank starts under an address space limit that
+leaves no room for one whole copy of the model; `mpifed plan` reports what an independent count of
+the parameters gives; bad model folders and plans fail with one line."""
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import mpiexec, mpifed
+from mpifed import configfile
+from mpifed.data.corpus import VOCAB_SIZE
+from mpifed.layout import FlatLayout
+from mpifed.model import InitialModel, build_model, model_for
+
+ENGINES = {"f0": ("fsdp", 2), "f1": ("replica", 1), "f2": ("deepspeed", 2)}  # ZeRO-3 at f2
+
+
+def _config(tmp_path, sets):
+    facilities = [{"name": name, "ranks": ranks, "engine": engine} for name, (engine, ranks) in ENGINES.items()]
+    facilities[2]["deepspeed"] = {"zero_stage": 3}
+    cfg = configfile.from_dict(configfile.apply_sets({"facility": facilities}, [
+        "train.local_steps=1", "federation.rounds=1", "train.micro_batch=2", "data.seq_len=32",
+        "eval.facilities=false", f"checkpoint.dir={tmp_path / 'run'}", *sets]))
+    path = tmp_path / "c.toml"
+    path.write_text(configfile.dump_toml(cfg))
+    return cfg, path
+
+
+def _held(out, rank):
+    saved = np.load(out / f"held-{rank}.npz")
+    return [(int(offset), saved[f"v{i}"]) for i, offset in enumerate(saved["offsets"])]
+
+
+def _check_every_rank_holds(out, expected):
+    """Each rank's held pieces equal `expected` there; sharded ranks hold a share, not the whole."""
+    for rank in range(sum(ranks for _, ranks in ENGINES.values())):
+        held = _held(out, rank)
+        for offset, values in held:
+            np.testing.assert_array_equal(values, expected[offset:offset + len(values)], err_msg=f"rank {rank}")
+        total = sum(len(values) for _, values in held)
+        if rank in (0, 1, 3, 4):  # fsdp and ZeRO-3: about half each
+            assert total < 0.75 * len(expected), (rank, total)
+        else:  # replica: all of it
+            assert total == len(expected)
+
+
+@pytest.mark.slow
+def test_a_sharded_safetensors_folder_reaches_every_engine_by_range(tmp_path):
+    model = build_model("llama-tiny", 32, 7, vocab_size=VOCAB_SIZE)
+    model.save_pretrained(tmp_path / "model", max_shard_size="200KB")
+    assert len(list((tmp_path / "model").glob("model-*.safetensors"))) > 2
+    cfg, path = _config(tmp_path, [f"model.path={tmp_path / 'model'}"])
+    mpiexec([2, 1, 2], "start_worker.py", str(path), str(tmp_path), timeout=400)
+    # what safetensors itself reads, whole, in the layout's order
+    tensors = {}
+    for shard in sorted((tmp_path / "model").glob("model-*.safetensors")):
+        tensors.update(load_file(shard))
+    layout = FlatLayout.of(model_for(cfg, 32, VOCAB_SIZE))
+    expected = np.concatenate([tensors[slot.name].float().numpy().ravel() for slot in layout.slots])
+    assert not np.array_equal(expected, InitialModel(model, layout, configfile.from_dict({}))(0, layout.numel))
+    _check_every_rank_holds(tmp_path, expected)
+
+
+@pytest.mark.slow
+def test_a_fresh_start_reaches_every_engine_and_follows_the_initialisation_rule(tmp_path):
+    cfg, path = _config(tmp_path, ["train.seed=3"])
+    mpiexec([2, 1, 2], "start_worker.py", str(path), str(tmp_path), timeout=400)
+    model = model_for(cfg, 32, VOCAB_SIZE)
+    layout = FlatLayout.of(model)
+    whole = np.concatenate([values for _, values in _held(tmp_path, 2)])  # the replica rank: all of it
+    _check_every_rank_holds(tmp_path, whole)
+    config = model.config
+    for name, values in layout.unflatten(whole).items():
+        if "norm" in name:  # RMSNorm weights start at one, as transformers initialises them
+            assert (values == 1).all(), name
+        else:  # the rest normal(0, initializer_range), each tensor its own draw
+            assert abs(values.mean()) < 4 * config.initializer_range / values.size ** 0.5 + 1e-3, name
+            assert values.std() == pytest.approx(config.initializer_range, rel=0.1), name
+    first = layout.unflatten(whole)
+    assert not np.array_equal(first["model.layers.0.mlp.up_proj.weight"][:8, :8],
+                              first["model.layers.1.mlp.up_proj.weight"][:8, :8])
+
+
+def _one_line(result, *words):
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "error:" in line and "mpifed simulate" not in line]
+    assert len(lines) == 1, result.stderr  # said once (by world rank 0), whatever the number of ranks
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.mark.slow
+def test_a_model_folder_whose_safetensors_do_not_match_its_config(tmp_path):
+    folder = tmp_path / "model"
+    build_model("llama-tiny", 32, 7, vocab_size=VOCAB_SIZE).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] = 200
+    (folder / "config.json").write_text(json.dumps(config))
+    common = ["simulate", "--facilities", "1", "--ranks-per-facility", "2", "--rounds", "1", "--local-steps", "1",
+              "--set", f"model.path={folder}", "--set", "facility.f0.engine=fsdp"]
+    _one_line(mpifed(*common, "--out", str(tmp_path / "a")), f"model.path {folder / 'model.safetensors'}",
+              "model.layers.0.mlp.gate_proj.weight", "(172, 64)", "(200, 64)")
+    tensors = load_file(folder / "model.safetensors")
+    config["intermediate_size"] = 172
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({k: v for k, v in tensors.items() if k != "model.norm.weight"}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    _one_line(mpifed(*common, "--out", str(tmp_path / "b")), f"model.path {folder}", "no tensor model.norm.weight")
+
+
+@pytest.mark.slow
+def test_a_sharded_rank_starts_without_room_for_a_whole_model(tmp_path):
+    """A LLaMA of 0.4B parameters (1.6 GB in fp32) on 4 fsdp ranks, each the root of a quarter. Every
+    rank's address space is limited to what `mpifed plan` says a rank needs at start beyond the
+    runtime (its shard, its segment of the global model, one bucket) plus less than one whole model:
+    each starts and holds exactly its quarter, and then has no room left for one whole fp32 copy. (The
+    start this replaced built the whole model on every rank and broadcast a whole copy of it.)"""
+    from mpifed import plan
+    from mpifed.model import planned_model
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=32, num_attention_heads=16,
+                         num_key_value_heads=16, vocab_size=VOCAB_SIZE, max_position_embeddings=16)
+    config.save_pretrained(tmp_path / "big")
+    cfg = configfile.from_dict(configfile.apply_sets({"facility": [{"name": "f0", "ranks": 4, "engine": "fsdp"}]}, [
+        f"model.path={tmp_path / 'big'}", "model.reinit=true", "train.micro_batch=1", "data.seq_len=16",
+        "data.val_sequences=2", "eval.facilities=false", "federation.roots=4", "federation.rounds=1",
+        f"checkpoint.dir={tmp_path / 'run'}"]))
+    (tmp_path / "c.toml").write_text(configfile.dump_toml(cfg))
+    model, layout = planned_model(cfg, 16, VOCAB_SIZE)
+    whole_mb = 4 * layout.numel / 2 ** 20
+    assert whole_mb > 1400
+    dims = (model.config.hidden_size, model.config.num_hidden_layers, VOCAB_SIZE, 16)
+    start_mb = (plan.plan_facility(cfg, 0, layout, dims, 0).rank.start - plan.RUNTIME_GB * plan.GB) / 2 ** 20
+    assert start_mb < 1.5 * whole_mb  # what a sharded rank needs: well under the two whole copies of before
+    limit_mb = int(start_mb + 0.6 * whole_mb)
+    started = mpiexec(4, "start_worker.py", str(tmp_path / "c.toml"), str(tmp_path), "--limit-mb", str(limit_mb),
+                      "--probe", timeout=400, check=False)
+    assert started.returncode == 0, started.stderr[-3000:]
+    held = [_held(tmp_path, rank) for rank in range(4)]
+    assert sum(len(v) for pieces in held for _, v in pieces) == layout.numel
+    assert all(sum(len(v) for _, v in pieces) < 0.3 * layout.numel for pieces in held)
+    assert [(tmp_path / f"probe-{rank}.txt").read_text() for rank in range(4)] == ["no room"] * 4
+
+
+def test_plan_counts_what_an_independent_count_gives_and_warns_where_it_cannot_fit(tmp_path):
+    cfg = tmp_path / "plan.toml"
+    cfg.write_text('[model]\npreset = "llama3-8b"\n\n'
+                   '[[facility]]\nname = "whole"\nsite = "leonardo"\nranks = 4\nengine = "replica"\n\n'
+                   '[[facility]]\nname = "sharded"\nsite = "leonardo"\nranks = 32\nengine = "fsdp"\n')
+    result = mpifed("plan", str(cfg), "--bandwidth", "10gbit")
+    assert result.returncode == 0, result.stderr
+    # LLaMA-3-8B's shapes over the embedded corpus's 256 tokens, counted by hand
+    h, inner, layers, kv, vocab = 4096, 14336, 32, 8 * 128, VOCAB_SIZE
+    params = 2 * vocab * h + h + layers * (2 * h * h + 2 * h * kv + 3 * h * inner + 2 * h)
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"facility whole: 4 ranks x replica on site leonardo, {params / 1e6:,.1f}M parameters"
+    whole = next(i for i, line in enumerate(lines) if line.startswith("facility whole"))
+    sharded = next(i for i, line in enumerate(lines) if line.startswith("facility sharded"))
+    assert f"weights {4 * params / 1e9:7.2f} GB" in lines[whole + 1]
+    assert f"weights {4 * params / 32 / 1e9:7.2f} GB" in lines[sharded + 1]
+    assert any("warning: a rank's engine state needs" in line and "the 64.0 GB of a GPU" in line
+               for line in lines[whole:sharded])
+    assert not any("warning" in line for line in lines[sharded:])
+    # two facilities: each root sends half its payload in each phase, fp32: the whole model in all
+    moved = next(line for line in lines[sharded:] if "a round moves" in line)
+    assert f"{4 * params / 1e6:,.1f} MB to other sites" in moved
+    assert f"({4 * params * 8 / 10e9:,.1f} s at 10gbit)" in moved
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--set", "facility.0.ranks=0"], ["facility", "ranks"]),
+    (["--bandwidth", "fast"], ["--bandwidth", "'fast'"]),
+])
+def test_plan_refuses_bad_input_in_one_line(tmp_path, args, words):
+    cfg = tmp_path / "plan.toml"
+    cfg.write_text('[[facility]]\nname = "a"\nranks = 2\n')
+    result = mpifed("plan", str(cfg), *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for word in words:
+        assert word in result.stderr
+    assert mpifed("plan", str(tmp_path / "missing.toml")).returncode == 2
