@@ -3,14 +3,16 @@ veth pair whose uplink `tc` shapes (rate, and delay where the kernel has netem),
 separately (`mpifed run --facility`) and joined over MPI ports as on real sites.
 
 For 2 and 3 facilities, the same run unshaped (blocking fp32), and shaped: blocking fp32, blocking int8,
-delayed (federation.overlap) fp32 and delayed int4. Reports per round: sync seconds (the time training
-waited for the exchange), compute utilization (the share of wall time not spent waiting), and the bytes
+delayed (federation.overlap) fp32 and delayed int4. Reports per steady round (all but the first, which
+sets up the connections, and the last, where overlap takes the run's final exchange blocking): sync
+seconds (the time training waited for the exchange and for the other facility), compute utilization
+(the share of wall time not spent waiting), and the bytes
 between facilities as mpifed counts them (bytes_inter) against the bytes `tc` saw leave the uplinks over
 the same rounds (the counters are read when round 1's line appears and at the end: start-up, the join
 and the initial model are left out; TCP/IP headers and the control messages are in).
 
     python benchmarks/wan.py [--facilities 2,3] [--rate 100mbit] [--delay 20ms] [--model llama-small]
-                             [--rounds 4] [--local-steps 10]
+                             [--rounds 6] [--local-steps 10]
 
 Needs root (ip netns, veth, tc); elsewhere it prints why and a RESULT line with "skipped". The RESULT
 keys: utilization_blocking, utilization_delayed and utilization_delayed_int4 (the worse facility count),
@@ -143,13 +145,15 @@ def run_federation(wan: Wan, work: Path, sets: list[str], ranks: int, timeout: f
     return [json.loads(line) for line in metrics.read_text().splitlines()], wan.sent_bytes() - after_first
 
 
-def summarise(rows: list[dict], link: int) -> dict:
-    steady = rows[1:] or rows  # round 1 includes the first connections' setup
+def summarise(rows: list[dict], link: int, link_rounds: int) -> dict:
+    # round 1 includes the first connections' setup; with overlap the last one takes the final exchange
+    # blocking (once per run, not per round): the steady rounds are those in between
+    steady = rows[1:-1] if len(rows) > 2 else rows
     wall = sum(r["wall_s"] for r in steady)
     sync = sum(r["sync_s"] + r["idle_s"] for r in steady)
-    counted = sum(r["bytes_inter"] for r in steady)
+    counted = sum(r["bytes_inter"] for r in rows[-link_rounds:])  # the rounds the link counters spanned
     return {"sync_s": round(sync / len(steady), 3), "utilization": round(1 - sync / wall, 3),
-            "bytes_inter_per_round": counted // len(steady), "link_bytes_per_round": link // len(steady),
+            "bytes_inter_per_round": counted // link_rounds, "link_bytes_per_round": link // link_rounds,
             "link_vs_counted": round(link / counted, 3) if counted else None,
             "wall_s_per_round": round(wall / len(steady), 3), "final_val_loss": rows[-1]["val_loss"]}
 
@@ -171,7 +175,7 @@ def measure(facilities: int, ranks: int, rate: str, delay: str, sets: list[str],
             work = Path(tmp) / label
             work.mkdir()
             rows, link = run_federation(wan, work, sets + extra, ranks)
-            out[label] = {**summarise(rows, link), "shaping": applied}
+            out[label] = {**summarise(rows, link, len(rows) - 1), "shaping": applied}
             r = out[label]
             say(f"{facilities} fac {label:<14} sync {r['sync_s']:6.3f} s/round  utilization {r['utilization']:6.1%}  "
                 f"bytes/round {r['bytes_inter_per_round']:>12,} counted, {r['link_bytes_per_round']:>12,} on the link "
@@ -186,7 +190,7 @@ def main() -> None:
     parser.add_argument("--rate", default="100mbit")
     parser.add_argument("--delay", default="20ms")
     parser.add_argument("--model", default="llama-small")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--local-steps", type=int, default=10)
     args = parser.parse_args()
     why = permitted()
