@@ -120,3 +120,15 @@ def test_bad_engine_settings_fail_before_training(tmp_path, setting, message):
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
+
+
+def test_deepspeed_builds_are_kept_apart_per_python_environment(monkeypatch, tmp_path):
+    import sys
+
+    from mpifed.engines.deepspeed import extensions_dir
+
+    monkeypatch.setenv("MPIFED_CACHE", str(tmp_path))
+    here = extensions_dir()
+    assert here.parent == tmp_path / "torch_extensions" and here == extensions_dir()
+    monkeypatch.setattr(sys, "prefix", "/opt/another/venv")  # another virtualenv or container, same HOME
+    assert extensions_dir() != here and extensions_dir().parent == here.parent

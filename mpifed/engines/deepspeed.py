@@ -9,8 +9,10 @@ new values go into those tensors and DeepSpeed's fp32 master copy is refreshed f
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,13 @@ def _merge(base: dict, override: dict) -> dict:
     for key, value in override.items():
         out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
+
+
+def extensions_dir() -> Path:
+    """Where DeepSpeed's JIT builds go: one folder per Python environment and torch version, so that
+    virtualenvs or containers sharing a HOME neither rebuild over each other's build nor race on it."""
+    key = hashlib.sha256(f"{sys.prefix}\n{sys.version}\n{torch.__version__}".encode()).hexdigest()[:12]
+    return cache_dir() / "torch_extensions" / key
 
 
 def deepspeed_config(settings: EngineSettings, micro_batch: int, dtype: torch.dtype, ranks: int) -> dict:
@@ -72,7 +81,7 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, model: torch.nn.Module, settings: EngineSettings, micro_batch: int) -> None:
         # The CPU accelerator JIT-builds a communication op on first use: build it once per machine.
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
         import deepspeed
 
         self.layout = FlatLayout.of(model)
