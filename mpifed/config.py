@@ -269,6 +269,11 @@ class FederationConfig:
     token_file: str = ""
     """Separate launches: a file (mode 0600) holding the shared join token; MPIFED_TOKEN wins over it."""
 
+    @property
+    def bucket_values(self) -> int:
+        """bucket_mb as a number of fp32 values (at least one)."""
+        return max(1, int(self.bucket_mb * 2 ** 20) // 4)
+
     def problems(self) -> list[str]:
         out = _choice_problems(self, "federation")
         if self.rounds < 1:

@@ -11,10 +11,12 @@ what benchmarks/memory.py measures; the rules follow what the engines and mpifed
                        adds its fp32 master copy of 1/n
   optimizer            AdamW's two moments, 1/n of the model (replica: all of it)
   transient            fsdp gathers one unit (a decoder layer, or the rest of the model: embeddings
-                       and the head) with its gradients; DeepSpeed its reduction bucket and (ZeRO-3)
-                       its live parameters with their gradients; activations of one micro-batch
-  mpifed               the anchors of what a rank owns; on a root its segment of the global model,
-                       the outer state, the update and receive buffers and the error feedback; buckets
+                       and the head) with its gradients and its reduce-scatter's input; DeepSpeed its
+                       reduction bucket and (ZeRO-3) its live parameters with their gradients and its
+                       prefetch bucket, kept from the first step on; activations of one micro-batch
+  mpifed               on a root its segment of the global model, the outer state, the update and
+                       receive buffers and the error feedback; with overlap the anchors of what a rank
+                       owns and what it has in flight; buckets
   checkpoint, resume   one bucket more on the writer, and a copy of the rank's own optimizer state
 """
 from __future__ import annotations
@@ -129,24 +131,33 @@ def plan_facility(cfg: RunConfig, index: int, layout: FlatLayout, shape: tuple[i
     gradients = {"replica": whole, "fsdp": share, "zero1": whole, "zero2": share, "zero3": share}[engine]
     optimizer = 2 * (whole if engine == "replica" else share)
     unit = 4.0 * _units(layout)
-    transient = (2 * unit if engine == "fsdp" else 0.0) + _activations(cfg, layout, *shape)
-    if fac.engine == "deepspeed":
-        transient += _deepspeed_buffers(fac, p)
+    # fsdp gathers a unit's parameters and makes their gradients and the reduce-scatter's input
+    transient = (3 * unit if engine == "fsdp" else 0.0) + _activations(cfg, layout, *shape)
+    # DeepSpeed makes its buffers at the first step and keeps them: a checkpoint comes on top of them
+    kept = _deepspeed_buffers(fac, p) if fac.engine == "deepspeed" else 0.0
+    transient += kept
     segment = whole / roots
     codec = make_codec(fed.compress, fed.topk_fraction)
     payload = segment if codec is None else codec.payload_bytes(p // roots)
-    bucket = 4.0 * max(1, int(fed.bucket_mb * 2 ** 20) // 4)
+    bucket = 4.0 * fed.bucket_values
     delayed = fed.overlap == "delayed"
-    mpifed = share + segment * (1 + len(OUTER[fed.outer].state)) + segment + payload \
-        + (2 * segment if codec is not None else 0) + (share + segment if delayed else 0) + bucket
-    held = weights + gradients + optimizer + mpifed
+    # held throughout: a root's segment of θ with the outer state, the codec's error feedback; with
+    # overlap every rank's anchors and what it has in flight of its owned ranges, and a root's buffer of
+    # what was learned meanwhile. One exchange's buffers (the update, the receive buffer where it sends
+    # anything, a bucket) are held only while it runs, unless it runs in the background
+    sends = codec is not None or f_count > 1
+    exchange = segment + (payload if sends else 0) + bucket
+    resident = segment * (1 + len(OUTER[fed.outer].state)) + (2 * segment if codec is not None else 0) \
+        + (2 * share + segment + exchange if delayed else 0)
+    mpifed = resident + (0 if delayed else exchange)
+    held = weights + gradients + optimizer + resident
     holds = whole if engine in ("replica", "zero1", "zero2") else share  # what a rank holds of the model
     # DeepSpeed builds the whole model before it partitions it; fsdp and replica build it empty
-    start = RUNTIME_GB * GB + (whole if engine.startswith("zero") else 0) + weights + gradients + share + segment \
-        + bucket
-    train = RUNTIME_GB * GB + held + transient
+    start = RUNTIME_GB * GB + (whole if engine.startswith("zero") else 0) + weights + gradients \
+        + (share if delayed else 0) + segment + bucket
+    train = RUNTIME_GB * GB + held + max(transient, 0 if delayed else exchange)
     # an engine hands its optimizer state over as arrays of what it holds, then of what it owns
-    checkpoint = RUNTIME_GB * GB + held + 2 * (holds + share) + 2 * bucket
+    checkpoint = RUNTIME_GB * GB + held + kept + 2 * (holds + share) + 2 * bucket
     resume = RUNTIME_GB * GB + held + 2 * holds + 2 * bucket
     rank = RankMemory(weights, gradients, optimizer, mpifed, transient, RUNTIME_GB * GB, start, train, checkpoint,
                       resume)
@@ -157,15 +168,16 @@ def plan_facility(cfg: RunConfig, index: int, layout: FlatLayout, shape: tuple[i
                         *_capacity(fac))
 
 
-DEEPSPEED_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_max_live_parameters": 1e9}
+DEEPSPEED_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_max_live_parameters": 1e9,
+                      "stage3_prefetch_bucket_size": 5e7}
 """DeepSpeed's own defaults for the zero_optimization keys that size its buffers (values, not bytes)."""
 
 
 def _deepspeed_buffers(fac: FacilityConfig, p: int) -> float:
     """Bytes of DeepSpeed's own working buffers on a rank: its gradient reduction bucket and, with ZeRO-3,
-    the parameters it keeps gathered (up to stage3_max_live_parameters) with their gradients; the sizes
-    from the facility's DeepSpeed JSON where it sets them. (On this project's CPU machine a bare ZeRO-3
-    loop of a 0.17B model peaks at what this adds to the partitions; see benchmarks/memory.py.)"""
+    the parameters it keeps gathered (up to stage3_max_live_parameters) with their gradients and its
+    prefetch bucket; the sizes from the facility's DeepSpeed JSON where it sets them (checked against
+    benchmarks/memory.py's measurement, where a checkpoint's peak shows that they stay allocated)."""
     keys = dict(DEEPSPEED_DEFAULTS)
     if fac.deepspeed.config:
         try:
@@ -175,7 +187,7 @@ def _deepspeed_buffers(fac: FacilityConfig, p: int) -> float:
             pass  # preflight names an unreadable JSON; the plan keeps the defaults
     buffers = 4.0 * min(p, keys["reduce_bucket_size"])
     if fac.deepspeed.zero_stage == 3:
-        buffers += 2 * 4.0 * min(p, keys["stage3_max_live_parameters"])
+        buffers += 2 * 4.0 * min(p, keys["stage3_max_live_parameters"]) + 4.0 * min(p, keys["stage3_prefetch_bucket_size"])
     return buffers
 
 

@@ -128,6 +128,21 @@ def test_one_facility_moves_nothing_between_sites(tmp_path):
     assert [rep["bytes_inter"] for rep in reports] == [[0, 0]] * 3
 
 
+def test_blocking_rounds_keep_no_copy_of_the_model_between_exchanges(tmp_path):
+    """Blocking rounds take Δ against the roots' own segment of θ, so no rank keeps anchors, and a root
+    lets go of an exchange's buffers once it is over: nothing of the exchange is held while training.
+    With overlap the exchange runs during training, and what it needs is kept."""
+    sizes = [2, 3]
+    for overlap in ("none", "delayed"):
+        (tmp_path / overlap).mkdir()
+        model, reports = run(tmp_path / overlap, sizes, 3, "sharded", roots=2, overlap=overlap, compress="int8")
+        retained = [rep["retained_bytes"] for rep in reports]
+        if overlap == "none":
+            assert retained == [0] * sum(sizes)
+        else:  # every rank's anchors and what it posted: two copies of what it owns, at least
+            assert all(r >= 2 * 4 * 300 for r in retained)  # each rank owns 333 values or more
+
+
 @pytest.mark.parametrize("compress, ratio", [("bf16", 0.5), ("int8", 0.26), ("int4", 0.14), ("int2", 0.075),
                                              ("topk", 0.05)])
 def test_compressed_exchange(tmp_path, compress, ratio):

@@ -133,12 +133,8 @@ class CheckpointManager:
             mine = pieces.ranges_of(views)
             sink = (lambda lo, hi, values, key=key: writer.write(key, lo, values)) if leader else None
             pieces.gather(fac, 0, mine, pieces.everyones(fac, mine), pieces.from_views(views), 0, self.layout.numel,
-                          self._bucket, sink=sink)
+                          self.cfg.federation.bucket_values, sink=sink)
         return writer.close().commit() if leader else None
-
-    @property
-    def _bucket(self) -> int:
-        return max(1, int(self.cfg.federation.bucket_mb * 2 ** 20) // 4)
 
     def _part_contents(self, parts: Parts) -> tuple[dict[str, np.ndarray], dict[str, list[tuple[int, np.ndarray]]]]:
         """(small arrays, on the leader; flat arrays as this rank's pieces, the same names on every rank)."""
@@ -250,7 +246,7 @@ class CheckpointManager:
         engine.before_exchange()
         with self._deadline("resume: sending the checkpointed model"):
             pieces.scatter(topo.world, 0, mine, everyone, source, pieces.into_views(held), 0, self.layout.numel,
-                           self._bucket)
+                           self.cfg.federation.bucket_values)
         engine.after_exchange()
         outer: dict[str, np.ndarray] = {}
         if topo.root_index is not None:
@@ -299,7 +295,7 @@ class CheckpointManager:
         mine = pieces.ranges_of(views)
         source = (lambda lo, hi: checkpoint.read_range(part, key, lo, hi)) if self.topo.is_leader else None
         pieces.scatter(fac, 0, mine, pieces.everyones(fac, mine), source, pieces.into_views(views), 0,
-                       self.layout.numel, self._bucket)
+                       self.layout.numel, self.cfg.federation.bucket_values)
 
     def _restore_facility(self, part: Path, small: dict[str, np.ndarray], stored: set[str],
                           parts: Parts) -> dict[str, np.ndarray]:
@@ -337,7 +333,7 @@ class HeldArray:
         self.views = views
 
     def __getitem__(self, where: slice) -> np.ndarray:
-        for offset, values in self.views:
-            if offset <= where.start and where.stop <= offset + len(values):
-                return values[where.start - offset:where.stop - offset]
-        raise IndexError(f"[{where.start}:{where.stop}] is not within what this rank holds")
+        try:
+            return pieces.locate(self.views, where.start, where.stop)
+        except ValueError:
+            raise IndexError(f"[{where.start}:{where.stop}] is not within what this rank holds") from None

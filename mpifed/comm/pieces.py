@@ -112,7 +112,7 @@ def scatter(comm: MPI.Intracomm, root: int, mine: Sequence[Range], everyone: Seq
                 at += y - x
 
 
-def _locate(views: Sequence[View], x: int, y: int) -> np.ndarray:
+def locate(views: Sequence[View], x: int, y: int) -> np.ndarray:
     """Values [x, y) inside whichever of `views` holds them."""
     for offset, local in views:
         if offset <= x and y <= offset + len(local):
@@ -123,12 +123,12 @@ def _locate(views: Sequence[View], x: int, y: int) -> np.ndarray:
 def into_views(views: Sequence[View]) -> Callable[[int, int, np.ndarray], None]:
     """A `take` that writes values [x, y) into whichever of `views` holds them."""
     def take(x: int, y: int, values: np.ndarray) -> None:
-        _locate(views, x, y)[:] = values
+        locate(views, x, y)[:] = values
     return take
 
 
 def from_views(views: Sequence[View]) -> Callable[[int, int, np.ndarray], None]:
     """A `produce` that copies values [x, y) out of whichever of `views` holds them."""
     def produce(x: int, y: int, out: np.ndarray) -> None:
-        np.copyto(out, _locate(views, x, y))
+        np.copyto(out, locate(views, x, y))
     return produce

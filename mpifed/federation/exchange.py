@@ -47,10 +47,12 @@ class Combiner:
     """One root's side of the exchange of its segment (n values): the codec (None: fp32), the two
     error-feedback residuals, each over the whole segment (which chunks a root sums depends on who
     takes part in a round; what it kept for a chunk waits until it sums that chunk again), and the
-    buffers the exchange reuses every round (each at most the segment's payload; fp32 needs one)."""
+    buffers of an exchange (each at most the segment's payload; fp32 needs one), kept for the next one
+    with `keep` (an exchange in the background, during training) and otherwise let go: between blocking
+    exchanges a root holds nothing of them while it trains."""
 
-    def __init__(self, codec: Codec | None, n: int, threads: int = 1) -> None:
-        self.codec, self.n, self.threads = codec, n, threads
+    def __init__(self, codec: Codec | None, n: int, threads: int = 1, keep: bool = False) -> None:
+        self.codec, self.n, self.threads, self.keep = codec, n, threads, keep
         self.state: dict[str, np.ndarray] = {} if codec is None else {
             "residual": np.zeros(n, np.float32), "sum_residual": np.zeros(n, np.float32)}
         """Error-feedback state, by name (what a checkpoint keeps of the exchange)."""
@@ -68,7 +70,8 @@ class Combiner:
             time.sleep(self.poll_s)
 
     def _buffer(self, name: str, size: int) -> np.ndarray:
-        """A byte buffer kept between rounds (large fresh arrays would cost their page faults each time)."""
+        """A byte buffer for this exchange (and with `keep` the next: large fresh arrays in the background
+        would cost their page faults each time)."""
         if name not in self._buffers or len(self._buffers[name]) < size:
             self._buffers[name] = np.empty(size, np.uint8)
         return self._buffers[name][:size]
@@ -92,9 +95,11 @@ class Combiner:
         member's taken times its `weights` entry (none: as they are); returns this root's traffic.
         fp32 weighs what it receives (a pass over 1/F of the segment instead of all of it); a codec
         weighs before encoding, since its error feedback is of what it sends."""
-        if weights and self.codec is not None:
+        if weights and (self.codec is not None or group.size == 1):
             delta *= np.float32(weights[group.rank])
         size, me = group.size, group.rank
+        if size == 1 and self.codec is None:  # alone: the weighted values are the sum; nothing to send
+            return Traffic()
         spans = self.chunks(len(delta), size)
         sizes = [self._size(hi - lo) for lo, hi in spans]
         starts = np.cumsum([0, *sizes[:-1]]).tolist()
@@ -126,6 +131,8 @@ class Combiner:
             self._done(group.Iallgatherv(MPI.IN_PLACE, [gathered, sizes, starts, MPI.BYTE]))
             for (a, b), start, length in zip(spans, starts, sizes):
                 decode(self.codec, gathered[start:start + length], b - a, delta[a:b], False, self.threads)
+        if not self.keep:
+            self._buffers.clear()
         others = sum(sizes) - sizes[me]
         return Traffic(sent=others + sizes[me] * (size - 1), received=sizes[me] * (size - 1) + others)
 

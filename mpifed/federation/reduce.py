@@ -3,10 +3,13 @@ into every facility; fragment by fragment, blocking or in the background.
 
 The flat model is cut into R segments, segment r belonging to root r of every facility, and into K
 fragments (federation.fragments), each exchanged on its own schedule. At a fragment's sync point:
-1. Gather: every rank sends what its owned ranges of the fragment learned, Δ = anchor − local (the
-   anchor: the global model as of the fragment's last exchange), to the root of each segment they fall
+1. Gather: every rank sends its owned ranges of the fragment to the root of each segment they fall
    in, streamed in buckets; the root receives each piece in place (an MPI indexed datatype), so no rank
-   holds more than one bucket beyond its state.
+   holds more than one bucket beyond its state, and takes what the facility learned, Δ = θ − local,
+   against its own segment of the global model θ: nobody keeps a second copy of the global values.
+   (With overlap θ moves in the background while training goes on, so there every rank keeps the
+   anchor of its owned ranges, the global model as of the fragment's last exchange, and sends
+   Δ = anchor − local itself.)
 2. Exchange (mpifed/federation/exchange.py): roots share update norms and token counts, the guard
    leaves out NaN/Inf, outsized or unsampled facilities, root r of every facility combines its
    token-weighted piece (reduce-scatter and all-gather, compressed or fp32, the same bytes on every
@@ -27,6 +30,7 @@ posted at one sync point is folded in at the next, so one fragment is in flight 
 """
 from __future__ import annotations
 
+import bisect
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -86,8 +90,8 @@ class RoundExchange:
 
 
 class Federation:
-    """The reduction state of one rank: the anchors (global values) of its owned ranges, what it has in
-    flight, and on root r the global segment r with its outer optimizer and the exchange's
+    """The reduction state of one rank: with overlap the anchors (global values) of its owned ranges and
+    what it has in flight, and on root r the global segment r with its outer optimizer and the exchange's
     error-feedback state. Built collectively per facility; `threads` encode and decode the segment."""
 
     def __init__(self, topo: Topology, cfg: FederationConfig, numel: int, owned: Sequence[View],
@@ -96,13 +100,14 @@ class Federation:
         self.segments = segments(numel, topo.n_roots)
         self.fragments = segments(numel, cfg.fragments)
         self.delayed = cfg.overlap == "delayed"
-        self.bucket = max(1, int(cfg.bucket_mb * 2 ** 20) // 4)
+        self.bucket = cfg.bucket_values
         self.owned_all = pieces.everyones(topo.facility, sorted(pieces.ranges_of(owned)))
         self._check_ownership(pieces.ranges_of(held))
         self.held_all = pieces.everyones(topo.facility, sorted(pieces.ranges_of(held)))
         self.full_replicas = all(h == [(0, numel)] for h in self.held_all)
-        self.anchor = [values.copy() for _, values in owned]
-        """The global model on each owned view, as of each fragment's last exchange."""
+        self.anchor = [values.copy() for _, values in owned] if self.delayed else None
+        """Overlap: the global model on each owned view, as of each fragment's last exchange (blocking
+        rounds take Δ against the roots' θ, which then holds the same values)."""
         self.posted = [np.zeros_like(values) for _, values in owned] if self.delayed else None
         """What each owned view has in flight (overlap): its Δ as posted, zero elsewhere."""
         self.tokens = [0] * cfg.fragments
@@ -123,7 +128,7 @@ class Federation:
             # In the background the exchange stays on its own thread, and MPI's waits do not spin: the
             # cores belong to training.
             self.combiner = Combiner(make_codec(cfg.compress, cfg.topk_fraction), stop - start,
-                                     1 if self.delayed else threads)
+                                     1 if self.delayed else threads, keep=self.delayed)
             self.combiner.poll_s = POLL_S if self.delayed else 0.0
             self.exchange = RootExchange(topo.roots.Dup() if self.delayed else topo.roots, cfg, topo.facility_names,
                                          self.combiner, self.outer)
@@ -132,10 +137,6 @@ class Federation:
         self.theta = self._gather(owned, lambda i, a, b, out: np.copyto(out, owned[i][1][a:b]), 0, numel)
         if root is not None:
             self.outer.full_state(self.theta)
-            if pieces.ranges_of(owned) == [self.segments[root]] and not self.delayed:
-                # shard-aligned: what I own is my segment; keep one copy (not with overlap: the anchor is
-                # read while the outer step of the exchange in flight changes the segment)
-                self.anchor = [self.theta]
 
     # ---------------------------------------------------------------------------- layout and ownership
     def _check_ownership(self, held: list[Range]) -> None:
@@ -167,8 +168,8 @@ class Federation:
                 hi: int, into: str = "") -> np.ndarray | None:
         """Root r receives [lo, hi) ∩ segment r assembled from every rank's owned pieces (comm/pieces.py);
         `produce(i, a, b, out)` writes owned view i's values [a, b) (relative to the view) into `out`.
-        `into` names a segment-sized buffer kept between rounds (a fresh one each time would cost its
-        page faults)."""
+        `into` names a segment-sized buffer kept between rounds (with overlap, whose exchanges run while
+        training goes on: a fresh one each time would cost its page faults there)."""
         fac, root = self.topo.facility, self.topo.root_index
         piece = self._piece(lo, hi)
         result = None
@@ -176,12 +177,13 @@ class Federation:
             if into and into not in self._kept:
                 self._kept[into] = np.empty(self.segments[root][1] - self.segments[root][0], np.float32)
             result = self._kept[into][:piece[1] - piece[0]] if into else np.empty(piece[1] - piece[0], np.float32)
-        starts = {offset: i for i, (offset, _) in enumerate(owned)}
+        order = sorted(range(len(owned)), key=lambda i: owned[i][0])
+        offsets = [owned[i][0] for i in order]
         mine = pieces.ranges_of(owned)
 
         def absolute(x: int, y: int, out: np.ndarray) -> None:  # [x, y) lies in one owned view
-            offset = max(a for a in starts if a <= x)
-            produce(starts[offset], x - offset, y - offset, out)
+            i = order[bisect.bisect_right(offsets, x) - 1]
+            produce(i, x - owned[i][0], y - owned[i][0], out)
 
         for r, (start, stop) in enumerate(self.segments):
             first, last = max(start, lo), min(stop, hi)
@@ -277,20 +279,22 @@ class Federation:
                       phase: str) -> Outcome:
         """Gather, exchange and distribute one fragment, waiting for all of it."""
         lo, hi = self.fragments[fragment]
-        delta = self._gather(owned, lambda i, a, b, out: np.subtract(self.anchor[i][a:b], owned[i][1][a:b], out=out),
-                             lo, hi, "delta")
+        # a fresh buffer: blocking rounds hold nothing of the exchange while training (overlap's is kept)
+        delta = self._gather(owned, lambda i, a, b, out: np.copyto(out, owned[i][1][a:b]), lo, hi)
+        piece = self._piece(lo, hi)
+        if delta is not None:  # Δ = θ − local; θ holds what every anchor would (see the module's docstring)
+            np.subtract(self.theta[slice(*piece)], delta, out=delta)
         norm = self._norm(delta)
         tokens, self.tokens[fragment] = self.tokens[fragment], 0
         self.steps[fragment] += 1
         outcome = Outcome(Traffic())
         if delta is not None:
             with deadline(self.topo.world, self.cfg.timeout_s, f"{phase}: combining the updates"):
-                outcome = self.exchange.run(delta, self.theta, slice(*self._piece(lo, hi)), self.steps[fragment],
+                outcome = self.exchange.run(delta, self.theta, slice(*piece), self.steps[fragment],
                                             tokens if participate else 0, norm, not math.isfinite(norm), participate)
-        piece = self._piece(lo, hi)
         self._distribute(held, self.theta[slice(*piece)] if piece is not None else None, lo, hi)
-        for i, part in self._each_owned(owned, lo, hi):
-            if self.anchor[i] is not self.theta:  # an aliased segment is already the new global model
+        if self.anchor is not None:  # overlap's flush: the anchors follow the global model
+            for i, part in self._each_owned(owned, lo, hi):
                 self.anchor[i][part] = owned[i][1][part]
         return outcome
 
@@ -361,7 +365,7 @@ class Federation:
     def restore(self, outer: dict[str, np.ndarray], exchange: dict[str, np.ndarray], owned: Sequence[View],
                 rounds_done: int, tokens: Sequence[int] = (), flushed: bool = False) -> None:
         """Resume after `rounds_done` rounds: the engine's views hold the global model (the local model,
-        where it differs, is put back into them afterwards), which becomes every anchor and, gathered
+        where it differs, is put back into them afterwards), which becomes every anchor (overlap) and, gathered
         as at the start, every root's segment; on roots also the `outer` state and the `exchange` state
         of their segment. `tokens`: trained since each fragment's last exchange; `flushed`: the
         checkpoint came after `flush`. Collective over the facility."""
@@ -376,9 +380,8 @@ class Federation:
                 self.outer.full_state(self.theta)[name][:] = values
             for name, values in exchange.items():
                 self.combiner.state[name][:] = values
-        for (_, values), anchor in zip(owned, self.anchor):
-            if anchor is not self.theta:
-                anchor[:] = values
+        for (_, values), anchor in zip(owned, self.anchor or ()):
+            anchor[:] = values
         if self.posted is not None:
             for posted in self.posted:
                 posted[:] = 0

@@ -159,7 +159,7 @@ class Trainer:
         held = self.engine.held()
         mine = pieces.ranges_of(held)
         everyone = pieces.everyones(self.topo.world, mine)
-        bucket = max(1, int(self.cfg.federation.bucket_mb * 2 ** 20) // 4)
+        bucket = self.cfg.federation.bucket_values
         self.engine.before_exchange()
         with self.world_deadline("initial model: sending world rank 0's weights"):
             pieces.scatter(self.topo.world, 0, mine, everyone, initial, pieces.into_views(held), 0, self.layout.numel,

@@ -14,7 +14,8 @@ Ownership is `replica` (each rank owns a contiguous 1/n of the model and holds a
 NaN or 1000x larger in every round. Facilities not sampled in a round (federation.sample) leave their
 model untouched. Each rank writes OUT/rank-N.npy (its held values, NaN elsewhere), OUT/rank-N.json and,
 on roots with compression, OUT/rank-N-exchange.npy (the sum of its error-feedback residuals, zero
-outside its segment).
+outside its segment); rank-N.json has what it reported of each round and `retained_bytes`, what the
+federation keeps between exchanges beyond θ and the outer and error-feedback state.
 
     mpiexec -n 6 python tests/mpi/reduce_worker.py 1,2,3 OUT replica ROUNDS NUMEL [federation.key=value ...]
 """
@@ -97,6 +98,10 @@ with abort_on_error(comm):
         start, stop = federation.segments[topo.root_index]
         kept[start:stop] = sum(federation.exchange_state().values())
         np.save(out / f"rank-{comm.rank}-exchange.npy", kept)
+    # what the federation keeps between exchanges beyond θ and the outer and error-feedback state
+    kept = [*(federation.anchor or ()), *(federation.posted or ()), *federation._kept.values(),
+            *(federation.combiner._buffers.values() if federation.combiner else ())]
+    report["retained_bytes"] = sum(a.nbytes for a in kept)
     (out / f"rank-{comm.rank}.json").write_text(json.dumps(report))
     federation.close()
     topo.close()
