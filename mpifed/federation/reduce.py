@@ -75,6 +75,11 @@ def sampled(n_facilities: int, fraction: float, seed: int, round_: int) -> list[
     return [i in chosen for i in range(n_facilities)]
 
 
+def _values(owned: Sequence[View]) -> Callable[[int, int, int, np.ndarray], None]:
+    """A `produce` for `Federation._gather` that copies the owned views' own values."""
+    return lambda i, a, b, out: np.copyto(out, owned[i][1][a:b])
+
+
 @dataclass(frozen=True)
 class RoundExchange:
     """What one rank saw of the exchanges that landed at one sync point (0 or 1; more at a flush)."""
@@ -134,7 +139,7 @@ class Federation:
                                          self.combiner, self.outer)
             self.background = Background() if self.delayed else None
         # Root r starts from the current model's segment r.
-        self.theta = self._gather(owned, lambda i, a, b, out: np.copyto(out, owned[i][1][a:b]), 0, numel)
+        self.theta = self._gather(owned, _values(owned), 0, numel)
         if root is not None:
             self.outer.full_state(self.theta)
 
@@ -280,7 +285,7 @@ class Federation:
         """Gather, exchange and distribute one fragment, waiting for all of it."""
         lo, hi = self.fragments[fragment]
         # a fresh buffer: blocking rounds hold nothing of the exchange while training (overlap's is kept)
-        delta = self._gather(owned, lambda i, a, b, out: np.copyto(out, owned[i][1][a:b]), lo, hi)
+        delta = self._gather(owned, _values(owned), lo, hi)
         piece = self._piece(lo, hi)
         if delta is not None:  # Δ = θ − local; θ holds what every anchor would (see the module's docstring)
             np.subtract(self.theta[slice(*piece)], delta, out=delta)
@@ -373,7 +378,7 @@ class Federation:
                       for j in range(len(self.fragments))]
         self.tokens = list(tokens) or [0] * len(self.fragments)
         self.flushed = flushed
-        theta = self._gather(owned, lambda i, a, b, out: np.copyto(out, owned[i][1][a:b]), 0, self.numel)
+        theta = self._gather(owned, _values(owned), 0, self.numel)
         if self.topo.root_index is not None:
             self.theta[:] = theta
             for name, values in outer.items():
