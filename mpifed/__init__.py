@@ -9,6 +9,11 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
+STOPPED_EXIT = 75
+"""Exit code of a run that was asked to stop (SIGUSR1 or SIGTERM, as a batch job gets ahead of its
+walltime) and did, after checkpointing the round it was in: a restart with --resume auto continues it.
+(EX_TEMPFAIL: the generated batch scripts restart on it.)"""
+
 
 def cache_dir() -> Path:
     """Where mpifed caches what is slow to rebuild (the embedded corpus, DeepSpeed's JIT build):

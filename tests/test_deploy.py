@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,8 @@ def test_sites_list_shows_the_ten_profiles_and_each_loads():
     (("launcher = \"srun\"", "laucher = \"srun\""), "mpi.laucher: unknown key; valid keys: launcher, srun_mpi, libmpi"),
     (("gpus_per_node = 4", "gpus_per_node = \"four\""), "scheduler.gpus_per_node: expected int, got str"),
     (("accelerator = \"cuda\"", "accelerator = \"tpu\""), "accelerator: 'tpu' is not one of cuda, rocm, cpu"),
+    (("time = \"04:00:00\"", "time = \"04:00:00\"\nstop_ahead_s = -60"),
+     "scheduler.stop_ahead_s: must be >= 0 (0: no warning signal before the walltime)"),
     (("NCCL_IB_HCA = { value = \"mlx5\", why", "NCCL_IB_HCA = { value = \"mlx5\", reason"),
      "env.NCCL_IB_HCA: give { value = \"...\", why = \"...\" }"),
 ])
@@ -68,7 +71,8 @@ def test_config_new_writes_a_project_from_flags_only(tmp_path):
     leo, lumi = (project / "leo.sbatch").read_text(), (project / "lumi.sbatch").read_text()
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks=8", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
                  "#SBATCH --partition=boost_usr_prod", "#SBATCH --account=<PROJECT>", 'MPIFED_GPU_FLAG="--nv"',
-                 "launch/mpifed-srun.sh run mpifed.toml --facility leo \"$@\""):
+                 "#SBATCH --signal=USR1@600", 'max_restarts="${MPIFED_MAX_RESTARTS:-3}"',
+                 'launch/mpifed-srun.sh run mpifed.toml --facility leo "${resume[@]}" "$@" || status=$?'):
         assert line in leo
     assert 'MPIFED_GPU_FLAG="--rocm"' in lumi and "MPI4PY_LIBMPI" in lumi and "#SBATCH --exclusive" in lumi
     assert re.search(r'export MIOPEN_USER_DB_PATH="\$\{MIOPEN_USER_DB_PATH:-/tmp/\$USER-miopen-\$SLURM_JOB_ID\}"  # ', lumi)
@@ -78,6 +82,9 @@ def test_config_new_writes_a_project_from_flags_only(tmp_path):
     assert 'rendezvous = "hub-port.txt"' in toml and 'outer = "diloco"' in toml
     readme = (project / "README.md").read_text()
     assert "Submit `leo.sbatch` first (leo is the hub)" in readme
+    assert "up to 3 times in a row" in readme
+    fewer = mpifed(*NEW, str(tmp_path / "q"), "--facilities", "a:local:1", "--max-restarts", "0")
+    assert fewer.returncode == 0 and 'max_restarts="${MPIFED_MAX_RESTARTS:-0}"' in (tmp_path / "q" / "a.sbatch").read_text()
     again = mpifed(*NEW, str(project), "--facilities", "a:local:1")
     assert again.returncode == 2 and "already holds a project (mpifed.toml)" in again.stderr
 
@@ -167,6 +174,50 @@ def test_config_new_project_trains_under_real_slurm(slurm, tmp_path):
     assert "round   2/2" in logs["a"] and "mpifed: facility b joined (2 of 2)" in logs["a"]
     summary = checkpoint.verify(project / "checkpoints" / checkpoint.main_name(2))
     assert [f["name"] for f in summary.facilities] == ["a", "b"] and summary.round == 2
+
+
+def test_a_signalled_job_stops_after_its_round_and_both_jobs_restart_themselves(slurm, tmp_path):
+    """SIGUSR1 to facility b's job (what `#SBATCH --signal` sends ahead of the walltime): both facilities
+    stop after the round in progress with it checkpointed; each script's successor job, held until its
+    predecessor ends, then rejoins the federation and resumes it to the last round, under real SLURM."""
+    project = tmp_path / "p"
+    made = mpifed(*NEW, str(project), "--facilities", "a:local:1,b:local:1", "--set", "federation.rounds=5",
+                  "--set", "train.local_steps=40")
+    assert made.returncode == 0, made.stderr
+    env = {**rank_env(), "SLURM_CONF": str(slurm), "MPIFED_TOKEN": "slurm-test-token",
+           "MPIFED": str(Path(sys.executable).parent / "mpifed")}
+    submit = lambda name: subprocess.run(["sbatch", "--parsable", f"{name}.sbatch"], cwd=project, env=env,  # noqa: E731
+                                         capture_output=True, text=True, check=True).stdout.strip()
+    first = {name: submit(name) for name in "ab"}
+    queued = lambda: subprocess.run(["squeue", "-h", "-n", "mpifed-a,mpifed-b", "-o", "%i %j %T"], env=env,  # noqa: E731
+                                    capture_output=True, text=True).stdout.split("\n")
+    ends = time.monotonic() + 400
+    try:
+        hub_log = project / f"mpifed-a-{first['a']}.out"
+        while not (hub_log.exists() and "round   1/5" in hub_log.read_text(errors="replace")):
+            assert time.monotonic() < ends, "round 1 never finished"
+            time.sleep(0.2)
+        subprocess.run(["scancel", "--signal=USR1", first["b"]], env=env, check=True)
+        while any(line.strip() for line in queued()):
+            assert time.monotonic() < ends, f"the jobs did not finish in 400 s: {queued()}"
+            time.sleep(1)
+    finally:
+        subprocess.run(["scancel", "--name=mpifed-a", "--name=mpifed-b"], env=env)
+    logs = {name: {p.name: p.read_text() for p in sorted(project.glob(f"mpifed-{name}-*.out"))} for name in "ab"}
+    hub_first = logs["a"][f"mpifed-a-{first['a']}.out"]
+    stopped = re.search(r"mpifed: stopping after round (\d) of 5, as asked by b \(SIGUSR1\)", hub_first)
+    assert stopped, logs
+    last = int(stopped[1])
+    assert last < 5 and f"round   {last + 1}/5" not in hub_first
+    assert "stopped ahead of the walltime, checkpoint written" in logs["b"][f"mpifed-b-{first['b']}.out"]
+    for name in "ab":  # one successor each, which resumed and finished
+        restarts = [text for file, text in logs[name].items() if file != f"mpifed-{name}-{first[name]}.out"]
+        assert len(restarts) == 1, logs[name].keys()
+        assert f"mpifed: restart 1 of 3 of facility {name}" in restarts[0]
+    assert f"mpifed: resuming from checkpoints/{checkpoint.main_name(last)}" in "".join(logs["a"].values())
+    assert "round   5/5" in "".join(logs["a"].values())
+    summary = checkpoint.verify(project / "checkpoints" / checkpoint.main_name(5))
+    assert [f["name"] for f in summary.facilities] == ["a", "b"] and summary.round == 5
 
 
 def test_config_new_asks_for_what_its_flags_did_not_give(tmp_path):

@@ -7,13 +7,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
 from conftest import mpiexec, mpifed, rank_env
-from mpifed import configfile
+from mpifed import STOPPED_EXIT, configfile
 from mpifed.checkpoint import format as checkpoint
 from mpifed.data.corpus import VOCAB_SIZE
 from mpifed.model import build_model
@@ -119,6 +120,86 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, settings):
         assert a[name].tobytes() == b[name].tobytes(), name
     losses = lambda run: [(r["round"], r["train_loss"], r["val_loss"]) for r in _metrics(tmp_path / run / "metrics.jsonl")]
     assert losses("a") == losses("b") and len(losses("a")) == 6
+
+
+def _rank_pid(cwd: Path, rank: int) -> int:
+    """The pid of world rank `rank` of the `mpifed run` job started in folder `cwd`."""
+    for pid in subprocess.run(["pgrep", "-f", "mpifed run"], capture_output=True, text=True).stdout.split():
+        try:
+            here = Path(f"/proc/{pid}/cwd").resolve() == cwd.resolve()
+            if here and f"PMI_RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return int(pid)
+        except OSError:
+            pass
+    raise AssertionError(f"no rank {rank} of mpifed run in {cwd}")
+
+
+@pytest.mark.slow
+def test_a_planned_stop_checkpoints_its_round_and_resumes_bit_identical(tmp_path):
+    """SIGUSR1 to one rank of f1 (as SLURM signals a site's tasks ahead of its walltime): every facility
+    stops after the round in progress, which is checkpointed though checkpoint.every skips it, and exits
+    with STOPPED_EXIT; --resume auto then ends exactly where a run that never stopped ends, with an
+    exchange that was in flight (overlap, fragments) carried across."""
+    common = ["simulate", "--rounds", "6", "--local-steps", "4", "--set", "train.micro_batch=4",
+              "--set", "data.seq_len=64", "--set", "checkpoint.every=5", "--set", "federation.overlap=delayed",
+              "--set", "federation.fragments=2", "--set", "federation.outer=diloco"]
+    straight = mpifed(*common, "--out", "a", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+
+    stopped = subprocess.Popen([sys.executable, "-m", "mpifed", *common, "--out", "b"], cwd=tmp_path, env=rank_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        lines = []
+        for line in stopped.stdout:
+            lines.append(line)
+            if line.startswith("round   1/6"):
+                os.kill(_rank_pid(tmp_path, 3), signal.SIGUSR1)  # world rank 3: f1's
+        stopped.wait(timeout=120)
+    finally:
+        if stopped.poll() is None:
+            os.killpg(stopped.pid, signal.SIGKILL)
+    out, err = "".join(lines), stopped.stderr.read()
+    assert stopped.returncode == STOPPED_EXIT, err
+    rounds = [int(line.split()[1].split("/")[0]) for line in lines if line.startswith("round ")]
+    last = rounds[-1]
+    assert 2 <= last < 6 and rounds == list(range(1, last + 1)), out
+    assert f"mpifed: stopping after round {last} of 6, as asked by f1 (SIGUSR1)" in out
+    assert "continue with --resume auto" in err
+    assert (tmp_path / "b" / "latest").read_text().strip() == checkpoint.main_name(last)
+    assert not (tmp_path / "b" / checkpoint.main_name(last + 1)).exists()
+    assert mpifed("ckpt", "verify", str(tmp_path / "b")).returncode == 0
+
+    resumed = mpifed(*common, "--out", "b", "--resume", "auto", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from b/{checkpoint.main_name(last)}" in resumed.stdout
+    a, b = _datasets(tmp_path / "a" / "round_00006.h5"), _datasets(tmp_path / "b" / "round_00006.h5")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].tobytes() == b[name].tobytes(), name
+
+
+@pytest.mark.slow
+def test_simulate_passes_a_stop_signal_on_to_every_rank(tmp_path):
+    """SIGTERM to `mpifed simulate` itself (as a batch job's shell gets it): every facility's ranks get
+    it and stop after the round in progress, its checkpoint published."""
+    proc = subprocess.Popen([sys.executable, "-m", "mpifed", "simulate", "--rounds", "30", "--local-steps", "3",
+                             "--out", "run", "--set", "checkpoint.every=100"], cwd=tmp_path, env=rank_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("round   1/30"):
+                proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = "".join(lines)
+    assert proc.returncode == STOPPED_EXIT, proc.stderr.read()
+    last = [int(line.split()[1].split("/")[0]) for line in lines if line.startswith("round ")][-1]
+    assert f"stopping after round {last} of 30, as asked by f0 (SIGTERM), f1 (SIGTERM)" in out
+    assert (tmp_path / "run" / "latest").read_text().strip() == checkpoint.main_name(last)
 
 
 @pytest.mark.slow

@@ -42,7 +42,9 @@ def sites_show(name: str) -> int:
     click.echo(f"  accelerator  {site.accelerator} (torch backend {site.torch_backend})")
     click.echo(f"  scheduler    partition {s.partition or '(default)'}, account {s.account or '-'}"
                f"{', qos ' + s.qos if s.qos else ''}, {s.gpus_per_node} GPUs and {s.cpus_per_node} CPUs per node, "
-               f"{s.ranks_per_node} ranks per node, time {s.time}{' ' + ' '.join(s.extra) if s.extra else ''}")
+               f"{s.ranks_per_node} ranks per node, time {s.time}"
+               f"{f' (SIGUSR1 {s.stop_ahead_s} s before it)' if s.stop_ahead_s else ''}"
+               f"{' ' + ' '.join(s.extra) if s.extra else ''}")
     click.echo(f"  mpi          {m.launcher} (srun --mpi={m.srun_mpi}), "
                f"{'MPI4PY_LIBMPI=' + m.libmpi if m.libmpi else 'the embedded MPICH'}")
     click.echo(f"  modules      {' '.join(site.modules) or '-'}")
@@ -95,11 +97,14 @@ def _facilities(value: str) -> list[tuple[str, str, int, str]]:
 @click.option("--token-file", prompt="Token file (empty: MPIFED_TOKEN from the environment)", default="",
               help="federation.token_file (mode 0600)")
 @click.option("--checkpoint-dir", prompt="Checkpoint folder", default="checkpoints", help="checkpoint.dir")
+@click.option("--max-restarts", type=click.IntRange(min=0), default=3, show_default=True,
+              help="How many times in a row a facility's job that did not finish the run is started again "
+                   "(resuming from the newest checkpoint).")
 @set_option
 @click.option("--overwrite", is_flag=True, help="Replace the files of an existing project in OUT.")
 def config_new(out: Path, facilities: str, model: str, data_path: str, rounds: int, local_steps: int, outer: str,
-               compress: str, rendezvous: str, token_file: str, checkpoint_dir: str, sets: tuple[str, ...],
-               overwrite: bool) -> int:
+               compress: str, rendezvous: str, token_file: str, checkpoint_dir: str, max_restarts: int,
+               sets: tuple[str, ...], overwrite: bool) -> int:
     """Write a project to OUT: mpifed.toml, one SLURM script per facility (srun + the container-wrapped
     `mpifed run --facility`), the launch/ wrappers and a README of the steps.
 
@@ -131,7 +136,7 @@ def config_new(out: Path, facilities: str, model: str, data_path: str, rounds: i
         "facility": [{"name": n, "site": s, "ranks": r, "engine": e} for n, s, r, e in listed],
     }
     cfg = load_config(data, sets)
-    written = project.write(out, project.Project(cfg, profiles))
+    written = project.write(out, project.Project(cfg, profiles, max_restarts))
     click.echo(f"wrote {len(written)} files to {out}: mpifed.toml, "
                f"{', '.join(f.name + '.sbatch' for f in cfg.facility)}, launch/, README.md; next: {out}/README.md")
     return 0

@@ -9,6 +9,7 @@ import dataclasses
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 import click
 
-from mpifed import configfile
+from mpifed import STOPPED_EXIT, configfile
 from mpifed.cli.common import (
     JobFailed,
     UserError,
@@ -97,6 +98,23 @@ def simulate_command(cfg: RunConfig, config_path: Path, resume: str = "") -> lis
     return command
 
 
+def _run_forwarding_stops(command: list[str], env: dict[str, str]) -> int:
+    """Run mpiexec; a planned-stop signal sent to this process goes on to it (and from it to the ranks)."""
+    from mpifed.run.stop import SIGNALS
+
+    proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
+    before = {sig: signal.signal(sig, lambda number, _: proc.send_signal(number)) for sig in SIGNALS}
+    try:
+        return proc.wait()
+    except BaseException:  # Ctrl-C: as subprocess.run does, the job goes with this process
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def _rank_environment(cfg: RunConfig) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")  # models are built from configs; never reach for a hub
@@ -151,9 +169,13 @@ def simulate(config_file: Path | None, facilities: int | None, ranks_per_facilit
                                cfg.checkpoint.dir if resume == "auto" else resume)
     click.echo(f"mpifed simulate: {shlex.join(command)}", err=True)
     try:
-        code = subprocess.run(command, env=_rank_environment(cfg), stdin=subprocess.DEVNULL).returncode
+        code = _run_forwarding_stops(command, _rank_environment(cfg))
     except KeyboardInterrupt:
         raise UserError("interrupted; the last completed checkpoint is kept") from None
+    if code == STOPPED_EXIT:  # a planned stop: the ranks said after which round
+        click.echo(f"mpifed simulate: stopped early on request; continue with --resume auto --out {cfg.checkpoint.dir}",
+                   err=True)
+        return STOPPED_EXIT
     if code == UserError.exit_code:  # the ranks found bad input (a model folder, a checkpoint): said above
         raise UserError(f"the MPI job stopped on bad input (see the message above); completed checkpoints are "
                         f"kept in {cfg.checkpoint.dir}")

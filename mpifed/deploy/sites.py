@@ -44,6 +44,9 @@ class Scheduler:
     ranks_per_node: int = 1
     """MPI ranks per node: one per GPU (per GCD on MI250X), or per socket on CPU nodes."""
     time: str = "01:00:00"
+    stop_ahead_s: int = 600
+    """SLURM sends SIGUSR1 this many seconds before the walltime: the round in progress must finish and be
+    checkpointed within it (a round's time plus a checkpoint's; `mpifed plan` estimates both). 0: no signal."""
     extra: tuple[str, ...] = ()
     """Further #SBATCH options, verbatim (e.g. --exclusive)."""
     memory_gb: float = 0.0
@@ -113,6 +116,8 @@ class Site:
             problems.append(f"scheduler.gpus_per_node: a {self.accelerator} site needs at least one")
         if self.scheduler.ranks_per_node < 1 or self.scheduler.cpus_per_node < self.scheduler.ranks_per_node:
             problems.append("scheduler.ranks_per_node: must be between 1 and cpus_per_node")
+        if self.scheduler.stop_ahead_s < 0:
+            problems.append("scheduler.stop_ahead_s: must be >= 0 (0: no warning signal before the walltime)")
         if self.container.runtime != "none" and not self.container.image:
             problems.append("container.image: a container runtime needs an image path")
         # Scheduler options and paths land on lines of a batch script: a line break there would start

@@ -1,5 +1,6 @@
 """The per-rank program that `mpifed run` executes under mpiexec/srun: the only code that touches
-`MPI.COMM_WORLD`. Build topology -> train -> close; any failure on any rank aborts the job.
+`MPI.COMM_WORLD`. Build topology -> train -> close; any failure on any rank aborts the job, and a
+planned stop (mpifed/run/stop.py) exits with STOPPED_EXIT after checkpointing its round.
 
 Two ways in: one launch holding every facility (`main`), or one launch per facility that join over
 MPI ports (`main_joined`, with `--facility NAME`)."""
@@ -10,10 +11,12 @@ import sys
 
 from mpi4py import MPI
 
+from mpifed import STOPPED_EXIT
 from mpifed.comm import control, topology, watchdog
 from mpifed.comm.rollcall import RollCall
 from mpifed.comm.watchdog import abort_on_error
 from mpifed.config import RunConfig
+from mpifed.run import stop
 
 
 def _refuse_to_mix_runs(comm: MPI.Intracomm, cfg: RunConfig, resume: str) -> None:
@@ -29,7 +32,8 @@ def _refuse_to_mix_runs(comm: MPI.Intracomm, cfg: RunConfig, resume: str) -> Non
                          "earlier run; pass --resume auto to continue it, or choose another folder")
 
 
-def _train(cfg: RunConfig, world: MPI.Intracomm, index: int, resume: str) -> None:
+def _train(cfg: RunConfig, world: MPI.Intracomm, index: int, resume: str) -> int:
+    """Train every round (or up to a planned stop); the rank's exit code."""
     from mpifed.run.trainer import Trainer  # heavy imports (torch, transformers) only once MPI is up
 
     topo = topology.build(world, index, [f.name for f in cfg.facility], cfg.federation.roots)
@@ -41,11 +45,13 @@ def _train(cfg: RunConfig, world: MPI.Intracomm, index: int, resume: str) -> Non
     watchdog.install(None)
     roll.close()
     topo.close()
+    return 0 if trainer.stopped_after is None else STOPPED_EXIT
 
 
 def main(cfg: RunConfig, resume: str = "") -> int:
     """`mpifed run CONFIG`: every facility in this one launch (MPMD program number, or listing order)."""
     comm = MPI.COMM_WORLD
+    stop.install()
     try:
         appnum = comm.Get_attr(MPI.APPNUM)
         indices = topology.facility_of_ranks([f.ranks for f in cfg.facility],
@@ -56,8 +62,7 @@ def main(cfg: RunConfig, resume: str = "") -> int:
             print(f"mpifed run: error: {exc}", file=sys.stderr, flush=True)
         return 2
     with abort_on_error(comm, expected=_expected_errors()):
-        _train(cfg, comm, indices[comm.rank], resume)
-    return 0
+        return _train(cfg, comm, indices[comm.rank], resume)
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
@@ -127,6 +132,7 @@ def main_joined(cfg: RunConfig, name: str, port: str = "", resume: str = "") -> 
     from mpifed.comm.join import JoinError, LaunchError
 
     comm = MPI.COMM_WORLD
+    stop.install()
     expected = (*_expected_errors(), JoinError)
     with abort_on_error(comm, expected=expected):
         try:
@@ -136,5 +142,4 @@ def main_joined(cfg: RunConfig, name: str, port: str = "", resume: str = "") -> 
                 print(f"mpifed run: error: {exc}", file=sys.stderr, flush=True)
             return 2
     with abort_on_error(world, expected=expected):
-        _train(run_cfg, world, index, resume)
-    return 0
+        return _train(run_cfg, world, index, resume)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import time
 from typing import Callable, ContextManager
 
@@ -28,6 +29,7 @@ from mpifed.layout import FlatLayout
 from mpifed.model import InitialModel, ModelError, base_digest, model_for
 from mpifed.run.memory import Peaks
 from mpifed.run.metrics import MetricsLog, RoundMetrics, inner_steps, live_view_wanted
+from mpifed.run import stop
 from mpifed.run.schedule import inner_lr
 
 
@@ -61,6 +63,8 @@ class Trainer:
         with self.memory.phase("resume"):
             self.resumed_from = self._resume(resume) if resume else None
         self.start_round = self.resumed_from.round + 1 if self.resumed_from else 1
+        self.stopped_after: int | None = None
+        """The round after which a planned stop ended the run early (see mpifed/run/stop.py)."""
         self.log = MetricsLog(cfg.metrics_path, after_round=self.start_round - 1, tensorboard=cfg.metrics.tensorboard,
                               wandb=cfg.metrics.wandb, run_config=to_dict(cfg)) if topo.is_global_root else None
         self.live_view = topo.is_global_root and live_view_wanted()
@@ -189,6 +193,8 @@ class Trainer:
         self.announce()
         for round_ in range(self.start_round, self.cfg.federation.rounds + 1):
             self.train_round(round_)
+            if self.stopped_after is not None:
+                return
         if self.topo.is_global_root:
             print(f"mpifed: done; checkpoints in {self.cfg.checkpoint.dir}, metrics in {self.cfg.metrics_path}",
                   flush=True)
@@ -282,13 +288,15 @@ class Trainer:
         self.round_exchanges: list[RoundExchange] = []
         with self.memory.phase("train"):
             summary, val_loss, local_losses = self._train_and_exchange(round_, start)
+        asked = summary.pop("stop_asked")
+        stopping = bool(asked) and round_ != fed.rounds
         ckpt_s, publish = 0.0, None
-        if round_ % self.cfg.checkpoint.every == 0 or round_ == fed.rounds:
+        if round_ % self.cfg.checkpoint.every == 0 or round_ == fed.rounds or stopping:
             t0 = time.perf_counter()
             with self.memory.phase("checkpoint"):
                 publish = self.checkpoints.save(round_, self.parts)
             ckpt_s = time.perf_counter() - t0
-        if round_ != fed.rounds:
+        if round_ != fed.rounds and not stopping:  # a stopped run's resume posts it (see _resume)
             self._post(0, f"round {round_}: exchange")
         if self.log is not None:
             metrics = RoundMetrics(round=round_, val_loss=val_loss, tokens_total=self.parts.tokens_total, ckpt_s=ckpt_s,
@@ -297,6 +305,12 @@ class Trainer:
             print(metrics.line(self.cfg.federation.rounds), flush=True)
         if publish is not None:  # after the metrics line: a run killed in between resumes before this round
             publish()
+        if stopping:
+            self.stopped_after = round_
+            if self.topo.is_global_root:
+                who = ", ".join(f"{name} ({signal_name})" for name, signal_name in asked.items())
+                print(f"mpifed: stopping after round {round_} of {fed.rounds}, as asked by {who}; round {round_} is "
+                      f"checkpointed in {self.cfg.checkpoint.dir}: continue with --resume auto", flush=True)
 
     def _train_and_exchange(self, round_: int, start: float) -> tuple[dict, float | None, dict[str, float]]:
         """The round's inner steps, its exchanges and validation: (the round's world-wide numbers, the
@@ -328,20 +342,28 @@ class Trainer:
         return summary, val_loss, local_losses
 
     def _summarise(self, loss_sum: float, inner_s: float, idle_s: float, sync_s: float) -> dict:
-        """World-wide sums and extremes of one round's exchanges (`round_exchanges`); every rank gets them."""
+        """World-wide sums and extremes of one round's exchanges (`round_exchanges`), and which facilities
+        asked for a planned stop (name -> signal); every rank gets them."""
         leader = self.topo.is_leader  # leaders speak for their facility's loss and tokens
         facility_tokens = sum(e.facility_tokens for e in self.round_exchanges) if leader else 0
         sent = sum(e.bytes_inter for e in self.round_exchanges)
         mean_loss = loss_sum / self.cfg.train.local_steps  # 0 where the facility sat this round out
+        # A planned stop travels with the maxima: each facility's slot holds the number of the signal
+        # that asked one of its ranks to stop (0: none), so every rank learns who asked in this reduction.
+        asked = np.zeros(self.topo.n_facilities)
+        if stop.requested():
+            asked[self.topo.facility_index] = signal.Signals[stop.requested()].value
         with self.world_deadline(f"round {self.round}: collecting the metrics"):
             weighted_loss, tokens, bytes_inter = control.allreduce(
                 self.topo.world, [mean_loss * facility_tokens, facility_tokens, sent])
             # Every rank starts the exchange together (after `Arrival.wait`): the fastest one's sync time
             # is the exchange itself; the longest wait there was a faster facility's for a slower one.
-            slowest_inner, longest_idle, neg_fastest_sync = control.allreduce(
-                self.topo.world, [inner_s, idle_s, -sync_s], op=MPI.MAX)
+            slowest_inner, longest_idle, neg_fastest_sync, *asked = control.allreduce(
+                self.topo.world, [inner_s, idle_s, -sync_s, *asked], op=MPI.MAX)
         return dict(train_loss=weighted_loss / tokens, tokens=int(tokens), inner_s=slowest_inner,
-                    sync_s=-neg_fastest_sync, idle_s=longest_idle, bytes_inter=int(bytes_inter))
+                    sync_s=-neg_fastest_sync, idle_s=longest_idle, bytes_inter=int(bytes_inter),
+                    stop_asked={name: signal.Signals(int(number)).name
+                                for name, number in zip(self.topo.facility_names, asked) if number})
 
     def model_flat(self) -> np.ndarray:
         """The facility's whole model as the engine holds it, flat fp32 on every rank (collective over
