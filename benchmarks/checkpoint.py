@@ -10,7 +10,7 @@ folder, everything fsynced:
   raw          numpy tofile / fromfile of one flat buffer (the disk's limit here)
   mpifed       checkpoint.write_main (write with hashes, fsync, reopen and check, publish) / read_flat
   mpifed+f32   the same with HDF5's fletcher32 filter
-  part         a facility part as a run writes it: checkpoint.PartWriter fed in 64 MB buckets
+  part         a facility part as a run writes it: checkpoint.part_writer fed in 64 MB buckets
   torch        torch.save / torch.load(weights_only=True) of the tensors
   safetensors  safetensors save_file / load_file
 A ratio is raw's time over the other's in the same round; the figure is the median over rounds. Then
@@ -84,7 +84,7 @@ def measure(millions: int, pairs: int, folder: Path, cold: bool) -> dict:
         return write
 
     def part_write() -> None:
-        writer = checkpoint.PartWriter(folder, 1, "f0", {}, {}, {"optimizer/exp_avg": numel})
+        writer = checkpoint.part_writer(folder, 1, "f0", {}, {}, {"optimizer/exp_avg": numel})
         for lo in range(0, numel, bucket):
             writer.write("optimizer/exp_avg", lo, flat[lo:lo + bucket])
         writer.close().commit()

@@ -1,9 +1,7 @@
 """Facilities launched separately (one mpiexec each, as on separate sites) join over MPI ports: the
 result equals one `simulate` launch, and a wrong token, a different model or a missing facility each
 end with the documented error, bounded by the join timeout, without touching the last checkpoint."""
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time

@@ -4,11 +4,9 @@ files read whole by safetensors itself); a sharded rank starts under an address 
 leaves no room for one whole copy of the model; `mpifed plan` reports what an independent count of
 the parameters gives; bad model folders and plans fail with one line."""
 import json
-import subprocess
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import mpiexec, mpifed

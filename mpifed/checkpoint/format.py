@@ -1,6 +1,6 @@
-"""The HDF5 checkpoint format: writing parts atomically, verifying, choosing one to resume from, and
-reading back. No MPI and no torch here (mpifed/checkpoint/manager.py decides who writes what); no
-pickle anywhere.
+"""The HDF5 checkpoint format: what each file of a round holds, verifying, choosing one to resume from,
+and reading back (the atomic, hashed writing is mpifed/checkpoint/files.py's). No MPI and no torch here
+(mpifed/checkpoint/manager.py decides who writes what); no pickle anywhere.
 
 Files of round N in the checkpoint folder:
   round_0000N.h5             main file, written last by the global root. Root attributes: format_version,
@@ -24,23 +24,21 @@ filter (about 4x slower to write; measured in the README).
 from __future__ import annotations
 
 import json
-import os
 import re
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Iterator, Literal
 
 import h5py
 import numpy as np
 import xxhash
 
 from mpifed import __version__
+from mpifed.checkpoint.files import HASH, Atomic, PartWriter, store, write_file
 from mpifed.layout import FlatLayout, ParamSlot
 
 FORMAT_VERSION = 2
 LATEST = "latest"
-HASH = "xxh3_128"
 _MAIN = re.compile(r"^round_(\d{5,})\.h5$")
 _READ = 1 << 24  # values of a flat array read at a time when verifying it
 
@@ -71,10 +69,6 @@ def facility_name(round_: int, name: str) -> str:
     return f"round_{round_:05d}.fac-{name}.h5"
 
 
-def _digest(values: np.ndarray) -> str:
-    return xxhash.xxh3_128_hexdigest(np.ascontiguousarray(values).view(np.uint8))
-
-
 def part_digest(path: Path) -> str:
     """The content digest of a part file: xxh3-128 over its identity (round, facility) and the name and
     hash of every array in it. It reads attributes only; `verify` ties each hash to the bytes."""
@@ -86,167 +80,25 @@ def part_digest(path: Path) -> str:
     return xxhash.xxh3_128_hexdigest(json.dumps([identity, sorted(hashes.items())]).encode())
 
 
-def _store(group: h5py.Group, name: str, values: np.ndarray, fletcher32: bool, stored: list) -> None:
-    """Create one dataset for `values`; `_write_file` writes the bytes and adds the hash.
-
-    Plain datasets are contiguous, allocated when created and never filled, so their bytes can go
-    straight to their place in the file with one pwrite (HDF5's own write path is slower here). With
-    fletcher32 HDF5 must checksum every chunk, so it writes those itself."""
-    values = np.ascontiguousarray(values)
-    if fletcher32 and values.size:
-        ds = group.create_dataset(name, data=values, chunks=True, fletcher32=True)
-        stored.append((ds.name, values, None))
-        return
-    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    dcpl.set_layout(h5py.h5d.CONTIGUOUS)
-    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-    dsid = h5py.h5d.create(group.id, name.encode(), h5py.h5t.py_create(values.dtype),
-                           h5py.h5s.create_simple(values.shape), dcpl=dcpl)
-    stored.append((h5py.Dataset(dsid).name, values, dsid.get_offset() if values.size else None))
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _pwrite_all(path: Path, stored: list) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        for _, values, offset in stored:
-            if offset is None:
-                continue
-            data = memoryview(values.reshape(-1)).cast("B")
-            while data:  # one pwrite moves at most ~2 GiB
-                written = os.pwrite(fd, data, offset)
-                data, offset = data[written:], offset + written
-    finally:
-        os.close(fd)
-
-
-def _write_file(final: Path, fill: Callable[[h5py.File, list], None]) -> "_Atomic":
-    """Create `final`'s temporary file: `fill(h5, stored)` lays out the datasets, their bytes are
-    written while another thread hashes them (both without the GIL), then the hashes are added."""
-    out = _Atomic(final)
-    stored: list[tuple[str, np.ndarray, int | None]] = []
-    with h5py.File(out.tmp, "w") as h5:
-        fill(h5, stored)
-    digests: list[str] = []
-    hashing = threading.Thread(target=lambda: digests.extend(_digest(v) for _, v, _ in stored))
-    hashing.start()
-    _pwrite_all(out.tmp, stored)
-    hashing.join()
-    with h5py.File(out.tmp, "r+") as h5:
-        for (name, _, _), digest in zip(stored, digests):
-            h5[name].attrs[HASH] = digest
-    return out
-
-
-class _Atomic:
-    """Write `final` through a hidden temporary file: fsynced and renamed by `commit` (an fsync of data
-    already flushed costs nothing)."""
-
-    def __init__(self, final: Path) -> None:
-        self.final = final
-        self.tmp = final.with_name(f".{final.name}.tmp")
-
-    def commit(self) -> Path:
-        _fsync(self.tmp)
-        os.replace(self.tmp, self.final)
-        _fsync(self.final.parent)
-        return self.final
-
-
 def write_segment(directory: Path, round_: int, r: int, start: int, model: np.ndarray,
                   outer: dict[str, np.ndarray], fletcher32: bool = False) -> Path:
     """Segment r ([start, start + len(model)) of the flat model) and its outer state."""
     def fill(h5: h5py.File, stored: list) -> None:
         h5.attrs.update(format_version=FORMAT_VERSION, round=round_, segment=r, start=start, stop=start + len(model))
-        _store(h5, "model", model, fletcher32, stored)
+        store(h5, "model", model, fletcher32, stored)
         group = h5.create_group("outer")
         for name, values in outer.items():
-            _store(group, name, values, fletcher32, stored)
+            store(group, name, values, fletcher32, stored)
 
-    return _write_file(Path(directory) / segment_name(round_, r), fill).commit()
+    return write_file(Path(directory) / segment_name(round_, r), fill).commit()
 
 
-class PartWriter:
-    """A facility part whose flat arrays (length-n fp32) arrive in pieces, each from its first value to
-    its last, so that no writer holds more than a piece at a time; small arrays come whole. The datasets
-    are laid out first (contiguous, allocated, never filled, as `_store` does), every piece goes to its
-    place with pwrite while its array's hash advances, and `close` adds the hashes. With fletcher32 the
-    flat arrays are chunked and HDF5 writes (and checksums) each piece itself."""
-
-    def __init__(self, directory: Path, round_: int, name: str, attrs: dict[str, Any],
-                 small: dict[str, np.ndarray], flat: dict[str, int], fletcher32: bool = False) -> None:
-        self.out = _Atomic(Path(directory) / facility_name(round_, name))
-        self.fletcher32, self.sizes = fletcher32, dict(flat)
-        self.hashes = {key: xxhash.xxh3_128() for key in flat}
-        self.next = dict.fromkeys(flat, 0)
-        self.offsets: dict[str, int] = {}
-        stored: list = []
-        with h5py.File(self.out.tmp, "w") as h5:
-            h5.attrs.update(format_version=FORMAT_VERSION, round=round_, facility=name, **attrs)
-            for key, values in small.items():
-                _store(self._group(h5, key), os.path.basename(key), values, fletcher32, stored)
-            for key, n in flat.items():
-                group = self._group(h5, key)
-                if fletcher32 and n:
-                    group.create_dataset(os.path.basename(key), shape=(n,), dtype=np.float32, chunks=True,
-                                         fletcher32=True)
-                else:
-                    self.offsets[key] = self._contiguous(group, os.path.basename(key), n)
-        _pwrite_all(self.out.tmp, [entry for entry in stored if entry[2] is not None])
-        self.small = [(name_, _digest(values)) for name_, values, _ in stored]
-        self._fd = os.open(self.out.tmp, os.O_WRONLY)
-        self._h5 = h5py.File(self.out.tmp, "r+") if fletcher32 else None
-
-    @staticmethod
-    def _group(h5: h5py.File, key: str) -> h5py.Group:
-        return h5.require_group(os.path.dirname(key) or "/")
-
-    @staticmethod
-    def _contiguous(group: h5py.Group, name: str, n: int) -> int:
-        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-        dcpl.set_layout(h5py.h5d.CONTIGUOUS)
-        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-        dsid = h5py.h5d.create(group.id, name.encode(), h5py.h5t.py_create(np.dtype(np.float32)),
-                               h5py.h5s.create_simple((n,)), dcpl=dcpl)
-        return dsid.get_offset() if n else -1
-
-    def write(self, key: str, start: int, values: np.ndarray) -> None:
-        """The piece [start, start + len(values)) of flat array `key`: the next one, in order."""
-        if start != self.next[key]:
-            raise ValueError(f"{key}: piece at {start}, expected {self.next[key]} (pieces come in order)")
-        values = np.ascontiguousarray(values, np.float32)
-        self.hashes[key].update(memoryview(values).cast("B"))
-        if self._h5 is not None:
-            self._h5[key][start:start + len(values)] = values
-        else:
-            data, at = memoryview(values).cast("B"), self.offsets[key] + 4 * start
-            while data:
-                written = os.pwrite(self._fd, data, at)
-                data, at = data[written:], at + written
-        self.next[key] = start + len(values)
-
-    def close(self) -> "_Atomic":
-        """Every flat array complete: add the hashes; the file is left under its temporary name."""
-        short = [key for key in self.sizes if self.next[key] != self.sizes[key]]
-        if short:
-            raise ValueError(f"{self.out.final}: {', '.join(short)} not written to the end")
-        os.close(self._fd)
-        h5 = self._h5 or h5py.File(self.out.tmp, "r+")
-        with h5:
-            for name, digest in self.small:
-                h5[name].attrs[HASH] = digest
-            for key, hasher in self.hashes.items():
-                h5[key].attrs[HASH] = hasher.hexdigest()
-        return self.out
+def part_writer(directory: Path, round_: int, name: str, attrs: dict[str, Any], small: dict[str, np.ndarray],
+                flat: dict[str, int], fletcher32: bool = False) -> PartWriter:
+    """The writer of facility `name`'s part of round `round_` (see `PartWriter`)."""
+    return PartWriter(Path(directory) / facility_name(round_, name),
+                      {"format_version": FORMAT_VERSION, "round": round_, "facility": name, **attrs}, small, flat,
+                      fletcher32)
 
 
 def read_range(path: Path, key: str, lo: int, hi: int) -> np.ndarray:
@@ -295,7 +147,7 @@ def _virtual(group: h5py.Group, slot: ParamSlot, round_: int, segments: list[tup
 def write_main(directory: Path, round_: int, attrs: dict[str, Any], layout: FlatLayout,
                segments: list[tuple[int, int]], outer_names: list[str], facilities: list[str],
                model: np.ndarray | None = None, outer: dict[str, np.ndarray] | None = None,
-               fletcher32: bool = False, part_digests: dict[str, str] | None = None) -> "_Atomic":
+               fletcher32: bool = False, part_digests: dict[str, str] | None = None) -> "Atomic":
     """The main file of a round, after all its parts were written: with one root `model`/`outer` are the
     whole flat arrays, with several the datasets are virtual over the segment files. The whole
     checkpoint is fsynced and reopened (every dataset and part present, in shape) and left under its
@@ -318,23 +170,23 @@ def write_main(directory: Path, round_: int, attrs: dict[str, Any], layout: Flat
         for slot in layout.slots:
             if len(segments) == 1:
                 piece = slice(slot.offset, slot.offset + slot.numel)
-                _store(groups["model"], slot.name, model[piece].reshape(slot.shape), fletcher32, stored)
+                store(groups["model"], slot.name, model[piece].reshape(slot.shape), fletcher32, stored)
                 for name in outer_names:
-                    _store(groups[name], slot.name, outer[name][piece].reshape(slot.shape), fletcher32, stored)
+                    store(groups[name], slot.name, outer[name][piece].reshape(slot.shape), fletcher32, stored)
             else:
                 _virtual(groups["model"], slot, round_, segments, "model")
                 for name in outer_names:
                     _virtual(groups[name], slot, round_, segments, f"outer/{name}")
 
-    out = _write_file(directory / main_name(round_), fill)
+    out = write_file(directory / main_name(round_), fill)
     verify(out.tmp, parts_dir=directory, check_data=False, facilities="here")
     return out
 
 
-def publish(pending: "_Atomic") -> Path:
+def publish(pending: "Atomic") -> Path:
     """Rename a verified main file into place, then point `latest` at it."""
     final = pending.commit()
-    pointer = _Atomic(final.parent / LATEST)
+    pointer = Atomic(final.parent / LATEST)
     pointer.tmp.write_text(final.name + "\n")
     pointer.commit()
     return final

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 import numpy as np
 import torch
-from mpi4py import MPI
 
 from mpifed import configfile
 from mpifed.checkpoint import format as checkpoint
@@ -125,7 +124,7 @@ class CheckpointManager:
         from the ranks' own pieces, and on into the file: nobody holds more than a bucket of it."""
         fac, leader, cfg = self.topo.facility, self.topo.is_leader, self.cfg
         small, flat = self._part_contents(parts)
-        writer = checkpoint.PartWriter(self.directory, round_, self.topo.facility_name,
+        writer = checkpoint.part_writer(self.directory, round_, self.topo.facility_name,
                                        {"ranks": fac.size, "engine": cfg.facility[self.topo.facility_index].engine},
                                        small, dict.fromkeys(flat, self.layout.numel),
                                        cfg.checkpoint.fletcher32) if leader else None

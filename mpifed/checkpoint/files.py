@@ -1,0 +1,178 @@
+"""Writing HDF5 files that are whole or absent, with a hash on every array: datasets laid out so their
+bytes go to their place in the file with pwrite (hashed meanwhile on another thread), a hidden temporary
+file fsynced and renamed (`Atomic`), and `PartWriter` for flat arrays that arrive in pieces. What the
+files hold and how they are read and verified is mpifed/checkpoint/format.py's.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import h5py
+import numpy as np
+import xxhash
+
+HASH = "xxh3_128"
+"""The attribute every stored array carries: the xxh3-128 digest of its bytes."""
+
+
+def array_hash(values: np.ndarray) -> str:
+    """The hex xxh3-128 of an array's bytes (what its HASH attribute holds)."""
+    return xxhash.xxh3_128_hexdigest(np.ascontiguousarray(values).view(np.uint8))
+
+
+def _contiguous(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: np.dtype) -> h5py.h5d.DatasetID:
+    """A contiguous dataset, allocated when created and never filled: its bytes can be pwritten in place."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    return h5py.h5d.create(group.id, name.encode(), h5py.h5t.py_create(dtype), h5py.h5s.create_simple(shape),
+                           dcpl=dcpl)
+
+
+def store(group: h5py.Group, name: str, values: np.ndarray, fletcher32: bool, stored: list) -> None:
+    """Create one dataset for `values`; `write_file` writes the bytes and adds the hash.
+
+    Plain datasets are contiguous, allocated when created and never filled, so their bytes can go
+    straight to their place in the file with one pwrite (HDF5's own write path is slower here). With
+    fletcher32 HDF5 must checksum every chunk, so it writes those itself."""
+    values = np.ascontiguousarray(values)
+    if fletcher32 and values.size:
+        ds = group.create_dataset(name, data=values, chunks=True, fletcher32=True)
+        stored.append((ds.name, values, None))
+        return
+    dsid = _contiguous(group, name, values.shape, values.dtype)
+    stored.append((h5py.Dataset(dsid).name, values, dsid.get_offset() if values.size else None))
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def pwrite_all(path: Path, stored: list) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for _, values, offset in stored:
+            if offset is None:
+                continue
+            data = memoryview(values.reshape(-1)).cast("B")
+            while data:  # one pwrite moves at most ~2 GiB
+                written = os.pwrite(fd, data, offset)
+                data, offset = data[written:], offset + written
+    finally:
+        os.close(fd)
+
+
+def write_file(final: Path, fill: Callable[[h5py.File, list], None]) -> "Atomic":
+    """Create `final`'s temporary file: `fill(h5, stored)` lays out the datasets, their bytes are
+    written while another thread hashes them (both without the GIL), then the hashes are added."""
+    out = Atomic(final)
+    stored: list[tuple[str, np.ndarray, int | None]] = []
+    with h5py.File(out.tmp, "w") as h5:
+        fill(h5, stored)
+    digests: list[str] = []
+    failed: list[BaseException] = []
+
+    def hash_all() -> None:
+        try:
+            digests.extend(array_hash(v) for _, v, _ in stored)
+        except BaseException as exc:  # noqa: BLE001 - raised below, in the writing thread
+            failed.append(exc)
+
+    hashing = threading.Thread(target=hash_all)
+    hashing.start()
+    pwrite_all(out.tmp, stored)
+    hashing.join()
+    if failed:  # a file without its hashes must not be committed
+        raise failed[0]
+    with h5py.File(out.tmp, "r+") as h5:
+        for (name, _, _), digest in zip(stored, digests):
+            h5[name].attrs[HASH] = digest
+    return out
+
+
+class Atomic:
+    """Write `final` through a hidden temporary file: fsynced and renamed by `commit` (an fsync of data
+    already flushed costs nothing)."""
+
+    def __init__(self, final: Path) -> None:
+        self.final = final
+        self.tmp = final.with_name(f".{final.name}.tmp")
+
+    def commit(self) -> Path:
+        fsync(self.tmp)
+        os.replace(self.tmp, self.final)
+        fsync(self.final.parent)
+        return self.final
+
+
+class PartWriter:
+    """A facility part whose flat arrays (length-n fp32) arrive in pieces, each from its first value to
+    its last, so that no writer holds more than a piece at a time; small arrays come whole. The datasets
+    are laid out first (contiguous, allocated, never filled, as `store` does), every piece goes to its
+    place with pwrite while its array's hash advances, and `close` adds the hashes. With fletcher32 the
+    flat arrays are chunked and HDF5 writes (and checksums) each piece itself."""
+
+    def __init__(self, final: Path, attrs: dict[str, Any], small: dict[str, np.ndarray], flat: dict[str, int],
+                 fletcher32: bool = False) -> None:
+        self.out = Atomic(final)
+        self.fletcher32, self.sizes = fletcher32, dict(flat)
+        self.hashes = {key: xxhash.xxh3_128() for key in flat}
+        self.next = dict.fromkeys(flat, 0)
+        self.offsets: dict[str, int] = {}
+        stored: list = []
+        with h5py.File(self.out.tmp, "w") as h5:
+            h5.attrs.update(attrs)
+            for key, values in small.items():
+                store(self._group(h5, key), os.path.basename(key), values, fletcher32, stored)
+            for key, n in flat.items():
+                group = self._group(h5, key)
+                if fletcher32 and n:
+                    group.create_dataset(os.path.basename(key), shape=(n,), dtype=np.float32, chunks=True,
+                                         fletcher32=True)
+                else:
+                    self.offsets[key] = _contiguous(group, os.path.basename(key), (n,), np.dtype(np.float32)).get_offset() if n else -1
+        pwrite_all(self.out.tmp, [entry for entry in stored if entry[2] is not None])
+        self.small = [(name_, array_hash(values)) for name_, values, _ in stored]
+        self._fd = os.open(self.out.tmp, os.O_WRONLY)
+        self._h5 = h5py.File(self.out.tmp, "r+") if fletcher32 else None
+
+    @staticmethod
+    def _group(h5: h5py.File, key: str) -> h5py.Group:
+        return h5.require_group(os.path.dirname(key) or "/")
+
+    def write(self, key: str, start: int, values: np.ndarray) -> None:
+        """The piece [start, start + len(values)) of flat array `key`: the next one, in order."""
+        if start != self.next[key]:
+            raise ValueError(f"{key}: piece at {start}, expected {self.next[key]} (pieces come in order)")
+        values = np.ascontiguousarray(values, np.float32)
+        self.hashes[key].update(memoryview(values).cast("B"))
+        if self._h5 is not None:
+            self._h5[key][start:start + len(values)] = values
+        else:
+            data, at = memoryview(values).cast("B"), self.offsets[key] + 4 * start
+            while data:
+                written = os.pwrite(self._fd, data, at)
+                data, at = data[written:], at + written
+        self.next[key] = start + len(values)
+
+    def close(self) -> "Atomic":
+        """Every flat array complete: add the hashes; the file is left under its temporary name."""
+        short = [key for key in self.sizes if self.next[key] != self.sizes[key]]
+        if short:
+            raise ValueError(f"{self.out.final}: {', '.join(short)} not written to the end")
+        os.close(self._fd)
+        h5 = self._h5 or h5py.File(self.out.tmp, "r+")
+        with h5:
+            for name, digest in self.small:
+                h5[name].attrs[HASH] = digest
+            for key, hasher in self.hashes.items():
+                h5[key].attrs[HASH] = hasher.hexdigest()
+        return self.out
