@@ -17,23 +17,22 @@ from types import FrameType
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 """The signals that ask for a planned stop."""
 
-_received = ""  # the first such signal's name, once one came
+_received = 0  # the first such signal's number, once one came
 
 
 def _note(number: int, frame: FrameType | None) -> None:
     global _received
     if _received:  # asked twice: stop now
-        for sig in SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
+        uninstall()
         os.kill(os.getpid(), number)
         return
-    _received = signal.Signals(number).name
+    _received = number
 
 
 def install() -> None:
     """From now on SIGUSR1 and SIGTERM ask for a planned stop (main thread only, as for any handler)."""
     global _received
-    _received = ""
+    _received = 0
     for sig in SIGNALS:
         signal.signal(sig, _note)
 
@@ -44,6 +43,6 @@ def uninstall() -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
-def requested() -> str:
-    """The name of the signal that asked this rank to stop ("" while none has)."""
+def requested() -> int:
+    """The number of the signal that asked this rank to stop (0 while none has)."""
     return _received

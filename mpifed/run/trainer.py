@@ -27,9 +27,9 @@ from mpifed.engines import EngineSettings, make_engine
 from mpifed.federation.reduce import Federation, FederationError, RoundExchange, sampled, sync_offsets
 from mpifed.layout import FlatLayout
 from mpifed.model import InitialModel, ModelError, base_digest, model_for
+from mpifed.run import stop
 from mpifed.run.memory import Peaks
 from mpifed.run.metrics import MetricsLog, RoundMetrics, inner_steps, live_view_wanted
-from mpifed.run import stop
 from mpifed.run.schedule import inner_lr
 
 
@@ -351,8 +351,7 @@ class Trainer:
         # A planned stop travels with the maxima: each facility's slot holds the number of the signal
         # that asked one of its ranks to stop (0: none), so every rank learns who asked in this reduction.
         asked = np.zeros(self.topo.n_facilities)
-        if stop.requested():
-            asked[self.topo.facility_index] = signal.Signals[stop.requested()].value
+        asked[self.topo.facility_index] = stop.requested()
         with self.world_deadline(f"round {self.round}: collecting the metrics"):
             weighted_loss, tokens, bytes_inter = control.allreduce(
                 self.topo.world, [mean_loss * facility_tokens, facility_tokens, sent])
