@@ -134,6 +134,25 @@ def _rank_pid(cwd: Path, rank: int) -> int:
     raise AssertionError(f"no rank {rank} of mpifed run in {cwd}")
 
 
+def _signal_after_round_one(args: list[str], cwd: Path, send) -> tuple[int, list[str], str, list[int]]:
+    """Run `mpifed ARGS` in `cwd`; once round 1's line is out, `send(proc)` a signal. Returns the exit
+    code, the stdout lines, stderr, and the rounds whose lines were printed."""
+    proc = subprocess.Popen([sys.executable, "-m", "mpifed", *args], cwd=cwd, env=rank_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("round   1/"):
+                send(proc)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    rounds = [int(line.split()[1].split("/")[0]) for line in lines if line.startswith("round ")]
+    return proc.returncode, lines, proc.stderr.read(), rounds
+
+
 @pytest.mark.slow
 def test_a_planned_stop_checkpoints_its_round_and_resumes_bit_identical(tmp_path):
     """SIGUSR1 to one rank of f1 (as SLURM signals a site's tasks ahead of its walltime): every facility
@@ -146,21 +165,10 @@ def test_a_planned_stop_checkpoints_its_round_and_resumes_bit_identical(tmp_path
     straight = mpifed(*common, "--out", "a", cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr
 
-    stopped = subprocess.Popen([sys.executable, "-m", "mpifed", *common, "--out", "b"], cwd=tmp_path, env=rank_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        lines = []
-        for line in stopped.stdout:
-            lines.append(line)
-            if line.startswith("round   1/6"):
-                os.kill(_rank_pid(tmp_path, 3), signal.SIGUSR1)  # world rank 3: f1's
-        stopped.wait(timeout=120)
-    finally:
-        if stopped.poll() is None:
-            os.killpg(stopped.pid, signal.SIGKILL)
-    out, err = "".join(lines), stopped.stderr.read()
-    assert stopped.returncode == STOPPED_EXIT, err
-    rounds = [int(line.split()[1].split("/")[0]) for line in lines if line.startswith("round ")]
+    code, lines, err, rounds = _signal_after_round_one(  # to world rank 3: one of f1's
+        [*common, "--out", "b"], tmp_path, lambda proc: os.kill(_rank_pid(tmp_path, 3), signal.SIGUSR1))
+    out = "".join(lines)
+    assert code == STOPPED_EXIT, err
     last = rounds[-1]
     assert 2 <= last < 6 and rounds == list(range(1, last + 1)), out
     assert f"mpifed: stopping after round {last} of 6, as asked by f1 (SIGUSR1)" in out
@@ -182,22 +190,12 @@ def test_a_planned_stop_checkpoints_its_round_and_resumes_bit_identical(tmp_path
 def test_simulate_passes_a_stop_signal_on_to_every_rank(tmp_path):
     """SIGTERM to `mpifed simulate` itself (as a batch job's shell gets it): every facility's ranks get
     it and stop after the round in progress, its checkpoint published."""
-    proc = subprocess.Popen([sys.executable, "-m", "mpifed", "simulate", "--rounds", "30", "--local-steps", "3",
-                             "--out", "run", "--set", "checkpoint.every=100"], cwd=tmp_path, env=rank_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("round   1/30"):
-                proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    code, lines, err, rounds = _signal_after_round_one(
+        ["simulate", "--rounds", "30", "--local-steps", "3", "--out", "run", "--set", "checkpoint.every=100"],
+        tmp_path, lambda proc: proc.send_signal(signal.SIGTERM))
     out = "".join(lines)
-    assert proc.returncode == STOPPED_EXIT, proc.stderr.read()
-    last = [int(line.split()[1].split("/")[0]) for line in lines if line.startswith("round ")][-1]
+    assert code == STOPPED_EXIT, err
+    last = rounds[-1]
     assert f"stopping after round {last} of 30, as asked by f0 (SIGTERM), f1 (SIGTERM)" in out
     assert (tmp_path / "run" / "latest").read_text().strip() == checkpoint.main_name(last)
 

@@ -8,6 +8,7 @@ import click
 
 from mpifed.cli.common import UserError, check_writable, default_of, load_config, set_option
 from mpifed.config import Compression, EngineName, FacilityConfig, OuterName, Preset, choices
+from mpifed.deploy import project
 from mpifed.deploy.sites import Site, SiteError, available, get
 
 
@@ -97,7 +98,8 @@ def _facilities(value: str) -> list[tuple[str, str, int, str]]:
 @click.option("--token-file", prompt="Token file (empty: MPIFED_TOKEN from the environment)", default="",
               help="federation.token_file (mode 0600)")
 @click.option("--checkpoint-dir", prompt="Checkpoint folder", default="checkpoints", help="checkpoint.dir")
-@click.option("--max-restarts", type=click.IntRange(min=0), default=3, show_default=True,
+@click.option("--max-restarts", type=click.IntRange(min=0), default=default_of(project.Project, "max_restarts"),
+              show_default=True,
               help="How many times in a row a facility's job that did not finish the run is started again "
                    "(resuming from the newest checkpoint).")
 @set_option
@@ -115,8 +117,6 @@ def config_new(out: Path, facilities: str, model: str, data_path: str, rounds: i
         --local-steps 5 --outer diloco --compress none --rendezvous hub-port.txt --token-file '' \\
         --checkpoint-dir checkpoints
     """
-    from mpifed.deploy import project
-
     listed = _facilities(facilities)
     if (out / "mpifed.toml").exists() and not overwrite:
         raise UserError(f"OUT: {out} already holds a project (mpifed.toml); choose another folder or pass --overwrite")

@@ -68,7 +68,7 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def batch_script(cfg: RunConfig, facility: str, site: Site, max_restarts: int = 3) -> str:
+def batch_script(cfg: RunConfig, facility: str, site: Site, max_restarts: int) -> str:
     """The SLURM batch script of one facility. It submits its own successor first, held until this job
     ends and run only if it did not finish the run (a planned stop ahead of the walltime, the walltime
     itself, a lost node or site): the successor resumes from the newest checkpoint, up to `max_restarts`
