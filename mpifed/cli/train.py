@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -194,7 +194,7 @@ def simulate(config_file: Path | None, facilities: int | None, ranks_per_facilit
               help="With --facility: the MPI port name the hub printed (instead of federation.rendezvous).")
 @set_option
 @resume_option
-def run(config_file: Path, facility: str, port: str, sets: tuple[str, ...], resume: str) -> int:
+def run(config_file: Path, facility: str, port: str, sets: tuple[str, ...], resume: str) -> NoReturn:
     """The per-rank program: start it under mpiexec or srun with the run configuration.
 
     \b
@@ -217,7 +217,5 @@ def run(config_file: Path, facility: str, port: str, sets: tuple[str, ...], resu
     from mpifed.run import rank  # imports MPI: only here, never for --help
 
     resume = cfg.checkpoint.dir if resume == "auto" else resume
-    if facility:
-        return rank.main_joined(cfg, facility, port, resume)
-    return rank.main(cfg, resume)
+    rank.end(rank.main_joined(cfg, facility, port, resume) if facility else rank.main(cfg, resume))
 

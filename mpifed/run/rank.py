@@ -3,11 +3,13 @@
 planned stop (mpifed/run/stop.py) exits with STOPPED_EXIT after checkpointing its round.
 
 Two ways in: one launch holding every facility (`main`), or one launch per facility that join over
-MPI ports (`main_joined`, with `--facility NAME`)."""
+MPI ports (`main_joined`, with `--facility NAME`). Either way the rank then ends through `end`."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
+from typing import NoReturn
 
 from mpi4py import MPI
 
@@ -17,6 +19,19 @@ from mpifed.comm.rollcall import RollCall
 from mpifed.comm.watchdog import abort_on_error
 from mpifed.config import RunConfig
 from mpifed.run import stop
+
+
+def end(code: int) -> NoReturn:
+    """End this rank with `code` once its work is durable: flush, finalize MPI, and leave without the
+    interpreter's teardown. gloo's worker threads live as long as anything still refers to a process
+    group (a device mesh, DeepSpeed's groups), and tearing them down in the interpreter's order now and
+    then aborts a process after a run that succeeded ("terminate called without an active exception"),
+    which the launcher, and a batch script deciding whether to restart, would read as a failure."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if MPI.Is_initialized() and not MPI.Is_finalized():
+        MPI.Finalize()
+    os._exit(code)
 
 
 def _refuse_to_mix_runs(comm: MPI.Intracomm, cfg: RunConfig, resume: str) -> None:

@@ -26,3 +26,4 @@ with abort_on_error(world):
     (out / f"digest-{name}-{topo.facility.rank}.txt").write_text(trainer.model_digest())
     trainer.close()
     topo.close()
+rank.end(0)  # as `mpifed run` ends

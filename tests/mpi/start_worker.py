@@ -17,6 +17,7 @@ from mpi4py import MPI
 from mpifed import configfile
 from mpifed.comm import control, topology
 from mpifed.comm.watchdog import abort_on_error
+from mpifed.run import rank
 from mpifed.run.trainer import Trainer
 
 
@@ -65,3 +66,4 @@ with abort_on_error(comm):
     # how much address space the rank took beyond what it had mapped when the limit was set
     (args.out / f"mapped-{comm.rank}.txt").write_text(str(mapped_bytes("VmPeak") - before))
     topo.close()
+rank.end(0)  # as `mpifed run` ends

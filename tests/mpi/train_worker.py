@@ -12,6 +12,7 @@ from mpi4py import MPI
 from mpifed import configfile
 from mpifed.comm import control, topology
 from mpifed.comm.watchdog import abort_on_error
+from mpifed.run import rank
 from mpifed.run.trainer import Trainer
 
 cfg = configfile.from_dict(configfile.load(sys.argv[1]))
@@ -32,3 +33,4 @@ with abort_on_error(comm):
             save_file(frozen, str(out / f"base-{comm.rank}.safetensors"))
     trainer.close()
     topo.close()
+rank.end(0)  # as `mpifed run` ends
