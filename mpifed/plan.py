@@ -152,9 +152,12 @@ def plan_facility(cfg: RunConfig, index: int, layout: FlatLayout, shape: tuple[i
     mpifed = resident + (0 if delayed else exchange)
     held = weights + gradients + optimizer + resident
     holds = whole if engine in ("replica", "zero1", "zero2") else share  # what a rank holds of the model
-    # DeepSpeed builds the whole model before it partitions it; fsdp and replica build it empty
-    start = RUNTIME_GB * GB + (whole if engine.startswith("zero") else 0) + weights + gradients \
-        + (share if delayed else 0) + segment + bucket
+    # ZeRO 1/2 build the whole model before DeepSpeed takes its share; fsdp and replica build it empty;
+    # ZeRO-3 builds it partitioned (zero.Init), and its initialize makes the optimizer's state and a
+    # second copy of the rank's partitions (it defragments them); it reserves its reduction bucket then
+    # too, but fills it only from the first step on
+    made = {"zero1": whole, "zero2": whole, "zero3": optimizer + share}.get(engine, 0.0)
+    start = RUNTIME_GB * GB + made + weights + gradients + (share if delayed else 0) + segment + bucket
     train = RUNTIME_GB * GB + held + max(transient, 0 if delayed else exchange)
     # an engine hands its optimizer state over as arrays of what it holds, then of what it owns
     checkpoint = RUNTIME_GB * GB + held + kept + 2 * (holds + share) + 2 * bucket

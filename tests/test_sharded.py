@@ -112,13 +112,10 @@ def test_a_model_folder_whose_safetensors_do_not_match_its_config(tmp_path):
     _one_line(mpifed(*common, "--out", str(tmp_path / "b")), f"model.path {folder}", "no tensor model.norm.weight")
 
 
-@pytest.mark.slow
-def test_a_sharded_rank_starts_without_room_for_a_whole_model(tmp_path):
-    """A LLaMA of 0.4B parameters (1.6 GB in fp32) on 4 fsdp ranks, each the root of a quarter. Every
-    rank's address space is limited to what `mpifed plan` says a rank needs at start beyond the
-    runtime (its shard, its segment of the global model, one bucket) plus less than one whole model:
-    each starts and holds exactly its quarter, and then has no room left for one whole fp32 copy. (The
-    start this replaced built the whole model on every rank and broadcast a whole copy of it.)"""
+def _start_big(tmp_path, facility: dict, *worker_args: str):
+    """Start (not train) a LLaMA of 0.4B parameters (1.6 GB in fp32) on the 4 ranks of `facility`, each
+    the root of a quarter, under start_worker.py with `worker_args`. Returns (the whole model and what
+    `mpifed plan` says a rank needs at start beyond the runtime, both in MiB; the finished launch)."""
     from mpifed import plan
     from mpifed.model import planned_model
     from transformers import LlamaConfig
@@ -126,7 +123,7 @@ def test_a_sharded_rank_starts_without_room_for_a_whole_model(tmp_path):
     config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=32, num_attention_heads=16,
                          num_key_value_heads=16, vocab_size=VOCAB_SIZE, max_position_embeddings=16)
     config.save_pretrained(tmp_path / "big")
-    cfg = configfile.from_dict(configfile.apply_sets({"facility": [{"name": "f0", "ranks": 4, "engine": "fsdp"}]}, [
+    cfg = configfile.from_dict(configfile.apply_sets({"facility": [dict(name="f0", ranks=4, **facility)]}, [
         f"model.path={tmp_path / 'big'}", "model.reinit=true", "train.micro_batch=1", "data.seq_len=16",
         "data.val_sequences=2", "eval.facilities=false", "federation.roots=4", "federation.rounds=1",
         f"checkpoint.dir={tmp_path / 'run'}"]))
@@ -136,15 +133,41 @@ def test_a_sharded_rank_starts_without_room_for_a_whole_model(tmp_path):
     assert whole_mb > 1400
     dims = (model.config.hidden_size, model.config.num_hidden_layers, VOCAB_SIZE, 16)
     start_mb = (plan.plan_facility(cfg, 0, layout, dims, 0).rank.start - plan.RUNTIME_GB * plan.GB) / 2 ** 20
-    assert start_mb < 1.5 * whole_mb  # what a sharded rank needs: well under the two whole copies of before
-    limit_mb = int(start_mb + 0.6 * whole_mb)
-    started = mpiexec(4, "start_worker.py", str(tmp_path / "c.toml"), str(tmp_path), "--limit-mb", str(limit_mb),
-                      "--probe", timeout=400, check=False)
+    limit = [f"--limit-mb={int(start_mb + 0.6 * whole_mb)}"] if "--limit" in worker_args else []
+    started = mpiexec(4, "start_worker.py", str(tmp_path / "c.toml"), str(tmp_path), *limit,
+                      *(a for a in worker_args if a != "--limit"), timeout=400, check=False)
     assert started.returncode == 0, started.stderr[-3000:]
     held = [_held(tmp_path, rank) for rank in range(4)]
     assert sum(len(v) for pieces in held for _, v in pieces) == layout.numel
     assert all(sum(len(v) for _, v in pieces) < 0.3 * layout.numel for pieces in held)
+    return whole_mb, start_mb
+
+
+@pytest.mark.slow
+def test_a_sharded_rank_starts_without_room_for_a_whole_model(tmp_path):
+    """4 fsdp ranks. Every rank's address space is limited to what `mpifed plan` says a rank needs at
+    start beyond the runtime (its shard, its segment of the global model, one bucket) plus less than
+    one whole model: each starts and holds exactly its quarter, and then has no room left for one whole
+    fp32 copy. (The start this replaced built the whole model on every rank and broadcast a whole copy
+    of it.)"""
+    whole_mb, start_mb = _start_big(tmp_path, {"engine": "fsdp"}, "--limit", "--probe")
+    assert start_mb < 1.5 * whole_mb  # what a sharded rank needs: well under the two whole copies of before
     assert [(tmp_path / f"probe-{rank}.txt").read_text() for rank in range(4)] == ["no room"] * 4
+
+
+@pytest.mark.slow
+def test_a_zero3_rank_starts_on_its_partitions_alone(tmp_path):
+    """4 ZeRO-3 ranks: DeepSpeed builds the model under zero.Init, partitioned as it is made, so no rank
+    ever fills a whole copy. Measured as resident memory, from the OS: an address space limit does not
+    fit DeepSpeed, whose initialize reserves its reduction bucket whole (untouched where the model is
+    smaller) and whose threads' malloc arenas move the mapped total by a GB between runs. Each rank's
+    resident peak rises by less than `mpifed plan`'s start (which counts what initialize makes: the
+    optimizer's state, a defragmented copy of the partitions) plus 0.3 of the model; the whole build
+    this replaced filled one whole model more."""
+    whole_mb, start_mb = _start_big(tmp_path, {"engine": "deepspeed", "deepspeed": {"zero_stage": 3}})
+    risen = [int((tmp_path / f"resident-{rank}.txt").read_text()) / 2 ** 20 for rank in range(4)]
+    assert max(risen) < start_mb + 0.3 * whole_mb, (risen, start_mb, whole_mb)
+    assert min(risen) > 0.5 * start_mb  # it did measure the start: the partitions and their state
 
 
 def test_plan_counts_what_an_independent_count_gives_and_warns_where_it_cannot_fit(tmp_path):

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from mpifed import cache_dir
-from mpifed.engines.base import OPTIMIZER_KEYS, Engine, Pieces, TensorBatch, lm_inputs
+from mpifed.engines.base import OPTIMIZER_KEYS, Engine, Pieces, TensorBatch, lm_inputs, on_meta
 from mpifed.engines.settings import EngineSettings
 from mpifed.layout import FlatLayout
 
@@ -33,6 +33,28 @@ def _merge(base: dict, override: dict) -> dict:
     for key, value in override.items():
         out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
+
+
+def _real_model(meta: torch.nn.Module, config: dict, group: object, dtype: torch.dtype, partitioned: bool
+                ) -> torch.nn.Module:
+    """The architecture of `meta` (built on the meta device) built for real: under ZeRO-3 inside
+    `deepspeed.zero.Init`, which partitions each parameter over the facility's ranks as its module is
+    created, so no rank ever holds the whole model; whole for ZeRO 1 and 2, which hold it anyway. Its
+    values are placeholders: the initial model's values arrive afterwards (Trainer._start)."""
+    import deepspeed
+    import torch._dynamo  # noqa: F401 - see below
+    from transformers import AutoModelForCausalLM
+
+    # zero.Init patches torch.Tensor.__new__ while it is open; torch._dynamo, imported lazily by the
+    # modeling code, checks that signature when first imported and refuses the patched one (DeepSpeed
+    # 0.19, torch 2.13): it is imported above, before the patch, and the model's module with `meta`.
+    if not partitioned:
+        return AutoModelForCausalLM.from_config(meta.config, dtype=dtype)
+    # only the partitioning settings: zero.Init checks batch sizes against a world it counts differently
+    with deepspeed.zero.Init(config_dict_or_path={"zero_optimization": config["zero_optimization"],
+                                                  "train_micro_batch_size_per_gpu": 1},
+                             data_parallel_group=group, dtype=dtype):
+        return AutoModelForCausalLM.from_config(meta.config, dtype=dtype)
 
 
 def extensions_dir() -> Path:
@@ -87,11 +109,16 @@ class DeepSpeedEngine(Engine):
         self.layout = FlatLayout.of(model)
         self.settings = settings
         self._size, rank = settings.ranks, settings.rank
-        params = [p for p in model.parameters() if p.requires_grad]
-        config = deepspeed_config(settings, micro_batch, params[0].dtype, self._size)
+        dtype = next(p for p in model.parameters() if p.requires_grad).dtype
+        config = deepspeed_config(settings, micro_batch, dtype, self._size)
         self.zero_stage = config["zero_optimization"]["stage"]
+        partitioned = on_meta(model) and self.zero_stage == 3
+        if on_meta(model):  # built empty: make it real, partitioned as it is built under ZeRO-3
+            model = _real_model(model, config, settings.group, dtype, partitioned)
+        params = [p for p in model.parameters() if p.requires_grad]
         optimizer = None if "optimizer" in config else settings.adamw(params)
-        model.to(settings.device)
+        if not partitioned:  # zero.Init put each partition on this rank's device already
+            model.to(settings.device)
         self._engine, self._optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=params if optimizer is None else None, optimizer=optimizer,
             config=config, dist_init_required=False)

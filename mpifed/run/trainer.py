@@ -83,9 +83,9 @@ class Trainer:
         self.device = choose_device(gpu, local_rank)
 
         self._load_data()
-        # Engines that shard (fsdp) or copy the model (replica) build it empty and allocate what they hold;
-        # DeepSpeed partitions a built model itself, and LoRA needs its frozen base's real weights.
-        empty = facility.engine in ("fsdp", "replica") and not cfg.lora.rank
+        # Every engine gets the model built empty and allocates only what it holds (DeepSpeed's ZeRO-3
+        # builds it under zero.Init, partitioned as it is made); LoRA needs its frozen base's real weights.
+        empty = not cfg.lora.rank
         model = model_for(cfg, self.corpus.seq_len, self.corpus.vocab_size, empty=empty)
         self.layout = FlatLayout.of(model)
         self._check_same_layout()

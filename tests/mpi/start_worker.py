@@ -3,7 +3,8 @@ resume), optionally train, and write what each rank then holds of the model to O
 (offsets and values, read from the engine). With --limit-mb, first limit this process's address space
 to what it has mapped so far plus that many MiB (`resource.setrlimit`): a rank that allocates more
 fails; --probe then tries one whole fp32 model more (OUT/probe-RANK.txt: "room" or "no room"), and
-OUT/mapped-RANK.txt says how much the rank mapped beyond what it had when the limit was set.
+OUT/mapped-RANK.txt says how much the rank mapped beyond what it had when the limit was set (or would
+have been), OUT/resident-RANK.txt how far its resident peak rose beyond what it held then.
 
     mpiexec -n 4 python tests/mpi/start_worker.py CONFIG OUT [--limit-mb N] [--probe] [--resume X] [--train]
 """
@@ -43,7 +44,9 @@ with abort_on_error(comm):
     topo = topology.build(comm, indices[comm.rank], [f.name for f in cfg.facility], cfg.federation.roots)
     import torch.distributed.fsdp  # noqa: F401 - the libraries mapped before the limit: it bounds what
     import transformers.models.llama.modeling_llama  # noqa: F401 - the rank allocates, not its code
-    before = mapped_bytes()
+    if any(f.engine == "deepspeed" for f in cfg.facility):
+        import deepspeed  # noqa: F401
+    before, resident = mapped_bytes(), mapped_bytes("VmRSS")
     if args.limit_mb:
         limit = before + args.limit_mb * 2 ** 20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -65,5 +68,6 @@ with abort_on_error(comm):
     trainer.close()
     # how much address space the rank took beyond what it had mapped when the limit was set
     (args.out / f"mapped-{comm.rank}.txt").write_text(str(mapped_bytes("VmPeak") - before))
+    (args.out / f"resident-{comm.rank}.txt").write_text(str(mapped_bytes("VmHWM") - resident))
     topo.close()
 rank.end(0)  # as `mpifed run` ends
