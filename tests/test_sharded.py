@@ -112,10 +112,11 @@ def test_a_model_folder_whose_safetensors_do_not_match_its_config(tmp_path):
     _one_line(mpifed(*common, "--out", str(tmp_path / "b")), f"model.path {folder}", "no tensor model.norm.weight")
 
 
-def _start_big(tmp_path, facility: dict, *worker_args: str):
+def _start_big(tmp_path, facility: dict, limited: bool = False, *worker_args: str) -> tuple[float, float]:
     """Start (not train) a LLaMA of 0.4B parameters (1.6 GB in fp32) on the 4 ranks of `facility`, each
-    the root of a quarter, under start_worker.py with `worker_args`. Returns (the whole model and what
-    `mpifed plan` says a rank needs at start beyond the runtime, both in MiB; the finished launch)."""
+    the root of a quarter, under start_worker.py with `worker_args`; `limited`: each rank's address space
+    limited to the plan's start plus 0.6 of the model. Every rank must hold its quarter exactly. Returns
+    the whole model and what `mpifed plan` says a rank needs at start beyond the runtime, in MiB."""
     from mpifed import plan
     from mpifed.model import planned_model
     from transformers import LlamaConfig
@@ -133,9 +134,9 @@ def _start_big(tmp_path, facility: dict, *worker_args: str):
     assert whole_mb > 1400
     dims = (model.config.hidden_size, model.config.num_hidden_layers, VOCAB_SIZE, 16)
     start_mb = (plan.plan_facility(cfg, 0, layout, dims, 0).rank.start - plan.RUNTIME_GB * plan.GB) / 2 ** 20
-    limit = [f"--limit-mb={int(start_mb + 0.6 * whole_mb)}"] if "--limit" in worker_args else []
-    started = mpiexec(4, "start_worker.py", str(tmp_path / "c.toml"), str(tmp_path), *limit,
-                      *(a for a in worker_args if a != "--limit"), timeout=400, check=False)
+    limit = [f"--limit-mb={int(start_mb + 0.6 * whole_mb)}"] if limited else []
+    started = mpiexec(4, "start_worker.py", str(tmp_path / "c.toml"), str(tmp_path), *limit, *worker_args,
+                      timeout=400, check=False)
     assert started.returncode == 0, started.stderr[-3000:]
     held = [_held(tmp_path, rank) for rank in range(4)]
     assert sum(len(v) for pieces in held for _, v in pieces) == layout.numel
@@ -150,7 +151,7 @@ def test_a_sharded_rank_starts_without_room_for_a_whole_model(tmp_path):
     one whole model: each starts and holds exactly its quarter, and then has no room left for one whole
     fp32 copy. (The start this replaced built the whole model on every rank and broadcast a whole copy
     of it.)"""
-    whole_mb, start_mb = _start_big(tmp_path, {"engine": "fsdp"}, "--limit", "--probe")
+    whole_mb, start_mb = _start_big(tmp_path, {"engine": "fsdp"}, True, "--probe")
     assert start_mb < 1.5 * whole_mb  # what a sharded rank needs: well under the two whole copies of before
     assert [(tmp_path / f"probe-{rank}.txt").read_text() for rank in range(4)] == ["no room"] * 4
 

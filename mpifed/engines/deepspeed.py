@@ -35,8 +35,7 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
-def _real_model(meta: torch.nn.Module, config: dict, group: object, dtype: torch.dtype, partitioned: bool
-                ) -> torch.nn.Module:
+def _real_model(meta: torch.nn.Module, config: dict, group: object, dtype: torch.dtype) -> torch.nn.Module:
     """The architecture of `meta` (built on the meta device) built for real: under ZeRO-3 inside
     `deepspeed.zero.Init`, which partitions each parameter over the facility's ranks as its module is
     created, so no rank ever holds the whole model; whole for ZeRO 1 and 2, which hold it anyway. Its
@@ -48,7 +47,7 @@ def _real_model(meta: torch.nn.Module, config: dict, group: object, dtype: torch
     # zero.Init patches torch.Tensor.__new__ while it is open; torch._dynamo, imported lazily by the
     # modeling code, checks that signature when first imported and refuses the patched one (DeepSpeed
     # 0.19, torch 2.13): it is imported above, before the patch, and the model's module with `meta`.
-    if not partitioned:
+    if config["zero_optimization"]["stage"] < 3:
         return AutoModelForCausalLM.from_config(meta.config, dtype=dtype)
     # only the partitioning settings: zero.Init checks batch sizes against a world it counts differently
     with deepspeed.zero.Init(config_dict_or_path={"zero_optimization": config["zero_optimization"],
@@ -114,7 +113,7 @@ class DeepSpeedEngine(Engine):
         self.zero_stage = config["zero_optimization"]["stage"]
         partitioned = on_meta(model) and self.zero_stage == 3
         if on_meta(model):  # built empty: make it real, partitioned as it is built under ZeRO-3
-            model = _real_model(model, config, settings.group, dtype, partitioned)
+            model = _real_model(model, config, settings.group, dtype)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = None if "optimizer" in config else settings.adamw(params)
         if not partitioned:  # zero.Init put each partition on this rank's device already
