@@ -265,7 +265,8 @@ class FederationConfig:
     """Separate launches: how long the hub waits for the other facilities to join."""
     min_facilities: int = 0
     """Separate launches: go on once the join time is up if at least this many facilities (hub included)
-    joined; 0: every facility must join."""
+    joined, and let a facility whose job is asked to stop leave while at least this many stay; 0: every
+    facility must join, and a stop stops them all."""
     token_file: str = ""
     """Separate launches: a file (mode 0600) holding the shared join token; MPIFED_TOKEN wins over it."""
 

@@ -391,7 +391,21 @@ class Federation:
             for posted in self.posted:
                 posted[:] = 0
 
+    def regroup(self, topo: Topology) -> None:
+        """Go on over `topo`: the same facility and roots, fewer facilities (some left after a round).
+        Everything the rounds built up stays: the global segment, the outer state and error feedback,
+        the anchors, each fragment's tokens and steps; only the communicators change. Call `close`
+        before the old ones are freed; nothing may be in flight."""
+        assert self.in_flight is None and topo.n_roots == self.topo.n_roots, "regroup between rounds, same roots"
+        self.topo = topo
+        if self.exchange is not None:
+            self.exchange = RootExchange(topo.roots.Dup() if self.delayed else topo.roots, self.cfg,
+                                         topo.facility_names, self.combiner, self.outer)
+            self.background = Background() if self.delayed else None
+
     def close(self) -> None:
+        """Stop the background exchange's thread and free its communicator (collective over the roots)."""
         if self.background is not None:
             self.background.close()
             self.exchange.comm.Free()
+            self.background = None

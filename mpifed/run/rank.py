@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from typing import NoReturn
+from typing import Collection, NoReturn
 
 from mpi4py import MPI
 
@@ -47,20 +47,48 @@ def _refuse_to_mix_runs(comm: MPI.Intracomm, cfg: RunConfig, resume: str) -> Non
                          "earlier run; pass --resume auto to continue it, or choose another folder")
 
 
-def _train(cfg: RunConfig, world: MPI.Intracomm, index: int, resume: str) -> int:
-    """Train every round (or up to a planned stop); the rank's exit code."""
+def _train(cfg: RunConfig, world: MPI.Intracomm, index: int, resume: str, elastic: bool = False) -> int:
+    """Train every round (or up to a planned stop); the rank's exit code. `elastic` (separate launches):
+    a facility asked to stop may leave while the others go on; the world is then split, and the
+    leavers disconnected, so that nothing waits on them again."""
     from mpifed.run.trainer import Trainer  # heavy imports (torch, transformers) only once MPI is up
 
-    topo = topology.build(world, index, [f.name for f in cfg.facility], cfg.federation.roots)
-    roll = RollCall(topo.world, topo.facility_offsets, topo.facility_names)
-    watchdog.install(roll)  # from here a failure names the facility that was lost
-    trainer = Trainer(cfg, topo, resume)
-    trainer.run()
+    trainer = None
+    while True:
+        with abort_on_error(world, expected=_expected_errors()):
+            topo = topology.build(world, index, [f.name for f in cfg.facility], cfg.federation.roots)
+            roll = RollCall(topo.world, topo.facility_offsets, topo.facility_names)
+            watchdog.install(roll)  # from here a failure names the facility that was lost
+            if trainer is None:
+                trainer = Trainer(cfg, topo, resume, elastic)
+            else:
+                trainer.regroup(cfg, topo)
+            trainer.run()
+            watchdog.install(None)
+            roll.close()
+            if not trainer.leaving:
+                break
+            trainer.release()
+            stays = topo.facility_name not in trainer.leaving
+            rest = world.Split(0 if stays else MPI.UNDEFINED, key=world.rank)
+            topo.close()
+            world.Disconnect()  # collective with the leavers, the last thing they do with the others
+        if not stays:
+            trainer.close()
+            return STOPPED_EXIT
+        cfg = _keeping(cfg, [name for name in topo.facility_names if name not in trainer.leaving])
+        world, index = rest, [f.name for f in cfg.facility].index(topo.facility_name)
     trainer.close()
-    watchdog.install(None)
-    roll.close()
     topo.close()
     return 0 if trainer.stopped_after is None else STOPPED_EXIT
+
+
+def _keeping(cfg: RunConfig, names: Collection[str]) -> RunConfig:
+    """The configuration of only the facilities `names` (those that joined, or stay after others
+    left), each keeping its data partition; `cfg` itself when it lists no others."""
+    present = [dataclasses.replace(f, partition=cfg.partition_of(i)) if cfg.data.path else f
+               for i, f in enumerate(cfg.facility) if f.name in names]
+    return cfg if len(present) == len(cfg.facility) else dataclasses.replace(cfg, facility=present)
 
 
 def main(cfg: RunConfig, resume: str = "") -> int:
@@ -76,8 +104,7 @@ def main(cfg: RunConfig, resume: str = "") -> int:
         if comm.rank == 0:
             print(f"mpifed run: error: {exc}", file=sys.stderr, flush=True)
         return 2
-    with abort_on_error(comm, expected=_expected_errors()):
-        return _train(cfg, comm, indices[comm.rank], resume)
+    return _train(cfg, comm, indices[comm.rank], resume)
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
@@ -136,10 +163,8 @@ def join_world(comm: MPI.Intracomm, cfg: RunConfig, name: str, port: str = "", r
             watch.restart(hub_waits_s + slack, f"join: in, waiting with the hub {names[0]} for the others")
             world, joined = join.follow(world)
             say(f"facility {name} joined the federation")
-    present = [dataclasses.replace(f, partition=cfg.partition_of(i)) if cfg.data.path else f
-               for i, f in enumerate(cfg.facility) if f.name in joined]
-    run_cfg = cfg if len(present) == len(cfg.facility) else dataclasses.replace(cfg, facility=present)
-    return world, run_cfg, [f.name for f in present].index(name)
+    run_cfg = _keeping(cfg, joined)
+    return world, run_cfg, [f.name for f in run_cfg.facility].index(name)
 
 
 def main_joined(cfg: RunConfig, name: str, port: str = "", resume: str = "") -> int:
@@ -156,5 +181,4 @@ def main_joined(cfg: RunConfig, name: str, port: str = "", resume: str = "") -> 
             if comm.rank == 0:
                 print(f"mpifed run: error: {exc}", file=sys.stderr, flush=True)
             return 2
-    with abort_on_error(world, expected=expected):
-        return _train(run_cfg, world, index, resume)
+    return _train(run_cfg, world, index, resume, elastic=True)

@@ -55,8 +55,10 @@ class Trainer:
     sampler over the facility's partition, its share of the federation, and (on the global root) the
     metrics log. `run` trains every round; every method that talks to other ranks is collective."""
 
-    def __init__(self, cfg: RunConfig, topo: Topology, resume: str = "") -> None:
-        """Build everything for one rank; `resume` is "", "auto" or a checkpoint file or folder."""
+    def __init__(self, cfg: RunConfig, topo: Topology, resume: str = "", elastic: bool = False) -> None:
+        """Build everything for one rank; `resume` is "", "auto" or a checkpoint file or folder. `elastic`:
+        the facilities were launched separately, so one may leave while the others go on (`regroup`)."""
+        self.elastic = elastic
         self.memory = Peaks(topo.world.rank)
         with self.memory.phase("start", since_start=True):
             self._build(cfg, topo)
@@ -65,6 +67,8 @@ class Trainer:
         self.start_round = self.resumed_from.round + 1 if self.resumed_from else 1
         self.stopped_after: int | None = None
         """The round after which a planned stop ended the run early (see mpifed/run/stop.py)."""
+        self.leaving: tuple[str, ...] = ()
+        """The facilities that leave after the round just trained while the others go on (elastic)."""
         self.log = MetricsLog(cfg.metrics_path, after_round=self.start_round - 1, tensorboard=cfg.metrics.tensorboard,
                               wandb=cfg.metrics.wandb, run_config=to_dict(cfg)) if topo.is_global_root else None
         self.live_view = topo.is_global_root and live_view_wanted()
@@ -190,10 +194,13 @@ class Trainer:
                   f"{self.resumed_from.tokens:,} tokens)", flush=True)
 
     def run(self) -> None:
-        self.announce()
+        """Train from `start_round` on, until the last round, a planned stop, or a leave (then `regroup`
+        and run again)."""
+        if self.round == 0:  # not again after a regroup
+            self.announce()
         for round_ in range(self.start_round, self.cfg.federation.rounds + 1):
             self.train_round(round_)
-            if self.stopped_after is not None:
+            if self.stopped_after is not None or self.leaving:
                 return
         if self.topo.is_global_root:
             print(f"mpifed: done; checkpoints in {self.cfg.checkpoint.dir}, metrics in {self.cfg.metrics_path}",
@@ -289,7 +296,7 @@ class Trainer:
         with self.memory.phase("train"):
             summary, val_loss, local_losses = self._train_and_exchange(round_, start)
         asked = summary.pop("stop_asked")
-        stopping = bool(asked) and round_ != fed.rounds
+        stopping = bool(asked) and round_ != fed.rounds  # every facility, or those that asked, stop here
         ckpt_s, publish = 0.0, None
         if round_ % self.cfg.checkpoint.every == 0 or round_ == fed.rounds or stopping:
             t0 = time.perf_counter()
@@ -306,11 +313,55 @@ class Trainer:
         if publish is not None:  # after the metrics line: a run killed in between resumes before this round
             publish()
         if stopping:
-            self.stopped_after = round_
+            self._stop_or_leave(round_, asked)
+
+    def _stop_or_leave(self, round_: int, asked: dict[str, str]) -> None:
+        """After a checkpointed round that `asked` (facility -> signal) asked to stop at: they leave and
+        the others go on (`leaving`), where the launches are separate, the hub is not among them and
+        `federation.min_facilities` stay; else every facility stops (`stopped_after`)."""
+        fed, names = self.cfg.federation, self.topo.facility_names
+        who = ", ".join(f"{name} ({signal_name})" for name, signal_name in asked.items())
+        stay = [name for name in names if name not in asked]
+        why_not = ("" if not self.elastic else
+                   "the hub cannot leave; " if names[0] in asked else
+                   "federation.min_facilities = 0 lets no facility leave; " if not fed.min_facilities else
+                   f"fewer than federation.min_facilities = {fed.min_facilities} would stay; "
+                   if len(stay) < fed.min_facilities else None)
+        if why_not is None:
+            self.leaving = tuple(asked)
             if self.topo.is_global_root:
-                who = ", ".join(f"{name} ({signal_name})" for name, signal_name in asked.items())
-                print(f"mpifed: stopping after round {round_} of {fed.rounds}, as asked by {who}; round {round_} is "
-                      f"checkpointed in {self.cfg.checkpoint.dir}: continue with --resume auto", flush=True)
+                print(f"mpifed: {who} {'leaves' if len(asked) == 1 else 'leave'} after round {round_} of "
+                      f"{fed.rounds}; {', '.join(stay)} {'go' if len(stay) > 1 else 'goes'} on without {'it' if len(asked) == 1 else 'them'} from round "
+                      f"{round_ + 1} (federation.min_facilities = {fed.min_facilities})", flush=True)
+            elif self.topo.is_leader and self.topo.facility_name in asked:
+                print(f"mpifed: facility {self.topo.facility_name} leaves after round {round_} of {fed.rounds}; "
+                      f"its part of round {round_} is in {self.cfg.checkpoint.dir}", flush=True)
+            return
+        self.stopped_after = round_
+        if self.topo.is_global_root:
+            print(f"mpifed: stopping after round {round_} of {fed.rounds}, as asked by {who}; {why_not}round "
+                  f"{round_} is checkpointed in {self.cfg.checkpoint.dir}: continue with --resume auto", flush=True)
+
+    def release(self) -> None:
+        """Let go of every communicator this rank's trainer made from its topology (before a regroup
+        frees the topology's own): the background exchange's and the arrival's."""
+        self.federation.close()
+        self.arrival.close()
+
+    def regroup(self, cfg: RunConfig, topo: Topology) -> None:
+        """Go on after `leaving` left, over `topo` (the facilities that stay; `cfg` lists them, each with
+        its data partition). This rank keeps everything it trained and every round's state (engine,
+        data position, the roots' global segments, outer state and error feedback): only the
+        communicators are new. The exchange that the leave held back is posted here (overlap), without
+        the facilities that left."""
+        self.cfg, self.topo, self.leaving = cfg, topo, ()
+        self.federation.regroup(topo)
+        self.arrival = Arrival(topo)
+        self.checkpoints = CheckpointManager(cfg, topo, self.layout, self.checkpoints.model_config,
+                                             self.checkpoints.base_digest)
+        self.start_round = self.round + 1
+        if self.round != cfg.federation.rounds and not self.federation.flushed:
+            self._post(0, f"round {self.round}: exchange")
 
     def _train_and_exchange(self, round_: int, start: float) -> tuple[dict, float | None, dict[str, float]]:
         """The round's inner steps, its exchanges and validation: (the round's world-wide numbers, the
