@@ -82,6 +82,18 @@ class Wan:
                 applied = f"tbf rate {rate} (no delay: this kernel has no netem qdisc)"
         return applied or "none"
 
+    def launch(self, i: int, ranks: int, config: Path, name: str, *args: str) -> tuple[list[str], dict[str, str]]:
+        """The command and environment of facility `name`'s own launch (`mpifed run --facility`, `args`
+        after it) inside namespace i."""
+        python = sys.executable
+        # UCX (the MPICH wheel's netmod) would use shared memory between jobs on one machine: TCP only,
+        # over the facility's uplink, so every byte between facilities crosses the shaped link.
+        env = {**os.environ, "MPIFED_TOKEN": "wan-benchmark", "UCX_TLS": "tcp,self", "UCX_NET_DEVICES": f"u{i}",
+               "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        command = ["ip", "netns", "exec", self.names[i], str(Path(python).parent / "mpiexec"), "-n", str(ranks), python,
+                   "-m", "mpifed", "run", str(config), "--facility", name, *args]
+        return command, env
+
     def sent_bytes(self) -> int:
         total = 0
         for i, name in enumerate(self.names):
@@ -110,6 +122,21 @@ def permitted() -> str:
     return "" if probe.returncode == 0 else f"ip netns add failed: {probe.stderr.strip()}"
 
 
+def usable(benchmark: str) -> bool:
+    """Whether namespaces can be used here; where not, print why and a RESULT line that says so."""
+    why = permitted()
+    if why:
+        print(f"{benchmark}: skipped: {why}")
+        print("RESULT " + json.dumps({"skipped": why}))
+    return not why
+
+
+def workload(model: str, rounds: int, local_steps: int) -> list[str]:
+    """The settings of the runs these benchmarks time: `rounds` x `local_steps` of 4 x 128 tokens."""
+    return [f"model.preset={model}", f"federation.rounds={rounds}", f"train.local_steps={local_steps}",
+            "train.micro_batch=4", "data.seq_len=128"]
+
+
 def run_federation(wan: Wan, work: Path, sets: list[str], ranks: int, timeout: float = 900) -> tuple[list[dict], int]:
     """One federated run, facility i launched in namespace i; returns the hub's metrics rows and the
     bytes that left the uplinks from the end of round 1 to the end of the run."""
@@ -121,16 +148,9 @@ def run_federation(wan: Wan, work: Path, sets: list[str], ranks: int, timeout: f
         f"federation.rendezvous={work / 'port.txt'}", "federation.join_timeout_s=120", f"checkpoint.dir={work / 'run'}",
         "checkpoint.every=1000", "eval.facilities=false", *sets]))
     (work / "c.toml").write_text(configfile.dump_toml(cfg))
-    python = sys.executable
-    mpiexec = str(Path(python).parent / "mpiexec")
     procs = []
-    for i, (netns, name) in enumerate(zip(wan.names, names)):
-        # UCX (the MPICH wheel's netmod) would use shared memory between jobs on one machine: TCP only,
-        # over the facility's uplink, so every byte between facilities crosses the shaped link.
-        env = {**os.environ, "MPIFED_TOKEN": "wan-benchmark", "UCX_TLS": "tcp,self", "UCX_NET_DEVICES": f"u{i}",
-               "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        command = ["ip", "netns", "exec", netns, mpiexec, "-n", str(ranks), python, "-m", "mpifed", "run",
-                   str(work / "c.toml"), "--facility", name]
+    for i, name in enumerate(names):
+        command, env = wan.launch(i, ranks, work / "c.toml", name)
         procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         time.sleep(0.3)
     metrics, after_first = work / "run" / "metrics.jsonl", None
@@ -193,13 +213,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--local-steps", type=int, default=10)
     args = parser.parse_args()
-    why = permitted()
-    if why:
-        print(f"wan: skipped: {why}")
-        print("RESULT " + json.dumps({"skipped": why}))
+    if not usable("wan"):
         return
-    sets = [f"model.preset={args.model}", f"federation.rounds={args.rounds}", f"train.local_steps={args.local_steps}",
-            "train.micro_batch=4", "data.seq_len=128"]
+    sets = workload(args.model, args.rounds, args.local_steps)
     counts = [int(f) for f in args.facilities.split(",")]
     runs = {count: measure(count, args.ranks, args.rate, args.delay, sets) for count in counts}
     worst = lambda label: min(runs[c][label]["utilization"] for c in counts)  # noqa: E731

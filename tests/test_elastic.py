@@ -17,44 +17,89 @@ from mpifed.checkpoint import format as checkpoint
 from test_join import TOKEN, _config
 
 
-def _launch(config: Path, ranks: dict[str, int], out: Path, on_hub_line, timeout: float
-            ) -> dict[str, subprocess.CompletedProcess]:
-    """Start every facility's launch of tests/mpi/leave_worker.py (the hub first), call
-    `on_hub_line(line, procs)` for every line the hub prints, and wait for all (killing them at
-    `timeout`). """
-    procs, results = {}, {}
-    for name, n in ranks.items():
-        procs[name] = subprocess.Popen([MPIEXEC, "-n", str(n), sys.executable, str(WORKERS / "leave_worker.py"),
-                                        str(config), name, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       text=True, env={**rank_env(), "MPIFED_TOKEN": TOKEN}, start_new_session=True,
-                                       stdin=subprocess.DEVNULL)
+class Sites:
+    """Separate launches of tests/mpi/leave_worker.py, as separate sites start them: `start` one (the hub
+    first), and every line the hub prints goes to `on_hub_line(line, sites)`, which may signal or start
+    others; `wait` for all, killing them all at the timeout (a hang fails the test)."""
 
-    def wait(name: str) -> None:
-        proc, lines = procs[name], []
+    def __init__(self, config: Path, out: Path, on_hub_line) -> None:
+        self.config, self.out, self.on_hub_line = config, out, on_hub_line
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.results: dict[str, subprocess.CompletedProcess] = {}
+        self._readers: list[threading.Thread] = []
+
+    def start(self, key: str, name: str, ranks: int, *args: str, token: str = TOKEN, config: Path | None = None
+              ) -> None:
+        """Launch facility `name` as `key` (args: the worker's RESUME), with another token or config."""
+        proc = subprocess.Popen([MPIEXEC, "-n", str(ranks), sys.executable, str(WORKERS / "leave_worker.py"),
+                                 str(config or self.config), name, str(self.out), *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env={**rank_env(), "MPIFED_TOKEN": token},
+                                start_new_session=True, stdin=subprocess.DEVNULL)
+        hub = not self.procs
+        self.procs[key] = proc
+        reader = threading.Thread(target=self._read, args=(key, proc, hub), daemon=True)
+        self._readers.append(reader)
+        reader.start()
+
+    def _read(self, key: str, proc: subprocess.Popen, hub: bool) -> None:
+        lines = []
         for line in proc.stdout:
             lines.append(line)
-            if name == next(iter(ranks)):
-                on_hub_line(line, procs)
+            if hub:
+                self.on_hub_line(line, self)
         err = proc.stderr.read()
         proc.wait()
-        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, "".join(lines), err)
+        self.results[key] = subprocess.CompletedProcess(proc.args, proc.returncode, "".join(lines), err)
 
-    waiters = [threading.Thread(target=wait, args=(name,), daemon=True) for name in procs]
-    for waiter in waiters:
-        waiter.start()
-    ends = time.monotonic() + timeout
-    for waiter in waiters:
-        waiter.join(max(0.0, ends - time.monotonic()))
-    hung = [name for name, proc in procs.items() if proc.poll() is None]
-    for name in hung:
-        subprocess.run(["pkill", "-KILL", "-g", str(procs[name].pid)], check=False)
-    assert not hung, f"{hung} still running after {timeout} s: {results}"
-    return results
+    def ended(self, key: str) -> bool:
+        return key in self.procs and self.procs[key].poll() is not None
+
+    def signal(self, key: str) -> None:
+        self.procs[key].send_signal(signal.SIGUSR1)  # mpiexec passes it on to the ranks
+
+    def wait(self, timeout: float) -> dict[str, subprocess.CompletedProcess]:
+        ends = time.monotonic() + timeout
+        while time.monotonic() < ends and not all(self.ended(key) for key in self.procs):
+            time.sleep(0.2)
+        hung = [key for key in self.procs if not self.ended(key)]
+        for key in hung:
+            subprocess.run(["pkill", "-KILL", "-g", str(self.procs[key].pid)], check=False)
+        for reader in self._readers:
+            reader.join(10)
+        assert not hung, f"{hung} still running after {timeout} s: {self.results}"
+        return self.results
+
+
+def _round(line: str) -> int | None:
+    """The round number of a hub's round line (None for other lines)."""
+    return int(line.split()[1].split("/")[0]) if line.startswith("round ") else None
+
+
+def _rounds_of(out: Path, name: str) -> list[int]:
+    """The rounds facility `name` trained (those its leader recorded a model before the exchange for)."""
+    return sorted(int(p.name.split("-")[2].split(".")[0]) for p in out.glob(f"local-{name}-*.npy"))
+
+
+def _check_rounds(out: Path, ranks: dict[str, int], last: int, steps: int, batch: int, seq: int) -> None:
+    """Every rank that took part in a round holds the same model after it, and that model is DiLoCo
+    computed in numpy from the models of the facilities that trained the round, weighted by tokens."""
+    tokens = {f: n * steps * batch * seq for f, n in ranks.items()}
+    theta = np.load(out / "global-a-0-0.npy").astype(np.float64)
+    momentum = np.zeros_like(theta)
+    for round_ in range(1, last + 1):
+        found = {f: out / f"local-{f}-{round_}.npy" for f in ranks}
+        trained = {f: np.load(path) for f, path in found.items() if path.exists()}
+        models = [np.load(out / f"global-{f}-{r}-{round_}.npy") for f in trained for r in range(ranks[f])]
+        assert all(m.tobytes() == models[0].tobytes() for m in models), round_
+        theta, momentum = _diloco(theta, trained, tokens, momentum)
+        np.testing.assert_allclose(models[0], theta, rtol=1e-5, atol=2e-6, err_msg=f"round {round_}")
+        assert np.abs(models[0] - theta).max() < 1e-3 * np.abs(theta - trained["a"]).max()
 
 
 def _diloco(theta: np.ndarray, locals_: dict[str, np.ndarray], tokens: dict[str, int], momentum: np.ndarray,
             lr: float = 0.7, mu: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
-    """One DiLoCo outer step in float64: Δ = θ − Σ w_f·θ_f (w ∝ tokens), m ← μm + Δ, θ ← θ − lr·(Δ + μm)."""
+    """One DiLoCo outer step in float64: Δ = θ − Σ w_f·θ_f (w ∝ tokens), m ← μm + Δ,
+    θ ← θ − lr·(Δ + μm)."""
     total = sum(tokens[f] for f in locals_)
     mean = sum(locals_[f].astype(np.float64) * (tokens[f] / total) for f in sorted(locals_))
     delta = theta - mean
@@ -64,9 +109,9 @@ def _diloco(theta: np.ndarray, locals_: dict[str, np.ndarray], tokens: dict[str,
 
 def test_a_facility_leaves_the_others_go_on_and_one_more_leaving_below_the_minimum_stops_all(tmp_path):
     """3 facilities, min_facilities = 2. SIGUSR1 to c's job once round 1 is out: c finishes its round,
-    leaves and ends while a and b train on; SIGUSR1 to b's once the next round is out: a alone would be
-    fewer than 2, so both stop after that round, checkpointed. Every round equals DiLoCo computed in
-    numpy from the models of the facilities that took part, weighted by their tokens."""
+    leaves and ends while a and b train on; SIGUSR1 to b's at the next round after c's job ended: a
+    alone would be fewer than 2, so both stop after that round, checkpointed. Every round equals DiLoCo
+    computed in numpy from the models of the facilities that took part, weighted by their tokens."""
     ranks = {"a": 1, "b": 2, "c": 1}
     steps, batch, seq, rounds = 6, 4, 64, 8
     config = _config(tmp_path, ranks, f"train.local_steps={steps}", f"train.micro_batch={batch}",
@@ -74,50 +119,33 @@ def test_a_facility_leaves_the_others_go_on_and_one_more_leaving_below_the_minim
                      "federation.min_facilities=2", "checkpoint.every=100")
     sent: dict[str, int] = {}
 
-    def on_hub_line(line: str, procs: dict[str, subprocess.Popen]) -> None:
-        if not line.startswith("round "):
-            return
-        round_ = int(line.split()[1].split("/")[0])
-        if "c" not in sent:
+    def on_hub_line(line: str, sites: Sites) -> None:
+        round_ = _round(line)
+        if round_ is not None and "c" not in sent:
             sent["c"] = round_
-            procs["c"].send_signal(signal.SIGUSR1)  # mpiexec passes it on to c's rank
-        elif "b" not in sent and procs["c"].poll() is not None:  # c's job is over while a and b train
+            sites.signal("c")
+        elif round_ is not None and "b" not in sent and sites.ended("c"):  # c's job is over, a and b train
             sent["b"] = round_
-            procs["b"].send_signal(signal.SIGUSR1)
+            sites.signal("b")
 
-    results = _launch(config, ranks, tmp_path, on_hub_line, timeout=240)
+    sites = Sites(config, tmp_path, on_hub_line)
+    for name, n in ranks.items():
+        sites.start(name, name, n)
+    results = sites.wait(timeout=240)
     a, b, c = results["a"], results["b"], results["c"]
-    assert c.returncode == STOPPED_EXIT, c.stdout + c.stderr
+    assert c.returncode == STOPPED_EXIT, c.stdout + c.stderr + a.stdout + b.stdout
     assert a.returncode == STOPPED_EXIT and b.returncode == STOPPED_EXIT, a.stdout + a.stderr + b.stderr
 
-    left = max(int(p.name.split("-")[2].split(".")[0]) for p in tmp_path.glob("local-c-*.npy"))
-    stopped = max(int(p.name.split("-")[2].split(".")[0]) for p in tmp_path.glob("local-a-*.npy"))
+    left, stopped = _rounds_of(tmp_path, "c")[-1], _rounds_of(tmp_path, "a")[-1]
     assert sent["c"] < left <= sent["b"] < stopped < rounds, (sent, left, stopped)  # c's job ended before b's signal
     assert f"mpifed: c (SIGUSR1) leaves after round {left} of {rounds}; a, b go on without it from round " \
            f"{left + 1} (federation.min_facilities = 2)" in a.stdout
     assert f"mpifed: facility c leaves after round {left} of {rounds}" in c.stdout
     assert f"mpifed: stopping after round {stopped} of {rounds}, as asked by b (SIGUSR1); fewer than " \
            f"federation.min_facilities = 2 would stay; round {stopped} is checkpointed" in a.stdout
-
-    # Every rank holds the same model after every round it took part in...
-    holders = {f: [(f, r) for r in range(n)] for f, n in ranks.items()}
-    for round_ in range(stopped + 1):
-        present = ["a", "b"] + (["c"] if round_ <= left else [])
-        models = [np.load(tmp_path / f"global-{f}-{r}-{round_}.npy") for f in present for f, r in holders[f]]
-        assert all(m.tobytes() == models[0].tobytes() for m in models), round_
+    assert _rounds_of(tmp_path, "b") == list(range(1, stopped + 1))
     assert not (tmp_path / f"global-c-0-{left + 1}.npy").exists()
-    # ...and it is the outer rule over the facilities that trained that round, weighted by their tokens.
-    tokens = {f: n * steps * batch * seq for f, n in ranks.items()}
-    theta = np.load(tmp_path / "global-a-0-0.npy").astype(np.float64)
-    momentum = np.zeros_like(theta)
-    for round_ in range(1, stopped + 1):
-        trained = {f: np.load(tmp_path / f"local-{f}-{round_}.npy") for f in ranks
-                   if (tmp_path / f"local-{f}-{round_}.npy").exists()}
-        assert sorted(trained) == (["a", "b", "c"] if round_ <= left else ["a", "b"]), round_
-        theta, momentum = _diloco(theta, trained, tokens, momentum)
-        got = np.load(tmp_path / f"global-a-0-{round_}.npy")
-        np.testing.assert_allclose(got, theta, rtol=1e-5, atol=2e-6, err_msg=f"round {round_}")
-        assert np.abs(got - theta).max() < 1e-3 * np.abs(theta - np.load(tmp_path / f"local-a-{round_}.npy")).max()
+    _check_rounds(tmp_path, ranks, stopped, steps, batch, seq)
 
     # The stop's round is checkpointed for the two that stayed, and verifies.
     run = tmp_path / "run"
@@ -126,3 +154,68 @@ def test_a_facility_leaves_the_others_go_on_and_one_more_leaving_below_the_minim
     assert [f["name"] for f in checkpoint.verify(run / checkpoint.main_name(left)).facilities] == ["a", "b", "c"]
     verified = mpifed("ckpt", "verify", str(run))
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_a_facility_that_left_comes_back_and_ones_with_a_wrong_token_or_model_are_refused(tmp_path):
+    """3 facilities, min_facilities = 2. c is signalled and leaves; while it is out, a launch of c with a
+    wrong token and one with another model are refused by the hub's doorman, and a and b train on
+    undisturbed (every round as the rule computes it); then c's next job
+    (--resume auto) comes back at a round boundary, receives the global model and the outer state over
+    MPI, takes its data position from its own part, and trains to the end with the others. Every round
+    equals DiLoCo in numpy over the facilities that trained it."""
+    ranks = {"a": 1, "b": 2, "c": 1}
+    steps, batch, seq, rounds = 4, 4, 64, 40
+    config = _config(tmp_path, ranks, f"train.local_steps={steps}", f"train.micro_batch={batch}",
+                     f"data.seq_len={seq}", f"federation.rounds={rounds}", "federation.outer=diloco",
+                     "federation.min_facilities=2")
+    other = tmp_path / "other.toml"  # the same run, but another model
+    other.write_text(config.read_text().replace('preset = "llama-tiny"', 'preset = "llama-small"'))
+    done: dict[str, int] = {}
+
+    def on_hub_line(line: str, sites: Sites) -> None:
+        round_ = _round(line)
+        if round_ is None:
+            return
+        if "c" not in done:
+            done["c"] = round_
+            sites.signal("c")
+        elif "impostor" not in done and sites.ended("c"):
+            done["impostor"] = round_
+            sites.start("impostor", "c", 1, "auto", token="not the token")
+            sites.start("other", "c", 1, "auto", config=other)
+        elif "back" not in done and sites.ended("impostor") and sites.ended("other"):
+            done["back"] = round_
+            sites.start("back", "c", 1, "auto")
+
+    sites = Sites(config, tmp_path, on_hub_line)
+    for name, n in ranks.items():
+        sites.start(name, name, n)
+    results = sites.wait(timeout=300)
+    a, b, c, impostor, another, back = (results[key] for key in ("a", "b", "c", "impostor", "other", "back"))
+    assert c.returncode == STOPPED_EXIT, c.stdout + c.stderr
+    assert impostor.returncode != 0 and "facility c was refused by the hub: the shared token differs" in impostor.stderr
+    assert another.returncode != 0 and "facility c was refused by the hub: the flat-layout fingerprint differs" \
+        in another.stderr
+    assert "refused facility c: the shared token differs" in a.stdout
+    assert "refused facility c: the flat-layout fingerprint differs" in a.stdout
+    for result in (a, b, back):
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    trained = _rounds_of(tmp_path, "c")
+    left = next(r for r in trained if r + 1 not in trained)
+    entered = trained[trained.index(left) + 1] - 1
+    assert done["c"] < left < done["impostor"] <= done["back"] <= entered < rounds, (done, left, entered)
+    assert trained == [*range(1, left + 1), *range(entered + 1, rounds + 1)]
+    assert _rounds_of(tmp_path, "a") == _rounds_of(tmp_path, "b") == list(range(1, rounds + 1))
+    assert "facility c is back; it joins at the next round boundary" in a.stdout
+    part = tmp_path / "run" / checkpoint.facility_name(left, "c")
+    assert f"facility c rejoined the federation after round {entered}" in back.stdout
+    assert f"facility c trains from round {entered + 1} on, from its data position in {part}" in back.stdout
+    _check_rounds(tmp_path, ranks, rounds, steps, batch, seq)
+
+    # c's data position went on from where its own part left it: one round of batches further.
+    before, _ = checkpoint.read_part(part)
+    after, _ = checkpoint.read_part(tmp_path / "run" / checkpoint.facility_name(entered + 1, "c"))
+    assert after["ranks/data"].tolist() == [[before["ranks/data"][0][0], before["ranks/data"][0][1] + steps * batch]]
+    final = checkpoint.verify(tmp_path / "run" / checkpoint.main_name(rounds))
+    assert [f["name"] for f in final.facilities] == ["a", "b", "c"]

@@ -96,7 +96,7 @@ def test_a_facility_that_sits_a_round_out_waits_as_long_as_the_others_train(tmp_
     and the metrics show the wait."""
     timeout = 1.5
     result = mpifed("simulate", "--facilities", "2", "--ranks-per-facility", "1", "--rounds", "2",
-                    "--local-steps", "150", "--out", str(tmp_path / "run"), "--set", "federation.sample=0.5",
+                    "--local-steps", "250", "--out", str(tmp_path / "run"), "--set", "federation.sample=0.5",
                     "--set", f"federation.timeout_s={timeout}", timeout=300)
     assert result.returncode == 0, result.stderr
     rounds = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

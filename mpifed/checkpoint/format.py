@@ -414,9 +414,14 @@ def prune(directory: str | Path, keep: int) -> None:
     _remove_before(directory, int(_MAIN.match(mains[-keep].name).group(1)))
 
 
+def facility_parts(directory: str | Path, name: str) -> list[Path]:
+    """Facility `name`'s part files in `directory`, oldest round first."""
+    return sorted(Path(directory).glob(f"round_*.fac-{name}.h5"), key=lambda p: int(p.name[6:].split(".")[0]))
+
+
 def prune_parts(directory: str | Path, name: str, keep: int) -> None:
     """At a site that holds only facility `name`'s parts: delete all but its newest `keep` parts."""
-    rounds = sorted(int(p.name[6:].split(".")[0]) for p in Path(directory).glob(f"round_*.fac-{name}.h5"))
+    rounds = [int(p.name[6:].split(".")[0]) for p in facility_parts(directory, name)]
     if keep > 0 and len(rounds) > keep:
         _remove_before(directory, rounds[-keep], name)
 

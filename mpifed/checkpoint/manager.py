@@ -273,6 +273,30 @@ class CheckpointManager:
             engine.after_exchange()
         parts.tokens_total = point.tokens
 
+    def restore_own_part(self, parts: Parts) -> Path | None:
+        """A facility coming back to a running federation: every rank's data position, RNG and inner
+        optimizer state from the newest part of this facility in this site's `checkpoint.dir` that
+        verifies (its arrays against their hashes; the main file that recorded it is at the hub, of an
+        earlier round). Returns that part, or None when there is none (nothing is restored). The
+        exchange's state in it is not used. Collective over the facility."""
+        fac, name = self.topo.facility, self.topo.facility_name
+        found = ""
+        if self.topo.is_leader:
+            for path in reversed(checkpoint.facility_parts(self.directory, name)):
+                try:
+                    checkpoint.check_part(path, numel=self.layout.numel)
+                except CheckpointError as exc:
+                    print(f"mpifed: facility {name}: skipping {path.name}: {exc}", flush=True)
+                    continue
+                found = str(path)
+                break
+        found = control.bcast_str(fac, found)
+        if not found:
+            return None
+        small, stored = self._read_small(Path(found))
+        self._restore_facility(Path(found), small, stored, parts)
+        return Path(found)
+
     def _read_small(self, part: Path) -> tuple[dict[str, np.ndarray], set[str]]:
         """On every rank of the facility: the part's small arrays (read by the leader, sent to all) and the
         names of its flat arrays."""

@@ -45,12 +45,15 @@ HANDSHAKE_S = 10.0
 says nothing is dropped after this, and only this delays the facilities queued behind it."""
 HEARTBEAT_S = 1.0
 """While the hub admits facilities it rewrites the rendezvous file this often."""
+CONNECT_TURN_S = 0.5
+"""Facility i (in the configuration's order, the hub being 0) connects (i - 1) times this long after it
+found the hub's port, so that connections do not reach the hub's accept at once."""
 STALE_S = 3 * HEARTBEAT_S
 """A rendezvous file unchanged for this long was left by a hub that is gone."""
 _LIMIT = 1 << 16  # bytes a handshake message may hold; a larger one is refused unread
 _TAG = 7101
-_WAKE = "<wake>"  # not a valid facility name
-_DROPPED = "<dropped>"  # nor this: a connection that broke the handshake's rules
+WAKE = "<wake>"  # not a valid facility name
+DROPPED = "<dropped>"  # nor this: a connection that broke the handshake's rules
 _ACCEPT, _STOP, _ABORT = 0, 1, 2
 
 
@@ -100,27 +103,27 @@ def _mac(token: bytes, *parts: str) -> str:
     return hmac.new(token, "|".join(parts).encode(), hashlib.sha256).hexdigest()
 
 
-def _send(inter: MPI.Intercomm, message: dict) -> None:
+def send(inter: MPI.Intercomm, message: dict) -> None:
     data = np.frombuffer(json.dumps(message).encode(), np.uint8)
     inter.Send([data, MPI.BYTE], dest=0, tag=_TAG)
 
 
-class _Unanswered(Exception):
+class Unanswered(Exception):
     """The other side of a handshake went silent, or sent more than a handshake message may hold."""
 
 
-def _recv(inter: MPI.Intercomm) -> dict:
+def receive(inter: MPI.Intercomm) -> dict:
     """The next handshake message from the other side's leader, waiting at most HANDSHAKE_S. Its size is
     checked before anything is allocated; what is not a JSON object reads as {}."""
     status, ends = MPI.Status(), time.monotonic() + HANDSHAKE_S
     while not inter.Iprobe(source=0, tag=_TAG, status=status):
         if time.monotonic() > ends:
-            raise _Unanswered(f"said nothing within {HANDSHAKE_S:g} s")
+            raise Unanswered(f"said nothing within {HANDSHAKE_S:g} s")
         time.sleep(0.005)
     size = status.Get_count(MPI.BYTE)
     if size > _LIMIT:
-        _drain(inter)
-        raise _Unanswered(f"sent a {size}-byte message, more than a handshake may hold ({_LIMIT})")
+        drain(inter)
+        raise Unanswered(f"sent a {size}-byte message, more than a handshake may hold ({_LIMIT})")
     data = np.empty(size, np.uint8)
     inter.Recv([data, MPI.BYTE], source=0, tag=_TAG)
     try:
@@ -130,7 +133,7 @@ def _recv(inter: MPI.Intercomm) -> dict:
     return message if isinstance(message, dict) else {}
 
 
-def _drain(inter: MPI.Intercomm) -> None:
+def drain(inter: MPI.Intercomm) -> None:
     """Consume, unread, whatever a peer about to be dropped has sent: left unmatched, a message could
     be matched later by another connection that happens to reuse the same MPI context."""
     inter.Set_errhandler(MPI.ERRORS_RETURN)
@@ -183,7 +186,7 @@ def find_hub(comm: MPI.Intracomm, rendezvous: str, port: str, timeout_s: float, 
 
 def _read_port(rendezvous: str, port: str, timeout_s: float, say: Callable[[str], None]) -> str:
     """The port in the rendezvous file, once the file has been seen to change: a live hub rewrites it
-    every HEARTBEAT_S (see `_Beacon`), a file that stays the same was left by a hub that is gone."""
+    every HEARTBEAT_S (see `Beacon`), a file that stays the same was left by a hub that is gone."""
     if port:
         return port
     if not rendezvous:
@@ -217,42 +220,57 @@ def _read_port(rendezvous: str, port: str, timeout_s: float, say: Callable[[str]
                           "(federation.join_timeout_s); is the hub facility running?")
 
 
-def connect(comm: MPI.Intracomm, port: str, me: Hello, token: bytes) -> tuple[MPI.Intracomm, float]:
-    """Join the hub at `port` (collective over this facility's job). Returns the merged world, in which
-    this job's ranks take part in admitting the remaining facilities (see `_admit`), and the seconds the
-    hub will still wait for them."""
+@dataclass(frozen=True)
+class Admitted:
+    """A newcomer the hub let in: the intercommunicator to the hub (or to its leader alone, when the
+    federation is `running` already), and the seconds the hub will still admit others."""
+
+    inter: MPI.Intercomm
+    remaining_s: float
+    running: bool
+
+    def merge(self) -> MPI.Intracomm:
+        """The world of the hub's ranks and this job's (a first join), in which this job takes part in
+        admitting the remaining facilities (see `_admit`)."""
+        world = self.inter.Merge(high=True)
+        self.inter.Free()
+        return world
+
+
+def connect(comm: MPI.Intracomm, port: str, me: Hello, token: bytes) -> Admitted:
+    """Join the hub at `port` (collective over this facility's job): the handshake, and its verdict on
+    every rank. Raises JoinError when the hub refused this facility."""
     inter = comm.Connect(port, root=0)
-    problems, remaining = [], 0.0
+    problems, remaining, running = [], 0.0, False
     if comm.rank == 0:
         try:
-            problems, remaining = _handshake_newcomer(inter, me, token)
-        except _Unanswered as exc:
+            problems, remaining, running = _handshake_newcomer(inter, me, token)
+        except Unanswered as exc:
             problems = [f"the hub {exc} during the handshake"]
-    verdict = json.loads(control.allgather_str(comm, json.dumps([problems, remaining]))[0])
+    verdict = json.loads(control.allgather_str(comm, json.dumps([problems, remaining, running]))[0])
     if verdict[0]:
         inter.Disconnect()
         raise JoinError(f"facility {me.facility} was refused by the hub: {'; '.join(verdict[0])}")
-    world = inter.Merge(high=True)
-    inter.Free()
-    return world, float(verdict[1])
+    return Admitted(inter, float(verdict[1]), bool(verdict[2]))
 
 
-def _handshake_newcomer(inter: MPI.Intercomm, me: Hello, token: bytes) -> tuple[list[str], float]:
-    """On the newcomer's leader: (the hub's verdict, the seconds the hub will still wait for others)."""
+def _handshake_newcomer(inter: MPI.Intercomm, me: Hello, token: bytes) -> tuple[list[str], float, bool]:
+    """On the newcomer's leader: (the hub's verdict, the seconds the hub will still wait for others,
+    whether the federation is running already)."""
     nonce = secrets.token_hex(16)
-    _send(inter, {**me.__dict__, "nonce": nonce})
-    reply = _recv(inter)
+    send(inter, {**me.__dict__, "nonce": nonce})
+    reply = receive(inter)
     hub_ok = hmac.compare_digest(str(reply.get("mac", "")), _mac(token, "hub", nonce, str(reply.get("nonce"))))
-    _send(inter, {"mac": _mac(token, "newcomer", str(reply.get("nonce")), nonce), "hub_ok": hub_ok})
-    problems = [str(p) for p in _recv(inter).get("problems", ["the hub sent no verdict"])]
+    send(inter, {"mac": _mac(token, "newcomer", str(reply.get("nonce")), nonce), "hub_ok": hub_ok})
+    problems = [str(p) for p in receive(inter).get("problems", ["the hub sent no verdict"])]
     if not hub_ok and not any("token" in p for p in problems):
         problems.append("the shared token differs (the hub's HMAC does not match MPIFED_TOKEN/token_file)")
     remaining = reply.get("remaining_s", 0.0)
-    return problems, float(remaining) if isinstance(remaining, (int, float)) else 0.0
+    return problems, float(remaining) if isinstance(remaining, (int, float)) else 0.0, reply.get("running") is True
 
 
 # ------------------------------------------------------------------------------------------------ hub
-class _Beacon:
+class Beacon:
     """The rendezvous file while the hub admits facilities: the port name and a count, rewritten every
     HEARTBEAT_S (each time whole, by rename), so a newcomer can tell a live hub's file from one a killed
     hub left behind; removed when the hub stops admitting."""
@@ -284,40 +302,47 @@ class _Beacon:
         self.path.unlink(missing_ok=True)
 
 
-def _wake(port: str, token: bytes) -> None:
-    """Connect to our own port from a helper process, so the blocked accept returns."""
+def singleton_env(token: bytes) -> dict[str, str]:
+    """The environment of a helper process that starts MPI on its own (a singleton, outside the job's
+    launcher), holding the token in MPIFED_TOKEN (never on its command line)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "HYDRA_", "PMIX_"))}
     env["MPIFED_TOKEN"] = token.decode(errors="surrogateescape")
-    subprocess.run([sys.executable, "-m", "mpifed.comm.join", port], env=env, timeout=120, check=False,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return env
 
 
-def _handshake_hub(inter: MPI.Intercomm, hub: Hello, token: bytes, expected: dict[str, int], joined: set[str],
-                   port: str, ends: float) -> tuple[str, list[str]]:
-    """On the hub leader: ("wake", []) for our own wake-up call, else (newcomer name, its problems). A
-    peer that goes silent or oversteps the message size gets no verdict: it is dropped."""
+def wake(port: str, token: bytes) -> None:
+    """Connect to our own port from a helper process, so the blocked accept returns."""
+    subprocess.run([sys.executable, "-m", "mpifed.comm.join", port], env=singleton_env(token), timeout=120,
+                   check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def handshake_hub(inter: MPI.Intercomm, hub: Hello, token: bytes, expected: dict[str, int], joined: set[str],
+                  port: str, ends: float, running: bool = False) -> tuple[str, list[str]]:
+    """On the hub leader: (WAKE, []) for our own wake-up call, else (newcomer name, its problems). A
+    peer that goes silent or oversteps the message size gets no verdict: it is dropped. `running`: the
+    federation trains already (a facility coming back, see mpifed/comm/rejoin.py), as the hub tells it."""
     try:
-        return _hello_and_verdict(inter, hub, token, expected, joined, port, ends)
-    except _Unanswered as exc:
-        return _DROPPED, [f"dropped a connection that {exc}"]
+        return _hello_and_verdict(inter, hub, token, expected, joined, port, ends, running)
+    except Unanswered as exc:
+        return DROPPED, [f"dropped a connection that {exc}"]
 
 
 def _hello_and_verdict(inter: MPI.Intercomm, hub: Hello, token: bytes, expected: dict[str, int], joined: set[str],
-                       port: str, ends: float) -> tuple[str, list[str]]:
-    hello = _recv(inter)
+                       port: str, ends: float, running: bool) -> tuple[str, list[str]]:
+    hello = receive(inter)
     if hello.get("wake"):
-        return (_WAKE, []) if hmac.compare_digest(str(hello.get("mac", "")), _mac(token, "wake", port)) \
+        return (WAKE, []) if hmac.compare_digest(str(hello.get("mac", "")), _mac(token, "wake", port)) \
             else ("?", ["a wake-up call with a wrong token"])
     nonce = secrets.token_hex(16)
-    _send(inter, {**hub.__dict__, "nonce": nonce, "mac": _mac(token, "hub", str(hello.get("nonce")), nonce),
-                  "remaining_s": max(0.0, ends - time.monotonic())})
-    answer = _recv(inter)
+    send(inter, {**hub.__dict__, "nonce": nonce, "mac": _mac(token, "hub", str(hello.get("nonce")), nonce),
+                  "remaining_s": max(0.0, ends - time.monotonic()), "running": running})
+    answer = receive(inter)
     problems = _differences(hub, hello, expected, joined)
     if not hmac.compare_digest(str(answer.get("mac", "")), _mac(token, "newcomer", nonce, str(hello.get("nonce")))) \
             or not answer.get("hub_ok"):
         problems.append("the shared token differs (HMAC check failed): set the same MPIFED_TOKEN or token_file "
                         "on every site")
-    _send(inter, {"problems": problems})
+    send(inter, {"problems": problems})
     return str(hello.get("facility", "?")), problems
 
 
@@ -327,11 +352,11 @@ def serve(comm: MPI.Intracomm, hub: Hello, token: bytes, expected: dict[str, int
     world and the names that joined (the hub's first). Collective over `comm`."""
     port = MPI.Open_port() if comm.rank == 0 else ""
     wanted = [name for name in expected if name != hub.facility]
-    beacon = _Beacon(Path(rendezvous), port) if comm.rank == 0 and rendezvous else None
+    beacon = Beacon(Path(rendezvous), port) if comm.rank == 0 and rendezvous else None
     if comm.rank == 0:
         say(f"hub {hub.facility} is waiting up to {timeout_s:g} s for {', '.join(wanted)} on MPI port {port}"
             + (f" (written to {rendezvous})" if rendezvous else " (pass it to them with --port)"))
-        timer = threading.Timer(timeout_s, _wake, args=(port, token))
+        timer = threading.Timer(timeout_s, wake, args=(port, token))
         timer.daemon = True
         timer.start()
     try:
@@ -361,14 +386,14 @@ def serve(comm: MPI.Intracomm, hub: Hello, token: bytes, expected: dict[str, int
 def _accept(world: MPI.Intracomm, port: str, handshake: Callable[[MPI.Intercomm], str] | None
             ) -> tuple[str, list[str], MPI.Intracomm | None]:
     """One collective accept on `world`. The hub's leader runs `handshake` (everyone else passes None)
-    and all learn its verdict: (name, problems, the merged world). A wake-up call gives the name _WAKE;
+    and all learn its verdict: (name, problems, the merged world). A wake-up call gives the name WAKE;
     a wake-up call or a refused newcomer is disconnected and gives no merged world."""
     inter = world.Accept(port, root=0)
     verdict = control.allgather_str(world, handshake(inter) if handshake else "")[0]
-    name, problems = (_WAKE, []) if verdict == _WAKE else json.loads(verdict)
-    if name == _WAKE or problems:
+    name, problems = (WAKE, []) if verdict == WAKE else json.loads(verdict)
+    if name == WAKE or problems:
         if handshake:
-            _drain(inter)
+            drain(inter)
         inter.Disconnect()
         return name, problems, None
     merged = inter.Merge(high=False)
@@ -383,16 +408,16 @@ def _admit(comm: MPI.Intracomm, port: str, hub: Hello, token: bytes, expected: d
     world, joined, refused = comm, [hub.facility], {}
 
     def handshake(inter: MPI.Intercomm) -> str:
-        name, problems = _handshake_hub(inter, hub, token, expected, set(joined), port, ends)
-        return _WAKE if name == _WAKE else json.dumps([name, problems])
+        name, problems = handshake_hub(inter, hub, token, expected, set(joined), port, ends)
+        return WAKE if name == WAKE else json.dumps([name, problems])
 
     while len(joined) < len(expected):
         if world is not comm:
             control.bcast_int(world, _ACCEPT)  # tell the newcomers already in to accept the next one with us
         name, problems, merged = _accept(world, port, handshake if world.rank == 0 else None)
-        if name == _WAKE:
+        if name == WAKE:
             break
-        if name == _DROPPED:
+        if name == DROPPED:
             say(problems[0])
             continue
         if problems:
@@ -424,10 +449,10 @@ def follow(world: MPI.Intracomm) -> tuple[MPI.Intracomm, list[str]]:
 
 
 def _wake_main(port: str) -> None:
-    """`python -m mpifed.comm.join PORT`: the hub's own wake-up call (see `_wake`)."""
+    """`python -m mpifed.comm.join PORT`: the hub's own wake-up call (see `wake`)."""
     token = os.environ.get("MPIFED_TOKEN", "").encode()
     inter = MPI.COMM_SELF.Connect(port, root=0)
-    _send(inter, {"wake": True, "mac": _mac(token, "wake", port)})
+    send(inter, {"wake": True, "mac": _mac(token, "wake", port)})
     inter.Disconnect()
 
 

@@ -3,13 +3,16 @@
 planned stop (mpifed/run/stop.py) exits with STOPPED_EXIT after checkpointing its round.
 
 Two ways in: one launch holding every facility (`main`), or one launch per facility that join over
-MPI ports (`main_joined`, with `--facility NAME`). Either way the rank then ends through `end`."""
+MPI ports (`main_joined`, with `--facility NAME`); facilities launched separately may also leave and
+come back between rounds (`_train`). Either way the rank then ends through `end`."""
 from __future__ import annotations
 
 import dataclasses
 import os
 import sys
-from typing import Collection, NoReturn
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Collection, NoReturn
 
 from mpi4py import MPI
 
@@ -19,6 +22,10 @@ from mpifed.comm.rollcall import RollCall
 from mpifed.comm.watchdog import abort_on_error
 from mpifed.config import RunConfig
 from mpifed.run import stop
+
+if TYPE_CHECKING:
+    from mpifed.comm.rejoin import Doorman
+    from mpifed.run.trainer import Trainer
 
 
 def end(code: int) -> NoReturn:
@@ -47,40 +54,78 @@ def _refuse_to_mix_runs(comm: MPI.Intracomm, cfg: RunConfig, resume: str) -> Non
                          "earlier run; pass --resume auto to continue it, or choose another folder")
 
 
-def _train(cfg: RunConfig, world: MPI.Intracomm, index: int, resume: str, elastic: bool = False) -> int:
-    """Train every round (or up to a planned stop); the rank's exit code. `elastic` (separate launches):
-    a facility asked to stop may leave while the others go on; the world is then split, and the
-    leavers disconnected, so that nothing waits on them again."""
+def _train(cfg: RunConfig, world: MPI.Intracomm, index: int, resume: str, joined: Joined | None = None) -> int:
+    """Train every round (or up to a planned stop); the rank's exit code. With separate launches
+    (`joined`), facilities may leave and come back between rounds; the topology is then rebuilt over the
+    new world (`_without`, `_with_newcomer`) and training goes on."""
     from mpifed.run.trainer import Trainer  # heavy imports (torch, transformers) only once MPI is up
 
-    trainer = None
+    trainer, entering = None, joined.entering if joined else None
+    room = joined.room if joined else None
+    back: tuple[str, float] | None = None  # the facility admitted at the last boundary, and when it began
     while True:
         with abort_on_error(world, expected=_expected_errors()):
             topo = topology.build(world, index, [f.name for f in cfg.facility], cfg.federation.roots)
             roll = RollCall(topo.world, topo.facility_offsets, topo.facility_names)
             watchdog.install(roll)  # from here a failure names the facility that was lost
             if trainer is None:
-                trainer = Trainer(cfg, topo, resume, elastic)
+                trainer = Trainer(cfg, topo, resume, elastic=joined is not None, entering=entering)
             else:
-                trainer.regroup(cfg, topo)
+                trainer.regroup(cfg, topo, entering=entering is not None)
+            if back is not None and topo.is_global_root:
+                _say(f"facility {back[0]} rejoined after round {trainer.round}; the round boundary took "
+                     f"{time.monotonic() - back[1]:.2f} s")
+            trainer.room, back = room, None
             trainer.run()
             watchdog.install(None)
             roll.close()
-            if not trainer.leaving:
+            if not trainer.leaving and not trainer.admitting:
                 break
             trainer.release()
-            stays = topo.facility_name not in trainer.leaving
-            rest = world.Split(0 if stays else MPI.UNDEFINED, key=world.rank)
             topo.close()
-            world.Disconnect()  # collective with the leavers, the last thing they do with the others
-        if not stays:
-            trainer.close()
-            return STOPPED_EXIT
-        cfg = _keeping(cfg, [name for name in topo.facility_names if name not in trainer.leaving])
-        world, index = rest, [f.name for f in cfg.facility].index(topo.facility_name)
+            me, began = topo.facility_name, time.monotonic()
+            if trainer.leaving:
+                world = _without(world, topo, trainer.leaving, room)
+                if world is None:
+                    trainer.close()
+                    return STOPPED_EXIT
+                cfg, entering = _keeping(cfg, [n for n in topo.facility_names if n not in trainer.leaving]), None
+            else:
+                world, entering = _with_newcomer(world, topo, trainer, joined)
+                back = (next(n for n in entering["joined"] if n not in topo.facility_names), began)
+                cfg = _keeping(joined.full, entering["joined"])
+            index = [f.name for f in cfg.facility].index(me)
+    if room is not None:
+        room.close()
     trainer.close()
     topo.close()
     return 0 if trainer.stopped_after is None else STOPPED_EXIT
+
+
+def _without(world: MPI.Intracomm, topo: topology.Topology, leaving: tuple[str, ...], room: "Doorman | None"
+             ) -> MPI.Intracomm | None:
+    """After the round that `leaving` asked to stop at: split the world into those who stay, then
+    disconnect it, collectively with the leavers (the last thing they do with the others: nothing
+    waits on them again). The world of those who stay; None on a leaver."""
+    stays = topo.facility_name not in leaving
+    rest = world.Split(0 if stays else MPI.UNDEFINED, key=world.rank)
+    world.Disconnect()
+    if room is not None:
+        room.forget(leaving)
+    return rest if stays else None
+
+
+def _with_newcomer(world: MPI.Intracomm, topo: topology.Topology, trainer: "Trainer", joined: Joined
+                   ) -> tuple[MPI.Intracomm, dict]:
+    """At the round boundary where a facility comes back: the world with it merged in, and what every
+    rank now knows (see mpifed/comm/rejoin.py)."""
+    from mpifed.comm import rejoin
+
+    merged, told = rejoin.admit(world, joined.room, [f.name for f in joined.full.facility], topo.facility_names,
+                                {"round": trainer.round, "tokens": trainer.parts.tokens_total})
+    if world is not MPI.COMM_WORLD:  # a hub that was alone works on its launch's own world
+        world.Free()
+    return merged, told
 
 
 def _keeping(cfg: RunConfig, names: Collection[str]) -> RunConfig:
@@ -122,13 +167,31 @@ def _say(line: str) -> None:
     print(f"mpifed: {line}", flush=True)
 
 
-def join_world(comm: MPI.Intracomm, cfg: RunConfig, name: str, port: str = "", resume: str = ""
-               ) -> tuple[MPI.Intracomm, RunConfig, int]:
+@dataclass
+class Joined:
+    """One facility's launch once it is in the federation (see `join_world`)."""
+
+    world: MPI.Intracomm
+    """Every rank of the facilities in."""
+    cfg: RunConfig
+    """The configuration of the facilities in, each keeping its data partition."""
+    index: int
+    """This facility's index in `cfg`."""
+    full: RunConfig
+    """The configuration as given: every facility that may be in."""
+    room: "Doorman | None" = None
+    """On the hub's leader, where facilities may leave (federation.min_facilities >= 1): admits those
+    that come back (mpifed/comm/rejoin.py)."""
+    entering: dict | None = None
+    """A facility that came back to a running federation: where the run stands ("round", "tokens")."""
+
+
+def join_world(comm: MPI.Intracomm, cfg: RunConfig, name: str, port: str = "", resume: str = "") -> Joined:
     """One facility's own launch joins the others: the hub (the first facility listed) admits them, the
-    others connect to it. Returns the merged world, the configuration of the facilities that joined
-    (each keeping its data partition), and this facility's index in it. Raises JoinError."""
+    others connect to it; a facility that finds the federation running already enters it at the next
+    round boundary. Raises JoinError."""
     from mpifed import configfile
-    from mpifed.comm import join
+    from mpifed.comm import join, rejoin
     from mpifed.comm.watchdog import deadline
     from mpifed.data.corpus import shape
     from mpifed.model import planned_layout
@@ -153,18 +216,33 @@ def join_world(comm: MPI.Intracomm, cfg: RunConfig, name: str, port: str = "", r
     slack = join.HANDSHAKE_S + fed.timeout_s
     with deadline(comm, fed.join_timeout_s + slack, "join: waiting for the other facilities",
                   setting="federation.join_timeout_s") as watch:
+        expected = {f.name: f.ranks for f in cfg.facility}
+        room, entering = None, None
         if name == names[0]:
-            world, joined = join.serve(comm, me, token, {f.name: f.ranks for f in cfg.facility}, fed.rendezvous,
-                                       fed.join_timeout_s, fed.min_facilities, say)
+            world, joined = join.serve(comm, me, token, expected, fed.rendezvous, fed.join_timeout_s,
+                                       fed.min_facilities, say)
+            if fed.min_facilities and comm.rank == 0:
+                room = rejoin.Doorman(me, token, expected, joined, fed.rendezvous, say)
         else:
             address = join.find_hub(comm, fed.rendezvous, port, fed.join_timeout_s, say)
-            world, hub_waits_s = join.connect(comm, address, me, token)
-            say(f"facility {name} is in; the hub admits the others for up to {hub_waits_s:.0f} s more")
-            watch.restart(hub_waits_s + slack, f"join: in, waiting with the hub {names[0]} for the others")
-            world, joined = join.follow(world)
-            say(f"facility {name} joined the federation")
+            # Facilities waiting for the hub all see its port at the same heartbeat, and MPICH's accept
+            # has crashed (a segmentation fault in the hub) when two connections came at once: each
+            # facility takes its turn.
+            time.sleep(join.CONNECT_TURN_S * (names.index(name) - 1))
+            admitted = join.connect(comm, address, me, token)
+            if admitted.running:
+                say(f"facility {name} is back in the running federation; it joins at the next round boundary")
+                watch.restart(fed.join_timeout_s + slack, "join: back, waiting for the next round boundary")
+                world, entering = rejoin.enter(comm, admitted, token, fed.join_timeout_s)
+                joined = entering["joined"]
+                say(f"facility {name} rejoined the federation after round {entering['round']}")
+            else:
+                say(f"facility {name} is in; the hub admits the others for up to {admitted.remaining_s:.0f} s more")
+                watch.restart(admitted.remaining_s + slack, f"join: in, waiting with the hub {names[0]} for the others")
+                world, joined = join.follow(admitted.merge())
+                say(f"facility {name} joined the federation")
     run_cfg = _keeping(cfg, joined)
-    return world, run_cfg, [f.name for f in run_cfg.facility].index(name)
+    return Joined(world, run_cfg, [f.name for f in run_cfg.facility].index(name), cfg, room, entering)
 
 
 def main_joined(cfg: RunConfig, name: str, port: str = "", resume: str = "") -> int:
@@ -176,9 +254,9 @@ def main_joined(cfg: RunConfig, name: str, port: str = "", resume: str = "") -> 
     expected = (*_expected_errors(), JoinError)
     with abort_on_error(comm, expected=expected):
         try:
-            world, run_cfg, index = join_world(comm, cfg, name, port, resume)
+            joined = join_world(comm, cfg, name, port, resume)
         except LaunchError as exc:  # the same on every rank: say it once, exit cleanly
             if comm.rank == 0:
                 print(f"mpifed run: error: {exc}", file=sys.stderr, flush=True)
             return 2
-    return _train(run_cfg, world, index, resume, elastic=True)
+    return _train(joined.cfg, joined.world, joined.index, resume, joined)

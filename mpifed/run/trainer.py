@@ -9,7 +9,7 @@ import hashlib
 import os
 import signal
 import time
-from typing import Callable, ContextManager
+from typing import TYPE_CHECKING, Callable, ContextManager
 
 import numpy as np
 import torch
@@ -30,7 +30,11 @@ from mpifed.model import InitialModel, ModelError, base_digest, model_for
 from mpifed.run import stop
 from mpifed.run.memory import Peaks
 from mpifed.run.metrics import MetricsLog, RoundMetrics, inner_steps, live_view_wanted
+from mpifed.run.elastic import Elastic
 from mpifed.run.schedule import inner_lr
+
+if TYPE_CHECKING:
+    from mpifed.comm.rejoin import Doorman
 
 
 def uses_gpu(wanted: str) -> bool:
@@ -50,21 +54,30 @@ def choose_device(gpu: bool, local_rank: int) -> torch.device:
     return device
 
 
-class Trainer:
+class Trainer(Elastic):
     """One rank's part of a federated run: its facility's engine over the facility's process group, its
     sampler over the facility's partition, its share of the federation, and (on the global root) the
     metrics log. `run` trains every round; every method that talks to other ranks is collective."""
 
-    def __init__(self, cfg: RunConfig, topo: Topology, resume: str = "", elastic: bool = False) -> None:
+    def __init__(self, cfg: RunConfig, topo: Topology, resume: str = "", elastic: bool = False,
+                 entering: dict | None = None) -> None:
         """Build everything for one rank; `resume` is "", "auto" or a checkpoint file or folder. `elastic`:
-        the facilities were launched separately, so one may leave while the others go on (`regroup`)."""
+        the facilities were launched separately, so one may leave while the others go on, and come back
+        (`regroup`). `entering`: this facility comes back to a running federation, which stands after
+        round `entering["round"]` with `entering["tokens"]` trained (see `_enter`)."""
         self.elastic = elastic
+        self.room: "Doorman | None" = None
+        """On the global root, where facilities may come back: who waits to (mpifed/comm/rejoin.py)."""
+        self.admitting = False
+        """Whether a facility that came back enters after the round just trained."""
         self.memory = Peaks(topo.world.rank)
         with self.memory.phase("start", since_start=True):
-            self._build(cfg, topo)
+            self._build(cfg, topo, entering is not None)
         with self.memory.phase("resume"):
-            self.resumed_from = self._resume(resume) if resume else None
-        self.start_round = self.resumed_from.round + 1 if self.resumed_from else 1
+            self.resumed_from = self._resume(resume) if resume and entering is None else None
+            if entering is not None:
+                self._enter(entering)
+        self.start_round = self.resumed_from.round + 1 if self.resumed_from else self.round + 1
         self.stopped_after: int | None = None
         """The round after which a planned stop ended the run early (see mpifed/run/stop.py)."""
         self.leaving: tuple[str, ...] = ()
@@ -73,8 +86,9 @@ class Trainer:
                               wandb=cfg.metrics.wandb, run_config=to_dict(cfg)) if topo.is_global_root else None
         self.live_view = topo.is_global_root and live_view_wanted()
 
-    def _build(self, cfg: RunConfig, topo: Topology) -> None:
-        """The engine, data, federation and checkpoints of this rank, started from the initial model."""
+    def _build(self, cfg: RunConfig, topo: Topology, entering: bool = False) -> None:
+        """The engine, data, federation and checkpoints of this rank, started from the initial model (or,
+        `entering`, from the running federation's global model)."""
         self.cfg, self.topo = cfg, topo
         self.round = 0  # the round being trained, for the names of its waits
         self.threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // local_ranks_on_node(topo.world))
@@ -86,7 +100,7 @@ class Trainer:
         group, local_rank = start_process_group(topo.facility, "nccl" if gpu else "gloo", cfg.federation.timeout_s)
         self.device = choose_device(gpu, local_rank)
 
-        self._load_data()
+        self._load_data(entering)
         # Every engine gets the model built empty and allocates only what it holds (DeepSpeed's ZeRO-3
         # builds it under zero.Init, partitioned as it is made); LoRA needs its frozen base's real weights.
         empty = not cfg.lora.rank
@@ -94,23 +108,30 @@ class Trainer:
         self.layout = FlatLayout.of(model)
         self._check_same_layout()
         digest = self._check_same_base(model) if cfg.lora.rank else ""
-        initial = self._initial_model(model)
+        initial = self._initial_model(model) if not entering else None
         settings = EngineSettings(group=group, device=self.device, betas=(cfg.train.beta1, cfg.train.beta2),
                                   weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
                                   grad_accum=cfg.train.grad_accum, fsdp=facility.fsdp, deepspeed=facility.deepspeed)
         self.engine = make_engine(facility.engine, model, settings, cfg.train.micro_batch)
-        self._start(initial)
+        if entering:
+            self._share_global(self.engine.held())
+        else:
+            self._start(initial)
         self.federation = Federation(topo, cfg.federation, self.layout.numel, self.engine.owned(), self.engine.held(),
                                      self.threads)
         self.arrival = Arrival(topo)
         self.checkpoints = CheckpointManager(cfg, topo, self.layout, model.config.to_json_string(), digest)
         self.parts = Parts(self.engine, self.sampler, self.federation, tokens_total=0)
 
-    def _load_data(self) -> None:
-        """This rank's sampler over its facility's partition, and the shared validation set."""
+    def _load_data(self, entering: bool = False) -> None:
+        """This rank's sampler over its facility's partition, and the shared validation set (a facility
+        coming back gets the corpus from world rank 0 alone, see `_with_newcomers`)."""
         cfg, topo = self.cfg, self.topo
         with self.world_deadline("start: sharing the corpus"):
-            self.corpus = open_corpus(cfg.data, topo.world, topo.n_facilities, cfg.train.seed)
+            comm = self._with_newcomers(True) if entering else topo.world
+            self.corpus = open_corpus(cfg.data, comm, topo.n_facilities, cfg.train.seed)
+            if entering:
+                comm.Free()
         self.validation = self.corpus.validation(cfg.data.val_sequences)
         self.sampler = Sampler(self.corpus.partition(cfg.partition_of(topo.facility_index)), topo.facility.rank,
                                topo.facility.size, cfg.train.micro_batch,
@@ -200,7 +221,7 @@ class Trainer:
             self.announce()
         for round_ in range(self.start_round, self.cfg.federation.rounds + 1):
             self.train_round(round_)
-            if self.stopped_after is not None or self.leaving:
+            if self.stopped_after is not None or self.leaving or self.admitting:
                 return
         if self.topo.is_global_root:
             print(f"mpifed: done; checkpoints in {self.cfg.checkpoint.dir}, metrics in {self.cfg.metrics_path}",
@@ -295,15 +316,16 @@ class Trainer:
         self.round_exchanges: list[RoundExchange] = []
         with self.memory.phase("train"):
             summary, val_loss, local_losses = self._train_and_exchange(round_, start)
-        asked = summary.pop("stop_asked")
+        asked, back = summary.pop("stop_asked"), summary.pop("back")
         stopping = bool(asked) and round_ != fed.rounds  # every facility, or those that asked, stop here
+        self.admitting = bool(back) and not stopping and round_ != fed.rounds  # one that came back enters
         ckpt_s, publish = 0.0, None
         if round_ % self.cfg.checkpoint.every == 0 or round_ == fed.rounds or stopping:
             t0 = time.perf_counter()
             with self.memory.phase("checkpoint"):
                 publish = self.checkpoints.save(round_, self.parts)
             ckpt_s = time.perf_counter() - t0
-        if round_ != fed.rounds and not stopping:  # a stopped run's resume posts it (see _resume)
+        if round_ != fed.rounds and not stopping and not self.admitting:  # a resume or regroup posts it
             self._post(0, f"round {round_}: exchange")
         if self.log is not None:
             metrics = RoundMetrics(round=round_, val_loss=val_loss, tokens_total=self.parts.tokens_total, ckpt_s=ckpt_s,
@@ -314,54 +336,6 @@ class Trainer:
             publish()
         if stopping:
             self._stop_or_leave(round_, asked)
-
-    def _stop_or_leave(self, round_: int, asked: dict[str, str]) -> None:
-        """After a checkpointed round that `asked` (facility -> signal) asked to stop at: they leave and
-        the others go on (`leaving`), where the launches are separate, the hub is not among them and
-        `federation.min_facilities` stay; else every facility stops (`stopped_after`)."""
-        fed, names = self.cfg.federation, self.topo.facility_names
-        who = ", ".join(f"{name} ({signal_name})" for name, signal_name in asked.items())
-        stay = [name for name in names if name not in asked]
-        why_not = ("" if not self.elastic else
-                   "the hub cannot leave; " if names[0] in asked else
-                   "federation.min_facilities = 0 lets no facility leave; " if not fed.min_facilities else
-                   f"fewer than federation.min_facilities = {fed.min_facilities} would stay; "
-                   if len(stay) < fed.min_facilities else None)
-        if why_not is None:
-            self.leaving = tuple(asked)
-            if self.topo.is_global_root:
-                print(f"mpifed: {who} {'leaves' if len(asked) == 1 else 'leave'} after round {round_} of "
-                      f"{fed.rounds}; {', '.join(stay)} {'go' if len(stay) > 1 else 'goes'} on without {'it' if len(asked) == 1 else 'them'} from round "
-                      f"{round_ + 1} (federation.min_facilities = {fed.min_facilities})", flush=True)
-            elif self.topo.is_leader and self.topo.facility_name in asked:
-                print(f"mpifed: facility {self.topo.facility_name} leaves after round {round_} of {fed.rounds}; "
-                      f"its part of round {round_} is in {self.cfg.checkpoint.dir}", flush=True)
-            return
-        self.stopped_after = round_
-        if self.topo.is_global_root:
-            print(f"mpifed: stopping after round {round_} of {fed.rounds}, as asked by {who}; {why_not}round "
-                  f"{round_} is checkpointed in {self.cfg.checkpoint.dir}: continue with --resume auto", flush=True)
-
-    def release(self) -> None:
-        """Let go of every communicator this rank's trainer made from its topology (before a regroup
-        frees the topology's own): the background exchange's and the arrival's."""
-        self.federation.close()
-        self.arrival.close()
-
-    def regroup(self, cfg: RunConfig, topo: Topology) -> None:
-        """Go on after `leaving` left, over `topo` (the facilities that stay; `cfg` lists them, each with
-        its data partition). This rank keeps everything it trained and every round's state (engine,
-        data position, the roots' global segments, outer state and error feedback): only the
-        communicators are new. The exchange that the leave held back is posted here (overlap), without
-        the facilities that left."""
-        self.cfg, self.topo, self.leaving = cfg, topo, ()
-        self.federation.regroup(topo)
-        self.arrival = Arrival(topo)
-        self.checkpoints = CheckpointManager(cfg, topo, self.layout, self.checkpoints.model_config,
-                                             self.checkpoints.base_digest)
-        self.start_round = self.round + 1
-        if self.round != cfg.federation.rounds and not self.federation.flushed:
-            self._post(0, f"round {self.round}: exchange")
 
     def _train_and_exchange(self, round_: int, start: float) -> tuple[dict, float | None, dict[str, float]]:
         """The round's inner steps, its exchanges and validation: (the round's world-wide numbers, the
@@ -403,15 +377,16 @@ class Trainer:
         # that asked one of its ranks to stop (0: none), so every rank learns who asked in this reduction.
         asked = np.zeros(self.topo.n_facilities)
         asked[self.topo.facility_index] = stop.requested()
+        back = self.room.waiting() if self.room is not None else 0  # facilities waiting to come back
         with self.world_deadline(f"round {self.round}: collecting the metrics"):
             weighted_loss, tokens, bytes_inter = control.allreduce(
                 self.topo.world, [mean_loss * facility_tokens, facility_tokens, sent])
             # Every rank starts the exchange together (after `Arrival.wait`): the fastest one's sync time
             # is the exchange itself; the longest wait there was a faster facility's for a slower one.
-            slowest_inner, longest_idle, neg_fastest_sync, *asked = control.allreduce(
-                self.topo.world, [inner_s, idle_s, -sync_s, *asked], op=MPI.MAX)
+            slowest_inner, longest_idle, neg_fastest_sync, back, *asked = control.allreduce(
+                self.topo.world, [inner_s, idle_s, -sync_s, back, *asked], op=MPI.MAX)
         return dict(train_loss=weighted_loss / tokens, tokens=int(tokens), inner_s=slowest_inner,
-                    sync_s=-neg_fastest_sync, idle_s=longest_idle, bytes_inter=int(bytes_inter),
+                    sync_s=-neg_fastest_sync, idle_s=longest_idle, bytes_inter=int(bytes_inter), back=int(back),
                     stop_asked={name: signal.Signals(int(number)).name
                                 for name, number in zip(self.topo.facility_names, asked) if number})
 

@@ -18,10 +18,10 @@ from mpifed.run.trainer import Trainer
 cfg = configfile.from_dict(configfile.load(sys.argv[1]))
 name, out = sys.argv[2], Path(sys.argv[3])
 with abort_on_error(MPI.COMM_WORLD, expected=(JoinError,)):
-    world, run_cfg, index = rank.join_world(MPI.COMM_WORLD, cfg, name)
-with abort_on_error(world):
-    topo = topology.build(world, index, [f.name for f in run_cfg.facility], run_cfg.federation.roots)
-    trainer = Trainer(run_cfg, topo)
+    joined = rank.join_world(MPI.COMM_WORLD, cfg, name)
+with abort_on_error(joined.world):
+    topo = topology.build(joined.world, joined.index, [f.name for f in joined.cfg.facility], cfg.federation.roots)
+    trainer = Trainer(joined.cfg, topo)
     trainer.run()
     (out / f"digest-{name}-{topo.facility.rank}.txt").write_text(trainer.model_digest())
     trainer.close()

@@ -4,7 +4,7 @@ check what the round rule is computed from: each facility leader writes its faci
 stands before every exchange (local-NAME-ROUND.npy), and every rank the model it holds after every
 round (global-NAME-RANK-ROUND.npy) and at the start (round 0). Exits with `mpifed run`'s code.
 
-    mpiexec -n 2 python tests/mpi/leave_worker.py CONFIG NAME OUT
+    mpiexec -n 2 python tests/mpi/leave_worker.py CONFIG NAME OUT [RESUME]
 """
 import sys
 from pathlib import Path
@@ -42,4 +42,4 @@ def recording_round(self: Trainer, round_: int) -> None:
 
 
 Trainer._build, Trainer._sync, Trainer.train_round = recording_build, recording_sync, recording_round
-rank.end(rank.main_joined(cfg, name))
+rank.end(rank.main_joined(cfg, name, resume=sys.argv[4] if len(sys.argv) > 4 else ""))

@@ -1,0 +1,194 @@
+"""Facilities coming back to a running federation (separate launches, `federation.min_facilities` >= 1).
+
+A facility that left (its job's time ran out: mpifed/run/stop.py) starts again in its next job and
+finds the hub as on a first join, through the rendezvous file or `--port`. What differs is that the
+federation is training, and MPI_Comm_accept blocks: with MPICH, a thread waiting in it holds the library's
+lock, so not even another thread of the process can make progress. So the hub never accepts while
+it trains:
+
+  1. The hub's leader starts a *doorman*: a child process of its own (an MPI singleton) that accepts on
+     the port the rendezvous file names and runs the handshake of a first join with each caller (token,
+     layout fingerprint, configuration digest, a facility that is not in). A refused caller is told
+     why and disconnected; the federation does not notice.
+  2. An admitted newcomer opens a port of its own, tells the doorman, disconnects, and waits in an
+     accept on it. The doorman tells the hub's leader over a pipe (newline-separated JSON).
+  3. The global root reports in every round's closing reduction that someone waits, so every rank
+     learns it at the same round boundary. There the whole federation connects to the newcomer's port
+     (`admit`; the newcomer is already in its accept, so this does not wait), the intercommunicator is
+     merged into the new world, and the hub tells every rank, old and new, who is in and where the run
+     stands (round, tokens trained). The federation then rebuilds its communicators over the new world
+     (mpifed/run/rank.py).
+
+A newcomer waits at most `federation.join_timeout_s` for a boundary: then it wakes its own accept with a
+signed call, as `join.serve` does, and stops. Messages are JSON over MPI byte buffers: nothing is
+unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Callable, Sequence
+
+from mpi4py import MPI
+
+from mpifed.comm import control
+from mpifed.comm.join import (DROPPED, WAKE, Admitted, Beacon, Hello, JoinError, Unanswered, drain, handshake_hub,
+                              receive, send, singleton_env, wake)
+
+
+class Doorman:
+    """On the hub's leader while the federation trains: the child process that admits facilities of the
+    configuration that are not in (see the module's docstring). `members`: the facilities in now."""
+
+    def __init__(self, hub: Hello, token: bytes, expected: dict[str, int], members: Sequence[str], rendezvous: str,
+                 say: Callable[[str], None]) -> None:
+        self.say = say
+        self._members = list(members)
+        self._waiting: queue.Queue[tuple[str, str]] = queue.Queue()
+        self._child = subprocess.Popen([sys.executable, "-m", "mpifed.comm.rejoin"], env=singleton_env(token),
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self._tell({"hub": hub.__dict__, "expected": expected, "members": self._members})
+        first = json.loads(self._child.stdout.readline() or "{}")
+        if "port" not in first:
+            raise JoinError("the hub's doorman for returning facilities did not start (see its error above)")
+        self.port = first["port"]
+        self._beacon = Beacon(Path(rendezvous), self.port) if rendezvous else None
+        self._reader = threading.Thread(target=self._read, name="mpifed-doorman", daemon=True)
+        self._reader.start()
+        say(f"hub {hub.facility} admits returning facilities between rounds on MPI port {self.port}"
+            + (f" (written to {rendezvous})" if rendezvous else ""))
+
+    def _tell(self, message: dict) -> None:
+        self._child.stdin.write(json.dumps(message) + "\n")
+        self._child.stdin.flush()
+
+    def _read(self) -> None:
+        for line in self._child.stdout:
+            message = json.loads(line)
+            if "say" in message:
+                self.say(message["say"])
+            if "waiting" in message:
+                self._waiting.put((message["waiting"], message["port"]))
+
+    def waiting(self) -> int:
+        """How many admitted newcomers wait for a round boundary."""
+        return self._waiting.qsize()
+
+    def take(self) -> tuple[str, str]:
+        """The newcomer that waited longest: its name and the port it waits on."""
+        name, port = self._waiting.get_nowait()
+        self._members.append(name)
+        self._tell({"members": self._members})
+        return name, port
+
+    def forget(self, names: Sequence[str]) -> None:
+        """Facilities that left: they may come back."""
+        self._members = [name for name in self._members if name not in names]
+        self._tell({"members": self._members})
+
+    def close(self) -> None:
+        """Stop admitting: end the doorman (the rendezvous file goes with it), and tell whoever waits that
+        the federation is over."""
+        if self._beacon is not None:
+            self._beacon.stop()
+        self._child.kill()
+        self._child.wait()
+        while not self._waiting.empty():
+            _, port = self._waiting.get_nowait()
+            inter = MPI.COMM_SELF.Connect(port, root=0)
+            send(inter, {"over": True})
+            inter.Disconnect()
+
+
+def admit(world: MPI.Intracomm, doorman: Doorman | None, order: Sequence[str], members: Sequence[str],
+          state: dict) -> tuple[MPI.Intracomm, dict]:
+    """At a round boundary, on every rank of the federation (`doorman` on the hub's leader, None
+    elsewhere): connect to the newcomer that waited longest and merge it into the world. Returns the new
+    world (the caller frees the old one) and what every rank, newcomers included, now knows: `state`
+    (the round, tokens trained) with "joined", the facilities in, in the configuration's `order`.
+    Collective over `world`."""
+    name, port = doorman.take() if doorman is not None else ("", "")
+    inter = world.Connect(port, root=0)
+    if world.rank == 0:
+        send(inter, {"admit": True})
+    merged = inter.Merge(high=False)
+    inter.Free()
+    joined = [n for n in order if n in members or n == name]
+    told = control.bcast_str(merged, json.dumps({**state, "joined": joined}) if merged.rank == 0 else None)
+    return merged, json.loads(told)
+
+
+def enter(comm: MPI.Intracomm, admitted: Admitted, token: bytes, timeout_s: float) -> tuple[MPI.Intracomm, dict]:
+    """On a newcomer the doorman admitted (collective over its job): open a port, tell the doorman, and
+    wait up to `timeout_s` in an accept on it for the next round boundary, where the federation
+    connects. Returns the merged world and what `admit` told every rank. Raises JoinError when the
+    federation ended first, or no boundary came in time."""
+    port = MPI.Open_port() if comm.rank == 0 else ""
+    if comm.rank == 0:
+        send(admitted.inter, {"port": port})
+    admitted.inter.Disconnect()
+    timer = None
+    if comm.rank == 0:  # an accept cannot time out: wake it, as the hub wakes its own
+        timer = threading.Timer(timeout_s, wake, args=(port, token))
+        timer.daemon = True
+        timer.start()
+    inter = comm.Accept(port, root=0)
+    said = receive(inter) if comm.rank == 0 else {}
+    if timer is not None:
+        timer.cancel()
+        MPI.Close_port(port)
+    verdict = control.bcast_str(comm, json.dumps(said))
+    if not json.loads(verdict).get("admit"):
+        inter.Disconnect()
+        raise JoinError("the federation ended before the next round boundary" if json.loads(verdict).get("over") else
+                        f"no round boundary within {timeout_s:g} s (federation.join_timeout_s): is the federation "
+                        "stuck?")
+    world = inter.Merge(high=True)
+    inter.Free()
+    return world, json.loads(control.bcast_str(world, None))
+
+
+def _doorman_main() -> None:
+    """`python -m mpifed.comm.rejoin`, started by `Doorman`: the first line on stdin is the hub's hello,
+    the configuration's facilities and those in; later lines update those in. Accepts and handshakes
+    callers on a port of its own, reporting on stdout."""
+    setup = json.loads(sys.stdin.readline())
+    hub, expected = Hello(**setup["hub"]), setup["expected"]
+    members = {"in": set(setup["members"])}
+    token = os.environ.get("MPIFED_TOKEN", "").encode()
+    waiting: set[str] = set()
+
+    def follow() -> None:  # no MPI in this thread: the main one waits in an accept
+        for line in sys.stdin:
+            members["in"] = set(json.loads(line)["members"])
+            waiting.difference_update(members["in"])
+        os._exit(0)  # the hub is gone
+
+    threading.Thread(target=follow, daemon=True).start()
+    port = MPI.Open_port()
+    print(json.dumps({"port": port}), flush=True)
+    while True:
+        inter = MPI.COMM_SELF.Accept(port)
+        name, problems = handshake_hub(inter, hub, token, expected, members["in"] | waiting, port, 0.0, running=True)
+        try:
+            told = receive(inter) if not problems and name != WAKE else {}
+        except Unanswered:
+            told = {}
+        if not problems and name != WAKE and isinstance(told.get("port"), str):
+            waiting.add(name)
+            print(json.dumps({"waiting": name, "port": told["port"],
+                              "say": f"facility {name} is back; it joins at the next round boundary"}), flush=True)
+        elif problems:
+            print(json.dumps({"say": problems[0] if name == DROPPED else f"refused facility {name}: "
+                              f"{'; '.join(problems)}"}), flush=True)
+            drain(inter)
+        inter.Disconnect()
+
+
+if __name__ == "__main__":
+    _doorman_main()
