@@ -11,8 +11,11 @@ side with the same configuration (federation.min_facilities = 2, a checkpoint ev
   `--resume auto` and finishes the run.
 
 Reports:
-- goodput: tokens in the final model over what the undisturbed federation trains in the same wall
-  time (its tokens per second). Measured up to the SIGKILL, and over the whole drill.
+- goodput: tokens in the model over what the undisturbed federation trains in the same wall time (its
+  tokens per second). Measured up to the SIGKILL (against the undisturbed run up to the same round),
+  and over the whole drill. On one machine a facility that is out leaves its cores to the others, so
+  the others train faster meanwhile: tokens_vs_undisturbed, the tokens of the final model over the
+  undisturbed run's, shows what the leaves cost without that.
 - rejoin_s_vs_transfer: how long the federation paused at a rejoin's round boundary (the newcomer
   receives the global model, outer state and corpus over MPI), the median over the rejoins, against
   the time one fp32 model takes across the same shaped link (a TCP stream between two namespaces).
@@ -239,6 +242,8 @@ def main() -> None:
         result = {
             "goodput": round(goodput, 3),
             "goodput_with_kill": round(rows[-1]["tokens_total"] / (rate * wall), 3),
+            # time aside: the share of the undisturbed run's facility-rounds the drill's model holds
+            "tokens_vs_undisturbed": round(rows[-1]["tokens_total"] / calm_rows[-1]["tokens_total"], 3),
             "rejoin_s_vs_transfer": round(statistics.median(pauses) / link, 2) if pauses else None,
             "rejoin_s": pauses, "transfer_s": round(link, 3), "model_mb": round(4 * numel / 1e6, 1),
             "val_loss_ratio": round(rows[-1]["val_loss"] / calm_rows[-1]["val_loss"], 4),
