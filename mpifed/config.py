@@ -112,9 +112,15 @@ class DataConfig:
     """Share of the embedded text's sequences held out for validation, shared by every facility."""
     val_sequences: int = 64
     """At most this many validation sequences are scored at each evaluation (eval.every)."""
+    partitions: int = 0
+    """How many equal partitions the embedded text is cut into (facility.partition picks one); 0: one per
+    facility listed. Separate launches set it to the configuration's count, so that a facility keeps its
+    own share of the text whichever others are in (some may not have joined, or have left)."""
 
     def problems(self) -> list[str]:
         out = []
+        if self.partitions < 0:
+            out.append(f"data.partitions: must be >= 0 (got {self.partitions})")
         if not 8 <= self.seq_len <= 4096:
             out.append(f"data.seq_len: must be between 8 and 4096 (got {self.seq_len})")
         if not 0.0 < self.val_fraction < 0.5:
@@ -485,9 +491,12 @@ class RunConfig:
         if self.facility and self.federation.roots > min(f.ranks for f in self.facility):
             problems.append(f"federation.roots: {self.federation.roots} roots per facility, but the smallest "
                             f"facility has {min(f.ranks for f in self.facility)} ranks")
-        if not self.data.path and any(f.partition >= 0 for f in self.facility):
-            problems.append("facility.partition: only applies with data.path (the embedded text is split into one "
-                            "partition per facility, in order)")
+        if not self.data.path and not self.data.partitions and any(f.partition >= 0 for f in self.facility):
+            problems.append("facility.partition: applies with data.path, or to the embedded text with "
+                            "data.partitions (else it is split into one partition per facility, in order)")
+        if self.data.partitions and any(f.partition >= self.data.partitions for f in self.facility):
+            problems.append(f"facility.partition: the embedded text has data.partitions = {self.data.partitions}; "
+                            "a facility's partition must be below it")
         if fed.fragments > self.train.local_steps:
             problems.append(f"federation.fragments: {fed.fragments} fragments need at least as many local steps "
                             f"(train.local_steps = {self.train.local_steps}): each is exchanged at its own step")

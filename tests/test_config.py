@@ -160,3 +160,16 @@ def test_training_settings_are_checked():
     for key in ("train.schedule", "train.grad_accum", "train.beta2", "train.min_lr", "train.inner_state",
                 "train.device", "eval.every", "model.attention", "model.dtype"):
         assert key in str(err.value)
+
+
+def test_an_embedded_text_partition_needs_data_partitions_above_it():
+    """facility.partition picks a partition of data.path, or of the embedded text cut into
+    data.partitions (what separate launches pin, so that a facility keeps its share whoever is in)."""
+    two = {"facility": [{"name": "a", "ranks": 1, "partition": 2}, {"name": "b", "ranks": 1}]}
+    with pytest.raises(ConfigError, match=r"facility.partition: applies with data.path, or to the embedded text "
+                                          r"with data.partitions"):
+        configfile.from_dict(two)
+    with pytest.raises(ConfigError, match=r"data.partitions = 2; a facility's partition must be below it"):
+        configfile.from_dict({**two, "data": {"partitions": 2}})
+    cfg = configfile.from_dict({**two, "data": {"partitions": 3}})
+    assert [cfg.partition_of(i) for i in range(2)] == [2, 1]

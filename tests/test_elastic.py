@@ -113,7 +113,7 @@ def test_a_facility_leaves_the_others_go_on_and_one_more_leaving_below_the_minim
     alone would be fewer than 2, so both stop after that round, checkpointed. Every round equals DiLoCo
     computed in numpy from the models of the facilities that took part, weighted by their tokens."""
     ranks = {"a": 1, "b": 2, "c": 1}
-    steps, batch, seq, rounds = 6, 4, 64, 8
+    steps, batch, seq, rounds = 6, 4, 64, 12
     config = _config(tmp_path, ranks, f"train.local_steps={steps}", f"train.micro_batch={batch}",
                      f"data.seq_len={seq}", f"federation.rounds={rounds}", "federation.outer=diloco",
                      "federation.min_facilities=2", "checkpoint.every=100")
@@ -158,13 +158,13 @@ def test_a_facility_leaves_the_others_go_on_and_one_more_leaving_below_the_minim
 
 def test_a_facility_that_left_comes_back_and_ones_with_a_wrong_token_or_model_are_refused(tmp_path):
     """3 facilities, min_facilities = 2. c is signalled and leaves; while it is out, a launch of c with a
-    wrong token and one with another model are refused by the hub's doorman, and a and b train on
-    undisturbed (every round as the rule computes it); then c's next job
-    (--resume auto) comes back at a round boundary, receives the global model and the outer state over
-    MPI, takes its data position from its own part, and trains to the end with the others. Every round
-    equals DiLoCo in numpy over the facilities that trained it."""
+    wrong token, then one with another model, are refused by the hub's doorman, and a and b train on
+    undisturbed (every round as the rule computes it); then c's next job (--resume auto) comes back at a
+    round boundary, receives the global model and the outer state over MPI, takes its data position from
+    its own part, and trains with the others until the hub is asked to stop (which stops everyone: the
+    hub does not leave). Every round equals DiLoCo in numpy over the facilities that trained it."""
     ranks = {"a": 1, "b": 2, "c": 1}
-    steps, batch, seq, rounds = 4, 4, 64, 40
+    steps, batch, seq, rounds = 4, 4, 64, 400  # the run ends with the hub's stop, 3 rounds after c is back
     config = _config(tmp_path, ranks, f"train.local_steps={steps}", f"train.micro_batch={batch}",
                      f"data.seq_len={seq}", f"federation.rounds={rounds}", "federation.outer=diloco",
                      "federation.min_facilities=2")
@@ -173,6 +173,8 @@ def test_a_facility_that_left_comes_back_and_ones_with_a_wrong_token_or_model_ar
     done: dict[str, int] = {}
 
     def on_hub_line(line: str, sites: Sites) -> None:
+        if "rejoined after round" in line:
+            done["entered"] = int(line.split("after round ")[1].split(";")[0])
         round_ = _round(line)
         if round_ is None:
             return
@@ -182,10 +184,15 @@ def test_a_facility_that_left_comes_back_and_ones_with_a_wrong_token_or_model_ar
         elif "impostor" not in done and sites.ended("c"):
             done["impostor"] = round_
             sites.start("impostor", "c", 1, "auto", token="not the token")
+        elif "other" not in done and sites.ended("impostor"):  # one at a time: see join.CONNECT_TURN_S
+            done["other"] = round_
             sites.start("other", "c", 1, "auto", config=other)
-        elif "back" not in done and sites.ended("impostor") and sites.ended("other"):
+        elif "back" not in done and sites.ended("other"):
             done["back"] = round_
             sites.start("back", "c", 1, "auto")
+        elif "entered" in done and round_ == done["entered"] + 3 and "stop" not in done:
+            done["stop"] = round_
+            sites.signal("a")
 
     sites = Sites(config, tmp_path, on_hub_line)
     for name, n in ranks.items():
@@ -199,23 +206,23 @@ def test_a_facility_that_left_comes_back_and_ones_with_a_wrong_token_or_model_ar
     assert "refused facility c: the shared token differs" in a.stdout
     assert "refused facility c: the flat-layout fingerprint differs" in a.stdout
     for result in (a, b, back):
-        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.returncode == STOPPED_EXIT, result.stdout + result.stderr
 
-    trained = _rounds_of(tmp_path, "c")
-    left = next(r for r in trained if r + 1 not in trained)
-    entered = trained[trained.index(left) + 1] - 1
-    assert done["c"] < left < done["impostor"] <= done["back"] <= entered < rounds, (done, left, entered)
-    assert trained == [*range(1, left + 1), *range(entered + 1, rounds + 1)]
-    assert _rounds_of(tmp_path, "a") == _rounds_of(tmp_path, "b") == list(range(1, rounds + 1))
+    trained, stopped = _rounds_of(tmp_path, "c"), _rounds_of(tmp_path, "a")[-1]
+    left, entered = next(r for r in trained if r + 1 not in trained), done["entered"]
+    assert done["c"] < left < done["impostor"] <= done["back"] <= entered < stopped < rounds, (done, left, stopped)
+    assert trained == [*range(1, left + 1), *range(entered + 1, stopped + 1)]
+    assert _rounds_of(tmp_path, "a") == _rounds_of(tmp_path, "b") == list(range(1, stopped + 1))
     assert "facility c is back; it joins at the next round boundary" in a.stdout
+    assert f"stopping after round {stopped} of {rounds}, as asked by a (SIGUSR1); the hub cannot leave" in a.stdout
     part = tmp_path / "run" / checkpoint.facility_name(left, "c")
     assert f"facility c rejoined the federation after round {entered}" in back.stdout
     assert f"facility c trains from round {entered + 1} on, from its data position in {part}" in back.stdout
-    _check_rounds(tmp_path, ranks, rounds, steps, batch, seq)
+    _check_rounds(tmp_path, ranks, stopped, steps, batch, seq)
 
     # c's data position went on from where its own part left it: one round of batches further.
     before, _ = checkpoint.read_part(part)
     after, _ = checkpoint.read_part(tmp_path / "run" / checkpoint.facility_name(entered + 1, "c"))
     assert after["ranks/data"].tolist() == [[before["ranks/data"][0][0], before["ranks/data"][0][1] + steps * batch]]
-    final = checkpoint.verify(tmp_path / "run" / checkpoint.main_name(rounds))
+    final = checkpoint.verify(tmp_path / "run" / checkpoint.main_name(stopped))
     assert [f["name"] for f in final.facilities] == ["a", "b", "c"]

@@ -278,7 +278,8 @@ class CheckpointManager:
         optimizer state from the newest part of this facility in this site's `checkpoint.dir` that
         verifies (its arrays against their hashes; the main file that recorded it is at the hub, of an
         earlier round). Returns that part, or None when there is none (nothing is restored). The
-        exchange's state in it is not used. Collective over the facility."""
+        exchange's state in it is read but not used (error feedback restarts from zero). Collective
+        over the facility."""
         fac, name = self.topo.facility, self.topo.facility_name
         found = ""
         if self.topo.is_leader:

@@ -222,8 +222,9 @@ def _read_port(rendezvous: str, port: str, timeout_s: float, say: Callable[[str]
 
 @dataclass(frozen=True)
 class Admitted:
-    """A newcomer the hub let in: the intercommunicator to the hub (or to its leader alone, when the
-    federation is `running` already), and the seconds the hub will still admit others."""
+    """A newcomer the hub let in: the intercommunicator to the hub (or to the hub's doorman, when the
+    federation is `running` already: see mpifed/comm/rejoin.py), and the seconds the hub will still
+    admit others."""
 
     inter: MPI.Intercomm
     remaining_s: float

@@ -19,8 +19,10 @@ it trains:
      stands (round, tokens trained). The federation then rebuilds its communicators over the new world
      (mpifed/run/rank.py).
 
-A newcomer waits at most `federation.join_timeout_s` for a boundary: then it wakes its own accept with a
-signed call, as `join.serve` does, and stops. Messages are JSON over MPI byte buffers: nothing is
+A newcomer waits as long as the hub keeps rewriting the rendezvous file (with `--port`, at most
+`federation.join_timeout_s`); then it wakes its own accept with a signed call, as `join.serve` does, and
+stops. A newcomer that dies while it waits makes the federation's connect fail at the boundary
+(MPICH's own connect timeout, 180 s), and the job stop. Messages are JSON over MPI byte buffers: nothing is
 unpickled.
 """
 from __future__ import annotations
@@ -31,14 +33,15 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 from mpi4py import MPI
 
 from mpifed.comm import control
-from mpifed.comm.join import (DROPPED, WAKE, Admitted, Beacon, Hello, JoinError, Unanswered, drain, handshake_hub,
-                              receive, send, singleton_env, wake)
+from mpifed.comm.join import (DROPPED, HEARTBEAT_S, STALE_S, WAKE, Admitted, Beacon, Hello, JoinError, Unanswered,
+                              drain, handshake_hub, receive, send, singleton_env, wake)
 
 
 class Doorman:
@@ -69,7 +72,10 @@ class Doorman:
 
     def _read(self) -> None:
         for line in self._child.stdout:
-            message = json.loads(line)
+            try:
+                message = json.loads(line)
+            except ValueError:  # not ours (a library's warning): pass it on
+                message = {"say": line.rstrip()}
             if "say" in message:
                 self.say(message["say"])
             if "waiting" in message:
@@ -92,17 +98,12 @@ class Doorman:
         self._tell({"members": self._members})
 
     def close(self) -> None:
-        """Stop admitting: end the doorman (the rendezvous file goes with it), and tell whoever waits that
-        the federation is over."""
+        """Stop admitting: end the doorman, and remove the rendezvous file, which tells whoever waits
+        that the federation is over (see `enter`)."""
         if self._beacon is not None:
             self._beacon.stop()
         self._child.kill()
         self._child.wait()
-        while not self._waiting.empty():
-            _, port = self._waiting.get_nowait()
-            inter = MPI.COMM_SELF.Connect(port, root=0)
-            send(inter, {"over": True})
-            inter.Disconnect()
 
 
 def admit(world: MPI.Intracomm, doorman: Doorman | None, order: Sequence[str], members: Sequence[str],
@@ -123,34 +124,57 @@ def admit(world: MPI.Intracomm, doorman: Doorman | None, order: Sequence[str], m
     return merged, json.loads(told)
 
 
-def enter(comm: MPI.Intracomm, admitted: Admitted, token: bytes, timeout_s: float) -> tuple[MPI.Intracomm, dict]:
+def enter(comm: MPI.Intracomm, admitted: Admitted, token: bytes, rendezvous: str, timeout_s: float
+          ) -> tuple[MPI.Intracomm, dict]:
     """On a newcomer the doorman admitted (collective over its job): open a port, tell the doorman, and
-    wait up to `timeout_s` in an accept on it for the next round boundary, where the federation
-    connects. Returns the merged world and what `admit` told every rank. Raises JoinError when the
-    federation ended first, or no boundary came in time."""
+    wait in an accept on it for the next round boundary, where the federation connects. It waits as
+    long as the hub keeps rewriting the `rendezvous` file (without one, `timeout_s`). Returns the
+    merged world and what `admit` told every rank. Raises JoinError when the hub is gone first."""
     port = MPI.Open_port() if comm.rank == 0 else ""
     if comm.rank == 0:
         send(admitted.inter, {"port": port})
     admitted.inter.Disconnect()
-    timer = None
+    waiting = threading.Event()
+    waiting.set()
     if comm.rank == 0:  # an accept cannot time out: wake it, as the hub wakes its own
-        timer = threading.Timer(timeout_s, wake, args=(port, token))
-        timer.daemon = True
-        timer.start()
+        threading.Thread(target=_wake_when_gone, args=(port, token, rendezvous, timeout_s, waiting),
+                         daemon=True).start()
     inter = comm.Accept(port, root=0)
+    waiting.clear()
     said = receive(inter) if comm.rank == 0 else {}
-    if timer is not None:
-        timer.cancel()
+    if comm.rank == 0:
         MPI.Close_port(port)
-    verdict = control.bcast_str(comm, json.dumps(said))
-    if not json.loads(verdict).get("admit"):
+    if not json.loads(control.bcast_str(comm, json.dumps(said))).get("admit"):
         inter.Disconnect()
-        raise JoinError("the federation ended before the next round boundary" if json.loads(verdict).get("over") else
-                        f"no round boundary within {timeout_s:g} s (federation.join_timeout_s): is the federation "
-                        "stuck?")
+        raise JoinError("the federation ended before the next round boundary, or its hub stopped admitting (" +
+                        (f"{rendezvous} was not rewritten for {STALE_S:g} s)" if rendezvous else
+                         f"none within {timeout_s:g} s, federation.join_timeout_s)"))
     world = inter.Merge(high=True)
     inter.Free()
     return world, json.loads(control.bcast_str(world, None))
+
+
+def _wake_when_gone(port: str, token: bytes, rendezvous: str, timeout_s: float, waiting: threading.Event) -> None:
+    """While `waiting`: wake the accept on `port` once the hub's rendezvous file has not been rewritten
+    for STALE_S (the hub ended the run, or is gone), or, without one, after `timeout_s`. No MPI here:
+    the accept holds the library."""
+    seen, since, ends = None, time.monotonic(), time.monotonic() + timeout_s
+    while waiting.is_set():
+        now = time.monotonic()
+        if rendezvous:
+            try:
+                text = Path(rendezvous).read_text()
+            except OSError:
+                text = ""
+            if text != seen:
+                seen, since = text, now
+            if now - since > STALE_S:
+                break
+        elif now > ends:
+            break
+        time.sleep(HEARTBEAT_S / 4)
+    if waiting.is_set():
+        wake(port, token)
 
 
 def _doorman_main() -> None:

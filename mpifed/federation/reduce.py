@@ -392,7 +392,7 @@ class Federation:
                 posted[:] = 0
 
     def regroup(self, topo: Topology) -> None:
-        """Go on over `topo`: the same facility and roots, fewer facilities (some left after a round).
+        """Go on over `topo`: the same facility and roots, other facilities (some left, or came back).
         Everything the rounds built up stays: the global segment, the outer state and error feedback,
         the anchors, each fragment's tokens and steps; only the communicators change. Call `close`
         before the old ones are freed; nothing may be in flight."""

@@ -69,11 +69,11 @@ class Elastic:
                 local_ranks_on_node(topo.world)
                 comm = self._with_newcomers(False)
                 if comm != MPI.COMM_NULL:
-                    open_corpus(cfg.data, comm, topo.n_facilities, cfg.train.seed)
+                    open_corpus(cfg.data, comm, cfg.data.partitions or topo.n_facilities, cfg.train.seed)
                     comm.Free()
             self._check_same_layout()
             if cfg.lora.rank:
-                self._check_same_base(self.engine.model())
+                self._check_same_base(self.checkpoints.base_digest)  # the one it checked at its start
             self._share_global([])
         self.federation.regroup(topo)
         self.arrival = Arrival(topo)
@@ -118,7 +118,7 @@ class Elastic:
 
     def _enter(self, entering: dict) -> None:
         """This facility comes back after round `entering["round"]`: it holds the global model (`_build`);
-        its roots take the outer state and the outer step count; its ranks take their data position, RNG
+        its roots take the outer state (and count the outer steps from the round); its ranks take their data position, RNG
         and inner optimizer state from the newest part of its own that verifies, in its own
         checkpoint.dir (none: it starts its partition afresh). The exchange's error feedback starts
         from zero."""

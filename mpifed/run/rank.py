@@ -129,11 +129,16 @@ def _with_newcomer(world: MPI.Intracomm, topo: topology.Topology, trainer: "Trai
 
 
 def _keeping(cfg: RunConfig, names: Collection[str]) -> RunConfig:
-    """The configuration of only the facilities `names` (those that joined, or stay after others
-    left), each keeping its data partition; `cfg` itself when it lists no others."""
-    present = [dataclasses.replace(f, partition=cfg.partition_of(i)) if cfg.data.path else f
-               for i, f in enumerate(cfg.facility) if f.name in names]
-    return cfg if len(present) == len(cfg.facility) else dataclasses.replace(cfg, facility=present)
+    """The configuration of only the facilities `names` (those that joined, or those in after others
+    left or came back), each keeping its data partition: of data.path, or of the embedded text cut
+    into as many partitions as `cfg` lists facilities. `cfg` itself when it lists no others."""
+    present = [dataclasses.replace(f, partition=cfg.partition_of(i)) for i, f in enumerate(cfg.facility)
+               if f.name in names]
+    if len(present) == len(cfg.facility):
+        return cfg
+    data = cfg.data if cfg.data.path or cfg.data.partitions else dataclasses.replace(cfg.data,
+                                                                                     partitions=len(cfg.facility))
+    return dataclasses.replace(cfg, facility=present, data=data)
 
 
 def main(cfg: RunConfig, resume: str = "") -> int:
@@ -232,8 +237,9 @@ def join_world(comm: MPI.Intracomm, cfg: RunConfig, name: str, port: str = "", r
             admitted = join.connect(comm, address, me, token)
             if admitted.running:
                 say(f"facility {name} is back in the running federation; it joins at the next round boundary")
-                watch.restart(fed.join_timeout_s + slack, "join: back, waiting for the next round boundary")
-                world, entering = rejoin.enter(comm, admitted, token, fed.join_timeout_s)
+                watch.stop()  # it waits in an accept as long as the hub admits (see rejoin.enter)
+                watchdog.set_phase("join: back, waiting for the next round boundary")
+                world, entering = rejoin.enter(comm, admitted, token, fed.rendezvous, fed.join_timeout_s)
                 joined = entering["joined"]
                 say(f"facility {name} rejoined the federation after round {entering['round']}")
             else:

@@ -91,7 +91,8 @@ class Trainer(Elastic):
         `entering`, from the running federation's global model)."""
         self.cfg, self.topo = cfg, topo
         self.round = 0  # the round being trained, for the names of its waits
-        self.threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // local_ranks_on_node(topo.world))
+        sharing = local_ranks_on_node(topo.world)  # collective: called whether or not train.threads is set
+        self.threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // sharing)
         torch.set_num_threads(self.threads)
         facility = cfg.facility[topo.facility_index]
         gpu = uses_gpu(cfg.train.device)
@@ -107,7 +108,7 @@ class Trainer(Elastic):
         model = model_for(cfg, self.corpus.seq_len, self.corpus.vocab_size, empty=empty)
         self.layout = FlatLayout.of(model)
         self._check_same_layout()
-        digest = self._check_same_base(model) if cfg.lora.rank else ""
+        digest = self._check_same_base(base_digest(model)) if cfg.lora.rank else ""
         initial = self._initial_model(model) if not entering else None
         settings = EngineSettings(group=group, device=self.device, betas=(cfg.train.beta1, cfg.train.beta2),
                                   weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
@@ -129,7 +130,7 @@ class Trainer(Elastic):
         cfg, topo = self.cfg, self.topo
         with self.world_deadline("start: sharing the corpus"):
             comm = self._with_newcomers(True) if entering else topo.world
-            self.corpus = open_corpus(cfg.data, comm, topo.n_facilities, cfg.train.seed)
+            self.corpus = open_corpus(cfg.data, comm, cfg.data.partitions or topo.n_facilities, cfg.train.seed)
             if entering:
                 comm.Free()
         self.validation = self.corpus.validation(cfg.data.val_sequences)
@@ -158,11 +159,11 @@ class Trainer(Elastic):
             raise RuntimeError(f"facilities {', '.join(differing)} built a model whose layout fingerprint differs "
                                f"from {names[0]}'s; every facility must train the same architecture")
 
-    def _check_same_base(self, model: torch.nn.Module) -> str:
-        """Under LoRA only the adapters are exchanged: refuse to train if any rank's frozen base differs.
-        Returns the base's digest (kept in checkpoints)."""
+    def _check_same_base(self, digest: str) -> str:
+        """Under LoRA only the adapters are exchanged: refuse to train if any rank's frozen base differs
+        (`digest`: this rank's, mpifed.model.base_digest). Returns world rank 0's (kept in checkpoints)."""
         with self.world_deadline("layout check: comparing the LoRA base models"):
-            digests = control.allgather_str(self.topo.world, base_digest(model))
+            digests = control.allgather_str(self.topo.world, digest)
         if len(set(digests)) > 1:
             raise ModelError("the frozen base model differs between ranks (a different model.path copy or "
                                "build): LoRA needs the same base everywhere")
@@ -215,9 +216,9 @@ class Trainer(Elastic):
                   f"{self.resumed_from.tokens:,} tokens)", flush=True)
 
     def run(self) -> None:
-        """Train from `start_round` on, until the last round, a planned stop, or a leave (then `regroup`
-        and run again)."""
-        if self.round == 0:  # not again after a regroup
+        """Train from `start_round` on, until the last round, a planned stop, or a boundary where the
+        facilities change (`leaving`, `admitting`: then `regroup` and run again)."""
+        if self.round == 0:  # a fresh start or a resume, not a regroup (nor a facility coming back)
             self.announce()
         for round_ in range(self.start_round, self.cfg.federation.rounds + 1):
             self.train_round(round_)
