@@ -57,6 +57,12 @@ class Sites:
     def signal(self, key: str) -> None:
         self.procs[key].send_signal(signal.SIGUSR1)  # mpiexec passes it on to the ranks
 
+    def run(self, ranks: dict[str, int], timeout: float) -> dict[str, subprocess.CompletedProcess]:
+        """Start every facility of `ranks` (name -> ranks, the hub first) under its own name and `wait`."""
+        for name, n in ranks.items():
+            self.start(name, name, n)
+        return self.wait(timeout)
+
     def wait(self, timeout: float) -> dict[str, subprocess.CompletedProcess]:
         ends = time.monotonic() + timeout
         while time.monotonic() < ends and not all(self.ended(key) for key in self.procs):
@@ -128,10 +134,7 @@ def test_a_facility_leaves_the_others_go_on_and_one_more_leaving_below_the_minim
             sent["b"] = round_
             sites.signal("b")
 
-    sites = Sites(config, tmp_path, on_hub_line)
-    for name, n in ranks.items():
-        sites.start(name, name, n)
-    results = sites.wait(timeout=240)
+    results = Sites(config, tmp_path, on_hub_line).run(ranks, timeout=240)
     a, b, c = results["a"], results["b"], results["c"]
     assert c.returncode == STOPPED_EXIT, c.stdout + c.stderr + a.stdout + b.stdout
     assert a.returncode == STOPPED_EXIT and b.returncode == STOPPED_EXIT, a.stdout + a.stderr + b.stderr
@@ -194,10 +197,7 @@ def test_a_facility_that_left_comes_back_and_ones_with_a_wrong_token_or_model_ar
             done["stop"] = round_
             sites.signal("a")
 
-    sites = Sites(config, tmp_path, on_hub_line)
-    for name, n in ranks.items():
-        sites.start(name, name, n)
-    results = sites.wait(timeout=300)
+    results = Sites(config, tmp_path, on_hub_line).run(ranks, timeout=300)
     a, b, c, impostor, another, back = (results[key] for key in ("a", "b", "c", "impostor", "other", "back"))
     assert c.returncode == STOPPED_EXIT, c.stdout + c.stderr
     assert impostor.returncode != 0 and "facility c was refused by the hub: the shared token differs" in impostor.stderr

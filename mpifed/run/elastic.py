@@ -82,8 +82,7 @@ class Elastic:
         if entering:
             self._share_outer_state()
         self.start_round = self.round + 1
-        if self.round != cfg.federation.rounds and not self.federation.flushed:
-            self._post(0, f"round {self.round}: exchange")
+        self._post_held_back(f"round {self.round}: exchange")
 
     def _with_newcomers(self, newcomer: bool) -> MPI.Intracomm:
         """World rank 0 with the ranks of a facility that comes back (`newcomer`), COMM_NULL on the
@@ -118,10 +117,10 @@ class Elastic:
 
     def _enter(self, entering: dict) -> None:
         """This facility comes back after round `entering["round"]`: it holds the global model (`_build`);
-        its roots take the outer state (and count the outer steps from the round); its ranks take their data position, RNG
-        and inner optimizer state from the newest part of its own that verifies, in its own
-        checkpoint.dir (none: it starts its partition afresh). The exchange's error feedback starts
-        from zero."""
+        its roots take the outer state (and count the outer steps from the round); its ranks take their
+        data position, RNG and inner optimizer state from the newest part of its own that verifies, in
+        its own checkpoint.dir (none: it starts its partition afresh). The exchange's error feedback
+        starts from zero."""
         self.round, self.parts.tokens_total = int(entering["round"]), int(entering["tokens"])
         self._share_outer_state()
         fed = self.federation
@@ -132,6 +131,5 @@ class Elastic:
             print(f"mpifed: facility {self.topo.facility_name} trains from round {self.round + 1} on"
                   + (f", from its data position in {part}" if part else ", from the start of its data partition"),
                   flush=True)
-        if self.round != self.cfg.federation.rounds and not fed.flushed:  # as the others post it
-            self._post(0, f"round {self.round}: exchange")
+        self._post_held_back(f"round {self.round}: exchange")  # as the others do in `regroup`
 

@@ -61,7 +61,7 @@ def _train(cfg: RunConfig, world: MPI.Intracomm, index: int, resume: str, joined
     from mpifed.run.trainer import Trainer  # heavy imports (torch, transformers) only once MPI is up
 
     trainer, entering = None, joined.entering if joined else None
-    room = joined.room if joined else None
+    doorman = joined.doorman if joined else None
     back: tuple[str, float] | None = None  # the facility admitted at the last boundary, and when it began
     while True:
         with abort_on_error(world, expected=_expected_errors()):
@@ -75,7 +75,7 @@ def _train(cfg: RunConfig, world: MPI.Intracomm, index: int, resume: str, joined
             if back is not None and topo.is_global_root:
                 _say(f"facility {back[0]} rejoined after round {trainer.round}; the round boundary took "
                      f"{time.monotonic() - back[1]:.2f} s")
-            trainer.room, back = room, None
+            trainer.doorman, back = doorman, None
             trainer.run()
             watchdog.install(None)
             roll.close()
@@ -85,7 +85,7 @@ def _train(cfg: RunConfig, world: MPI.Intracomm, index: int, resume: str, joined
             topo.close()
             me, began = topo.facility_name, time.monotonic()
             if trainer.leaving:
-                world = _without(world, topo, trainer.leaving, room)
+                world = _without(world, topo, trainer.leaving, doorman)
                 if world is None:
                     trainer.close()
                     return STOPPED_EXIT
@@ -95,23 +95,23 @@ def _train(cfg: RunConfig, world: MPI.Intracomm, index: int, resume: str, joined
                 back = (next(n for n in entering["joined"] if n not in topo.facility_names), began)
                 cfg = _keeping(joined.full, entering["joined"])
             index = [f.name for f in cfg.facility].index(me)
-    if room is not None:
-        room.close()
+    if doorman is not None:
+        doorman.close()
     trainer.close()
     topo.close()
     return 0 if trainer.stopped_after is None else STOPPED_EXIT
 
 
-def _without(world: MPI.Intracomm, topo: topology.Topology, leaving: tuple[str, ...], room: "Doorman | None"
-             ) -> MPI.Intracomm | None:
+def _without(world: MPI.Intracomm, topo: topology.Topology, leaving: tuple[str, ...],
+             doorman: "Doorman | None") -> MPI.Intracomm | None:
     """After the round that `leaving` asked to stop at: split the world into those who stay, then
     disconnect it, collectively with the leavers (the last thing they do with the others: nothing
     waits on them again). The world of those who stay; None on a leaver."""
     stays = topo.facility_name not in leaving
     rest = world.Split(0 if stays else MPI.UNDEFINED, key=world.rank)
     world.Disconnect()
-    if room is not None:
-        room.forget(leaving)
+    if doorman is not None:
+        doorman.forget(leaving)
     return rest if stays else None
 
 
@@ -121,8 +121,8 @@ def _with_newcomer(world: MPI.Intracomm, topo: topology.Topology, trainer: "Trai
     rank now knows (see mpifed/comm/rejoin.py)."""
     from mpifed.comm import rejoin
 
-    merged, told = rejoin.admit(world, joined.room, [f.name for f in joined.full.facility], topo.facility_names,
-                                {"round": trainer.round, "tokens": trainer.parts.tokens_total})
+    merged, told = rejoin.admit(world, joined.doorman, [f.name for f in joined.full.facility],
+                                topo.facility_names, {"round": trainer.round, "tokens": trainer.parts.tokens_total})
     if world is not MPI.COMM_WORLD:  # a hub that was alone works on its launch's own world
         world.Free()
     return merged, told
@@ -184,7 +184,7 @@ class Joined:
     """This facility's index in `cfg`."""
     full: RunConfig
     """The configuration as given: every facility that may be in."""
-    room: "Doorman | None" = None
+    doorman: "Doorman | None" = None
     """On the hub's leader, where facilities may leave (federation.min_facilities >= 1): admits those
     that come back (mpifed/comm/rejoin.py)."""
     entering: dict | None = None
@@ -222,12 +222,12 @@ def join_world(comm: MPI.Intracomm, cfg: RunConfig, name: str, port: str = "", r
     with deadline(comm, fed.join_timeout_s + slack, "join: waiting for the other facilities",
                   setting="federation.join_timeout_s") as watch:
         expected = {f.name: f.ranks for f in cfg.facility}
-        room, entering = None, None
+        doorman, entering = None, None
         if name == names[0]:
             world, joined = join.serve(comm, me, token, expected, fed.rendezvous, fed.join_timeout_s,
                                        fed.min_facilities, say)
             if fed.min_facilities and comm.rank == 0:
-                room = rejoin.Doorman(me, token, expected, joined, fed.rendezvous, say)
+                doorman = rejoin.Doorman(me, token, expected, joined, fed.rendezvous, say)
         else:
             address = join.find_hub(comm, fed.rendezvous, port, fed.join_timeout_s, say)
             # Facilities waiting for the hub all see its port at the same heartbeat, and MPICH's accept
@@ -248,7 +248,7 @@ def join_world(comm: MPI.Intracomm, cfg: RunConfig, name: str, port: str = "", r
                 world, joined = join.follow(admitted.merge())
                 say(f"facility {name} joined the federation")
     run_cfg = _keeping(cfg, joined)
-    return Joined(world, run_cfg, [f.name for f in run_cfg.facility].index(name), cfg, room, entering)
+    return Joined(world, run_cfg, [f.name for f in run_cfg.facility].index(name), cfg, doorman, entering)
 
 
 def main_joined(cfg: RunConfig, name: str, port: str = "", resume: str = "") -> int:

@@ -66,8 +66,9 @@ class Trainer(Elastic):
         (`regroup`). `entering`: this facility comes back to a running federation, which stands after
         round `entering["round"]` with `entering["tokens"]` trained (see `_enter`)."""
         self.elastic = elastic
-        self.room: "Doorman | None" = None
-        """On the global root, where facilities may come back: who waits to (mpifed/comm/rejoin.py)."""
+        self.doorman: "Doorman | None" = None
+        """On the global root, where facilities may come back: the doorman that admits them
+        (mpifed/comm/rejoin.py)."""
         self.admitting = False
         """Whether a facility that came back enters after the round just trained."""
         self.memory = Peaks(topo.world.rank)
@@ -143,8 +144,7 @@ class Trainer(Elastic):
         point = self.checkpoints.choose(target, self.parts)
         if point is not None:
             self.checkpoints.restore(point, self.parts)
-            if not self.federation.flushed:  # as the checkpointed run did next
-                self._post(0, f"resume: posting round {point.round}'s exchange")
+            self._post_held_back(f"resume: posting round {point.round}'s exchange")  # as the run did next
         elif self.topo.is_global_root:
             print(f"mpifed: --resume {target}: no checkpoint found; starting from round 1", flush=True)
         return point
@@ -267,6 +267,12 @@ class Trainer(Elastic):
         if self.federation.delayed:
             self.federation.post(fragment, self.engine.owned(), phase)
 
+    def _post_held_back(self, phase: str) -> None:
+        """The post that a round boundary held back (a planned stop, a change of facilities), once training
+        goes on from it: nothing after the last round, or after a flush."""
+        if self.round != self.cfg.federation.rounds and not self.federation.flushed:
+            self._post(0, phase)
+
     def _score(self, rows: slice) -> tuple[float, int]:
         """(Sum of the mean losses of validation `rows` in batches of 8, each weighted by its size; rows
         scored). All ranks of the facility in lockstep: a sharded model's forward needs all of them."""
@@ -378,7 +384,7 @@ class Trainer(Elastic):
         # that asked one of its ranks to stop (0: none), so every rank learns who asked in this reduction.
         asked = np.zeros(self.topo.n_facilities)
         asked[self.topo.facility_index] = stop.requested()
-        back = self.room.waiting() if self.room is not None else 0  # facilities waiting to come back
+        back = self.doorman.waiting() if self.doorman is not None else 0  # facilities waiting to come back
         with self.world_deadline(f"round {self.round}: collecting the metrics"):
             weighted_loss, tokens, bytes_inter = control.allreduce(
                 self.topo.world, [mean_loss * facility_tokens, facility_tokens, sent])
