@@ -48,18 +48,24 @@ def _check_every_rank_holds(out, expected):
 
 
 @pytest.mark.slow
-def test_a_sharded_safetensors_folder_reaches_every_engine_by_range(tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_sharded_safetensors_folder_reaches_every_engine_by_range(tmp_path, dtype):
+    """In bf16 every engine holds the file's values rounded to bf16 (ZeRO-3's partitions are built in
+    the model's dtype, whatever the CPU's fp16 support: DeepSpeed's own default follows it)."""
     model = build_model("llama-tiny", 32, 7, vocab_size=VOCAB_SIZE)
     model.save_pretrained(tmp_path / "model", max_shard_size="200KB")
     assert len(list((tmp_path / "model").glob("model-*.safetensors"))) > 2
-    cfg, path = _config(tmp_path, [f"model.path={tmp_path / 'model'}"])
+    cfg, path = _config(tmp_path, [f"model.path={tmp_path / 'model'}", f"model.dtype={dtype}"])
     mpiexec([2, 1, 2], "start_worker.py", str(path), str(tmp_path), timeout=400)
     # what safetensors itself reads, whole, in the layout's order
     tensors = {}
     for shard in sorted((tmp_path / "model").glob("model-*.safetensors")):
         tensors.update(load_file(shard))
     layout = FlatLayout.of(model_for(cfg, 32, VOCAB_SIZE))
-    expected = np.concatenate([tensors[slot.name].float().numpy().ravel() for slot in layout.slots])
+    rounded = (lambda t: t.bfloat16()) if dtype == "bf16" else (lambda t: t)
+    expected = np.concatenate([rounded(tensors[slot.name]).float().numpy().ravel() for slot in layout.slots])
+    assert (dtype == "bf16") != np.array_equal(expected, np.concatenate(
+        [tensors[slot.name].float().numpy().ravel() for slot in layout.slots]))
     assert not np.array_equal(expected, InitialModel(model, layout, configfile.from_dict({}))(0, layout.numel))
     _check_every_rank_holds(tmp_path, expected)
 

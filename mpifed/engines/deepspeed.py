@@ -49,11 +49,19 @@ def _real_model(meta: torch.nn.Module, config: dict, group: object, dtype: torch
     # 0.19, torch 2.13): it is imported above, before the patch, and the model's module with `meta`.
     if config["zero_optimization"]["stage"] < 3:
         return AutoModelForCausalLM.from_config(meta.config, dtype=dtype)
-    # only the partitioning settings: zero.Init checks batch sizes against a world it counts differently
-    with deepspeed.zero.Init(config_dict_or_path={"zero_optimization": config["zero_optimization"],
-                                                  "train_micro_batch_size_per_gpu": 1},
-                             data_parallel_group=group, dtype=dtype):
-        return AutoModelForCausalLM.from_config(meta.config, dtype=dtype)
+    # Only the partitioning and precision settings: zero.Init checks batch sizes against a world it
+    # counts differently. The dtype comes from the config's bf16/fp16 sections, not `dtype=`: given a
+    # dtype, DeepSpeed 0.19 keeps it only where the accelerator supports fp16, and on a CPU without
+    # fp16 kernels it builds bf16 partitions of an fp32 model (its own precedence slip).
+    init_config = {key: config[key] for key in ("zero_optimization", "bf16", "fp16") if key in config}
+    with deepspeed.zero.Init(config_dict_or_path={**init_config, "train_micro_batch_size_per_gpu": 1},
+                             data_parallel_group=group):
+        model = AutoModelForCausalLM.from_config(meta.config, dtype=dtype)
+    built = {p.ds_tensor.dtype for p in model.parameters()}
+    if built != {dtype}:
+        raise ValueError(f"deepspeed: ZeRO-3 built {', '.join(sorted(map(str, built)))} partitions of a {dtype} model; "
+                         "the deepspeed.config's bf16/fp16 sections must match model.dtype")
+    return model
 
 
 def extensions_dir() -> Path:
