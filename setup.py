@@ -15,6 +15,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["mpifed", "mpifed.*"]),
+    package_data={"mpifed.federation": ["kernels.c"]},  # the codecs' C kernels, built at first use
     install_requires=[
         "torch>=2.4",
         "mpi4py>=4.0",

@@ -1,10 +1,11 @@
 """Codecs of the cross-facility hop: sizes and error bounds as documented in compress.py, the same bytes
-and values whatever the number of threads or where a chunk ends, and error feedback making the mean of
-20 rounds of transmitted updates match the uncompressed mean."""
+and values whatever the number of threads or where a chunk ends, and from the fused C kernels as from
+the torch path, and error feedback making the mean of 20 rounds of transmitted updates match the
+uncompressed mean."""
 import numpy as np
 import pytest
 
-from mpifed.federation import compress
+from mpifed.federation import compress, kernels
 from mpifed.federation.compress import CODECS, ErrorFeedback, decode, encode, make_codec
 
 LOSSY = [name for name, codec in CODECS.items() if codec is not None]
@@ -100,3 +101,42 @@ def test_error_feedback_mean_of_twenty_rounds(x, name):
     # fp32 rounding in the 20 additions of the residual)
     np.testing.assert_allclose(sent, truth - feedback.residual / 20, rtol=0, atol=1e-6 * np.abs(truth).max())
     assert error < np.linalg.norm(plain - truth) / np.linalg.norm(truth)  # feedback is what does it
+
+
+@pytest.mark.parametrize("name, fraction", [(name, 1 / 32) for name in LOSSY] + [("topk", 0.25), ("topk", 1.0)])
+def test_the_c_kernels_give_the_torch_paths_bytes(x, name, fraction, monkeypatch):
+    """Two implementations of each codec: payload, residual, decoded values and sums all equal."""
+    assert kernels.library() is not None, "the C kernels did not build here (is there a C compiler?)"
+    x = x.copy()
+    x[5:70], x[300:340] = 0, x[300]  # a zero block, and ties for topk
+    codec = make_codec(name, fraction)
+    rng = np.random.default_rng(2)
+    start = (rng.standard_normal(len(x)) * 1e-3).astype(np.float32)
+
+    def run(threads):
+        residual = start.copy()
+        payload = encode(codec, x, residual, threads=threads)
+        return payload, residual, decode(codec, payload, len(x)), decode(codec, payload, len(x), start.copy(), add=True)
+
+    fused = run(threads=2)
+    monkeypatch.setattr(kernels, "library", lambda: None)
+    torch_path = run(threads=1)
+    for what, a, b in zip(["payload", "residual", "decoded", "sum"], fused, torch_path):
+        assert np.array_equal(a, b), what
+    assert not np.array_equal(fused[1], start)  # the residual did move
+
+
+def test_without_a_compiler_the_codecs_run_on_the_torch_path(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MPIFED_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    kernels.library.cache_clear()
+    try:
+        assert kernels.library() is None
+        kernels.library()  # said once
+        said = capsys.readouterr().err.splitlines()
+        assert len(said) == 1 and "no-such-cc" in said[0] and "torch path" in said[0], said
+        codec = make_codec("int4")
+        values = np.linspace(-1, 1, 1000, dtype=np.float32)
+        assert np.max(np.abs(decode(codec, encode(codec, values), 1000) - values)) <= 1 / 14 + 1e-6
+    finally:
+        kernels.library.cache_clear()

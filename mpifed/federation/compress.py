@@ -4,8 +4,10 @@ feedback that carries what one round's rounding lost into the next.
 Every codec is a fixed-size block code: n values are cut into blocks of B (the last one zero-padded),
 and each block becomes `block_bytes` bytes, laid out block after block. So any run of whole blocks
 encodes and decodes on its own: `encode` and `decode` stream through a segment in chunks of 128K values
-(small enough for the scratch buffers to stay in cache), on a few threads (the kernels are torch's and
-numpy's, which release the GIL), into preallocated buffers.
+(small enough for the scratch buffers to stay in cache), on a few threads, into preallocated buffers.
+Every codec runs fused C kernels where they could be built (kernels.py: one pass per block);
+otherwise torch's and numpy's kernels, several passes. Both paths release the GIL and give the same
+bytes.
 
 Sizes and error bounds, per value x of a block whose largest magnitude is M:
   none  4 bytes (fp32, exact)
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 
 from mpifed.config import Compression, check_table
+from mpifed.federation import kernels
 
 CHUNK_VALUES = 1 << 17
 """Values per streamed chunk (rounded to whole blocks): its scratch buffers stay in a core's cache."""
@@ -64,6 +67,39 @@ class Codec:
     def payload_bytes(self, n: int) -> int:
         return -(-n // self.block) * self.block_bytes
 
+    fused = False
+    """Whether this codec has C kernels (`_encode_fused`, `_decode_fused`); they run where they load."""
+
+    def encode_blocks(self, x: np.ndarray, residual: np.ndarray | None, lost: np.ndarray | None,
+                      out: np.ndarray, scratch: "_Scratch") -> None:
+        """Encode whole blocks x (+ residual), flat fp32, into `out` (m x block_bytes); x + residual minus
+        what the payload carries goes into `lost` (which may be `residual`; None: dropped)."""
+        lib = kernels.library() if self.fused else None
+        if lib is not None and all(a is None or a.flags.c_contiguous for a in (x, residual, lost, out)):
+            self._encode_fused(lib, x, residual, lost, out)
+            return
+        m = len(out)
+        t = scratch.f32(10, (m, self.block))
+        if residual is None:
+            np.copyto(t, x.reshape(m, -1))
+        else:
+            torch.add(_t(x), _t(residual), out=_t(t.reshape(-1)))
+        self._encode(t, out, scratch.f32(12, t.shape) if lost is None else lost.reshape(m, -1), scratch)
+
+    def decode_blocks(self, payload: np.ndarray, out: np.ndarray, add: bool, scratch: "_Scratch") -> None:
+        """Decode whole blocks `payload` (m x block_bytes) into `out` (m x block fp32), or add them to it."""
+        lib = kernels.library() if self.fused else None
+        if lib is not None and payload.flags.c_contiguous and out.flags.c_contiguous:
+            self._decode_fused(lib, payload, out, add)
+        else:
+            self._decode(payload, out, add, scratch)
+
+    def _encode_fused(self, lib, x, residual, lost, out) -> None:
+        raise NotImplementedError
+
+    def _decode_fused(self, lib, payload, out, add) -> None:
+        raise NotImplementedError
+
     def _encode(self, t: np.ndarray, out: np.ndarray, lost: np.ndarray, scratch: "_Scratch") -> None:
         """Encode blocks `t` (m x block fp32) into `out` (m x block_bytes uint8); write t - decode(out)
         into `lost` (m x block)."""
@@ -83,7 +119,13 @@ def _put(out: np.ndarray, values: torch.Tensor, add: bool) -> None:
 class BF16(Codec):
     """bfloat16: the top 16 bits of each fp32 value, rounded to nearest even."""
 
-    name, block, block_bytes = "bf16", 1, 2
+    name, block, block_bytes, fused = "bf16", 1, 2, True
+
+    def _encode_fused(self, lib, x, residual, lost, out):
+        lib.mpifed_encode_bf16(kernels.f32(x), kernels.f32(residual), kernels.f32(lost), kernels.u8(out), len(out))
+
+    def _decode_fused(self, lib, payload, out, add):
+        lib.mpifed_decode_bf16(kernels.u8(payload), kernels.f32(out), len(payload), int(add))
 
     def _encode(self, t, out, lost, scratch):
         bits = out.view(np.uint16)
@@ -103,6 +145,7 @@ class _Uniform(Codec):
     bits = 8
     scale_of_max = 1.0
     """The block's scale is its largest magnitude times this."""
+    fused = True
 
     def __init__(self) -> None:
         self.per_byte = 8 // self.bits
@@ -113,6 +156,14 @@ class _Uniform(Codec):
 
     def _level_of_code(self, codes: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def _encode_fused(self, lib, x, residual, lost, out):
+        lib.mpifed_encode_uniform(kernels.f32(x), kernels.f32(residual), kernels.f32(lost), kernels.u8(out),
+                                  len(out), self.block, self.bits, self.scale_of_max)
+
+    def _decode_fused(self, lib, payload, out, add):
+        lib.mpifed_decode_uniform(kernels.u8(payload), kernels.f32(out), len(payload), self.block, self.bits,
+                                  int(add))
 
     def _quantize(self, t: torch.Tensor, scale: torch.Tensor, inverse: torch.Tensor, q: torch.Tensor,
                   lost: torch.Tensor) -> torch.Tensor:
@@ -211,7 +262,7 @@ class Int2(_Uniform):
 class TopK(Codec):
     """The k values of largest magnitude of each block of 64: k bf16 values, then k 1-byte indices."""
 
-    name, block = "topk", 64
+    name, block, fused = "topk", 64, True
 
     def __init__(self, fraction: float = 1 / 32) -> None:
         self.fraction = fraction
@@ -222,14 +273,14 @@ class TopK(Codec):
         return out[:, :2 * self.k].view(np.uint16), out[:, 2 * self.k:3 * self.k]
 
     def _largest(self, t: np.ndarray, scratch: "_Scratch") -> np.ndarray:
-        """(m, k) indices of the k largest magnitudes of each row (ties: the first)."""
+        """(m, k) indices of the k largest magnitudes of each row, largest first (ties: the first)."""
         m = len(t)
         magnitude = scratch.f32(0, t.shape)
         np.abs(t, out=magnitude)
-        if self.k > 4:
-            return np.argpartition(magnitude, self.block - self.k, axis=1)[:, self.block - self.k:]
+        if self.k > 4:  # the same order as the passes below, and the C kernel's
+            return np.argsort(np.negative(magnitude, out=magnitude), axis=1, kind="stable")[:, :self.k]
         rows, index = np.arange(m), np.empty((m, self.k), np.intp)
-        for j in range(self.k):  # k passes of argmax beat a partition for small k
+        for j in range(self.k):  # k passes of argmax beat a sort for small k
             index[:, j] = magnitude.argmax(axis=1)
             magnitude[rows, index[:, j]] = -1
         return index
@@ -246,6 +297,14 @@ class TopK(Codec):
         out[:, 3 * self.k:] = 0  # the padding: the same bytes on every run
         np.copyto(lost, t)
         lost[rows, index] = kept - _bf16_values(bits).numpy()
+
+    def _encode_fused(self, lib, x, residual, lost, out):
+        lib.mpifed_encode_topk(kernels.f32(x), kernels.f32(residual), kernels.f32(lost), kernels.u8(out), len(out),
+                               self.k, self.block_bytes)
+
+    def _decode_fused(self, lib, payload, out, add):
+        lib.mpifed_decode_topk(kernels.u8(payload), kernels.f32(out), len(payload), self.k, self.block_bytes,
+                               int(add))
 
     def _decode(self, payload, out, add, scratch):
         values, index = self._split(payload)
@@ -326,22 +385,17 @@ def encode(codec: Codec, x: np.ndarray, residual: np.ndarray | None = None, out:
     def work(first: int, last: int) -> None:
         m = last - first
         lo, hi = first * codec.block, min(n, last * codec.block)
-        t = _scratch.f32(10, (m, codec.block))
-        if hi - lo == m * codec.block:  # whole blocks: work in place, the residual takes what is lost
-            if residual is None:
-                np.copyto(t, x[lo:hi].reshape(m, -1))
-                lost = _scratch.f32(12, (m, codec.block))
-            else:
-                lost = residual[lo:hi].reshape(m, -1)
-                torch.add(_t(x[lo:hi]), _t(residual[lo:hi]), out=_t(t.reshape(-1)))
-            codec._encode(t, rows[first:last], lost, _scratch)
+        if hi - lo == m * codec.block:  # whole blocks: in place, the residual takes what is lost
+            kept = None if residual is None else residual[lo:hi]
+            codec.encode_blocks(x[lo:hi], kept, kept, rows[first:last], _scratch)
             return
-        t[...] = 0  # the last, partial block: zero-padded
-        t.reshape(-1)[:hi - lo] = x[lo:hi] if residual is None else x[lo:hi] + residual[lo:hi]
-        lost = _scratch.f32(12, (m, codec.block))
-        codec._encode(t, rows[first:last], lost, _scratch)
+        t = _scratch.f32(11, (m * codec.block,))  # the last, partial block: zero-padded
+        t[hi - lo:] = 0
+        t[:hi - lo] = x[lo:hi] if residual is None else x[lo:hi] + residual[lo:hi]
+        lost = _scratch.f32(13, t.shape)
+        codec.encode_blocks(t, None, lost, rows[first:last], _scratch)
         if residual is not None:
-            residual[lo:hi] = lost.reshape(-1)[:hi - lo]
+            residual[lo:hi] = lost[:hi - lo]
 
     _each_chunk(codec, n, work, threads)
     return out
@@ -356,10 +410,10 @@ def decode(codec: Codec, payload: np.ndarray, n: int, out: np.ndarray | None = N
     def work(first: int, last: int) -> None:
         lo, hi = first * codec.block, min(n, last * codec.block)
         if hi - lo == (last - first) * codec.block:
-            codec._decode(rows[first:last], out[lo:hi].reshape(-1, codec.block), add, _scratch)
+            codec.decode_blocks(rows[first:last], out[lo:hi].reshape(-1, codec.block), add, _scratch)
             return
-        whole = _scratch.f32(13, (last - first, codec.block))
-        codec._decode(rows[first:last], whole, False, _scratch)
+        whole = _scratch.f32(14, (last - first, codec.block))
+        codec.decode_blocks(rows[first:last], whole, False, _scratch)
         _put(out[lo:hi], _t(whole.reshape(-1)[:hi - lo]), add)
 
     _each_chunk(codec, n, work, threads)

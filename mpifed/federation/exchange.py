@@ -24,6 +24,7 @@ import torch
 from mpi4py import MPI
 
 from mpifed.config import FederationConfig
+from mpifed.federation import kernels
 from mpifed.federation.compress import Codec, decode, encode
 from mpifed.federation.outer import OuterOptimizer
 
@@ -53,6 +54,8 @@ class Combiner:
 
     def __init__(self, codec: Codec | None, n: int, threads: int = 1, keep: bool = False) -> None:
         self.codec, self.n, self.threads, self.keep = codec, n, threads, keep
+        if codec is not None and codec.fused:
+            kernels.library()  # built now where this machine type has no build yet, not inside a round
         self.state: dict[str, np.ndarray] = {} if codec is None else {
             "residual": np.zeros(n, np.float32), "sum_residual": np.zeros(n, np.float32)}
         """Error-feedback state, by name (what a checkpoint keeps of the exchange)."""
