@@ -23,6 +23,7 @@ from mpifed import cache_dir
 from mpifed.engines.base import OPTIMIZER_KEYS, Engine, Pieces, TensorBatch, lm_inputs, on_meta
 from mpifed.engines.settings import EngineSettings
 from mpifed.layout import FlatLayout
+from mpifed.model import ModelError
 
 # mpifed sets these from train.micro_batch and train.grad_accum: a user JSON may not change them.
 _OWN_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
@@ -59,8 +60,9 @@ def _real_model(meta: torch.nn.Module, config: dict, group: object, dtype: torch
         model = AutoModelForCausalLM.from_config(meta.config, dtype=dtype)
     built = {p.ds_tensor.dtype for p in model.parameters()}
     if built != {dtype}:
-        raise ValueError(f"deepspeed: ZeRO-3 built {', '.join(sorted(map(str, built)))} partitions of a {dtype} model; "
-                         "the deepspeed.config's bf16/fp16 sections must match model.dtype")
+        raise ModelError(f"deepspeed.config: its bf16/fp16 sections made ZeRO-3 build "
+                         f"{', '.join(sorted(map(str, built)))} partitions of a {dtype} model; make them match "
+                         "model.dtype")
     return model
 
 
