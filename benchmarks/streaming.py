@@ -1,5 +1,6 @@
 """Does hiding the link cost learning? Validation loss after the same rounds and tokens for the blocking
-fp32 exchange against the delayed outer step, fragments, and the int4, int2 and topk codecs, every run a
+fp32 exchange against the delayed outer step (landing 3 inner steps after its post, and a whole round
+after it), fragments, and the int4, int2 and topk codecs, every run a
 real `mpifed simulate` of F facilities of one rank on this machine (the parity study's model, data,
 inner optimizer and schedule: benchmarks/parity.py).
 
@@ -22,7 +23,8 @@ from parity import ROOT, Run, finished, last_metrics  # noqa: E402  (the study's
 
 VARIANTS = {
     "blocking": (),
-    "delayed": ("federation.overlap=delayed",),
+    "delayed": ("federation.overlap=delayed", "federation.overlap_steps=3"),
+    "delayed-whole-round": ("federation.overlap=delayed",),
     "fragments4": ("federation.fragments=4",),
     "int4": ("federation.compress=int4",),
     "int2": ("federation.compress=int2",),

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from mpifed.cadence import longest_lag
+
 Preset = Literal["llama-tiny", "llama-small", "mixtral-tiny", "llama3-8b", "mixtral-8x7b"]
 Attention = Literal["sdpa", "eager", "flash_attention_2"]
 Precision = Literal["fp32", "bf16"]
@@ -253,6 +255,11 @@ class FederationConfig:
     fragments: int = 1
     """K: the model is cut into K fragments; fragment j is exchanged every local_steps steps, at offset
     j * local_steps / K, so the bytes of one exchange drop K-fold (with overlap, one fragment in flight)."""
+    overlap_steps: int = 0
+    """overlap = delayed: τ, the inner steps an exchange runs in the background before it is folded in
+    (at most the steps between two sync points: local_steps / fragments); 0: until the next sync point,
+    a whole round with one fragment. A smaller τ trains less from a stale global model, but the link must
+    carry the exchange in τ steps' time or training waits for it."""
     bucket_mb: float = 64.0
     """Inside a facility the model is streamed to the roots in buckets of this many MiB."""
     sample: float = 1.0
@@ -302,6 +309,11 @@ class FederationConfig:
                        "has no momentum to warm up); set it to 0")
         if self.fragments < 1:
             out.append(f"federation.fragments: must be >= 1 (got {self.fragments})")
+        if self.overlap_steps < 0:
+            out.append(f"federation.overlap_steps: must be >= 0 (got {self.overlap_steps})")
+        elif self.overlap_steps and self.overlap != "delayed":
+            out.append(f"federation.overlap_steps: {self.overlap_steps} applies with federation.overlap = 'delayed' "
+                       f"(got {self.overlap!r}); set overlap = 'delayed' or overlap_steps = 0")
         if (self.overlap != "none" or self.fragments > 1) and self.sample < 1:
             out.append(f"federation.sample: {self.sample} with federation.overlap = {self.overlap!r} and "
                        f"federation.fragments = {self.fragments}: a facility that sits a round out would leave a "
@@ -500,6 +512,11 @@ class RunConfig:
         if fed.fragments > self.train.local_steps:
             problems.append(f"federation.fragments: {fed.fragments} fragments need at least as many local steps "
                             f"(train.local_steps = {self.train.local_steps}): each is exchanged at its own step")
+        elif fed.overlap_steps > longest_lag(self.train.local_steps, fed.fragments):
+            problems.append(f"federation.overlap_steps: {fed.overlap_steps} steps in flight, but sync points come "
+                            f"every {longest_lag(self.train.local_steps, fed.fragments)} steps (train.local_steps = "
+                            f"{self.train.local_steps}, federation.fragments = {fed.fragments}): one exchange "
+                            "must land before the next is posted")
         if self.federation.min_facilities > len(self.facility):
             problems.append(f"federation.min_facilities: {self.federation.min_facilities} is more than the "
                             f"{len(self.facility)} facilities listed")

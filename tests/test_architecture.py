@@ -17,7 +17,7 @@ PACKAGE = ROOT / "mpifed"
 # The layers, bottom up: a module may import its own room, any room of a lower layer, and the package
 # root (`mpifed/__init__.py`); the rooms of one layer may import each other only as long as no cycle forms.
 LAYERS = [
-    {"mpifed.config", "mpifed.configfile", "mpifed.layout"},
+    {"mpifed.cadence", "mpifed.config", "mpifed.configfile", "mpifed.layout"},
     {"mpifed.comm", "mpifed.model", "mpifed.deploy"},
     {"mpifed.engines", "mpifed.federation", "mpifed.data", "mpifed.checkpoint", "mpifed.preflight", "mpifed.report",
      "mpifed.plan"},

@@ -122,6 +122,12 @@ def test_federation_settings_are_checked_together():
      "round out would leave a streamed exchange without its update"),
     (["federation.fragments=2", "federation.sample=0.5"], "federation.sample: 0.5 with federation.overlap = 'none' and "
                                                            "federation.fragments = 2"),
+    (["federation.overlap_steps=2"], "federation.overlap_steps: 2 applies with federation.overlap = 'delayed' (got "
+                                     "'none'); set overlap = 'delayed' or overlap_steps = 0"),
+    (["federation.overlap=delayed", "federation.overlap_steps=-1"], "federation.overlap_steps: must be >= 0 (got -1)"),
+    (["federation.overlap=delayed", "federation.fragments=3", "train.local_steps=10", "federation.overlap_steps=4"],
+     "federation.overlap_steps: 4 steps in flight, but sync points come every 3 steps (train.local_steps = 10, "
+     "federation.fragments = 3): one exchange must land before the next is posted"),
 ])
 def test_streaming_settings_that_cannot_be_honoured_are_refused(sets, line):
     with pytest.raises(ConfigError) as err:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import mpiexec
-from mpifed.federation.reduce import sampled, segments, sync_offsets
+from mpifed.federation.reduce import sampled, segments
 
 NUMEL = 1003  # divisible by no facility size, R or chunk length
 
@@ -179,9 +179,10 @@ def test_compressed_traffic_per_root_does_not_grow_with_the_facilities(tmp_path)
     assert received[5] / received[2] <= 2 * (5 - 1) / 5 * 1.05
 
 
-def streamed_oracle(sizes, rounds, steps, fragments, delayed, outer="fedavg", lr=None, mu=None):
+def streamed_oracle(sizes, rounds, steps, fragments, delayed, outer="fedavg", lr=None, mu=None, lag=0):
     """What `train=pull` rounds must produce, written from the rule in mpifed/federation/reduce.py: each
-    fragment exchanged at its own step, blocking or folded in one sync point later (overlap)."""
+    fragment exchanged at its own step, blocking or folded in one sync point later (overlap), or `lag`
+    steps after its post (overlap_steps). The schedule is computed here, not taken from mpifed."""
     lr = {"fedavg": 1.0, "diloco": 0.7}[outer] if lr is None else lr
     mu = (0.0 if outer == "fedavg" else 0.9) if mu is None else mu
     theta = np.random.default_rng(7).standard_normal(NUMEL).astype(np.float32).astype(np.float64)
@@ -194,7 +195,7 @@ def streamed_oracle(sizes, rounds, steps, fragments, delayed, outer="fedavg", lr
     since = [[0] * fragments for _ in sizes]  # tokens since each fragment was last exchanged
     momentum = np.zeros(NUMEL)
     parts = [slice(a, b) for a, b in segments(NUMEL, fragments)]
-    at_step = {step: j for j, step in enumerate(sync_offsets(steps, fragments))}
+    at_step = {steps: 0, **{j * steps // fragments: j for j in range(1, fragments)}}
 
     def mean_update(j):
         weights = [since[f][j] for f in range(len(sizes))]
@@ -217,31 +218,38 @@ def streamed_oracle(sizes, rounds, steps, fragments, delayed, outer="fedavg", lr
             local[f][parts[j]] = theta[parts[j]]
         anchor[parts[j]] = theta[parts[j]]
 
-    flight = None
+    def land(flight):  # the new global values minus what was learned since the post
+        i, update = flight
+        outer_step(i, update)
+        for f in range(len(sizes)):
+            learned = anchor[parts[i]] - posted[f][parts[i]] - local[f][parts[i]]
+            local[f][parts[i]] = theta[parts[i]] - learned
+            posted[f][parts[i]] = 0
+        anchor[parts[i]] = theta[parts[i]]
+
+    flight, age = None, 0  # the exchange in flight, and the inner steps since its post
     for t in range(rounds):
         for step in range(1, steps + 1):
             for f in range(len(sizes)):
                 local[f] -= np.float32(0.02 * (f + 1)) * (local[f] - targets[f])
                 since[f] = [s + per_step[f] for s in since[f]]
+            age += 1
+            if flight is not None and age == lag:
+                land(flight)
+                flight = None
             if step not in at_step:
                 continue
             j = at_step[step]
             if not delayed:
                 exchange_now(j)
                 continue
-            if flight is not None:  # fold in: the new global values minus what was learned since the post
-                i, update = flight
-                outer_step(i, update)
-                for f in range(len(sizes)):
-                    learned = anchor[parts[i]] - posted[f][parts[i]] - local[f][parts[i]]
-                    local[f][parts[i]] = theta[parts[i]] - learned
-                    posted[f][parts[i]] = 0
-                anchor[parts[i]] = theta[parts[i]]
+            if flight is not None:
+                land(flight)
                 flight = None
             if not (t == rounds - 1 and step == steps):
                 for f in range(len(sizes)):
                     posted[f][parts[j]] = anchor[parts[j]] - local[f][parts[j]]
-                flight = (j, mean_update(j))
+                flight, age = (j, mean_update(j)), 0
     for j in (range(fragments) if delayed else range(1, fragments)):  # the flush at the end
         exchange_now(j)
     for f in range(len(sizes)):
@@ -249,21 +257,25 @@ def streamed_oracle(sizes, rounds, steps, fragments, delayed, outer="fedavg", lr
     return theta
 
 
-@pytest.mark.parametrize("overlap, fragments, outer, mode", [("none", 3, "diloco", "replica"),
-                                                             ("delayed", 1, "fedavg", "sharded"),
-                                                             ("delayed", 1, "diloco", "replica"),
-                                                             ("delayed", 3, "diloco", "sharded")])
-def test_streamed_rounds_match_numpy(tmp_path, overlap, fragments, outer, mode):
+@pytest.mark.parametrize("overlap, fragments, outer, mode, lag", [("none", 3, "diloco", "replica", 0),
+                                                                  ("delayed", 1, "fedavg", "sharded", 0),
+                                                                  ("delayed", 1, "diloco", "replica", 0),
+                                                                  ("delayed", 3, "diloco", "sharded", 0),
+                                                                  ("delayed", 1, "diloco", "sharded", 2),
+                                                                  ("delayed", 3, "fedavg", "replica", 1)])
+def test_streamed_rounds_match_numpy(tmp_path, overlap, fragments, outer, mode, lag):
     """Three facilities, 3 rounds of 6 inner steps that each pull a facility's model towards a target of
-    its own at a rate of its own (so where a round starts from matters): fragments, overlap and both
-    against the rule."""
+    its own at a rate of its own (so where a round starts from matters): fragments, overlap and both,
+    and exchanges landing `lag` steps after their post (overlap_steps), against the rule."""
     sizes = [2, 1, 2]
     model, reports = run(tmp_path, sizes, 3, mode, roots=1, outer=outer, overlap=overlap, fragments=fragments,
-                         train="pull", steps=6)
-    expected = streamed_oracle(sizes, 3, 6, fragments, overlap == "delayed", outer)
+                         train="pull", steps=6, overlap_steps=lag)
+    expected = streamed_oracle(sizes, 3, 6, fragments, overlap == "delayed", outer, lag=lag)
     np.testing.assert_allclose(model, expected, rtol=1e-5, atol=1e-6)
     blocking = streamed_oracle(sizes, 3, 6, 1, False, outer)
     assert np.abs(expected - blocking).max() > 1e-3  # the schedule changes the result: the test can tell
+    if lag:  # and where the exchange lands changes it too
+        assert np.abs(expected - streamed_oracle(sizes, 3, 6, fragments, True, outer)).max() > 1e-3
     for rep in reports:  # every token is counted once, whatever the schedule
         assert sum(rep["facility_tokens"]) == 3 * 6 * sum(10 * (rep["facility"] + 1) + r
                                                          for r in range(sizes[rep["facility"]]))

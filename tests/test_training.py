@@ -49,7 +49,7 @@ def test_every_rank_holds_the_checkpointed_model_bit_for_bit(tmp_path):
 def test_acceptance_three_facilities(tmp_path):
     result = mpifed("simulate", "--facilities", "3", "--ranks-per-facility", "2", "--rounds", "4",
                     "--local-steps", "10", "--metrics", "m.jsonl", "--out", "run", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr}"
     rows = _metrics(tmp_path / "m.jsonl")
     assert len(rows) == 4 and all(KEYS <= set(r) for r in rows)
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
@@ -92,8 +92,8 @@ def _datasets(path):
     ["federation.roots=1", "federation.outer=fedavgm", "train.schedule=cosine", "train.warmup_steps=3"],
     ["federation.roots=2", "federation.outer=diloco", "federation.outer_warmup=4", "federation.compress=int8",
      "facility.f0.engine=fsdp", "facility.f1.engine=deepspeed", "train.grad_accum=2"],
-    ["federation.overlap=delayed", "federation.fragments=2", "federation.compress=int4", "federation.outer=diloco",
-     "facility.f1.engine=fsdp"]],
+    ["federation.overlap=delayed", "federation.fragments=2", "federation.overlap_steps=1", "federation.compress=int4",
+     "federation.outer=diloco", "facility.f1.engine=fsdp"]],
     ids=["replica-cosine", "fsdp-zero2-int8", "delayed-fragments-int4"])
 def test_resume_after_sigkill_is_bit_identical(tmp_path, settings):
     common = ["simulate", "--rounds", "6", "--local-steps", "4", "--set", "train.micro_batch=4",

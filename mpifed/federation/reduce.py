@@ -17,16 +17,19 @@ fragments (federation.fragments), each exchanged on its own schedule. At a fragm
 3. Distribute: the new values flow back into every rank's held ranges.
 
 With federation.overlap = delayed, step 2 runs in the background while training goes on, and lands at
-the next sync point: the fragment in flight is folded in (the local model becomes the new global
-model plus what was learned since it was posted), then the next fragment is posted. The rule, for
-one fragment (K = 1), with Δ_f^k what facility f learned in round k and θ^k the global model:
+the next sync point, or federation.overlap_steps = τ inner steps after its post where τ is set: the
+fragment in flight is folded in (the local model becomes the new global model plus what was learned
+since it was posted), then the next fragment is posted. The rule, for one fragment (K = 1), with
+Δ_f^k what facility f learned in round k and θ^k the global model:
 
     θ^(k+1) = Outer(θ^k, Σ_f w_f Δ_f^k)             (the same outer step as blocking rounds)
     round k+1 of facility f trains from θ^k − Δ_f^k  (blocking: from θ^(k+1))
+    with τ: after τ inner steps of round k+1, facility f's model x becomes θ^(k+1) − (θ^k − Δ_f^k − x)
 
-so an outer step lands one round late, and the last round's is taken at the end (`flush`). Fragment j
-syncs at step offset j·H/K of every round (fragment 0 at the round's end); with overlap, the fragment
-posted at one sync point is folded in at the next, so one fragment is in flight at a time.
+so an outer step lands one round late (τ steps late with τ), and the last round's is taken at the end
+(`flush`). Fragment j syncs at step offset j·H/K of every round (fragment 0 at the round's end); with
+overlap, the fragment posted at one sync point is folded in at the next (or τ steps on, τ no more
+than the steps between two sync points), so one fragment is in flight at a time.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from mpi4py import MPI
 
+from mpifed.cadence import sync_offsets
 from mpifed.comm import control, pieces
 from mpifed.comm.topology import Topology
 from mpifed.comm.watchdog import deadline
@@ -57,12 +61,6 @@ __all__ = ["Federation", "FederationError", "RoundExchange", "sampled", "segment
 def segments(numel: int, n: int) -> list[Range]:
     """[start, stop) of n nearly equal segments covering 0..numel."""
     return [(numel * i // n, numel * (i + 1) // n) for i in range(n)]
-
-
-def sync_offsets(local_steps: int, fragments: int) -> list[int]:
-    """The inner step of a round after which each fragment syncs: fragment 0 at the round's end,
-    fragment j at j·H/K."""
-    return [local_steps] + [j * local_steps // fragments for j in range(1, fragments)]
 
 
 def sampled(n_facilities: int, fraction: float, seed: int, round_: int) -> list[bool]:
@@ -241,10 +239,16 @@ class Federation:
         facility_tokens = int(control.allreduce(self.topo.facility, [tokens])[0])
         self.tokens = [t + facility_tokens for t in self.tokens]
         if self.delayed:
-            outcome = self._fold(owned, held, phase) if self.in_flight is not None else Outcome(Traffic())
+            outcome = self._fold(owned, held, phase)
         else:
             outcome = self._exchange_now(fragment, owned, held, participate, phase)
         return RoundExchange(outcome.traffic.sent, outcome.traffic.received, facility_tokens, outcome.left_out)
+
+    def fold(self, owned: Sequence[View], held: Sequence[View], phase: str = "exchange") -> RoundExchange:
+        """Overlap with federation.overlap_steps: fold in the exchange in flight now, between sync points
+        (nothing to do where none is). Collective over the world."""
+        outcome = self._fold(owned, held, phase)
+        return RoundExchange(outcome.traffic.sent, outcome.traffic.received, 0, outcome.left_out)
 
     def post(self, fragment: int, owned: Sequence[View], phase: str = "exchange") -> None:
         """Overlap: start the exchange of what the fragment learned since it was last posted; it is
@@ -270,7 +274,7 @@ class Federation:
         """At the end of training: whatever any fragment learned since its last exchange is exchanged now,
         so the global model holds every step and every rank's model is the global model."""
         traffic, left_out = Traffic(), ()
-        if self.delayed and self.in_flight is not None:
+        if self.delayed:
             outcome = self._fold(owned, held, phase)
             traffic, left_out = traffic + outcome.traffic, left_out + outcome.left_out
         pending = range(len(self.fragments)) if self.delayed else range(1, len(self.fragments))
@@ -305,7 +309,10 @@ class Federation:
 
     def _fold(self, owned: Sequence[View], held: Sequence[View], phase: str) -> Outcome:
         """Overlap: wait for the exchange in flight, then make the local model the new global model minus
-        what was learned since the fragment was posted; its anchor becomes the global model."""
+        what was learned since the fragment was posted; its anchor becomes the global model. Nothing
+        where nothing is in flight."""
+        if self.in_flight is None:
+            return Outcome(Traffic())
         fragment, _ = self.in_flight
         lo, hi = self.fragments[fragment]
         learned = [None] * len(owned)  # what each owned piece learned since the post: (anchor − posted) − local

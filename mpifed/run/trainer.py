@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from mpifed.cadence import fold_steps, sync_offsets
 from mpifed.checkpoint.manager import CheckpointManager, Parts, ResumePoint
 from mpifed.comm import control, pieces, watchdog
 from mpifed.comm.arrival import Arrival
@@ -24,7 +25,7 @@ from mpifed.config import FacilityConfig, RunConfig
 from mpifed.configfile import to_dict
 from mpifed.data.corpus import Sampler, open_corpus
 from mpifed.engines import EngineSettings, make_engine
-from mpifed.federation.reduce import Federation, FederationError, RoundExchange, sampled, sync_offsets
+from mpifed.federation.reduce import Federation, FederationError, RoundExchange, sampled
 from mpifed.layout import FlatLayout
 from mpifed.model import InitialModel, ModelError, base_digest, model_for
 from mpifed.run import stop
@@ -228,10 +229,11 @@ class Trainer(Elastic):
             print(f"mpifed: done; checkpoints in {self.cfg.checkpoint.dir}, metrics in {self.cfg.metrics_path}",
                   flush=True)
 
-    def _inner(self, round_: int, sync_after: dict[int, int]) -> tuple[float, int, float]:
+    def _inner(self, round_: int, sync_after: dict[int, int], land_after: set[int]) -> tuple[float, int, float]:
         """H local steps; (sum of facility-mean step losses, tokens this rank trained since the last
         sync point, seconds spent in the mid-round sync points). After step s, fragment
-        `sync_after[s]` syncs (federation.fragments > 1)."""
+        `sync_after[s]` syncs (federation.fragments > 1); after the steps in `land_after` the exchange in
+        flight lands (federation.overlap_steps)."""
         train = self.cfg.train
         if train.inner_state == "reset":
             self.engine.reset_optimizer()
@@ -249,14 +251,23 @@ class Trainer(Elastic):
                 self._post(sync_after[k + 1], f"round {round_}: fragment {sync_after[k + 1]}")
                 sync_s += time.perf_counter() - start
                 tokens = 0
+            elif k + 1 in land_after and self.federation.in_flight is not None:
+                start = time.perf_counter()
+                self.round_exchanges.append(self._at_exchange(f"round {round_}: step {k + 1}", self.federation.fold))
+                sync_s += time.perf_counter() - start
         return loss_sum, tokens, sync_s
 
     def _sync(self, fragment: int, tokens: int, participate: bool, phase: str) -> RoundExchange:
-        """A sync point of `fragment` (the engine's views made current before, loaded after)."""
+        """A sync point of `fragment`."""
+        return self._at_exchange(phase, lambda owned, held, phase: self.federation.synchronise(
+            fragment, owned, held, tokens, participate, phase))
+
+    def _at_exchange(self, phase: str, call: Callable[..., RoundExchange]) -> RoundExchange:
+        """`call(owned, held, phase)` of the federation, the engine's views made current before and loaded
+        after; a FederationError names the round."""
         self.engine.before_exchange()
         try:
-            exchange = self.federation.synchronise(fragment, self.engine.owned(), self.engine.held(), tokens,
-                                                   participate, phase)
+            exchange = call(self.engine.owned(), self.engine.held(), phase)
         except FederationError as exc:
             raise FederationError(f"{phase.split(':')[0]}: {exc}") from None
         self.engine.after_exchange()
@@ -353,7 +364,8 @@ class Trainer(Elastic):
         evaluate = round_ % self.cfg.eval.every == 0 or round_ == fed.rounds
         last = round_ == fed.rounds
         offsets = sync_offsets(self.cfg.train.local_steps, fed.fragments)
-        loss_sum, tokens, mid_sync_s = self._inner(round_, {step: j for j, step in enumerate(offsets) if j}) \
+        lands = fold_steps(self.cfg.train.local_steps, fed.fragments, fed.overlap_steps)  # none without overlap
+        loss_sum, tokens, mid_sync_s = self._inner(round_, {step: j for j, step in enumerate(offsets) if j}, lands) \
             if participate else (0.0, 0, 0.0)
         inner_s = time.perf_counter() - start - mid_sync_s
         idle_s = self.arrival.wait(trained, fed.timeout_s, f"round {round_}: waiting for the other facilities")

@@ -8,7 +8,8 @@
          at different rates make where each round starts from matter, which is what tests overlap
          (federation.overlap) and fragments.
 Fragment j (federation.fragments) syncs after inner step j·H/K, fragment 0 at the round's end; with
-overlap each sync point is followed by a post, and after the last round by a flush.
+overlap each sync point is followed by a post, and after the last round by a flush; with
+federation.overlap_steps = τ the exchange in flight lands τ steps after its post.
 Ownership is `replica` (each rank owns a contiguous 1/n of the model and holds all of it) or `sharded`
 (rank r owns and holds every n-th chunk of 37 values). `poison=F:nan|F:big` makes facility F's update
 NaN or 1000x larger in every round. Facilities not sampled in a round (federation.sample) leave their
@@ -29,7 +30,8 @@ from mpi4py import MPI
 from mpifed import configfile
 from mpifed.comm import control, topology
 from mpifed.comm.watchdog import abort_on_error
-from mpifed.federation.reduce import Federation, sampled, sync_offsets
+from mpifed.cadence import fold_steps, sync_offsets
+from mpifed.federation.reduce import Federation, sampled
 
 sizes = [int(s) for s in sys.argv[1].split(",")]
 out, mode, rounds, numel = Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
@@ -55,6 +57,7 @@ with abort_on_error(comm):
     federation = Federation(topo, fed, numel, owned, held)
     target = np.random.default_rng([f, 99]).standard_normal(numel).astype(np.float32)
     sync_after = {step: j for j, step in enumerate(sync_offsets(steps, fed.fragments))}
+    land_after = fold_steps(steps, fed.fragments, fed.overlap_steps)
     report = {"facility": f, "bytes_inter": [], "bytes_received": [], "left_out": [], "facility_tokens": []}
 
     def note(exchange, new_round):
@@ -89,6 +92,9 @@ with abort_on_error(comm):
                     note(federation.flush(owned, held), False)
                 elif federation.delayed:
                     federation.post(sync_after[step], owned)
+            elif step in land_after:
+                note(federation.fold(owned, held), first)
+                first = False
     mine = np.full(numel, np.nan, np.float32)
     for offset, values in held:
         mine[offset:offset + len(values)] = values
