@@ -3,7 +3,8 @@ veth pair whose uplink `tc` shapes (rate, and delay where the kernel has netem),
 separately (`mpifed run --facility`) and joined over MPI ports as on real sites.
 
 For 2 and 3 facilities, the same run unshaped (blocking fp32), and shaped: blocking fp32, blocking int8,
-delayed (federation.overlap) fp32 and delayed int4. Reports per steady round (all but the first, which
+delayed (federation.overlap) fp32 and delayed int4, each exchange landing a whole round after its post,
+and delayed int4 landing 3 inner steps after it (federation.overlap_steps = 3). Reports per steady round (all but the first, which
 sets up the connections, and the last, where overlap takes the run's final exchange blocking): sync
 seconds (the time training waited for the exchange and for the other facility), compute utilization
 (the share of wall time not spent waiting), and the bytes
@@ -15,8 +16,8 @@ and the initial model are left out; TCP/IP headers and the control messages are 
                              [--rounds 6] [--local-steps 10]
 
 Needs root (ip netns, veth, tc); elsewhere it prints why and a RESULT line with "skipped". The RESULT
-keys: utilization_blocking, utilization_delayed and utilization_delayed_int4 (the worse facility count),
-and link_bytes_vs_counted (tc's bytes over mpifed's, the largest deviation from 1 of any case).
+keys: utilization_blocking, utilization_delayed, utilization_delayed_int4 and
+utilization_delayed_int4_tau3 (the worse facility count), and link_bytes_vs_counted (tc's bytes over mpifed's, the largest deviation from 1 of any case).
 """
 from __future__ import annotations
 
@@ -184,6 +185,7 @@ CASES = {
     "blocking_int8": (True, ["federation.compress=int8"]),
     "delayed": (True, ["federation.overlap=delayed"]),
     "delayed_int4": (True, ["federation.overlap=delayed", "federation.compress=int4"]),
+    "delayed_int4_tau3": (True, ["federation.overlap=delayed", "federation.overlap_steps=3", "federation.compress=int4"]),
 }
 
 
@@ -226,7 +228,9 @@ def main() -> None:
         "shaping": runs[counts[0]]["blocking"]["shaping"],
         "utilization_unshaped": worst("unshaped"), "utilization_blocking": worst("blocking"),
         "utilization_blocking_int8": worst("blocking_int8"), "utilization_delayed": worst("delayed"),
-        "utilization_delayed_int4": worst("delayed_int4"), "link_bytes_vs_counted": deviation,
+        "utilization_delayed_int4": worst("delayed_int4"), "utilization_delayed_int4_tau3": worst("delayed_int4_tau3"),
+        "utilization_delayed_int4_by_facilities": {c: runs[c]["delayed_int4"]["utilization"] for c in counts},
+        "link_bytes_vs_counted": deviation,
         "runs": {str(c): {label: {k: v for k, v in r.items() if k != "shaping"} for label, r in out.items()}
                  for c, out in runs.items()},
     }
