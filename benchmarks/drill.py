@@ -1,6 +1,8 @@
 """The elastic drill: three facilities, each in its own network namespace behind a shaped uplink
-(benchmarks/wan.py's emulated WAN), launched separately and joined over MPI ports, run twice side by
-side with the same configuration (federation.min_facilities = 2, a checkpoint every round):
+(benchmarks/wan.py's emulated WAN) and with a filesystem of its own (a mount namespace binds the
+site's folder on /scratch, its checkpoint.dir: no site sees another's parts, and a facility that comes
+back gets the global model over MPI), launched separately and joined over MPI ports, run twice side
+by side with the same configuration (federation.min_facilities = 2, a checkpoint every round):
 
 - undisturbed: every facility trains every round;
 - the drill: a scripted schedule. Every 3 rounds one facility other than the hub is asked to stop
@@ -20,7 +22,8 @@ Reports:
   receives the global model, outer state and corpus over MPI), the median over the rejoins, against
   the time one fp32 model takes across the same shaped link (a TCP stream between two namespaces).
 - val_loss_ratio: the drill's final validation loss over the undisturbed run's.
-- lost_checkpoints: rounds whose checkpoint is missing at the end or does not verify.
+- lost_checkpoints: rounds whose checkpoint is missing at the end or does not verify: the hub's main
+  file and its own part at its site, every other facility's part at that facility's site.
 
     python benchmarks/drill.py [--rounds 14] [--local-steps 20] [--model llama-small] [--rate 100mbit]
 
@@ -47,6 +50,8 @@ from wan import ROOT, Wan, ns, usable, workload  # noqa: E402  (the same emulate
 
 sys.path.insert(0, str(ROOT))
 NAMES = ("hub", "b", "c")
+SCRATCH = "/scratch"
+"""Where each site's launches see their own folder (a bind mount in their mount namespace)."""
 
 
 class Drill:
@@ -58,11 +63,18 @@ class Drill:
 
         data = {"facility": [{"name": n, "ranks": 1} for n in NAMES]}
         cfg = configfile.from_dict(configfile.apply_sets(data, [
-            f"federation.rendezvous={work / 'port.txt'}", "federation.join_timeout_s=120",
-            f"checkpoint.dir={work / 'run'}", "checkpoint.every=1", "eval.facilities=false",
+            f"federation.rendezvous={work / 'port.txt'}", "federation.join_timeout_s=120",  # the one shared path
+            f"checkpoint.dir={SCRATCH}/run", "checkpoint.every=1", "eval.facilities=false",
             "federation.min_facilities=2", "federation.timeout_s=20", *sets]))
         self.config, self.wan, self.work, self.on_line = work / "c.toml", wan, work, on_line
         self.config.write_text(configfile.dump_toml(cfg))
+        self.sites = {name: work / "sites" / name for name in NAMES}
+        """Each site's own folder, its launches' /scratch."""
+        for folder in self.sites.values():
+            folder.mkdir(parents=True)
+        Path(SCRATCH).mkdir(exist_ok=True)  # the mount point: each site's launches bind their own folder on it
+        self.run_dir = self.sites["hub"] / "run"
+        """The hub's checkpoint.dir, as this (the host's) filesystem sees it: main files, metrics."""
         self.procs: dict[str, subprocess.Popen] = {}
         self.lines: list[tuple[float, str]] = []
         self.started = time.monotonic()
@@ -70,6 +82,8 @@ class Drill:
 
     def start(self, name: str, *args: str) -> None:
         command, env = self.wan.launch(NAMES.index(name), 1, self.config, name, *args)
+        command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   'mount --bind "$1" "$2" && shift 2 && exec "$@"', "site", str(self.sites[name]), SCRATCH, *command]
         proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
         self.procs[name] = proc
@@ -100,7 +114,7 @@ class Drill:
         raise RuntimeError(f"the drill did not end within {timeout} s:\n" + "".join(line for _, line in self.lines))
 
     def rows(self) -> list[dict]:
-        return [json.loads(line) for line in (self.work / "run" / "metrics.jsonl").read_text().splitlines()]
+        return [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _round(line: str) -> int | None:
@@ -131,8 +145,7 @@ class Schedule:
         with self._lock:
             if round_ >= self.kill and self.killed_at is None:
                 self.killed_at, self.kill_round = time.monotonic() - drill.started, round_
-                self.tokens_before_kill = json.loads((drill.work / "run" / "metrics.jsonl").read_text()
-                                                     .splitlines()[-1])["tokens_total"]
+                self.tokens_before_kill = drill.rows()[-1]["tokens_total"]
                 subprocess.run(["pkill", "-KILL", "-g", str(drill.procs["c"].pid)], check=False)
                 threading.Thread(target=self._restart_all, args=(drill,), daemon=True).start()
             elif round_ < self.kill and round_ % self.every == self.every - 1:
@@ -178,14 +191,24 @@ def transfer_s(wan: Wan, nbytes: int) -> float:
     return float(client.stdout.strip())
 
 
-def lost_checkpoints(run: Path, rounds: int) -> list[int]:
-    """The rounds 1..rounds whose main file is missing or does not verify (with every part)."""
+def foreign_files(drill: Drill) -> int:
+    """Files at the sites of b and c that are not their own parts (0: nothing crossed by a filesystem)."""
+    return sum(1 for name in NAMES[1:] for path in (drill.sites[name] / "run").iterdir()
+               if not re.fullmatch(rf"round_\d+\.fac-{name}\.h5", path.name))
+
+
+def lost_checkpoints(drill: Drill, rounds: int) -> list[int]:
+    """The rounds 1..rounds whose main file is missing or does not verify, with the hub's part at its
+    site and every other facility's part, against the digest the main file recorded, at that one's."""
     from mpifed.checkpoint import format as checkpoint
 
     lost = []
     for round_ in range(1, rounds + 1):
         try:
-            checkpoint.verify(run / checkpoint.main_name(round_))
+            main = checkpoint.verify(drill.run_dir / checkpoint.main_name(round_), facilities="here")
+            for name in main.elsewhere:
+                checkpoint.check_part(drill.sites[name] / "run" / checkpoint.facility_name(round_, name),
+                                      main.part_digests.get(name, ""), numel=main.layout.numel)
         except (checkpoint.CheckpointError, OSError):
             lost.append(round_)
     return lost
@@ -238,7 +261,7 @@ def main() -> None:
         calm_at = next(t for t, line in calm.lines if _round(line) == schedule.kill_round)
         calm_tokens = calm_rows[schedule.kill_round - 1]["tokens_total"]
         goodput = (schedule.tokens_before_kill / schedule.killed_at) / (calm_tokens / calm_at)
-        lost = lost_checkpoints(work / "run", args.rounds)
+        lost = lost_checkpoints(drill, args.rounds)
         result = {
             "goodput": round(goodput, 3),
             "goodput_with_kill": round(rows[-1]["tokens_total"] / (rate * wall), 3),
@@ -247,7 +270,7 @@ def main() -> None:
             "rejoin_s_vs_transfer": round(statistics.median(pauses) / link, 2) if pauses else None,
             "rejoin_s": pauses, "transfer_s": round(link, 3), "model_mb": round(4 * numel / 1e6, 1),
             "val_loss_ratio": round(rows[-1]["val_loss"] / calm_rows[-1]["val_loss"], 4),
-            "lost_checkpoints": len(lost), "lost_rounds": lost,
+            "lost_checkpoints": len(lost), "lost_rounds": lost, "foreign_files_at_sites": foreign_files(drill),
             "leaves": schedule.leaves, "killed_after_s": round(schedule.killed_at or 0, 1),
             "wall_s": round(wall, 1), "undisturbed_wall_s": round(calm_wall, 1),
             "rounds": args.rounds, "local_steps": args.local_steps, "model": args.model, "shaping": shaping,
