@@ -4,10 +4,10 @@ separately (`mpifed run --facility`) and joined over MPI ports as on real sites.
 
 For 2 and 3 facilities, the same run unshaped (blocking fp32), and shaped: blocking fp32, blocking int8,
 delayed (federation.overlap) fp32 and delayed int4, each exchange landing a whole round after its post,
-and delayed int4 landing 3 inner steps after it (federation.overlap_steps = 3). Reports per steady round (all but the first, which
-sets up the connections, and the last, where overlap takes the run's final exchange blocking): sync
-seconds (the time training waited for the exchange and for the other facility), compute utilization
-(the share of wall time not spent waiting), and the bytes
+and delayed int4 landing 3 inner steps after it (federation.overlap_steps = 3). Reports per steady
+round (all but the first, which sets up the connections, and the last, where overlap takes the run's
+final exchange blocking): sync seconds (the time training waited for the exchange and for the other
+facility), compute utilization (the share of wall time not spent waiting), and the bytes
 between facilities as mpifed counts them (bytes_inter) against the bytes `tc` saw leave the uplinks over
 the same rounds (the counters are read when round 1's line appears and at the end: start-up, the join
 and the initial model are left out; TCP/IP headers and the control messages are in).
@@ -17,7 +17,8 @@ and the initial model are left out; TCP/IP headers and the control messages are 
 
 Needs root (ip netns, veth, tc); elsewhere it prints why and a RESULT line with "skipped". The RESULT
 keys: utilization_blocking, utilization_delayed, utilization_delayed_int4 and
-utilization_delayed_int4_tau3 (the worse facility count), and link_bytes_vs_counted (tc's bytes over mpifed's, the largest deviation from 1 of any case).
+utilization_delayed_int4_tau3 (the worse facility count), and link_bytes_vs_counted (tc's bytes over
+mpifed's, the largest deviation from 1 of any case).
 """
 from __future__ import annotations
 
@@ -185,7 +186,8 @@ CASES = {
     "blocking_int8": (True, ["federation.compress=int8"]),
     "delayed": (True, ["federation.overlap=delayed"]),
     "delayed_int4": (True, ["federation.overlap=delayed", "federation.compress=int4"]),
-    "delayed_int4_tau3": (True, ["federation.overlap=delayed", "federation.overlap_steps=3", "federation.compress=int4"]),
+    "delayed_int4_tau3": (True, ["federation.overlap=delayed", "federation.overlap_steps=3",
+                                 "federation.compress=int4"]),
 }
 
 

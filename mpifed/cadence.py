@@ -1,6 +1,6 @@
 """When, inside a round of H inner steps, each fragment of the model is exchanged and when an exchange
-running in the background lands: the schedule that the trainer follows, the configuration checks and
-mpifed plan share. Plain arithmetic, no imports from the package.
+running in the background lands: the schedule the trainer follows and the configuration checks. Plain
+arithmetic, no imports from the package (config.py, below everything else, needs it).
 
 Fragment j of K syncs after inner step j·H/K, fragment 0 at the round's end. With overlap = delayed
 each sync point posts its fragment's exchange, which lands at the next sync point, or τ =

@@ -512,11 +512,11 @@ class RunConfig:
         if fed.fragments > self.train.local_steps:
             problems.append(f"federation.fragments: {fed.fragments} fragments need at least as many local steps "
                             f"(train.local_steps = {self.train.local_steps}): each is exchanged at its own step")
-        elif fed.overlap_steps > longest_lag(self.train.local_steps, fed.fragments):
+        elif fed.overlap_steps > (lag := longest_lag(self.train.local_steps, fed.fragments)):
             problems.append(f"federation.overlap_steps: {fed.overlap_steps} steps in flight, but sync points come "
-                            f"every {longest_lag(self.train.local_steps, fed.fragments)} steps (train.local_steps = "
-                            f"{self.train.local_steps}, federation.fragments = {fed.fragments}): one exchange "
-                            "must land before the next is posted")
+                            f"every {lag} steps (train.local_steps = {self.train.local_steps}, "
+                            f"federation.fragments = {fed.fragments}): one exchange must land before the next "
+                            "is posted")
         if self.federation.min_facilities > len(self.facility):
             problems.append(f"federation.min_facilities: {self.federation.min_facilities} is more than the "
                             f"{len(self.facility)} facilities listed")

@@ -65,7 +65,8 @@ def _build(compiler: str, target: Path) -> None:
             if done.returncode == 0:
                 os.replace(scratch, target)
                 return
-        raise OSError(done.stderr.decode(errors="replace").strip().splitlines()[-1:] or "no output")
+        said = done.stderr.decode(errors="replace").strip().splitlines()
+        raise OSError(said[-1] if said else f"exit {done.returncode}, no output")
     finally:
         if os.path.exists(scratch):
             os.unlink(scratch)

@@ -252,7 +252,7 @@ class Federation:
 
     def post(self, fragment: int, owned: Sequence[View], phase: str = "exchange") -> None:
         """Overlap: start the exchange of what the fragment learned since it was last posted; it is
-        folded in at the next sync point. Collective over the world."""
+        folded in at the next sync point, or by `fold` (federation.overlap_steps). Collective over the world."""
         lo, hi = self.fragments[fragment]
         # Δ = anchor − local: after the fold, exactly what was learned since the last post
         delta = self._gather(owned, lambda i, a, b, out: np.subtract(self.anchor[i][a:b], owned[i][1][a:b], out=out),
