@@ -2,6 +2,9 @@
 asked to stop leaves after its round while the others go on without it, and one more leaving below
 `federation.min_facilities` stops everyone cleanly with the round checkpointed. The rounds are checked
 against an independent numpy computation of the outer rule over the facilities that took part."""
+import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,10 +23,11 @@ from test_join import TOKEN, _config
 class Sites:
     """Separate launches of tests/mpi/leave_worker.py, as separate sites start them: `start` one (the hub
     first), and every line the hub prints goes to `on_hub_line(line, sites)`, which may signal or start
-    others; `wait` for all, killing them all at the timeout (a hang fails the test)."""
+    others (every other launch's to `on_line(key, line, sites)`, where given); `wait` for all, killing
+    them all at the timeout (a hang fails the test)."""
 
-    def __init__(self, config: Path, out: Path, on_hub_line) -> None:
-        self.config, self.out, self.on_hub_line = config, out, on_hub_line
+    def __init__(self, config: Path, out: Path, on_hub_line, on_line=None) -> None:
+        self.config, self.out, self.on_hub_line, self.on_line = config, out, on_hub_line, on_line
         self.procs: dict[str, subprocess.Popen] = {}
         self.results: dict[str, subprocess.CompletedProcess] = {}
         self._readers: list[threading.Thread] = []
@@ -47,6 +51,8 @@ class Sites:
             lines.append(line)
             if hub:
                 self.on_hub_line(line, self)
+            elif self.on_line is not None:
+                self.on_line(key, line, self)
         err = proc.stderr.read()
         proc.wait()
         self.results[key] = subprocess.CompletedProcess(proc.args, proc.returncode, "".join(lines), err)
@@ -81,20 +87,30 @@ def _round(line: str) -> int | None:
     return int(line.split()[1].split("/")[0]) if line.startswith("round ") else None
 
 
+def _round_or_entry(line: str, done: dict[str, int]) -> int | None:
+    """`_round` of a hub's line; a line saying that a facility rejoined puts the round it entered after
+    in `done["entered"]`."""
+    if "rejoined after round" in line:
+        done["entered"] = int(line.split("after round ")[1].split(";")[0])
+    return _round(line)
+
+
 def _rounds_of(out: Path, name: str) -> list[int]:
     """The rounds facility `name` trained (those its leader recorded a model before the exchange for)."""
     return sorted(int(p.name.split("-")[2].split(".")[0]) for p in out.glob(f"local-{name}-*.npy"))
 
 
-def _check_rounds(out: Path, ranks: dict[str, int], last: int, steps: int, batch: int, seq: int) -> None:
+def _check_rounds(out: Path, ranks: dict[str, int], last: int, steps: int, batch: int, seq: int,
+                  ahead: dict[tuple[str, int], int] | None = None) -> None:
     """Every rank that took part in a round holds the same model after it, and that model is DiLoCo
-    computed in numpy from the models of the facilities that trained the round, weighted by tokens."""
-    tokens = {f: n * steps * batch * seq for f, n in ranks.items()}
+    computed in numpy from the models of the facilities that trained the round, weighted by tokens
+    (`ahead`: (facility, round) -> the steps it trained ahead, which that round's exchange counts)."""
     theta = np.load(out / "global-a-0-0.npy").astype(np.float64)
     momentum = np.zeros_like(theta)
     for round_ in range(1, last + 1):
         found = {f: out / f"local-{f}-{round_}.npy" for f in ranks}
         trained = {f: np.load(path) for f, path in found.items() if path.exists()}
+        tokens = {f: ranks[f] * (steps + (ahead or {}).get((f, round_), 0)) * batch * seq for f in trained}
         models = [np.load(out / f"global-{f}-{r}-{round_}.npy") for f in trained for r in range(ranks[f])]
         assert all(m.tobytes() == models[0].tobytes() for m in models), round_
         theta, momentum = _diloco(theta, trained, tokens, momentum)
@@ -176,9 +192,7 @@ def test_a_facility_that_left_comes_back_and_ones_with_a_wrong_token_or_model_ar
     done: dict[str, int] = {}
 
     def on_hub_line(line: str, sites: Sites) -> None:
-        if "rejoined after round" in line:
-            done["entered"] = int(line.split("after round ")[1].split(";")[0])
-        round_ = _round(line)
+        round_ = _round_or_entry(line, done)
         if round_ is None:
             return
         if "c" not in done:
@@ -226,3 +240,96 @@ def test_a_facility_that_left_comes_back_and_ones_with_a_wrong_token_or_model_ar
     assert after["ranks/data"].tolist() == [[before["ranks/data"][0][0], before["ranks/data"][0][1] + steps * batch]]
     final = checkpoint.verify(tmp_path / "run" / checkpoint.main_name(stopped))
     assert [f["name"] for f in final.facilities] == ["a", "b", "c"]
+
+
+def test_a_facility_that_comes_back_mid_round_trains_ahead_and_its_steps_count_in_the_next_exchange(tmp_path):
+    """3 facilities, min_facilities = 2; c has 2 ranks. c is signalled and leaves, keeping the global
+    model of the round it left after in its part; its next job starts at once, while the hub holds the
+    round after (tests/mpi/leave_worker.py: as a long round would be), so c finds that round still
+    running. It trains ahead from the kept model (its ranks agreeing step by step over their own process
+    group, no MPI) until it is admitted at the boundary; then it holds the new global model plus what it
+    learned ahead, x = theta_new + (x_ahead - theta_kept) (checked in float64), and its first exchange
+    weighs the steps trained ahead with the round's. Every round equals DiLoCo in numpy."""
+    ranks = {"a": 1, "b": 1, "c": 2}
+    steps, batch, seq, rounds = 4, 4, 64, 400
+    config = _config(tmp_path, ranks, f"train.local_steps={steps}", f"train.micro_batch={batch}",
+                     f"data.seq_len={seq}", f"federation.rounds={rounds}", "federation.outer=diloco",
+                     "federation.min_facilities=2", "federation.timeout_s=90")
+    hold = tmp_path / "hold"
+    done: dict[str, int] = {}
+
+    def on_hub_line(line: str, sites: Sites) -> None:
+        round_ = _round_or_entry(line, done)
+        if round_ is None:
+            return
+        if "c" not in done:
+            done["c"] = round_
+            hold.touch()  # the hub holds its next round without c until c's next job trains ahead
+            sites.signal("c")
+        elif "entered" in done and round_ == done["entered"] + 2 and "stop" not in done:
+            done["stop"] = round_
+            sites.signal("a")
+
+    def on_line(key: str, line: str, sites: Sites) -> None:
+        if key == "c" and "leaves after round" in line and "back" not in done:
+            done["back"] = -1
+            threading.Thread(target=lambda: (sites.procs["c"].wait(), sites.start("back", "c", 2, "auto")),
+                             daemon=True).start()
+        if key == "back" and "trains ahead from round" in line:
+            hold.unlink()
+
+    results = Sites(config, tmp_path, on_hub_line, on_line).run(ranks, timeout=300)
+    a, b, c, back = (results[key] for key in ("a", "b", "c", "back"))
+    for result in (a, b, c, back):
+        assert result.returncode == STOPPED_EXIT, result.stdout + result.stderr
+    trained, stopped, entered = _rounds_of(tmp_path, "c"), _rounds_of(tmp_path, "a")[-1], done["entered"]
+    left = next(r for r in trained if r + 1 not in trained)
+    assert entered == left + 1 and trained == [*range(1, left + 1), *range(entered + 1, stopped + 1)], (done, trained)
+    said = re.search(rf"facility c trained (\d+) of {steps} steps ahead, from round {left}'s global model", back.stdout)
+    assert said, back.stdout
+    ahead = int(said.group(1))
+    assert 1 <= ahead <= steps
+
+    # What it learned ahead, put back on top of the global model it entered with.
+    kept = np.load(tmp_path / f"global-a-0-{left}.npy").astype(np.float64)
+    theta = np.load(tmp_path / f"global-a-0-{entered}.npy").astype(np.float64)
+    for rank in range(2):
+        learned = np.load(tmp_path / f"ahead-c-{rank}.npy").astype(np.float64) - kept
+        assert np.abs(learned).max() > 0
+        np.testing.assert_allclose(np.load(tmp_path / f"entered-c-{rank}.npy"), theta + learned, rtol=0, atol=1e-6)
+    _check_rounds(tmp_path, ranks, stopped, steps, batch, seq, ahead={("c", entered + 1): ahead})
+
+    # The hub's metrics: every round once (the newcomer, alone in its world while it waited, wrote none),
+    # and the round c entered in counts its steps ahead.
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == list(range(1, stopped + 1))
+    assert rows[entered]["tokens"] == (2 * steps + 2 * (steps + ahead)) * batch * seq
+    assert not [line for line in back.stdout.splitlines() if line.startswith("round ")]
+
+    # Its data position went on from its own part: the steps ahead, then a round.
+    before, _ = checkpoint.read_part(tmp_path / "run" / checkpoint.facility_name(left, "c"))
+    after, _ = checkpoint.read_part(tmp_path / "run" / checkpoint.facility_name(entered + 1, "c"))
+    assert (after["ranks/data"][:, 1] - before["ranks/data"][:, 1]).tolist() == [(steps + ahead) * batch] * 2
+    _, flat = checkpoint.read_part(tmp_path / "run" / checkpoint.facility_name(left, "c"))
+    assert "global/model" in flat
+    np.testing.assert_array_equal(checkpoint.read_range(tmp_path / "run" / checkpoint.facility_name(left, "c"),
+                                                        "global/model", 0, kept.size), kept.astype(np.float32))
+
+
+def test_the_threads_that_wait_in_an_accept_take_the_lowest_cpu_priority_and_leave_the_others_alone():
+    """MPICH's accept polls a whole core while it waits: the doorman and a newcomer's accept thread run at
+    nice 19 (mpifed/comm/rejoin.py), the thread that trains keeps its priority."""
+    from mpifed.comm.rejoin import lowest_priority
+
+    seen = {}
+
+    def waits() -> None:
+        lowest_priority(threading.get_native_id())
+        seen["waits"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    thread = threading.Thread(target=waits)
+    thread.start()
+    thread.join()
+    assert seen["waits"] == 19
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before < 19

@@ -69,6 +69,11 @@ def facility_name(round_: int, name: str) -> str:
     return f"round_{round_:05d}.fac-{name}.h5"
 
 
+def part_round(path: Path) -> int:
+    """The round of a part file, from its name (see `facility_name`)."""
+    return int(path.name[6:].split(".")[0])
+
+
 def part_digest(path: Path) -> str:
     """The content digest of a part file: xxh3-128 over its identity (round, facility) and the name and
     hash of every array in it. It reads attributes only; `verify` ties each hash to the bytes."""
@@ -416,12 +421,12 @@ def prune(directory: str | Path, keep: int) -> None:
 
 def facility_parts(directory: str | Path, name: str) -> list[Path]:
     """Facility `name`'s part files in `directory`, oldest round first."""
-    return sorted(Path(directory).glob(f"round_*.fac-{name}.h5"), key=lambda p: int(p.name[6:].split(".")[0]))
+    return sorted(Path(directory).glob(f"round_*.fac-{name}.h5"), key=part_round)
 
 
 def prune_parts(directory: str | Path, name: str, keep: int) -> None:
     """At a site that holds only facility `name`'s parts: delete all but its newest `keep` parts."""
-    rounds = [int(p.name[6:].split(".")[0]) for p in facility_parts(directory, name)]
+    rounds = [part_round(p) for p in facility_parts(directory, name)]
     if keep > 0 and len(rounds) > keep:
         _remove_before(directory, rounds[-keep], name)
 

@@ -53,6 +53,22 @@ class ResumePoint:
     """Its main file, as the hub's site sees it."""
 
 
+KEPT_GLOBAL = "global/model"
+"""In the part of a facility that left: the global model of the round it left after."""
+
+
+@dataclass(frozen=True)
+class OwnPart:
+    """What a facility coming back restored from its own part (`CheckpointManager.restore_own_part`)."""
+
+    path: Path | None
+    """The part (None: there was none, and nothing was restored)."""
+    round: int
+    """The round it was written after."""
+    kept_global: bool
+    """Whether it kept the global model of that round, now in the engine."""
+
+
 @dataclass
 class Parts:
     """One rank's training state as a checkpoint sees it: what is saved, and what a resume fills in."""
@@ -83,13 +99,15 @@ class CheckpointManager:
         return deadline(self.topo.world, self.cfg.federation.timeout_s, what)
 
     # ------------------------------------------------------------------------------------------ saving
-    def save(self, round_: int, parts: Parts) -> "Callable[[], None] | None":
+    def save(self, round_: int, parts: Parts, keep_global: bool = False) -> "Callable[[], None] | None":
         """Write round `round_`'s checkpoint. On the global root it returns the call that publishes it
         (rename, `latest`, pruning), so the round's metrics line can be written first; nothing is
-        published unless the whole checkpoint verified."""
+        published unless the whole checkpoint verified. `keep_global`: this facility leaves after the
+        round, and its part keeps the global model too (its next job trains ahead from it while it waits
+        to come back, see mpifed/run/elastic.py; the main file is at the hub's site)."""
         topo, cfg, fed = self.topo, self.cfg, parts.federation
         f32 = cfg.checkpoint.fletcher32
-        part = self._write_part(round_, parts)
+        part = self._write_part(round_, parts, keep_global)
         if topo.n_roots > 1 and topo.facility_index == 0 and topo.root_index is not None:
             start = fed.segments[topo.root_index][0]
             checkpoint.write_segment(self.directory, round_, topo.root_index, start, fed.theta, fed.outer_state(), f32)
@@ -117,13 +135,13 @@ class CheckpointManager:
 
         return publish
 
-    def _write_part(self, round_: int, parts: Parts) -> Path | None:
+    def _write_part(self, round_: int, parts: Parts, keep_global: bool = False) -> Path | None:
         """This facility's part of round `round_` (collective over the facility; the leader writes it and
         returns its path). Small arrays are gathered whole; every flat array (the inner optimizer state,
         the local model, the exchange's state) streams to the leader one bucket at a time, assembled
         from the ranks' own pieces, and on into the file: nobody holds more than a bucket of it."""
         fac, leader, cfg = self.topo.facility, self.topo.is_leader, self.cfg
-        small, flat = self._part_contents(parts)
+        small, flat = self._part_contents(parts, keep_global)
         writer = checkpoint.part_writer(self.directory, round_, self.topo.facility_name,
                                        {"ranks": fac.size, "engine": cfg.facility[self.topo.facility_index].engine},
                                        small, dict.fromkeys(flat, self.layout.numel),
@@ -135,8 +153,10 @@ class CheckpointManager:
                           self.cfg.federation.bucket_values, sink=sink)
         return writer.close().commit() if leader else None
 
-    def _part_contents(self, parts: Parts) -> tuple[dict[str, np.ndarray], dict[str, list[tuple[int, np.ndarray]]]]:
-        """(small arrays, on the leader; flat arrays as this rank's pieces, the same names on every rank)."""
+    def _part_contents(self, parts: Parts, keep_global: bool = False
+                       ) -> tuple[dict[str, np.ndarray], dict[str, list[tuple[int, np.ndarray]]]]:
+        """(small arrays, on the leader; flat arrays as this rank's pieces, the same names on every rank).
+        `keep_global`: with the global model, from the facility's roots' segments of it."""
         fac, leader, fed = self.topo.facility, self.topo.is_leader, parts.federation
         positions = np.array([parts.sampler.epoch, parts.sampler.position], np.int64)
         rng = torch.get_rng_state().numpy()
@@ -155,6 +175,8 @@ class CheckpointManager:
         segment = fed.segments[self.topo.root_index][0] if self.topo.root_index is not None else 0
         for name in fed.exchange_state_names:  # each root's segment of it
             flat[f"exchange/{name}"] = [(segment, fed.exchange_state()[name])] if self.topo.root_index is not None else []
+        if keep_global:
+            flat[KEPT_GLOBAL] = [(segment, fed.theta)] if self.topo.root_index is not None else []
         return (small if leader else {}), flat
 
     # ---------------------------------------------------------------------------------------- resuming
@@ -273,13 +295,13 @@ class CheckpointManager:
             engine.after_exchange()
         parts.tokens_total = point.tokens
 
-    def restore_own_part(self, parts: Parts) -> Path | None:
+    def restore_own_part(self, parts: Parts) -> OwnPart:
         """A facility coming back to a running federation: every rank's data position, RNG and inner
         optimizer state from the newest part of this facility in this site's `checkpoint.dir` that
         verifies (its arrays against their hashes; the main file that recorded it is at the hub, of an
-        earlier round). Returns that part, or None when there is none (nothing is restored). The
-        exchange's state in it is read but not used (error feedback restarts from zero). Collective
-        over the facility."""
+        earlier round), and, where the part kept the global model (it was written as the facility left),
+        that model into the engine. Nothing is restored where there is no part. The exchange's state in
+        it is read but not used (error feedback restarts from zero). Collective over the facility."""
         fac, name = self.topo.facility, self.topo.facility_name
         found = ""
         if self.topo.is_leader:
@@ -293,10 +315,15 @@ class CheckpointManager:
                 break
         found = control.bcast_str(fac, found)
         if not found:
-            return None
+            return OwnPart(None, 0, False)
         small, stored = self._read_small(Path(found))
         self._restore_facility(Path(found), small, stored, parts)
-        return Path(found)
+        kept = KEPT_GLOBAL in stored
+        if kept:
+            parts.engine.before_exchange()
+            self._scatter_part(Path(found), KEPT_GLOBAL, parts.engine.held())
+            parts.engine.after_exchange()
+        return OwnPart(Path(found), checkpoint.part_round(Path(found)), kept)
 
     def _read_small(self, part: Path) -> tuple[dict[str, np.ndarray], set[str]]:
         """On every rank of the facility: the part's small arrays (read by the leader, sent to all) and the

@@ -9,15 +9,23 @@ it trains:
   1. The hub's leader starts a *doorman*: a child process of its own (an MPI singleton) that accepts on
      the port the rendezvous file names and runs the handshake of a first join with each caller (token,
      layout fingerprint, configuration digest, a facility that is not in). A refused caller is told
-     why and disconnected; the federation does not notice.
-  2. An admitted newcomer opens a port of its own, tells the doorman, disconnects, and waits in an
-     accept on it. The doorman tells the hub's leader over a pipe (newline-separated JSON).
+     why and disconnected; the federation does not notice. MPICH's accept polls a core without pause
+     for as long as it waits, so the doorman runs at the lowest CPU priority (`lowest_priority`), as
+     does a newcomer's accept thread: they take only what training leaves.
+  2. A newcomer the doorman would admit says it comes back later (`later`), builds its engine and
+     restores its own state, over its own job alone (the model it left at, kept in its checkpoint
+     part, and its data position); then it calls again (the same handshake), opens a port of its
+     own, tells the doorman, which answers with the round the federation is training, disconnects,
+     and waits in an accept on that port *on a thread of its own* (`Waiting`). Meanwhile its main thread
+     trains ahead from the model it kept, as long as that is the model the federation's round started
+     from (mpifed/run/elastic.py), and touches no MPI: the accept holds the library. The doorman tells
+     the hub's leader over a pipe (newline-separated JSON).
   3. The global root reports in every round's closing reduction that someone waits, so every rank
      learns it at the same round boundary. There the whole federation connects to the newcomer's port
      (`admit`; the newcomer is already in its accept, so this does not wait), the intercommunicator is
      merged into the new world, and the hub tells every rank, old and new, who is in and where the run
-     stands (round, tokens trained). The federation then rebuilds its communicators over the new world
-     (mpifed/run/rank.py).
+     stands (round, tokens trained). The newcomer stops training ahead at its next step, and the
+     federation rebuilds its communicators over the new world (mpifed/run/rank.py).
 
 A newcomer waits as long as the hub keeps rewriting the rendezvous file (with `--port`, at most
 `federation.join_timeout_s`); then it wakes its own accept with a signed call, as `join.serve` does, and
@@ -40,7 +48,7 @@ from typing import Callable, Sequence
 from mpi4py import MPI
 
 from mpifed.comm import control
-from mpifed.comm.join import (DROPPED, HEARTBEAT_S, STALE_S, WAKE, Admitted, Beacon, Hello, JoinError, Unanswered,
+from mpifed.comm.join import (DROPPED, HANDSHAKE_S, HEARTBEAT_S, STALE_S, WAKE, Admitted, Beacon, Hello, JoinError, Unanswered,
                               drain, handshake_hub, receive, send, singleton_env, wake)
 
 
@@ -52,6 +60,7 @@ class Doorman:
                  say: Callable[[str], None]) -> None:
         self.say = say
         self._members = list(members)
+        self._round = 0
         self._waiting: queue.Queue[tuple[str, str]] = queue.Queue()
         self._child = subprocess.Popen([sys.executable, "-m", "mpifed.comm.rejoin"], env=singleton_env(token),
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
@@ -89,7 +98,7 @@ class Doorman:
         """The newcomer that waited longest: its name and the port it waits on."""
         name, port = self._waiting.get_nowait()
         self._members.append(name)
-        self._tell({"members": self._members})
+        self._tell({"members": self._members, "round": self._round})
         return name, port
 
     def forget(self, names: Sequence[str]) -> None:
@@ -97,9 +106,16 @@ class Doorman:
         self._members = [name for name in self._members if name not in names]
         self._tell({"members": self._members})
 
+    def at_round(self, round_: int) -> None:
+        """The federation trains round `round_` now (what the doorman tells a newcomer, which trains
+        ahead only in the round after the one it left at)."""
+        if round_ != self._round:
+            self._round = round_
+            self._tell({"members": self._members, "round": round_})
+
     def close(self) -> None:
         """Stop admitting: end the doorman, and remove the rendezvous file, which tells whoever waits
-        that the federation is over (see `enter`)."""
+        that the federation is over (see `Waiting`)."""
         if self._beacon is not None:
             self._beacon.stop()
         self._child.kill()
@@ -124,34 +140,108 @@ def admit(world: MPI.Intracomm, doorman: Doorman | None, order: Sequence[str], m
     return merged, json.loads(told)
 
 
-def enter(comm: MPI.Intracomm, admitted: Admitted, token: bytes, rendezvous: str, timeout_s: float
-          ) -> tuple[MPI.Intracomm, dict]:
-    """On a newcomer the doorman admitted (collective over its job): open a port, tell the doorman, and
-    wait in an accept on it for the next round boundary, where the federation connects. It waits as
-    long as the hub keeps rewriting the `rendezvous` file (without one, `timeout_s`). Returns the
-    merged world and what `admit` told every rank. Raises JoinError when the hub is gone first."""
-    port = MPI.Open_port() if comm.rank == 0 else ""
+def later(comm: MPI.Intracomm, admitted: Admitted) -> None:
+    """On a newcomer the doorman would admit (collective over its job): it builds first, and calls
+    again with its port once it can wait in an accept (`Waiting`)."""
     if comm.rank == 0:
-        send(admitted.inter, {"port": port})
+        send(admitted.inter, {"later": True})
     admitted.inter.Disconnect()
-    waiting = threading.Event()
-    waiting.set()
-    if comm.rank == 0:  # an accept cannot time out: wake it, as the hub wakes its own
-        threading.Thread(target=_wake_when_gone, args=(port, token, rendezvous, timeout_s, waiting),
-                         daemon=True).start()
-    inter = comm.Accept(port, root=0)
-    waiting.clear()
-    said = receive(inter) if comm.rank == 0 else {}
-    if comm.rank == 0:
-        MPI.Close_port(port)
-    if not json.loads(control.bcast_str(comm, json.dumps(said))).get("admit"):
-        inter.Disconnect()
-        raise JoinError("the federation ended before the next round boundary, or its hub stopped admitting (" +
-                        (f"{rendezvous} was not rewritten for {STALE_S:g} s)" if rendezvous else
-                         f"none within {timeout_s:g} s, federation.join_timeout_s)"))
-    world = inter.Merge(high=True)
-    inter.Free()
-    return world, json.loads(control.bcast_str(world, None))
+
+
+class Waiting:
+    """A newcomer the doorman admitted, waiting for a round boundary (collective over its job): it opens a
+    port, tells the doorman, and learns the `round` the federation trains now; `start` then waits in an
+    accept on that port on a thread of its own, where the federation connects at its next round
+    boundary. It waits as long as the hub keeps rewriting the `rendezvous` file (without one,
+    `timeout_s`). Between `start` and `arrived` being true, this process must not call MPI: the accept
+    holds the library."""
+
+    def __init__(self, comm: MPI.Intracomm, admitted: Admitted, token: bytes, rendezvous: str,
+                 timeout_s: float) -> None:
+        self.comm, self.token, self.rendezvous, self.timeout_s = comm, token, rendezvous, timeout_s
+        self.leader = comm.rank == 0
+        port = MPI.Open_port() if self.leader else ""
+        said = {}
+        if comm.rank == 0:
+            send(admitted.inter, {"port": port})
+            try:
+                said = receive(admitted.inter)
+            except Unanswered:
+                said = {}
+        said = json.loads(control.bcast_str(comm, json.dumps({**said, "port": port})))
+        self.port, self.round = said["port"], int(said.get("round", 0))
+        """The round the federation was training when the doorman took this port (0: not known)."""
+        admitted.inter.Disconnect()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._outcome: MPI.Intercomm | BaseException | None = None
+
+    def start(self) -> None:
+        """Wait in the accept on a thread of this process (see the class docstring)."""
+        self._thread = threading.Thread(target=self._accept, name="mpifed-rejoin", daemon=True)
+        self._thread.start()
+
+    def cancel(self) -> None:
+        """Wake the accept (no MPI: a helper process calls), so that this process can use MPI again, to
+        end. `merge` then raises JoinError."""
+        if self._thread is not None and not self._done.is_set():
+            wake(self.port, self.token)
+            self._done.wait(HANDSHAKE_S)
+
+    def arrived(self) -> bool:
+        """Whether the federation connected (or the wait ended): `merge` will not block."""
+        return self._done.is_set()
+
+    def merge(self) -> tuple[MPI.Intracomm, dict]:
+        """The merged world and what `admit` told every rank, once the federation connected (waits for
+        it). Raises JoinError when the hub was gone first. All but the accept runs here, on the calling
+        thread, at its own priority."""
+        if self._thread is None:
+            self.start()
+        self._thread.join()
+        if isinstance(self._outcome, BaseException):
+            raise self._outcome
+        comm, inter = self.comm, self._outcome
+        said = receive(inter) if comm.rank == 0 else {}
+        if comm.rank == 0:
+            MPI.Close_port(self.port)
+        if not json.loads(control.bcast_str(comm, json.dumps(said))).get("admit"):
+            inter.Disconnect()
+            raise JoinError("the federation ended before the next round boundary, or its hub stopped admitting (" +
+                            (f"{self.rendezvous} was not rewritten for {STALE_S:g} s)" if self.rendezvous else
+                             f"none within {self.timeout_s:g} s, federation.join_timeout_s)"))
+        world = inter.Merge(high=True)
+        inter.Free()
+        return world, json.loads(control.bcast_str(world, None))
+
+    def _accept(self) -> None:
+        """The accept, on its own thread at the lowest priority: it polls a core for as long as it waits."""
+        lowest_priority(threading.get_native_id())
+        waiting = threading.Event()
+        waiting.set()
+        try:
+            if self.leader:  # an accept cannot time out: wake it, as the hub wakes its own
+                threading.Thread(target=_wake_when_gone, args=(self.port, self.token, self.rendezvous, self.timeout_s,
+                                                               waiting), daemon=True).start()
+            self._outcome = self.comm.Accept(self.port, root=0)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread by `merge`
+            self._outcome = exc
+        waiting.clear()
+        self._done.set()
+
+
+def lowest_priority(task: int = 0) -> None:
+    """Give a thread (`task`, its native id) or, with 0, every thread of this process the lowest CPU
+    priority (nice 19). MPICH's MPI_Comm_accept polls without pause, a whole core for as long as it
+    waits (measured: 99%); at nice 19 the poll takes only what training leaves, and training on the
+    same cores runs at the speed it would without it. Where the system refuses, nothing changes."""
+    tasks = [task] if task else [int(t) for t in os.listdir("/proc/self/task")] if os.path.isdir("/proc/self/task") \
+        else [0]
+    for one in tasks:
+        try:
+            os.setpriority(os.PRIO_PROCESS, one, 19)
+        except OSError:
+            pass
 
 
 def _wake_when_gone(port: str, token: bytes, rendezvous: str, timeout_s: float, waiting: threading.Event) -> None:
@@ -181,15 +271,18 @@ def _doorman_main() -> None:
     """`python -m mpifed.comm.rejoin`, started by `Doorman`: the first line on stdin is the hub's hello,
     the configuration's facilities and those in; later lines update those in. Accepts and handshakes
     callers on a port of its own, reporting on stdout."""
+    lowest_priority()  # it waits in an accept all run long, beside the hub's training ranks
     setup = json.loads(sys.stdin.readline())
     hub, expected = Hello(**setup["hub"]), setup["expected"]
-    members = {"in": set(setup["members"])}
+    members = {"in": set(setup["members"]), "round": 0}
     token = os.environ.get("MPIFED_TOKEN", "").encode()
     waiting: set[str] = set()
 
     def follow() -> None:  # no MPI in this thread: the main one waits in an accept
         for line in sys.stdin:
-            members["in"] = set(json.loads(line)["members"])
+            update = json.loads(line)
+            members["in"] = set(update["members"])
+            members["round"] = update.get("round", members["round"])
             waiting.difference_update(members["in"])
         os._exit(0)  # the hub is gone
 
@@ -204,6 +297,7 @@ def _doorman_main() -> None:
         except Unanswered:
             told = {}
         if not problems and name != WAKE and isinstance(told.get("port"), str):
+            send(inter, {"round": members["round"]})
             waiting.add(name)
             print(json.dumps({"waiting": name, "port": told["port"],
                               "say": f"facility {name} is back; it joins at the next round boundary"}), flush=True)

@@ -159,6 +159,9 @@ class Corpus:
     vocab_size: int
     description: str
     """For the start-up line, e.g. `the embedded text` or `pretrain data DIR (1,234 tokens)`."""
+    digest: str = ""
+    """For a corpus a rank builds itself, what tells it apart from another rank's (the embedded text
+    comes from the Python it runs on); "" for a prepared folder, which every site reads as it is."""
 
     def partition(self, index: int) -> "np.ndarray | datasets.Dataset":
         """Partition `index` (a facility's), rows read on demand where the corpus is on disk."""
@@ -175,6 +178,7 @@ class Embedded(Corpus):
 
     def __init__(self, tokens: np.ndarray, seq_len: int, partitions: int, val_fraction: float, seed: int) -> None:
         self.seq_len, self.vocab_size, self.description = seq_len, VOCAB_SIZE, "the embedded text"
+        self.digest = hashlib.sha256(tokens.tobytes()).hexdigest()
         try:
             self._split = split(pack(tokens, seq_len), partitions, val_fraction, seed)
         except ValueError as exc:

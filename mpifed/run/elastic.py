@@ -2,20 +2,38 @@
 of `mpifed.run.trainer.Trainer` that decides, after a round some facility asked to stop at, whether it
 leaves or everyone stops; lets go of the communicators before the world changes; carries a rank's state
 over to the new world (`regroup`); and, for a facility coming back, sends it the global model and the
-outer state and restores the rest from its own checkpoint part. The worlds themselves are made in
-mpifed/run/rank.py (split and disconnect, merge) and mpifed/comm/rejoin.py (the doorman).
+outer state. The worlds themselves are made in mpifed/run/rank.py (split and disconnect, merge) and
+mpifed/comm/rejoin.py (the doorman).
+
+Training ahead. A facility that leaves keeps the round's global model in its own checkpoint part. Its
+next job restores that part over its own ranks before it asks to be admitted, and while it waits for
+the round boundary (on another thread: `rejoin.Waiting`) it trains from that model, step by step, as
+long as it is the model the round the federation trains started from (the doorman says which round
+that is), and at most `train.local_steps` steps. At the boundary it stops, receives the global model,
+and puts back on top of it what it learned ahead: x <- theta_new + (x_ahead - theta_kept), the rule a
+delayed exchange lands with. Its first exchange then counts the tokens it trained ahead with the rest.
+So a facility that comes back mid-round loses only the steps before its job was ready, not the round.
 """
 from __future__ import annotations
 
+import os
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
 from mpi4py import MPI
 
 from mpifed.checkpoint.manager import CheckpointManager
-from mpifed.comm import pieces
+from mpifed.comm import control, pieces
 from mpifed.comm.arrival import Arrival
 from mpifed.comm.topology import Topology, local_ranks_on_node
 from mpifed.config import RunConfig
 from mpifed.data.corpus import open_corpus
 from mpifed.federation.reduce import segments
+from mpifed.run import stop
+
+if TYPE_CHECKING:
+    from mpifed.comm.rejoin import Waiting
 
 
 class Elastic:
@@ -28,11 +46,7 @@ class Elastic:
         fed, names = self.cfg.federation, self.topo.facility_names
         who = ", ".join(f"{name} ({signal_name})" for name, signal_name in asked.items())
         stay = [name for name in names if name not in asked]
-        why_not = ("" if not self.elastic else
-                   "the hub cannot leave; " if names[0] in asked else
-                   "federation.min_facilities = 0 lets no facility leave; " if not fed.min_facilities else
-                   f"fewer than federation.min_facilities = {fed.min_facilities} would stay; "
-                   if len(stay) < fed.min_facilities else None)
+        why_not = self._why_not_leave(asked)
         if why_not is None:
             self.leaving = tuple(asked)
             if self.topo.is_global_root:
@@ -49,40 +63,82 @@ class Elastic:
             print(f"mpifed: stopping after round {round_} of {fed.rounds}, as asked by {who}; {why_not}round "
                   f"{round_} is checkpointed in {self.cfg.checkpoint.dir}: continue with --resume auto", flush=True)
 
+    def _why_not_leave(self, asked: dict[str, str]) -> str | None:
+        """None where the facilities that `asked` to stop may leave while the others go on; else why not
+        (a clause for the stop line; "" where the launch is not elastic)."""
+        fed, names = self.cfg.federation, self.topo.facility_names
+        stay = [name for name in names if name not in asked]
+        return ("" if not self.elastic else
+                "the hub cannot leave; " if names[0] in asked else
+                "federation.min_facilities = 0 lets no facility leave; " if not fed.min_facilities else
+                f"fewer than federation.min_facilities = {fed.min_facilities} would stay; "
+                if len(stay) < fed.min_facilities else None)
+
+    def leaves_after(self, asked: dict[str, str]) -> bool:
+        """Whether this rank's facility leaves after the round that `asked` asked to stop at."""
+        return self.topo.facility_name in asked and self._why_not_leave(asked) is None
+
     def release(self) -> None:
         """Let go of every communicator this rank's trainer made from its topology (before a regroup
         frees the topology's own): the background exchange's and the arrival's."""
         self.federation.close()
         self.arrival.close()
 
-    def regroup(self, cfg: RunConfig, topo: Topology, entering: bool = False) -> None:
+    def regroup(self, cfg: RunConfig, topo: Topology, entering: bool = False, newcomer: dict | None = None) -> None:
         """Go on after `leaving` left, or a facility came back (`entering`), over `topo` (the facilities in
         now; `cfg` lists them, each with its data partition). This rank keeps everything it trained and
         every round's state (engine, data position, the roots' global segments, outer state and error
-        feedback): only the communicators are new. A facility coming back gets the global model and
-        the outer state, as it builds itself (the same collective steps as `__init__` with `entering`).
-        The exchange that the boundary held back is posted here (overlap), without the facilities that
-        left; one that came back posts with the others, having learned nothing yet."""
+        feedback): only the communicators are new. A facility coming back (`newcomer`: what the hub
+        told it, see mpifed/comm/rejoin.py) gets the global model and the outer state, and puts what
+        it trained ahead on top. The exchange that the boundary held back is posted here (overlap),
+        without the facilities that left; one that came back posts with the others, its progress
+        since the global model not yet in it."""
+        ahead = self._ahead_progress() if newcomer else None  # before the global model replaces it
         self.cfg, self.topo, self.leaving, self.admitting = cfg, topo, (), False
-        if entering:  # what the newcomer's _build does with the world, in its order
+        if entering:
             with self.world_deadline(f"round {self.round}: the facility that came back starts"):
-                local_ranks_on_node(topo.world)
-                comm = self._with_newcomers(False)
-                if comm != MPI.COMM_NULL:
-                    open_corpus(cfg.data, comm, cfg.data.partitions or topo.n_facilities, cfg.train.seed)
-                    comm.Free()
+                sharing = local_ranks_on_node(topo.world)
+                self._share_corpus(newcomer is not None)
+            if newcomer:  # its own job alone saw its node to itself
+                self.threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // sharing)
+                torch.set_num_threads(self.threads)
             self._check_same_layout()
             if cfg.lora.rank:
                 self._check_same_base(self.checkpoints.base_digest)  # the one it checked at its start
-            self._share_global([])
+            self._share_global(self.engine.held() if newcomer else [])
         self.federation.regroup(topo)
         self.arrival = Arrival(topo)
         self.checkpoints = CheckpointManager(cfg, topo, self.layout, self.checkpoints.model_config,
                                              self.checkpoints.base_digest)
         if entering:
             self._share_outer_state()
+        if newcomer:
+            self.memory.rank = topo.world.rank
+            self._enter(newcomer)
         self.start_round = self.round + 1
         self._post_held_back(f"round {self.round}: exchange")
+        if ahead is not None:
+            self._put_back(ahead)
+
+    def _share_corpus(self, newcomer: bool) -> None:
+        """A facility coming back opened the corpus itself: where its text differs from world rank 0's
+        (another Python's standard library), it takes world rank 0's, as at a first join, its data
+        position kept. Collective over the world."""
+        world = self.topo.world
+        theirs = control.bcast_str(world, self.corpus.digest if world.rank == 0 else None)
+        differs = control.allreduce(world, [float(newcomer and self.corpus.digest != theirs)], op=MPI.MAX)[0]
+        if not differs:
+            return
+        comm = self._with_newcomers(newcomer)
+        if comm == MPI.COMM_NULL:
+            return
+        if newcomer:
+            epoch, position = self.sampler.epoch, self.sampler.position
+            self._load_data(comm)
+            self.sampler.restore(epoch, position)
+        else:
+            open_corpus(self.cfg.data, comm, self.cfg.data.partitions or self.topo.n_facilities, self.cfg.train.seed)
+        comm.Free()
 
     def _with_newcomers(self, newcomer: bool) -> MPI.Intracomm:
         """World rank 0 with the ranks of a facility that comes back (`newcomer`), COMM_NULL on the
@@ -116,20 +172,80 @@ class Elastic:
                 self.topo.roots.Bcast(values, root=0)
 
     def _enter(self, entering: dict) -> None:
-        """This facility comes back after round `entering["round"]`: it holds the global model (`_build`);
-        its roots take the outer state (and count the outer steps from the round); its ranks take their
-        data position, RNG and inner optimizer state from the newest part of its own that verifies, in
-        its own checkpoint.dir (none: it starts its partition afresh). The exchange's error feedback
-        starts from zero."""
+        """This facility came back after round `entering["round"]` with `entering["tokens"]` trained, and
+        holds the global model (`regroup`): its roots hold the outer state too (and count the outer
+        steps from the round). Its data position, RNG and inner optimizer state came from its own part
+        (`Trainer.own`); the exchange's error feedback starts from zero. Collective over the facility."""
         self.round, self.parts.tokens_total = int(entering["round"]), int(entering["tokens"])
-        self._share_outer_state()
         fed = self.federation
         fed.restore(fed.outer_state() if self.topo.root_index is not None else {}, {}, self.engine.owned(),
                     self.round)
-        part = self.checkpoints.restore_own_part(self.parts)
         if self.topo.is_leader:
+            part = self.own.path
             print(f"mpifed: facility {self.topo.facility_name} trains from round {self.round + 1} on"
                   + (f", from its data position in {part}" if part else ", from the start of its data partition"),
                   flush=True)
-        self._post_held_back(f"round {self.round}: exchange")  # as the others do in `regroup`
 
+    def train_ahead(self, waiting: "Waiting") -> tuple[MPI.Intracomm, dict]:
+        """A facility coming back, once the doorman admitted it: wait for the federation's round
+        boundary (on another thread), training ahead meanwhile where this facility's part kept the
+        global model the federation's current round started from (see the module's docstring). Returns
+        what `Waiting.merge` does. No MPI here until the federation connected: the accept holds the
+        library; the ranks agree on each step over the facility's torch process group."""
+        own, train = self.own, self.cfg.train
+        ready = own.kept_global and waiting.round == own.round + 1
+        ranks, leader, name = self.topo.facility.size, self.topo.is_leader, self.topo.facility_name  # MPI: now
+        steps = tokens = 0
+        waiting.start()
+        try:
+            if ready:
+                if leader:
+                    print(f"mpifed: facility {name} trains ahead from round {own.round}'s global model while it "
+                          "waits for the round boundary", flush=True)
+                self.engine.before_exchange()
+                kept = [values.copy() for _, values in self.engine.held()]
+                while steps < train.local_steps and not self._agreed(waiting.arrived() or bool(stop.requested()),
+                                                                     ranks):
+                    tokens += self._train_step(own.round * train.local_steps + steps, ranks)[1]  # that round's
+                    steps += 1
+                self.ahead = (kept, steps) if steps else None
+        except BaseException:
+            waiting.cancel()  # no MPI, not even to abort the job, while the accept holds the library
+            raise
+        world, told = waiting.merge()
+        if leader:
+            print(f"mpifed: facility {name} trained {steps} of {train.local_steps} steps ahead, from round "
+                  f"{own.round}'s global model, while it waited to come back" if ready else
+                  f"mpifed: facility {name} did not train ahead: " +
+                  ("it has no checkpoint part of its own" if own.path is None else
+                   f"its newest part, {own.path.name}, keeps no global model" if not own.kept_global else
+                   f"its part keeps round {own.round}'s global model; the federation trained round {waiting.round}"),
+                  flush=True)
+        self.pending_tokens = tokens
+        return world, told
+
+    def _agreed(self, flag: bool, ranks: int) -> bool:
+        """Whether any of the facility's `ranks` says `flag` (over its torch process group: no MPI)."""
+        if ranks == 1:
+            return flag
+        said = torch.tensor([float(flag)], device=self.device)
+        torch.distributed.all_reduce(said, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        return bool(said.item())
+
+    def _ahead_progress(self) -> list[np.ndarray] | None:
+        """What this rank's held views learned ahead: x_ahead - theta_kept (in the kept copy's place)."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is None:
+            return None
+        kept, _ = ahead
+        self.engine.before_exchange()
+        for (_, values), copy in zip(self.engine.held(), kept):
+            np.subtract(values, copy, out=copy)
+        return kept
+
+    def _put_back(self, progress: list[np.ndarray]) -> None:
+        """The global model plus what was learned ahead, in every held view."""
+        self.engine.before_exchange()
+        for (_, values), delta in zip(self.engine.held(), progress):
+            values += delta
+        self.engine.after_exchange()

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Collection, NoReturn
+from typing import TYPE_CHECKING, Callable, Collection, NoReturn
 
 from mpi4py import MPI
 
@@ -24,7 +24,7 @@ from mpifed.config import RunConfig
 from mpifed.run import stop
 
 if TYPE_CHECKING:
-    from mpifed.comm.rejoin import Doorman
+    from mpifed.comm.rejoin import Doorman, Waiting
     from mpifed.run.trainer import Trainer
 
 
@@ -60,18 +60,33 @@ def _train(cfg: RunConfig, world: MPI.Intracomm, index: int, resume: str, joined
     new world (`_without`, `_with_newcomer`) and training goes on."""
     from mpifed.run.trainer import Trainer  # heavy imports (torch, transformers) only once MPI is up
 
-    trainer, entering = None, joined.entering if joined else None
+    trainer, entering, newcomer = None, None, None
     doorman = joined.doorman if joined else None
     back: tuple[str, float] | None = None  # the facility admitted at the last boundary, and when it began
+    if joined is not None and joined.come_back is not None:  # coming back: build alone, train ahead, enter
+        from mpifed.comm.join import JoinError
+
+        with abort_on_error(world, expected=(*_expected_errors(), JoinError)):
+            topo = topology.build(world, index, [f.name for f in cfg.facility], cfg.federation.roots)
+            trainer = Trainer(cfg, topo, elastic=True, returning=True)
+            watchdog.set_phase("join: back, waiting for the next round boundary")
+            world, entering = newcomer = trainer.train_ahead(joined.come_back())
+            if topo.is_leader:
+                _say(f"facility {topo.facility_name} rejoined the federation after round {entering['round']}")
+            trainer.release()
+            topo.close()
+            cfg = _keeping(joined.full, entering["joined"])
+            index = [f.name for f in cfg.facility].index(topo.facility_name)
     while True:
         with abort_on_error(world, expected=_expected_errors()):
             topo = topology.build(world, index, [f.name for f in cfg.facility], cfg.federation.roots)
             roll = RollCall(topo.world, topo.facility_offsets, topo.facility_names)
             watchdog.install(roll)  # from here a failure names the facility that was lost
             if trainer is None:
-                trainer = Trainer(cfg, topo, resume, elastic=joined is not None, entering=entering)
+                trainer = Trainer(cfg, topo, resume, elastic=joined is not None)
             else:
-                trainer.regroup(cfg, topo, entering=entering is not None)
+                trainer.regroup(cfg, topo, entering=entering is not None, newcomer=newcomer and newcomer[1])
+                newcomer = None
             if back is not None and topo.is_global_root:
                 _say(f"facility {back[0]} rejoined after round {trainer.round}; the round boundary took "
                      f"{time.monotonic() - back[1]:.2f} s")
@@ -141,6 +156,14 @@ def _keeping(cfg: RunConfig, names: Collection[str]) -> RunConfig:
     return dataclasses.replace(cfg, facility=present, data=data)
 
 
+def _alone(cfg: RunConfig, name: str) -> RunConfig:
+    """What a facility coming back builds with, over its own job alone: `_keeping` it, with the
+    federation's settings about the other facilities (how many must stay, how many a round draws)
+    left out. Only until it is in: it trains no round with it."""
+    fed = dataclasses.replace(cfg.federation, min_facilities=0, sample=1.0, min_participants=1)
+    return _keeping(dataclasses.replace(cfg, federation=fed), [name])
+
+
 def main(cfg: RunConfig, resume: str = "") -> int:
     """`mpifed run CONFIG`: every facility in this one launch (MPMD program number, or listing order)."""
     comm = MPI.COMM_WORLD
@@ -187,8 +210,10 @@ class Joined:
     doorman: "Doorman | None" = None
     """On the hub's leader, where facilities may leave (federation.min_facilities >= 1): admits those
     that come back (mpifed/comm/rejoin.py)."""
-    entering: dict | None = None
-    """A facility that came back to a running federation: where the run stands ("round", "tokens")."""
+    come_back: "Callable[[], Waiting] | None" = None
+    """A facility coming back to a running federation, which the doorman would admit: once it is built
+    (over `world`, its own job alone), this tells the doorman where it waits for the next round
+    boundary (see mpifed/comm/rejoin.py)."""
 
 
 def join_world(comm: MPI.Intracomm, cfg: RunConfig, name: str, port: str = "", resume: str = "") -> Joined:
@@ -222,7 +247,7 @@ def join_world(comm: MPI.Intracomm, cfg: RunConfig, name: str, port: str = "", r
     with deadline(comm, fed.join_timeout_s + slack, "join: waiting for the other facilities",
                   setting="federation.join_timeout_s") as watch:
         expected = {f.name: f.ranks for f in cfg.facility}
-        doorman, entering = None, None
+        doorman, come_back = None, None
         if name == names[0]:
             world, joined = join.serve(comm, me, token, expected, fed.rendezvous, fed.join_timeout_s,
                                        fed.min_facilities, say)
@@ -237,18 +262,20 @@ def join_world(comm: MPI.Intracomm, cfg: RunConfig, name: str, port: str = "", r
             admitted = join.connect(comm, address, me, token)
             if admitted.running:
                 say(f"facility {name} is back in the running federation; it joins at the next round boundary")
-                watch.stop()  # it waits in an accept as long as the hub admits (see rejoin.enter)
-                watchdog.set_phase("join: back, waiting for the next round boundary")
-                world, entering = rejoin.enter(comm, admitted, token, fed.rendezvous, fed.join_timeout_s)
-                joined = entering["joined"]
-                say(f"facility {name} rejoined the federation after round {entering['round']}")
+                watch.stop()  # it waits in an accept as long as the hub admits (see rejoin.Waiting)
+                rejoin.later(comm, admitted)  # it builds first, over its own ranks, then comes back
+
+                def come_back() -> "Waiting":
+                    again = join.connect(comm, address, me, token)
+                    return rejoin.Waiting(comm, again, token, fed.rendezvous, fed.join_timeout_s)
+                world, joined = comm, [name]
             else:
                 say(f"facility {name} is in; the hub admits the others for up to {admitted.remaining_s:.0f} s more")
                 watch.restart(admitted.remaining_s + slack, f"join: in, waiting with the hub {names[0]} for the others")
                 world, joined = join.follow(admitted.merge())
                 say(f"facility {name} joined the federation")
-    run_cfg = _keeping(cfg, joined)
-    return Joined(world, run_cfg, [f.name for f in run_cfg.facility].index(name), cfg, doorman, entering)
+    run_cfg = _keeping(cfg, joined) if come_back is None else _alone(cfg, name)
+    return Joined(world, run_cfg, [f.name for f in run_cfg.facility].index(name), cfg, doorman, come_back)
 
 
 def main_joined(cfg: RunConfig, name: str, port: str = "", resume: str = "") -> int:

@@ -61,36 +61,43 @@ class Trainer(Elastic):
     metrics log. `run` trains every round; every method that talks to other ranks is collective."""
 
     def __init__(self, cfg: RunConfig, topo: Topology, resume: str = "", elastic: bool = False,
-                 entering: dict | None = None) -> None:
+                 returning: bool = False) -> None:
         """Build everything for one rank; `resume` is "", "auto" or a checkpoint file or folder. `elastic`:
         the facilities were launched separately, so one may leave while the others go on, and come back
-        (`regroup`). `entering`: this facility comes back to a running federation, which stands after
-        round `entering["round"]` with `entering["tokens"]` trained (see `_enter`)."""
+        (`regroup`). `returning`: this facility comes back to a running federation; `topo` is its own
+        job alone, and the trainer holds what its own checkpoint part gives (`own`) until it is
+        admitted (`train_ahead`, then `regroup` as the newcomer)."""
         self.elastic = elastic
         self.doorman: "Doorman | None" = None
         """On the global root, where facilities may come back: the doorman that admits them
         (mpifed/comm/rejoin.py)."""
         self.admitting = False
         """Whether a facility that came back enters after the round just trained."""
+        self.pending_tokens = 0
+        """Tokens trained ahead while coming back (`train_ahead`): they count in the first exchange."""
+        self.ahead: tuple[list[np.ndarray], int] | None = None
+        """While coming back: a copy of the held views as kept (the global model it left at), and the steps
+        trained ahead from it."""
         self.memory = Peaks(topo.world.rank)
         with self.memory.phase("start", since_start=True):
-            self._build(cfg, topo, entering is not None)
+            self._build(cfg, topo, returning)
         with self.memory.phase("resume"):
-            self.resumed_from = self._resume(resume) if resume and entering is None else None
-            if entering is not None:
-                self._enter(entering)
+            self.resumed_from = self._resume(resume) if resume and not returning else None
+            self.own = self.checkpoints.restore_own_part(self.parts) if returning else None
+            """A facility coming back: what it restored from its own part."""
         self.start_round = self.resumed_from.round + 1 if self.resumed_from else self.round + 1
         self.stopped_after: int | None = None
         """The round after which a planned stop ended the run early (see mpifed/run/stop.py)."""
         self.leaving: tuple[str, ...] = ()
         """The facilities that leave after the round just trained while the others go on (elastic)."""
+        hub = topo.is_global_root and not returning  # a facility coming back is alone in its world, not the hub
         self.log = MetricsLog(cfg.metrics_path, after_round=self.start_round - 1, tensorboard=cfg.metrics.tensorboard,
-                              wandb=cfg.metrics.wandb, run_config=to_dict(cfg)) if topo.is_global_root else None
-        self.live_view = topo.is_global_root and live_view_wanted()
+                              wandb=cfg.metrics.wandb, run_config=to_dict(cfg)) if hub else None
+        self.live_view = hub and live_view_wanted()
 
-    def _build(self, cfg: RunConfig, topo: Topology, entering: bool = False) -> None:
+    def _build(self, cfg: RunConfig, topo: Topology, returning: bool = False) -> None:
         """The engine, data, federation and checkpoints of this rank, started from the initial model (or,
-        `entering`, from the running federation's global model)."""
+        `returning`, from zeros: its own part, or the running federation, gives it the model)."""
         self.cfg, self.topo = cfg, topo
         self.round = 0  # the round being trained, for the names of its waits
         sharing = local_ranks_on_node(topo.world)  # collective: called whether or not train.threads is set
@@ -101,9 +108,9 @@ class Trainer(Elastic):
         if facility.engine == "deepspeed" and not gpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is first imported
         group, local_rank = start_process_group(topo.facility, "nccl" if gpu else "gloo", cfg.federation.timeout_s)
-        self.device = choose_device(gpu, local_rank)
+        self.device, self.group = choose_device(gpu, local_rank), group
 
-        self._load_data(entering)
+        self._load_data()
         # Every engine gets the model built empty and allocates only what it holds (DeepSpeed's ZeRO-3
         # builds it under zero.Init, partitioned as it is made); LoRA needs its frozen base's real weights.
         empty = not cfg.lora.rank
@@ -111,13 +118,13 @@ class Trainer(Elastic):
         self.layout = FlatLayout.of(model)
         self._check_same_layout()
         digest = self._check_same_base(base_digest(model)) if cfg.lora.rank else ""
-        initial = self._initial_model(model) if not entering else None
+        initial = self._initial_model(model) if not returning else None
         settings = EngineSettings(group=group, device=self.device, betas=(cfg.train.beta1, cfg.train.beta2),
                                   weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
                                   grad_accum=cfg.train.grad_accum, fsdp=facility.fsdp, deepspeed=facility.deepspeed)
         self.engine = make_engine(facility.engine, model, settings, cfg.train.micro_batch)
-        if entering:
-            self._share_global(self.engine.held())
+        if returning:
+            self._zero()
         else:
             self._start(initial)
         self.federation = Federation(topo, cfg.federation, self.layout.numel, self.engine.owned(), self.engine.held(),
@@ -126,15 +133,13 @@ class Trainer(Elastic):
         self.checkpoints = CheckpointManager(cfg, topo, self.layout, model.config.to_json_string(), digest)
         self.parts = Parts(self.engine, self.sampler, self.federation, tokens_total=0)
 
-    def _load_data(self, entering: bool = False) -> None:
-        """This rank's sampler over its facility's partition, and the shared validation set (a facility
-        coming back gets the corpus from world rank 0 alone, see `_with_newcomers`)."""
+    def _load_data(self, comm: MPI.Intracomm | None = None) -> None:
+        """This rank's sampler over its facility's partition, and the shared validation set, from the
+        corpus world rank 0 opens (or that of `comm`'s rank 0: see `_share_corpus`)."""
         cfg, topo = self.cfg, self.topo
         with self.world_deadline("start: sharing the corpus"):
-            comm = self._with_newcomers(True) if entering else topo.world
-            self.corpus = open_corpus(cfg.data, comm, cfg.data.partitions or topo.n_facilities, cfg.train.seed)
-            if entering:
-                comm.Free()
+            self.corpus = open_corpus(cfg.data, comm or topo.world, cfg.data.partitions or topo.n_facilities,
+                                      cfg.train.seed)
         self.validation = self.corpus.validation(cfg.data.val_sequences)
         self.sampler = Sampler(self.corpus.partition(cfg.partition_of(topo.facility_index)), topo.facility.rank,
                                topo.facility.size, cfg.train.micro_batch,
@@ -197,6 +202,13 @@ class Trainer(Elastic):
                            bucket)
         self.engine.after_exchange()
 
+    def _zero(self) -> None:
+        """Zeros in every held view: a returning facility's engine before anything gives it a model."""
+        self.engine.before_exchange()
+        for _, values in self.engine.held():
+            values[:] = 0
+        self.engine.after_exchange()
+
     def world_deadline(self, what: str) -> ContextManager[None]:
         """A deadline of federation.timeout_s on a wait that involves other facilities."""
         return deadline(self.topo.world, self.cfg.federation.timeout_s, what)
@@ -237,13 +249,12 @@ class Trainer(Elastic):
         train = self.cfg.train
         if train.inner_state == "reset":
             self.engine.reset_optimizer()
-        loss_sum, tokens, sync_s = 0.0, 0, 0.0
-        total = self.cfg.federation.rounds * train.local_steps
+        loss_sum, tokens, sync_s = 0.0, self.pending_tokens, 0.0  # what it trained ahead counts here
+        self.pending_tokens = 0
+        ranks = self.topo.facility.size
         for k in inner_steps(train.local_steps, round_, self.cfg.federation.rounds, self.live_view):
-            batches = [_tensors(self.sampler.next_batch()) for _ in range(train.grad_accum)]
-            lr = inner_lr(train, (round_ - 1) * train.local_steps + k, total, self.topo.facility.size)
-            loss_sum += self.engine.train_step(batches, lr)
-            tokens += sum(ids.numel() for ids, _ in batches)
+            loss, trained = self._train_step((round_ - 1) * train.local_steps + k, ranks)
+            loss_sum, tokens = loss_sum + loss, tokens + trained
             if k + 1 in sync_after:
                 start = time.perf_counter()
                 exchange = self._sync(sync_after[k + 1], tokens, True, f"round {round_}: fragment {sync_after[k + 1]}")
@@ -256,6 +267,14 @@ class Trainer(Elastic):
                 self.round_exchanges.append(self._at_exchange(f"round {round_}: step {k + 1}", self.federation.fold))
                 sync_s += time.perf_counter() - start
         return loss_sum, tokens, sync_s
+
+    def _train_step(self, step: int, ranks: int) -> tuple[float, int]:
+        """One inner step, the run's `step`-th (for the learning rate) over the facility's `ranks`: (its
+        loss, the tokens this rank trained). No MPI (see `train_ahead`)."""
+        train = self.cfg.train
+        batches = [_tensors(self.sampler.next_batch()) for _ in range(train.grad_accum)]
+        lr = inner_lr(train, step, self.cfg.federation.rounds * train.local_steps, ranks)
+        return self.engine.train_step(batches, lr), sum(ids.numel() for ids, _ in batches)
 
     def _sync(self, fragment: int, tokens: int, participate: bool, phase: str) -> RoundExchange:
         """A sync point of `fragment`."""
@@ -329,6 +348,8 @@ class Trainer(Elastic):
         checkpoint, metrics."""
         fed = self.cfg.federation
         self.round = round_
+        if self.doorman is not None:
+            self.doorman.at_round(round_)
         watchdog.set_phase(f"round {round_}: inner steps")
         start = time.perf_counter()
         self.round_exchanges: list[RoundExchange] = []
@@ -340,8 +361,8 @@ class Trainer(Elastic):
         ckpt_s, publish = 0.0, None
         if round_ % self.cfg.checkpoint.every == 0 or round_ == fed.rounds or stopping:
             t0 = time.perf_counter()
-            with self.memory.phase("checkpoint"):
-                publish = self.checkpoints.save(round_, self.parts)
+            with self.memory.phase("checkpoint"):  # a facility that leaves keeps the global model in its part
+                publish = self.checkpoints.save(round_, self.parts, stopping and self.leaves_after(asked))
             ckpt_s = time.perf_counter() - t0
         if round_ != fed.rounds and not stopping and not self.admitting:  # a resume or regroup posts it
             self._post(0, f"round {round_}: exchange")
@@ -365,6 +386,8 @@ class Trainer(Elastic):
         last = round_ == fed.rounds
         offsets = sync_offsets(self.cfg.train.local_steps, fed.fragments)
         lands = fold_steps(self.cfg.train.local_steps, fed.fragments, fed.overlap_steps)  # none without overlap
+        if not participate:  # what it trained ahead is overwritten by the global model: it counts nowhere
+            self.pending_tokens = 0
         loss_sum, tokens, mid_sync_s = self._inner(round_, {step: j for j, step in enumerate(offsets) if j}, lands) \
             if participate else (0.0, 0, 0.0)
         inner_s = time.perf_counter() - start - mid_sync_s
