@@ -7,7 +7,8 @@ by side with the same configuration (federation.min_facilities = 2, a checkpoint
 - undisturbed: every facility trains every round;
 - the drill: a scripted schedule. Every 3 rounds one facility other than the hub is asked to stop
   (SIGUSR1, as SLURM sends ahead of a walltime) and leaves, and its next job is started at once with
-  `--resume auto`, as the generated batch scripts' successors are; it rejoins at a round boundary.
+  `--resume auto`, as the generated batch scripts' successors are; it trains ahead from the global
+  model it kept while it waits, and rejoins at the next round boundary (mpifed/run/elastic.py).
   Then one facility is SIGKILLed (a lost site). With federation.on_loss at its default the others stop
   at the deadline with the newest checkpoint intact, and every facility's next job resumes with
   `--resume auto` and finishes the run.
@@ -22,14 +23,19 @@ Reports:
   receives the global model, outer state and corpus over MPI), the median over the rejoins, against
   the time one fp32 model takes across the same shaped link (a TCP stream between two namespaces).
 - val_loss_ratio: the drill's final validation loss over the undisturbed run's.
+- steps_ahead (per pair): the steps each facility coming back trained ahead, of train.local_steps.
 - lost_checkpoints: rounds whose checkpoint is missing at the end or does not verify: the hub's main
   file and its own part at its site, every other facility's part at that facility's site.
 
-    python benchmarks/drill.py [--rounds 14] [--local-steps 20] [--model llama-small] [--rate 100mbit]
+The pair runs `--pairs` times (default 2), one after the other; the ratios are the pairs' medians
+(the machine is shared, and a pair's figures move with its load), the rejoins' pause the median over
+all of them, and lost_checkpoints the sum.
+
+    python benchmarks/drill.py [--rounds 14] [--local-steps 20] [--model llama-small] [--rate 100mbit] [--pairs 2]
 
 Needs root (ip netns, veth, tc); elsewhere it prints why and a RESULT line with "skipped". The RESULT
 keys: goodput (up to the kill), goodput_with_kill, rejoin_s_vs_transfer, val_loss_ratio,
-lost_checkpoints.
+lost_checkpoints, and each pair's figures under "pairs".
 """
 from __future__ import annotations
 
@@ -65,7 +71,11 @@ class Drill:
         cfg = configfile.from_dict(configfile.apply_sets(data, [
             f"federation.rendezvous={work / 'port.txt'}", "federation.join_timeout_s=120",  # the one shared path
             f"checkpoint.dir={SCRATCH}/run", "checkpoint.every=1", "eval.facilities=false",
-            "federation.min_facilities=2", "federation.timeout_s=20", *sets]))
+            "federation.min_facilities=2", "federation.timeout_s=20",
+            # Three sites on this machine's cores: each would take them all for its torch threads, and
+            # OpenMP teams that outnumber the cores wait on each other's spinning (a third training
+            # process ran 40 times slower beside two others). One thread each, as sites of their own.
+            "train.threads=1", *sets]))
         self.config, self.wan, self.work, self.on_line = work / "c.toml", wan, work, on_line
         self.config.write_text(configfile.dump_toml(cfg))
         self.sites = {name: work / "sites" / name for name in NAMES}
@@ -77,6 +87,9 @@ class Drill:
         """The hub's checkpoint.dir, as this (the host's) filesystem sees it: main files, metrics."""
         self.procs: dict[str, subprocess.Popen] = {}
         self.lines: list[tuple[float, str]] = []
+        """The hub's lines, with the seconds since the start."""
+        self.others: list[str] = []
+        """Every other launch's lines."""
         self.started = time.monotonic()
         self._threads: list[threading.Thread] = []
 
@@ -96,6 +109,8 @@ class Drill:
             if name == "hub":
                 self.lines.append((time.monotonic() - self.started, line))
                 self.on_line(line, self)
+            else:
+                self.others.append(line)
 
     def running(self, name: str) -> bool:
         return self.procs[name].poll() is None
@@ -122,12 +137,15 @@ def _round(line: str) -> int | None:
 
 
 class Schedule:
-    """The drill's script, driven by the hub's round lines: a leave every `every` rounds (b, c, b, ...),
-    each leaver's next job started as soon as its launch ends, and a SIGKILL of c after round `kill`;
-    once the others have stopped, every facility's next job resumes."""
+    """The drill's script, driven by the hub's round lines: a leave every `every` rounds (b, c, b, ...;
+    one that falls due while the last leaver is not back yet comes at the first round line after it
+    is), each leaver's next job started as soon as its launch ends, and a SIGKILL of c after round
+    `kill`; once the others have stopped, every facility's next job resumes."""
 
     def __init__(self, every: int, kill: int) -> None:
         self.every, self.kill = every, kill
+        self.due = list(range(every - 1, kill, every))
+        """The rounds after whose line a leave is asked for."""
         self.leaves: list[tuple[str, int]] = []
         self.out: set[str] = set()  # left, and not back yet
         self.killed_at: float | None = None
@@ -148,9 +166,10 @@ class Schedule:
                 self.tokens_before_kill = drill.rows()[-1]["tokens_total"]
                 subprocess.run(["pkill", "-KILL", "-g", str(drill.procs["c"].pid)], check=False)
                 threading.Thread(target=self._restart_all, args=(drill,), daemon=True).start()
-            elif round_ < self.kill and round_ % self.every == self.every - 1:
+            elif self.due and round_ >= self.due[0] and round_ < self.kill:
                 name = "bc"[len(self.leaves) % 2]
                 if drill.running(name):
+                    self.due.pop(0)
                     self.leaves.append((name, round_))
                     self.out.add(name)
                     drill.procs[name].send_signal(signal.SIGUSR1)
@@ -214,6 +233,48 @@ def lost_checkpoints(drill: Drill, rounds: int) -> list[int]:
     return lost
 
 
+def one_pair(wan: Wan, tmp: Path, sets: list[str], args: argparse.Namespace, link: float) -> dict:
+    """The undisturbed run, then the drill, side by side: this pair's figures."""
+    calm = Drill(wan, tmp / "calm", sets, lambda line, drill: None)
+    for name in NAMES:
+        calm.start(name)
+        time.sleep(0.3)
+    calm_wall = calm.wait(1800)
+    calm_rows = calm.rows()
+    print(f"undisturbed: {args.rounds} rounds in {calm_wall:.1f} s, {calm_rows[-1]['tokens_total']:,} tokens, "
+          f"final val_loss {calm_rows[-1]['val_loss']:.4f}", flush=True)
+
+    schedule = Schedule(args.every, args.kill)
+    drill = Drill(wan, tmp / "drill", sets, schedule)
+    for name in NAMES:
+        drill.start(name)
+        time.sleep(0.3)
+    wall = drill.wait(2400)
+    rows = drill.rows()
+    hub_out = "".join(line for _, line in drill.lines)
+    pauses = [float(x) for x in re.findall(r"rejoined after round \d+; the round boundary took ([\d.]+) s", hub_out)]
+    ahead = [int(x) for x in re.findall(r"trained (\d+) of \d+ steps ahead", "".join(drill.others))]
+    rate = calm_rows[-1]["tokens_total"] / calm_wall
+    # up to the kill: tokens per second against the undisturbed run's up to the same round's line
+    calm_at = next(t for t, line in calm.lines if _round(line) == schedule.kill_round)
+    calm_tokens = calm_rows[schedule.kill_round - 1]["tokens_total"]
+    lost = lost_checkpoints(drill, args.rounds)
+    print(f"drill: {len(schedule.leaves)} leaves ({', '.join(f'{n} after round {r}' for n, r in schedule.leaves)}), "
+          f"{len(pauses)} rejoins (boundary {', '.join(f'{p:.2f}' for p in pauses)} s, steps trained ahead "
+          f"{ahead}), c killed at {schedule.killed_at or 0:.0f} s; {wall:.1f} s in all", flush=True)
+    return {
+        "goodput": (schedule.tokens_before_kill / schedule.killed_at) / (calm_tokens / calm_at),
+        "goodput_with_kill": rows[-1]["tokens_total"] / (rate * wall),
+        # time aside: the share of the undisturbed run's facility-rounds the drill's model holds
+        "tokens_vs_undisturbed": rows[-1]["tokens_total"] / calm_rows[-1]["tokens_total"],
+        "rejoin_s": pauses, "steps_ahead": ahead,
+        "val_loss_ratio": rows[-1]["val_loss"] / calm_rows[-1]["val_loss"],
+        "lost_rounds": lost, "foreign_files_at_sites": foreign_files(drill), "leaves": schedule.leaves,
+        "killed_after_s": round(schedule.killed_at or 0, 1), "wall_s": round(wall, 1),
+        "undisturbed_wall_s": round(calm_wall, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=14)
@@ -222,62 +283,45 @@ def main() -> None:
     parser.add_argument("--rate", default="100mbit")
     parser.add_argument("--every", type=int, default=3, help="a leave and rejoin every this many rounds")
     parser.add_argument("--kill", type=int, default=11, help="SIGKILL facility c after this round's line")
+    parser.add_argument("--pairs", type=int, default=2, help="undisturbed run and drill, side by side, this many "
+                        "times; the ratios are the pairs' medians")
     args = parser.parse_args()
     if not usable("drill"):
         return
     sets = workload(args.model, args.rounds, args.local_steps)
+    from mpifed import configfile
+    from mpifed.data.corpus import shape
+    from mpifed.model import planned_layout
+
     with Wan(len(NAMES)) as wan, tempfile.TemporaryDirectory() as tmp:
         shaping = wan.shape(args.rate, "20ms")
-        (Path(tmp) / "calm").mkdir()
-        calm = Drill(wan, Path(tmp) / "calm", sets, lambda line, drill: None)
-        for name in NAMES:
-            calm.start(name)
-            time.sleep(0.3)
-        calm_wall = calm.wait(1800)
-        calm_rows = calm.rows()
-        print(f"undisturbed: {args.rounds} rounds in {calm_wall:.1f} s, {calm_rows[-1]['tokens_total']:,} tokens, "
-              f"final val_loss {calm_rows[-1]['val_loss']:.4f}", flush=True)
-
-        schedule = Schedule(args.every, args.kill)
-        work = Path(tmp) / "drill"
-        work.mkdir()
-        drill = Drill(wan, work, sets, schedule)
-        for name in NAMES:
-            drill.start(name)
-            time.sleep(0.3)
-        wall = drill.wait(2400)
-        rows = drill.rows()
-        hub_out = "".join(line for _, line in drill.lines)
-        from mpifed import configfile
-        from mpifed.data.corpus import shape
-        from mpifed.model import planned_layout
-
-        cfg = configfile.from_dict(configfile.load(drill.config))
+        cfg = configfile.from_dict(configfile.apply_sets({"facility": [{"name": n, "ranks": 1} for n in NAMES]}, sets))
         numel = planned_layout(cfg, *shape(cfg.data)).numel
         link = transfer_s(wan, 4 * numel)
-        pauses = [float(x) for x in re.findall(r"rejoined after round \d+; the round boundary took ([\d.]+) s", hub_out)]
-        rate = calm_rows[-1]["tokens_total"] / calm_wall
-        # up to the kill: tokens per second against the undisturbed run's up to the same round's line
-        calm_at = next(t for t, line in calm.lines if _round(line) == schedule.kill_round)
-        calm_tokens = calm_rows[schedule.kill_round - 1]["tokens_total"]
-        goodput = (schedule.tokens_before_kill / schedule.killed_at) / (calm_tokens / calm_at)
-        lost = lost_checkpoints(drill, args.rounds)
+        pairs = []
+        for i in range(args.pairs):
+            (Path(tmp) / str(i) / "calm").mkdir(parents=True)
+            (Path(tmp) / str(i) / "drill").mkdir()
+            pairs.append(one_pair(wan, Path(tmp) / str(i), sets, args, link))
+
+        def median(key: str) -> float:
+            return statistics.median(pair[key] for pair in pairs)
+
+        pauses = [p for pair in pairs for p in pair["rejoin_s"]]
+        lost = [r for pair in pairs for r in pair["lost_rounds"]]
         result = {
-            "goodput": round(goodput, 3),
-            "goodput_with_kill": round(rows[-1]["tokens_total"] / (rate * wall), 3),
-            # time aside: the share of the undisturbed run's facility-rounds the drill's model holds
-            "tokens_vs_undisturbed": round(rows[-1]["tokens_total"] / calm_rows[-1]["tokens_total"], 3),
+            "goodput": round(median("goodput"), 3),
+            "goodput_with_kill": round(median("goodput_with_kill"), 3),
+            "tokens_vs_undisturbed": round(median("tokens_vs_undisturbed"), 3),
             "rejoin_s_vs_transfer": round(statistics.median(pauses) / link, 2) if pauses else None,
-            "rejoin_s": pauses, "transfer_s": round(link, 3), "model_mb": round(4 * numel / 1e6, 1),
-            "val_loss_ratio": round(rows[-1]["val_loss"] / calm_rows[-1]["val_loss"], 4),
-            "lost_checkpoints": len(lost), "lost_rounds": lost, "foreign_files_at_sites": foreign_files(drill),
-            "leaves": schedule.leaves, "killed_after_s": round(schedule.killed_at or 0, 1),
-            "wall_s": round(wall, 1), "undisturbed_wall_s": round(calm_wall, 1),
+            "val_loss_ratio": round(median("val_loss_ratio"), 4),
+            "lost_checkpoints": len(lost),
+            "foreign_files_at_sites": sum(pair["foreign_files_at_sites"] for pair in pairs),
+            "transfer_s": round(link, 3), "model_mb": round(4 * numel / 1e6, 1),
+            "pairs": [{key: round(value, 4) if isinstance(value, float) else value for key, value in pair.items()}
+                      for pair in pairs],
             "rounds": args.rounds, "local_steps": args.local_steps, "model": args.model, "shaping": shaping,
         }
-        print(f"drill: {len(schedule.leaves)} leaves ({', '.join(f'{n} after round {r}' for n, r in schedule.leaves)}), "
-              f"{len(pauses)} rejoins (boundary {', '.join(f'{p:.2f}' for p in pauses)} s; one model over the link "
-              f"{link:.2f} s), c killed at {schedule.killed_at or 0:.0f} s; {wall:.1f} s in all", flush=True)
         print("RESULT " + json.dumps(result))
 
 
