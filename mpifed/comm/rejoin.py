@@ -111,7 +111,10 @@ class Doorman:
         ahead only in the round after the one it left at)."""
         if round_ != self._round:
             self._round = round_
-            self._tell({"members": self._members, "round": round_})
+            try:
+                self._tell({"members": self._members, "round": round_})
+            except OSError:  # the doorman is gone: nobody can come back, training goes on
+                pass
 
     def close(self) -> None:
         """Stop admitting: end the doorman, and remove the rendezvous file, which tells whoever waits
@@ -185,8 +188,11 @@ class Waiting:
         """Wake the accept (no MPI: a helper process calls), so that this process can use MPI again, to
         end. `merge` then raises JoinError."""
         if self._thread is not None and not self._done.is_set():
-            wake(self.port, self.token)
+            # The caller waits for its call to be disconnected: it runs beside, and this side hangs up.
+            threading.Thread(target=wake, args=(self.port, self.token), daemon=True).start()
             self._done.wait(HANDSHAKE_S)
+            if isinstance(self._outcome, MPI.Intercomm):
+                self._outcome.Disconnect()
 
     def arrived(self) -> bool:
         """Whether the federation connected (or the wait ended): `merge` will not block."""

@@ -398,13 +398,14 @@ class Federation:
             for posted in self.posted:
                 posted[:] = 0
 
-    def regroup(self, topo: Topology) -> None:
-        """Go on over `topo`: the same facility and roots, other facilities (some left, or came back).
+    def regroup(self, topo: Topology, cfg: FederationConfig | None = None) -> None:
+        """Go on over `topo`: the same facility and roots, other facilities (some left, or came back), and
+        `cfg` where given (a facility coming back built itself with settings for itself alone).
         Everything the rounds built up stays: the global segment, the outer state and error feedback,
         the anchors, each fragment's tokens and steps; only the communicators change. Call `close`
         before the old ones are freed; nothing may be in flight."""
         assert self.in_flight is None and topo.n_roots == self.topo.n_roots, "regroup between rounds, same roots"
-        self.topo = topo
+        self.topo, self.cfg = topo, cfg or self.cfg
         if self.exchange is not None:
             self.exchange = RootExchange(topo.roots.Dup() if self.delayed else topo.roots, self.cfg,
                                          topo.facility_names, self.combiner, self.outer)

@@ -13,6 +13,9 @@ that is), and at most `train.local_steps` steps. At the boundary it stops, recei
 and puts back on top of it what it learned ahead: x <- theta_new + (x_ahead - theta_kept), the rule a
 delayed exchange lands with. Its first exchange then counts the tokens it trained ahead with the rest.
 So a facility that comes back mid-round loses only the steps before its job was ready, not the round.
+One that reaches the doorman after the round's closing reduction (where the hub learns that someone
+waits) enters a boundary later: what it learned then goes on top of a model a round newer than the
+one it started from, as with a delayed exchange that lands late.
 """
 from __future__ import annotations
 
@@ -106,7 +109,7 @@ class Elastic:
             if cfg.lora.rank:
                 self._check_same_base(self.checkpoints.base_digest)  # the one it checked at its start
             self._share_global(self.engine.held() if newcomer else [])
-        self.federation.regroup(topo)
+        self.federation.regroup(topo, cfg.federation)
         self.arrival = Arrival(topo)
         self.checkpoints = CheckpointManager(cfg, topo, self.layout, self.checkpoints.model_config,
                                              self.checkpoints.base_digest)
@@ -136,6 +139,7 @@ class Elastic:
             epoch, position = self.sampler.epoch, self.sampler.position
             self._load_data(comm)
             self.sampler.restore(epoch, position)
+            self.parts.sampler = self.sampler  # what its checkpoints save
         else:
             open_corpus(self.cfg.data, comm, self.cfg.data.partitions or self.topo.n_facilities, self.cfg.train.seed)
         comm.Free()
@@ -204,6 +208,9 @@ class Elastic:
                           "waits for the round boundary", flush=True)
                 self.engine.before_exchange()
                 kept = [values.copy() for _, values in self.engine.held()]
+                self.engine.after_exchange()
+                if train.inner_state == "reset":  # as every round starts
+                    self.engine.reset_optimizer()
                 while steps < train.local_steps and not self._agreed(waiting.arrived() or bool(stop.requested()),
                                                                      ranks):
                     tokens += self._train_step(own.round * train.local_steps + steps, ranks)[1]  # that round's
@@ -241,6 +248,7 @@ class Elastic:
         self.engine.before_exchange()
         for (_, values), copy in zip(self.engine.held(), kept):
             np.subtract(values, copy, out=copy)
+        self.engine.after_exchange()
         return kept
 
     def _put_back(self, progress: list[np.ndarray]) -> None:

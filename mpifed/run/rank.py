@@ -159,7 +159,7 @@ def _keeping(cfg: RunConfig, names: Collection[str]) -> RunConfig:
 def _alone(cfg: RunConfig, name: str) -> RunConfig:
     """What a facility coming back builds with, over its own job alone: `_keeping` it, with the
     federation's settings about the other facilities (how many must stay, how many a round draws)
-    left out. Only until it is in: it trains no round with it."""
+    left out. Only until it is in: its regroup replaces them (the federation's too)."""
     fed = dataclasses.replace(cfg.federation, min_facilities=0, sample=1.0, min_participants=1)
     return _keeping(dataclasses.replace(cfg, federation=fed), [name])
 
