@@ -112,6 +112,12 @@ class Drill:
             else:
                 self.others.append(line)
 
+    def start_all(self, *args: str) -> None:
+        """Start every facility's launch, the hub first, a moment apart."""
+        for name in NAMES:
+            self.start(name, *args)
+            time.sleep(0.3)
+
     def running(self, name: str) -> bool:
         return self.procs[name].poll() is None
 
@@ -184,9 +190,7 @@ class Schedule:
     def _restart_all(drill: Drill) -> None:
         for name in NAMES:
             drill.procs[name].wait()
-        for name in NAMES:
-            drill.start(name, "--resume", "auto")
-            time.sleep(0.3)
+        drill.start_all("--resume", "auto")
 
 
 def transfer_s(wan: Wan, nbytes: int) -> float:
@@ -236,9 +240,7 @@ def lost_checkpoints(drill: Drill, rounds: int) -> list[int]:
 def one_pair(wan: Wan, tmp: Path, sets: list[str], args: argparse.Namespace, link: float) -> dict:
     """The undisturbed run, then the drill, side by side: this pair's figures."""
     calm = Drill(wan, tmp / "calm", sets, lambda line, drill: None)
-    for name in NAMES:
-        calm.start(name)
-        time.sleep(0.3)
+    calm.start_all()
     calm_wall = calm.wait(1800)
     calm_rows = calm.rows()
     print(f"undisturbed: {args.rounds} rounds in {calm_wall:.1f} s, {calm_rows[-1]['tokens_total']:,} tokens, "
@@ -246,9 +248,7 @@ def one_pair(wan: Wan, tmp: Path, sets: list[str], args: argparse.Namespace, lin
 
     schedule = Schedule(args.every, args.kill)
     drill = Drill(wan, tmp / "drill", sets, schedule)
-    for name in NAMES:
-        drill.start(name)
-        time.sleep(0.3)
+    drill.start_all()
     wall = drill.wait(2400)
     rows = drill.rows()
     hub_out = "".join(line for _, line in drill.lines)

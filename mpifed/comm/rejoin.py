@@ -165,7 +165,7 @@ class Waiting:
         self.leader = comm.rank == 0
         port = MPI.Open_port() if self.leader else ""
         said = {}
-        if comm.rank == 0:
+        if self.leader:
             send(admitted.inter, {"port": port})
             try:
                 said = receive(admitted.inter)
@@ -208,8 +208,8 @@ class Waiting:
         if isinstance(self._outcome, BaseException):
             raise self._outcome
         comm, inter = self.comm, self._outcome
-        said = receive(inter) if comm.rank == 0 else {}
-        if comm.rank == 0:
+        said = receive(inter) if self.leader else {}
+        if self.leader:
             MPI.Close_port(self.port)
         if not json.loads(control.bcast_str(comm, json.dumps(said))).get("admit"):
             inter.Disconnect()
@@ -241,8 +241,10 @@ def lowest_priority(task: int = 0) -> None:
     priority (nice 19). MPICH's MPI_Comm_accept polls without pause, a whole core for as long as it
     waits (measured: 99%); at nice 19 the poll takes only what training leaves, and training on the
     same cores runs at the speed it would without it. Where the system refuses, nothing changes."""
-    tasks = [task] if task else [int(t) for t in os.listdir("/proc/self/task")] if os.path.isdir("/proc/self/task") \
-        else [0]
+    try:
+        tasks = [task] if task else [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:  # no /proc: the calling thread alone
+        tasks = [0]
     for one in tasks:
         try:
             os.setpriority(os.PRIO_PROCESS, one, 19)

@@ -127,10 +127,8 @@ class Elastic:
         """A facility coming back opened the corpus itself: where its text differs from world rank 0's
         (another Python's standard library), it takes world rank 0's, as at a first join, its data
         position kept. Collective over the world."""
-        world = self.topo.world
-        theirs = control.bcast_str(world, self.corpus.digest if world.rank == 0 else None)
-        differs = control.allreduce(world, [float(newcomer and self.corpus.digest != theirs)], op=MPI.MAX)[0]
-        if not differs:
+        digests = control.allgather_str(self.topo.world, self.corpus.digest)
+        if all(digest == digests[0] for digest in digests):  # the others all hold world rank 0's
             return
         comm = self._with_newcomers(newcomer)
         if comm == MPI.COMM_NULL:
@@ -215,7 +213,7 @@ class Elastic:
                                                                      ranks):
                     tokens += self._train_step(own.round * train.local_steps + steps, ranks)[1]  # that round's
                     steps += 1
-                self.ahead = (kept, steps) if steps else None
+                self.ahead = kept if steps else None
         except BaseException:
             waiting.cancel()  # no MPI, not even to abort the job, while the accept holds the library
             raise
@@ -241,10 +239,9 @@ class Elastic:
 
     def _ahead_progress(self) -> list[np.ndarray] | None:
         """What this rank's held views learned ahead: x_ahead - theta_kept (in the kept copy's place)."""
-        ahead, self.ahead = self.ahead, None
-        if ahead is None:
+        kept, self.ahead = self.ahead, None
+        if kept is None:
             return None
-        kept, _ = ahead
         self.engine.before_exchange()
         for (_, values), copy in zip(self.engine.held(), kept):
             np.subtract(values, copy, out=copy)

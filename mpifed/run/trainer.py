@@ -75,9 +75,9 @@ class Trainer(Elastic):
         """Whether a facility that came back enters after the round just trained."""
         self.pending_tokens = 0
         """Tokens trained ahead while coming back (`train_ahead`): they count in the first exchange."""
-        self.ahead: tuple[list[np.ndarray], int] | None = None
-        """While coming back: a copy of the held views as kept (the global model it left at), and the steps
-        trained ahead from it."""
+        self.ahead: list[np.ndarray] | None = None
+        """While coming back, once it trained ahead: a copy of the held views as kept (the global model it
+        left at)."""
         self.memory = Peaks(topo.world.rank)
         with self.memory.phase("start", since_start=True):
             self._build(cfg, topo, returning)
