@@ -27,6 +27,7 @@ setup(
         "xxhash>=3.0",
         "safetensors>=0.4",
         "tqdm>=4.60",
+        "cryptography>=42",  # sealed links between sites: AEAD and HKDF (mpifed/comm/seal.py)
     ],
     extras_require={
         # The embedded MPI: the MPICH wheel. Site MPIs are used instead through MPI4PY_LIBMPI.
