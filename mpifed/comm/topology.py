@@ -3,11 +3,13 @@
 `Topology` is built once at start from a communicator and this rank's facility, validated, and passed
 down; library code never reads the launch's world communicator (only mpifed/run/rank.py does). This
 module also bootstraps each facility's torch.distributed process group from the facility communicator
-(the leader binds a free port and broadcasts it).
+(the leader binds its store to one address, on a port of the allowed range, and broadcasts both).
 """
 from __future__ import annotations
 
+import errno
 import os
+import re
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -153,6 +155,14 @@ STORE_HOST = "MPIFED_STORE_HOST"
 """An interface (ib0, hsn0) or an address of the facility leader's node for the facility's torch store;
 set it where the node's name resolves to a network the other nodes should not use."""
 
+STORE_PORTS = "MPIFED_STORE_PORTS"
+"""The ports the facility's torch store may listen on, "LOW-HIGH" (both included, e.g. 29400-29499),
+tried in order; unset, a port the OS picks. Set it where a site's firewall opens only a known range; the
+store listens on one address (`store_address`) either way, never on every interface."""
+
+GLOO_INTERFACE = "GLOO_SOCKET_IFNAME"
+"""torch's own setting: the interface whose address gloo's pair listeners bind (else the node name's)."""
+
 
 class NetworkError(ValueError):
     """A network setting this node cannot honour; the message names the setting and the node."""
@@ -191,13 +201,74 @@ def store_address(single_node: bool) -> str:
                            "to one of its interfaces (ip addr) or addresses") from None
 
 
+def store_ports() -> range | None:
+    """The ports MPIFED_STORE_PORTS allows, in the order they are tried; None when it is unset (any port).
+    Raises NetworkError when it is not LOW-HIGH with 1 <= LOW <= HIGH <= 65535."""
+    text = os.environ.get(STORE_PORTS, "").strip()
+    if not text:
+        return None
+    found = re.fullmatch(r"(\d{1,5})\s*-\s*(\d{1,5})", text)
+    if not found or not 1 <= int(found[1]) <= int(found[2]) <= 65535:
+        raise NetworkError(f"{STORE_PORTS}={text}: not a port range on node {socket.gethostname()}; write "
+                           "LOW-HIGH with 1 <= LOW <= HIGH <= 65535, e.g. 29400-29499")
+    return range(int(found[1]), int(found[2]) + 1)
+
+
+def listen_for_store(host: str) -> socket.socket:
+    """A TCP socket listening on `host` alone, on the first free port of MPIFED_STORE_PORTS (any port when
+    it is unset). Raises NetworkError when the setting is malformed or no port of it can be had here."""
+    ports = store_ports()
+    here = socket.gethostname()
+    for port in ports or [0]:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            # Lets a port that an earlier run's connections still hold in TIME_WAIT be bound again (a
+            # small range would otherwise run dry between runs); Linux never lets it share a listener's port.
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((host, port))
+            listener.listen(socket.SOMAXCONN)
+            return listener
+        except OSError as exc:
+            listener.close()
+            if exc.errno == errno.EADDRINUSE and ports is not None:
+                continue  # taken: try the next port of the range
+            what = f"{STORE_PORTS}={os.environ[STORE_PORTS].strip()}" if ports is not None else "the torch store"
+            raise NetworkError(f"{what}: cannot listen on {host} port {port} on node {here} "
+                               f"({exc.strerror or exc}); set {STORE_PORTS} to a range of ports open to you") from None
+    raise NetworkError(f"{STORE_PORTS}={os.environ[STORE_PORTS].strip()}: every port of it is in use on {host} on "
+                       f"node {here}; widen the range or free one of its ports (ss -ltn)")
+
+
+def _interface_of(address: str) -> str:
+    """The name of the interface of this node that holds IPv4 `address`, else ""."""
+    for _, name in socket.if_nameindex():
+        try:
+            if _interface_address(name) == address:
+                return name
+        except OSError:  # no IPv4 address on it
+            continue
+    return ""
+
+
+def gloo_interface(single_node: bool) -> str:
+    """The interface gloo's listeners should bind on this rank's node, or "" to leave gloo as it is (it then
+    binds the address the node's name resolves to, never every interface). Follows the store: the
+    interface MPIFED_STORE_HOST names where this node has it, loopback when the facility is on one node."""
+    wanted = os.environ.get(STORE_HOST, "")
+    if wanted and wanted in {name for _, name in socket.if_nameindex()}:
+        return wanted
+    return _interface_of("127.0.0.1") if single_node else ""
+
+
 def start_process_group(facility: MPI.Intracomm, backend: str = "gloo", timeout_s: float = 600.0
                         ) -> tuple["torch.distributed.ProcessGroup", int]:
     """Initialise torch.distributed over exactly this facility's ranks.
 
-    The leader starts the rendezvous store on a port the OS picks (no fixed port, no race) and broadcasts
-    its address with the port (`store_address`: loopback when every rank is on its node), so ranks on
-    other nodes connect to the leader's node, not their own. Sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE as torchrun would (DeepSpeed
+    The leader starts the rendezvous store listening on one address alone (`store_address`: loopback when
+    every rank is on its node) and on a port of MPIFED_STORE_PORTS, or one the OS picks (no fixed port,
+    no race: the socket it binds is the one the store listens on), and broadcasts the address with the
+    port, so ranks on other nodes connect to the leader's node, not their own. Gloo's listeners follow
+    (`gloo_interface`). Sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE as torchrun would (DeepSpeed
     reads them). Returns the facility's process group (what engines are given) and the local rank (this
     rank's place among the facility's ranks on its node). Collective over `facility`.
     """
@@ -205,12 +276,20 @@ def start_process_group(facility: MPI.Intracomm, backend: str = "gloo", timeout_
 
     timeout = timedelta(seconds=timeout_s)
     hosts = control.allgather_str(facility, MPI.Get_processor_name())
+    single_node = len(set(hosts)) == 1
     store, told = None, ""
     if facility.rank == 0:
         try:
-            host = store_address(single_node=len(set(hosts)) == 1)
-            store = dist.TCPStore(host, 0, facility.size, is_master=True, timeout=timeout, wait_for_workers=False)
-            told = f"{host} {store.port}"
+            listener = listen_for_store(store_address(single_node))
+            host, port = listener.getsockname()[:2]  # numeric: every rank reaches the address bound
+            try:
+                store = dist.TCPStore(host, port, facility.size, is_master=True, timeout=timeout,
+                                      wait_for_workers=False, master_listen_fd=listener.fileno())
+            finally:
+                # The store took the descriptor and closes it when it ends: this object must not close it
+                # too (a second close could hit a descriptor reused since).
+                listener.detach()
+            told = f"{host} {port}"
         except NetworkError as exc:
             told = f"! {exc}"
     told = control.allgather_str(facility, told)[0]  # the leader's word, to every rank
@@ -226,6 +305,9 @@ def start_process_group(facility: MPI.Intracomm, backend: str = "gloo", timeout_
     node.Free()
     os.environ.update(RANK=str(facility.rank), WORLD_SIZE=str(facility.size), LOCAL_RANK=str(local_rank),
                       LOCAL_WORLD_SIZE=str(local_size))
+    interface = gloo_interface(single_node)
+    if interface:  # read by every gloo group made from here on (DeepSpeed's and FSDP's own too); the user's wins
+        os.environ.setdefault(GLOO_INTERFACE, interface)
     dist.init_process_group(backend, store=store, rank=facility.rank, world_size=facility.size, timeout=timeout)
     return dist.group.WORLD, local_rank
 
