@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "mpifedwan"
+
+TOKEN = secrets.token_urlsafe(32)  # the federation's token for this run, as `mpifed token` writes
 
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -90,7 +93,7 @@ class Wan:
         python = sys.executable
         # UCX (the MPICH wheel's netmod) would use shared memory between jobs on one machine: TCP only,
         # over the facility's uplink, so every byte between facilities crosses the shaped link.
-        env = {**os.environ, "MPIFED_TOKEN": "wan-benchmark", "UCX_TLS": "tcp,self", "UCX_NET_DEVICES": f"u{i}",
+        env = {**os.environ, "MPIFED_TOKEN": TOKEN, "UCX_TLS": "tcp,self", "UCX_NET_DEVICES": f"u{i}",
                "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         command = ["ip", "netns", "exec", self.names[i], str(Path(python).parent / "mpiexec"), "-n", str(ranks), python,
                    "-m", "mpifed", "run", str(config), "--facility", name, *args]

@@ -4,6 +4,7 @@ link between them): facilities span several nodes, each facility's torch store i
 address, no two sites share a filesystem, and the results equal the same run on one host."""
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from mpifed.checkpoint import format as checkpoint
 
 WHY_NOT = unavailable()
 needs_nodes = pytest.mark.skipif(bool(WHY_NOT), reason=WHY_NOT or "emulated nodes are available")
-TOKEN = "emulated cluster token"
+TOKEN = secrets.token_urlsafe(32)  # a fresh one per run, as `mpifed token` writes
 
 
 FSDP_AND_ZERO3 = [{"name": "a", "ranks": 2, "engine": "fsdp"},

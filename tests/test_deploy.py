@@ -3,6 +3,7 @@ passes shellcheck), the launch wrappers, the container recipes, and the generate
 facilities submitted to a real one-node SLURM cluster, where they join and train."""
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import pytest
 from conftest import ROOT, mpifed, rank_env
 from mpifed.checkpoint import format as checkpoint
 from mpifed.deploy import sites
+
+TOKEN = secrets.token_urlsafe(32)  # the federation's token for these runs, as `mpifed token` writes
 
 PROFILES = {"leonardo", "lumi", "marenostrum5", "meluxina", "vega", "karolina", "discoverer", "deucalion",
             "frontier", "local"}
@@ -160,7 +163,7 @@ def test_config_new_project_trains_under_real_slurm(slurm, tmp_path):
     """Both facilities' generated scripts, submitted with sbatch --wait: they join and train 2 rounds."""
     project = tmp_path / "p"
     assert mpifed(*NEW, str(project), "--facilities", "a:local:1,b:local:1").returncode == 0
-    env = {**rank_env(), "SLURM_CONF": str(slurm), "MPIFED_TOKEN": "slurm-test-token",
+    env = {**rank_env(), "SLURM_CONF": str(slurm), "MPIFED_TOKEN": TOKEN,
            "MPIFED": str(Path(sys.executable).parent / "mpifed")}
     jobs = [subprocess.Popen(["sbatch", "--wait", f"{name}.sbatch"], cwd=project, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True) for name in ("a", "b")]
@@ -184,7 +187,7 @@ def test_a_signalled_job_stops_after_its_round_and_both_jobs_restart_themselves(
     made = mpifed(*NEW, str(project), "--facilities", "a:local:1,b:local:1", "--set", "federation.rounds=5",
                   "--set", "train.local_steps=40")
     assert made.returncode == 0, made.stderr
-    env = {**rank_env(), "SLURM_CONF": str(slurm), "MPIFED_TOKEN": "slurm-test-token",
+    env = {**rank_env(), "SLURM_CONF": str(slurm), "MPIFED_TOKEN": TOKEN,
            "MPIFED": str(Path(sys.executable).parent / "mpifed")}
     submit = lambda name: subprocess.run(["sbatch", "--parsable", f"{name}.sbatch"], cwd=project, env=env,  # noqa: E731
                                          capture_output=True, text=True, check=True).stdout.strip()

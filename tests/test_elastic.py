@@ -5,6 +5,7 @@ against an independent numpy computation of the outer rule over the facilities t
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -175,10 +176,19 @@ def test_a_facility_leaves_the_others_go_on_and_one_more_leaving_below_the_minim
     assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
+def _strangers(rendezvous: Path, started: list[subprocess.Popen]) -> None:
+    """Strangers without the token at the port `rendezvous` names, 2 s apart (tests/mpi/hostile_peer.py)."""
+    for mode in ("garbage", "nest", "hello"):
+        started.append(subprocess.Popen([MPIEXEC, "-n", "1", sys.executable, str(WORKERS / "hostile_peer.py"),
+                                         str(rendezvous), mode], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        env=rank_env(), start_new_session=True, stdin=subprocess.DEVNULL))
+        time.sleep(2)
+
+
 def test_a_facility_that_left_comes_back_and_ones_with_a_wrong_token_or_model_are_refused(tmp_path):
     """3 facilities, min_facilities = 2. c is signalled and leaves; while it is out, a launch of c with a
-    wrong token, then one with another model, are refused by the hub's doorman, and a and b train on
-    undisturbed (every round as the rule computes it); then c's next job (--resume auto) comes back at a
+    wrong token, then one with another model, are refused by the hub's doorman, and so are three strangers
+    (random bytes, deep nesting, a made-up proof), and a and b train on undisturbed (every round as the rule computes it); then c's next job (--resume auto) comes back at a
     round boundary, receives the global model and the outer state over MPI, takes its data position from
     its own part, and trains with the others until the hub is asked to stop (which stops everyone: the
     hub does not leave). Every round equals DiLoCo in numpy over the facilities that trained it."""
@@ -190,6 +200,7 @@ def test_a_facility_that_left_comes_back_and_ones_with_a_wrong_token_or_model_ar
     other = tmp_path / "other.toml"  # the same run, but another model
     other.write_text(config.read_text().replace('preset = "llama-tiny"', 'preset = "llama-small"'))
     done: dict[str, int] = {}
+    strangers: list[subprocess.Popen] = []
 
     def on_hub_line(line: str, sites: Sites) -> None:
         round_ = _round_or_entry(line, done)
@@ -200,11 +211,14 @@ def test_a_facility_that_left_comes_back_and_ones_with_a_wrong_token_or_model_ar
             sites.signal("c")
         elif "impostor" not in done and sites.ended("c"):
             done["impostor"] = round_
-            sites.start("impostor", "c", 1, "auto", token="not the token")
+            sites.start("impostor", "c", 1, "auto", token=secrets.token_urlsafe(32))
         elif "other" not in done and sites.ended("impostor"):  # one at a time: see join.CONNECT_TURN_S
             done["other"] = round_
             sites.start("other", "c", 1, "auto", config=other)
-        elif "back" not in done and sites.ended("other"):
+        elif "strangers" not in done and sites.ended("other"):  # at the doorman, one after another
+            done["strangers"] = round_
+            threading.Thread(target=_strangers, args=(tmp_path / "port.txt", strangers), daemon=True).start()
+        elif "back" not in done and strangers and all(s.poll() is not None for s in strangers):
             done["back"] = round_
             sites.start("back", "c", 1, "auto")
         elif "entered" in done and round_ == done["entered"] + 3 and "stop" not in done:
@@ -219,6 +233,10 @@ def test_a_facility_that_left_comes_back_and_ones_with_a_wrong_token_or_model_ar
         in another.stderr
     assert "refused facility c: the shared token differs" in a.stdout
     assert "refused facility c: the flat-layout fingerprint differs" in a.stdout
+    # the strangers at the doorman: random bytes and deep nesting dropped, a made-up proof refused
+    assert a.stdout.count("dropped a connection that sent no valid hello (not an mpifed facility") == 2, a.stdout
+    assert "refused facility 'edge': the shared token differs" in a.stdout
+    assert "doorman that admits returning facilities ended" not in a.stdout
     for result in (a, b, back):
         assert result.returncode == STOPPED_EXIT, result.stdout + result.stderr
 

@@ -1,6 +1,7 @@
 """Facilities launched separately (one mpiexec each, as on separate sites) join over MPI ports: the
 result equals one `simulate` launch, and a wrong token, a different model or a missing facility each
 end with the documented error, bounded by the join timeout, without touching the last checkpoint."""
+import secrets
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from conftest import MPIEXEC, WORKERS, launch_all, mpifed, rank_env
 from mpifed import configfile
 from mpifed.checkpoint import format as checkpoint
 
-TOKEN = "correct horse battery staple"
+TOKEN = secrets.token_urlsafe(32)  # a fresh one per run, as `mpifed token` writes
 
 
 def _config(tmp_path, ranks: dict[str, int], *sets: str):
@@ -87,7 +88,7 @@ def test_a_wrong_token_is_refused_and_the_hub_stops_at_the_timeout(joined_run, t
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
     start = time.monotonic()
     hub, edge = launch_all([(2, _run(config, "hub") + ["--resume", "auto"], {"MPIFED_TOKEN": TOKEN}),
-                         (1, _run(config, "edge") + ["--resume", "auto"], {"MPIFED_TOKEN": "guess"})], timeout=120)
+                         (1, _run(config, "edge") + ["--resume", "auto"], {"MPIFED_TOKEN": secrets.token_urlsafe(32)})], timeout=120)
     assert time.monotonic() - start < 90
     message = "the shared token differs (HMAC check failed)"
     assert edge.returncode != 0 and f"facility edge was refused by the hub: {message}" in edge.stderr
@@ -162,34 +163,29 @@ def test_a_facility_that_is_in_waits_as_long_as_the_hub_admits_others(tmp_path):
 
 
 def test_a_peer_that_breaks_the_handshake_is_dropped_and_others_still_join(tmp_path):
-    """Two connections that are not facilities reach the hub's port first: one says nothing, one sends
-    a message far larger than a handshake may hold. Each is dropped after the short handshake deadline
-    (the big one unread), and the real newcomer that queued behind them joins."""
-    config = _config(tmp_path, {"hub": 1, "edge": 1}, "federation.join_timeout_s=90", "federation.rounds=1")
-    script = tmp_path / "peer.py"
-    script.write_text(
-        "import os, sys, time\nimport numpy as np\nfrom mpi4py import MPI\nfrom pathlib import Path\n"
-        "path = Path(sys.argv[1])\n"
-        "while not path.exists() or not path.read_text().strip():\n    time.sleep(0.1)\n"
-        "inter = MPI.COMM_WORLD.Connect(path.read_text().split()[0])\n"
-        "pending = inter.Isend([np.zeros(64 << 20, np.uint8), MPI.BYTE], dest=0, tag=7101) \\\n"
-        "    if sys.argv[2] == 'big' else MPI.REQUEST_NULL\n"
-        "ends = time.monotonic() + 30\n"
-        "while time.monotonic() < ends:  # keep MPI progressing the send, which nobody will receive\n"
-        "    pending.Test()\n    time.sleep(0.01)\n"
-        "os._exit(0)\n")
+    """Strangers without the token reach the hub's port first, one after another (tests/mpi/hostile_peer.py):
+    one says nothing, one announces a 64 MiB message, one sends random bytes, one 15 KiB of '[' (which
+    overflowed the JSON parser's recursion), one a well-formed hello with a made-up proof. Each is dropped
+    or refused with its line, none learns anything from the hub, and the real newcomer behind them joins
+    and trains."""
+    config = _config(tmp_path, {"hub": 1, "edge": 1}, "federation.join_timeout_s=120", "federation.rounds=1")
     env = {"MPIFED_TOKEN": TOKEN}
-    silent = [sys.executable, str(script), str(tmp_path / "port.txt"), "silent"]
-    big = [sys.executable, str(script), str(tmp_path / "port.txt"), "big"]
+    modes = ("silent", "big", "garbage", "nest", "hello")
+    peers = [(1, [sys.executable, str(WORKERS / "hostile_peer.py"), str(tmp_path / "port.txt"), mode], {})
+             for mode in modes]
     start = time.monotonic()
-    hub, _, _, edge = launch_all([(1, _run(config, "hub"), env), (1, silent, {}), (1, big, {}), (1, _run(config, "edge"), env)],
-                              timeout=200, starts=[0, 0.5, 6, 12])
+    hub, *_, edge = launch_all([(1, _run(config, "hub"), env), *peers, (1, _run(config, "edge"), env)],
+                               timeout=300, starts=[0, 0.5, 13, 16, 19, 22, 25])
     assert hub.returncode == 0 and edge.returncode == 0, hub.stdout + hub.stderr + edge.stderr
     assert "dropped a connection that said nothing within 10 s" in hub.stdout, hub.stdout
-    assert "dropped a connection that sent a 67108864-byte message, more than a handshake may hold" in hub.stdout, \
-        hub.stdout
-    assert "facility edge joined (2 of 2)" in hub.stdout
-    assert time.monotonic() - start < 150
+    assert "dropped a connection that sent a 67108864-byte message, more than a handshake may hold (16384)" \
+        in hub.stdout, hub.stdout
+    no_hello = "dropped a connection that sent no valid hello (not an mpifed facility, or another version)"
+    assert hub.stdout.count(no_hello) == 2, hub.stdout  # the random bytes and the nesting
+    assert "refused facility edge: the shared token differs (HMAC check failed)" in hub.stdout, hub.stdout
+    assert "facility edge joined (2 of 2)" in hub.stdout and "round   1/1" in hub.stdout
+    assert "Traceback" not in hub.stdout + hub.stderr
+    assert time.monotonic() - start < 240
 
 
 def test_a_rendezvous_file_left_by_a_hub_that_is_gone_is_one_line_and_exit_2(tmp_path):

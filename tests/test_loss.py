@@ -6,6 +6,7 @@ The site goes down through MPIFED_DIE_AT (mpifed/comm/watchdog.py): on entering 
 rank kills its own process group, as when a site's job is killed."""
 import json
 import re
+import secrets
 import sys
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from conftest import launch_all, mpifed
 from mpifed import configfile
 
-TOKEN = "the loss drill token"
+TOKEN = secrets.token_urlsafe(32)  # a fresh one per run, as `mpifed token` writes
 TIMEOUT = 10
 
 

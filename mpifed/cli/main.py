@@ -8,6 +8,7 @@
   config     write a project for a federation across sites (config new)
   report     plot runs side by side: a self-contained HTML page and/or a PNG grid
   plan       the memory and traffic a configuration needs, per facility and rank, before an allocation
+  token      write a fresh shared token for separate launches (mode 0600)
 
 Every error a user can cause is printed as one line naming the option, key or file, with a non-zero
 exit and no traceback; nothing is written before the whole configuration has been validated.
@@ -19,7 +20,7 @@ import sys
 import click
 
 from mpifed import __version__
-from mpifed.cli import ckpt, data, deploy, plan, report, train
+from mpifed.cli import ckpt, data, deploy, plan, report, token, train
 from mpifed.cli.common import launch_rank
 
 COMMANDS: dict[str, click.Command] = {
@@ -31,6 +32,7 @@ COMMANDS: dict[str, click.Command] = {
     "config": deploy.config_group,
     "report": report.report,
     "plan": plan.plan,
+    "token": token.token,
 }
 """Every subcommand, by the name a user types: the only place commands are registered."""
 

@@ -2,30 +2,24 @@
 
 The hub (the first facility listed) opens an MPI port and publishes its name, in the file
 `federation.rendezvous` and on its terminal. Every other facility connects to it. Before any weight
-moves, the two leaders run a handshake over the new intercommunicator:
-
-  newcomer -> hub   hello: protocol, facility, ranks, layout fingerprint, config digest, nonce_n
-  hub -> newcomer   the hub's own hello, nonce_h, HMAC(token, "hub" | nonce_n | nonce_h)
-  newcomer -> hub   HMAC(token, "newcomer" | nonce_h | nonce_n), and whether the hub's HMAC held
-  hub -> newcomer   the verdict: empty, or every difference found
+moves, the two leaders run the handshake of mpifed/comm/handshake.py over the new intercommunicator:
+the newcomer proves it holds the token first, says who it is (facility, ranks, layout fingerprint,
+configuration digest), and the hub answers with its own proof and the verdict: empty, or every
+difference found.
 
 Both sides then know the verdict. On a difference, each prints what differs and the intercommunicator
 is disconnected: the newcomer stops, and the hub goes on waiting for the others. An accepted newcomer is
 merged into the hub's growing world, and takes part in accepting the rest. When the time is up
 (`federation.join_timeout_s`), the hub goes on if `federation.min_facilities` have joined, else everyone
 stops. MPI_Comm_accept cannot time out, so at the deadline the hub wakes its own accept: a short-lived
-helper process connects and says "wake", signed with the token.
+helper process connects and proves a wake-up call with the token.
 
 Messages are JSON over MPI byte buffers: nothing is unpickled.
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
-import secrets
-import stat
 import subprocess
 import sys
 import threading
@@ -37,12 +31,9 @@ from typing import Callable
 import numpy as np
 from mpi4py import MPI
 
-from mpifed.comm import control, watchdog
+from mpifed.comm import control, handshake, secret, watchdog
+from mpifed.comm.handshake import HANDSHAKE_S, Sealed, Unanswered, drain, shown
 
-PROTOCOL = 1
-HANDSHAKE_S = 10.0
-"""How long either side of a handshake waits for the other's next message: a peer that connects and
-says nothing is dropped after this, and only this delays the facilities queued behind it."""
 HEARTBEAT_S = 1.0
 """While the hub admits facilities it rewrites the rendezvous file this often."""
 CONNECT_TURN_S = 0.5
@@ -50,8 +41,6 @@ CONNECT_TURN_S = 0.5
 found the hub's port, so that connections do not reach the hub's accept at once."""
 STALE_S = 3 * HEARTBEAT_S
 """A rendezvous file unchanged for this long was left by a hub that is gone."""
-_LIMIT = 1 << 16  # bytes a handshake message may hold; a larger one is refused unread
-_TAG = 7101
 WAKE = "<wake>"  # not a valid facility name
 DROPPED = "<dropped>"  # nor this: a connection that broke the handshake's rules
 _ACCEPT, _STOP, _ABORT = 0, 1, 2
@@ -75,94 +64,32 @@ class Hello:
     ranks: int
     fingerprint: str
     config: str
-    protocol: int = PROTOCOL
 
 
 def read_token(token_file: str) -> bytes:
-    """The shared secret: MPIFED_TOKEN, else the file federation.token_file (which must be mode 0600)."""
-    if os.environ.get("MPIFED_TOKEN"):
-        return os.environ["MPIFED_TOKEN"].encode()
-    if not token_file:
-        raise LaunchError("facilities launched separately need a shared token: set MPIFED_TOKEN, or "
-                        "federation.token_file to a file readable only by you (chmod 600)")
-    path = Path(token_file)
+    """The shared secret (see secret.read_token); a missing, exposed or weak one is a LaunchError."""
     try:
-        mode = path.stat().st_mode
-    except OSError:
-        raise LaunchError(f"federation.token_file {path}: no such file") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise LaunchError(f"federation.token_file {path}: mode {stat.S_IMODE(mode):04o} lets others read it; "
-                        f"chmod 600 {path}")
-    token = path.read_bytes().strip()
-    if not token:
-        raise LaunchError(f"federation.token_file {path}: the file is empty")
-    return token
-
-
-def _mac(token: bytes, *parts: str) -> str:
-    return hmac.new(token, "|".join(parts).encode(), hashlib.sha256).hexdigest()
-
-
-def send(inter: MPI.Intercomm, message: dict) -> None:
-    data = np.frombuffer(json.dumps(message).encode(), np.uint8)
-    inter.Send([data, MPI.BYTE], dest=0, tag=_TAG)
-
-
-class Unanswered(Exception):
-    """The other side of a handshake went silent, or sent more than a handshake message may hold."""
-
-
-def receive(inter: MPI.Intercomm) -> dict:
-    """The next handshake message from the other side's leader, waiting at most HANDSHAKE_S. Its size is
-    checked before anything is allocated; what is not a JSON object reads as {}."""
-    status, ends = MPI.Status(), time.monotonic() + HANDSHAKE_S
-    while not inter.Iprobe(source=0, tag=_TAG, status=status):
-        if time.monotonic() > ends:
-            raise Unanswered(f"said nothing within {HANDSHAKE_S:g} s")
-        time.sleep(0.005)
-    size = status.Get_count(MPI.BYTE)
-    if size > _LIMIT:
-        drain(inter)
-        raise Unanswered(f"sent a {size}-byte message, more than a handshake may hold ({_LIMIT})")
-    data = np.empty(size, np.uint8)
-    inter.Recv([data, MPI.BYTE], source=0, tag=_TAG)
-    try:
-        message = json.loads(data.tobytes())
-    except ValueError:
-        return {}
-    return message if isinstance(message, dict) else {}
-
-
-def drain(inter: MPI.Intercomm) -> None:
-    """Consume, unread, whatever a peer about to be dropped has sent: left unmatched, a message could
-    be matched later by another connection that happens to reuse the same MPI context."""
-    inter.Set_errhandler(MPI.ERRORS_RETURN)
-    status = MPI.Status()
-    while inter.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
-        try:  # into no buffer at all: MPI reports the truncation and the message is gone
-            inter.Recv([np.empty(0, np.uint8), MPI.BYTE], source=status.Get_source(), tag=status.Get_tag())
-        except MPI.Exception:
-            pass
+        return secret.read_token(token_file)
+    except secret.TokenError as exc:
+        raise LaunchError(str(exc)) from None
 
 
 def _differences(hub: Hello, new: dict, expected: dict[str, int], joined: set[str]) -> list[str]:
     """What in a newcomer's hello keeps it out (empty: nothing)."""
-    name = str(new.get("facility", "?"))
-    if new.get("protocol") != hub.protocol:
-        return [f"protocol version {new.get('protocol')!r} differs from the hub's {hub.protocol} "
-                "(run the same mpifed version everywhere)"]
+    name = new.get("facility") if isinstance(new.get("facility"), str) else "?"
     out = []
     if name not in expected:
-        out.append(f"facility {name!r} is not in the configuration (facilities: {', '.join(expected)})")
+        out.append(f"facility {shown(name)} is not in the configuration (facilities: {', '.join(expected)})")
     elif name in joined:
         out.append(f"facility {name!r} has already joined")
     elif new.get("ranks") != expected[name]:
-        out.append(f"facility {name} launched {new.get('ranks')} ranks, the configuration gives it {expected[name]}")
+        out.append(f"facility {name} launched {shown(new.get('ranks'))} ranks, the configuration gives it "
+                   f"{expected[name]}")
     if new.get("fingerprint") != hub.fingerprint:
-        out.append(f"the flat-layout fingerprint differs (hub {hub.fingerprint[:12]}, {name} "
+        out.append(f"the flat-layout fingerprint differs (hub {hub.fingerprint[:12]}, {shown(name)} "
                    f"{str(new.get('fingerprint'))[:12]}): the model or LoRA settings are not the same")
     if new.get("config") != hub.config:
-        out.append(f"the configuration differs (digest hub {hub.config[:12]}, {name} {str(new.get('config'))[:12]}): "
+        out.append(f"the configuration differs (digest hub {hub.config[:12]}, {shown(name)} {str(new.get('config'))[:12]}): "
                    "use the same config file on every site")
     return out
 
@@ -229,6 +156,8 @@ class Admitted:
     inter: MPI.Intercomm
     remaining_s: float
     running: bool
+    link: Sealed | None = None
+    """On the newcomer's leader: the sealed messages that may follow the handshake (a rejoin's)."""
 
     def merge(self) -> MPI.Intracomm:
         """The world of the hub's ranks and this job's (a first join), in which this job takes part in
@@ -242,32 +171,21 @@ def connect(comm: MPI.Intracomm, port: str, me: Hello, token: bytes) -> Admitted
     """Join the hub at `port` (collective over this facility's job): the handshake, and its verdict on
     every rank. Raises JoinError when the hub refused this facility."""
     inter = comm.Connect(port, root=0)
-    problems, remaining, running = [], 0.0, False
+    problems, remaining, running, link = [], 0.0, False, None
     if comm.rank == 0:
         try:
-            problems, remaining, running = _handshake_newcomer(inter, me, token)
+            outcome = handshake.call(inter, me.__dict__, token, "join")
+            problems, link = outcome.problems, outcome.link
+            remaining = outcome.hello.get("remaining_s", 0.0)
+            running = outcome.hello.get("running") is True
         except Unanswered as exc:
             problems = [f"the hub {exc} during the handshake"]
     verdict = json.loads(control.allgather_str(comm, json.dumps([problems, remaining, running]))[0])
     if verdict[0]:
         inter.Disconnect()
         raise JoinError(f"facility {me.facility} was refused by the hub: {'; '.join(verdict[0])}")
-    return Admitted(inter, float(verdict[1]), bool(verdict[2]))
-
-
-def _handshake_newcomer(inter: MPI.Intercomm, me: Hello, token: bytes) -> tuple[list[str], float, bool]:
-    """On the newcomer's leader: (the hub's verdict, the seconds the hub will still wait for others,
-    whether the federation is running already)."""
-    nonce = secrets.token_hex(16)
-    send(inter, {**me.__dict__, "nonce": nonce})
-    reply = receive(inter)
-    hub_ok = hmac.compare_digest(str(reply.get("mac", "")), _mac(token, "hub", nonce, str(reply.get("nonce"))))
-    send(inter, {"mac": _mac(token, "newcomer", str(reply.get("nonce")), nonce), "hub_ok": hub_ok})
-    problems = [str(p) for p in receive(inter).get("problems", ["the hub sent no verdict"])]
-    if not hub_ok and not any("token" in p for p in problems):
-        problems.append("the shared token differs (the hub's HMAC does not match MPIFED_TOKEN/token_file)")
-    remaining = reply.get("remaining_s", 0.0)
-    return problems, float(remaining) if isinstance(remaining, (int, float)) else 0.0, reply.get("running") is True
+    remaining = verdict[1] if isinstance(verdict[1], (int, float)) else 0.0
+    return Admitted(inter, float(remaining), bool(verdict[2]), link)
 
 
 # ------------------------------------------------------------------------------------------------ hub
@@ -318,33 +236,23 @@ def wake(port: str, token: bytes) -> None:
 
 
 def handshake_hub(inter: MPI.Intercomm, hub: Hello, token: bytes, expected: dict[str, int], joined: set[str],
-                  port: str, ends: float, running: bool = False) -> tuple[str, list[str]]:
-    """On the hub leader: (WAKE, []) for our own wake-up call, else (newcomer name, its problems). A
-    peer that goes silent or oversteps the message size gets no verdict: it is dropped. `running`: the
-    federation trains already (a facility coming back, see mpifed/comm/rejoin.py), as the hub tells it."""
+                  ends: float, running: bool = False) -> tuple[str, list[str], Sealed | None]:
+    """On the hub leader: (WAKE, [], None) for our own wake-up call, else (newcomer name, its problems,
+    the sealed link to it where it is admitted). A peer that goes silent, oversteps the message size or
+    sends no valid hello is dropped: (DROPPED, [why], None). `running`: the federation trains already (a
+    facility coming back, see mpifed/comm/rejoin.py), as the hub tells it."""
+    def decide(hello: dict) -> dict:
+        return {**hub.__dict__, "remaining_s": max(0.0, ends - time.monotonic()), "running": running,
+                "problems": _differences(hub, hello, expected, joined)}
+
     try:
-        return _hello_and_verdict(inter, hub, token, expected, joined, port, ends, running)
+        outcome = handshake.listen(inter, token, "join", decide)
     except Unanswered as exc:
-        return DROPPED, [f"dropped a connection that {exc}"]
-
-
-def _hello_and_verdict(inter: MPI.Intercomm, hub: Hello, token: bytes, expected: dict[str, int], joined: set[str],
-                       port: str, ends: float, running: bool) -> tuple[str, list[str]]:
-    hello = receive(inter)
-    if hello.get("wake"):
-        return (WAKE, []) if hmac.compare_digest(str(hello.get("mac", "")), _mac(token, "wake", port)) \
-            else ("?", ["a wake-up call with a wrong token"])
-    nonce = secrets.token_hex(16)
-    send(inter, {**hub.__dict__, "nonce": nonce, "mac": _mac(token, "hub", str(hello.get("nonce")), nonce),
-                  "remaining_s": max(0.0, ends - time.monotonic()), "running": running})
-    answer = receive(inter)
-    problems = _differences(hub, hello, expected, joined)
-    if not hmac.compare_digest(str(answer.get("mac", "")), _mac(token, "newcomer", nonce, str(hello.get("nonce")))) \
-            or not answer.get("hub_ok"):
-        problems.append("the shared token differs (HMAC check failed): set the same MPIFED_TOKEN or token_file "
-                        "on every site")
-    send(inter, {"problems": problems})
-    return str(hello.get("facility", "?")), problems
+        return DROPPED, [f"dropped a connection that {exc}"], None
+    if outcome.wake:
+        return WAKE, [], None
+    name = outcome.hello.get("facility")  # as the caller said it: a line of ours shows a stranger's quoted
+    return (name if name in expected else shown(name)), outcome.problems, outcome.link
 
 
 def serve(comm: MPI.Intracomm, hub: Hello, token: bytes, expected: dict[str, int], rendezvous: str,
@@ -384,16 +292,16 @@ def serve(comm: MPI.Intracomm, hub: Hello, token: bytes, expected: dict[str, int
     return world, joined
 
 
-def _accept(world: MPI.Intracomm, port: str, handshake: Callable[[MPI.Intercomm], str] | None
+def _accept(world: MPI.Intracomm, port: str, hear: Callable[[MPI.Intercomm], str] | None
             ) -> tuple[str, list[str], MPI.Intracomm | None]:
-    """One collective accept on `world`. The hub's leader runs `handshake` (everyone else passes None)
+    """One collective accept on `world`. The hub's leader runs `hear`, the handshake (everyone else passes None)
     and all learn its verdict: (name, problems, the merged world). A wake-up call gives the name WAKE;
     a wake-up call or a refused newcomer is disconnected and gives no merged world."""
     inter = world.Accept(port, root=0)
-    verdict = control.allgather_str(world, handshake(inter) if handshake else "")[0]
+    verdict = control.allgather_str(world, hear(inter) if hear else "")[0]
     name, problems = (WAKE, []) if verdict == WAKE else json.loads(verdict)
     if name == WAKE or problems:
-        if handshake:
+        if hear:
             drain(inter)
         inter.Disconnect()
         return name, problems, None
@@ -408,14 +316,14 @@ def _admit(comm: MPI.Intracomm, port: str, hub: Hello, token: bytes, expected: d
     (monotonic time); joined newcomers run `follow` meanwhile."""
     world, joined, refused = comm, [hub.facility], {}
 
-    def handshake(inter: MPI.Intercomm) -> str:
-        name, problems = handshake_hub(inter, hub, token, expected, set(joined), port, ends)
+    def hear(inter: MPI.Intercomm) -> str:
+        name, problems, _ = handshake_hub(inter, hub, token, expected, set(joined), ends)
         return WAKE if name == WAKE else json.dumps([name, problems])
 
     while len(joined) < len(expected):
         if world is not comm:
             control.bcast_int(world, _ACCEPT)  # tell the newcomers already in to accept the next one with us
-        name, problems, merged = _accept(world, port, handshake if world.rank == 0 else None)
+        name, problems, merged = _accept(world, port, hear if world.rank == 0 else None)
         if name == WAKE:
             break
         if name == DROPPED:
@@ -453,7 +361,10 @@ def _wake_main(port: str) -> None:
     """`python -m mpifed.comm.join PORT`: the hub's own wake-up call (see `wake`)."""
     token = os.environ.get("MPIFED_TOKEN", "").encode()
     inter = MPI.COMM_SELF.Connect(port, root=0)
-    send(inter, {"wake": True, "mac": _mac(token, "wake", port)})
+    try:
+        handshake.call(inter, {}, token, "join", wake=True)
+    except Unanswered:
+        pass
     inter.Disconnect()
 
 

@@ -30,7 +30,12 @@ it trains:
 A newcomer waits as long as the hub keeps rewriting the rendezvous file (with `--port`, at most
 `federation.join_timeout_s`); then it wakes its own accept with a signed call, as `join.serve` does, and
 stops. A newcomer that dies while it waits makes the federation's connect fail at the boundary
-(MPICH's own connect timeout, 180 s), and the job stop. Messages are JSON over MPI byte buffers: nothing is
+(MPICH's own connect timeout, 180 s), and the job stop.
+
+Every connection proves the token first (mpifed/comm/handshake.py): a newcomer to the doorman, the
+federation to a newcomer's port (the admit), a wake-up call. What the doorman and a newcomer say after
+their handshake (later, the port, the round) is sealed under the keys it derived; a caller that cannot
+prove is dropped and the port goes on accepting. Messages are JSON over MPI byte buffers: nothing is
 unpickled.
 """
 from __future__ import annotations
@@ -47,9 +52,10 @@ from typing import Callable, Sequence
 
 from mpi4py import MPI
 
-from mpifed.comm import control
-from mpifed.comm.join import (DROPPED, HANDSHAKE_S, HEARTBEAT_S, STALE_S, WAKE, Admitted, Beacon, Hello, JoinError, Unanswered,
-                              drain, handshake_hub, receive, send, singleton_env, wake)
+from mpifed.comm import control, handshake
+from mpifed.comm.handshake import HANDSHAKE_S, Unanswered, drain
+from mpifed.comm.join import (DROPPED, HEARTBEAT_S, STALE_S, WAKE, Admitted, Beacon, Hello, JoinError, handshake_hub,
+                              singleton_env, wake)
 
 
 class Doorman:
@@ -58,7 +64,8 @@ class Doorman:
 
     def __init__(self, hub: Hello, token: bytes, expected: dict[str, int], members: Sequence[str], rendezvous: str,
                  say: Callable[[str], None]) -> None:
-        self.say = say
+        self.say, self.token = say, token
+        self._closing = False
         self._members = list(members)
         self._round = 0
         self._waiting: queue.Queue[tuple[str, str]] = queue.Queue()
@@ -89,6 +96,12 @@ class Doorman:
                 self.say(message["say"])
             if "waiting" in message:
                 self._waiting.put((message["waiting"], message["port"]))
+        if not self._closing:  # it died: its port is dead, so stop advertising it
+            code = self._child.wait()
+            if self._beacon is not None:
+                self._beacon.stop()
+            self.say(f"the doorman that admits returning facilities ended (exit code {code}); a facility that "
+                     "leaves cannot come back in this job")
 
     def waiting(self) -> int:
         """How many admitted newcomers wait for a round boundary."""
@@ -119,6 +132,7 @@ class Doorman:
     def close(self) -> None:
         """Stop admitting: end the doorman, and remove the rendezvous file, which tells whoever waits
         that the federation is over (see `Waiting`)."""
+        self._closing = True
         if self._beacon is not None:
             self._beacon.stop()
         self._child.kill()
@@ -134,8 +148,16 @@ def admit(world: MPI.Intracomm, doorman: Doorman | None, order: Sequence[str], m
     Collective over `world`."""
     name, port = doorman.take() if doorman is not None else ("", "")
     inter = world.Connect(port, root=0)
+    problems = []
     if world.rank == 0:
-        send(inter, {"admit": True})
+        try:
+            problems = handshake.call(inter, {"admit": True, "facility": name}, doorman.token, "join").problems
+        except Unanswered as exc:
+            problems = [f"it {exc}"]
+    problems = json.loads(control.bcast_str(world, json.dumps(problems) if world.rank == 0 else None))
+    if problems:  # the doorman heard this port from a newcomer that proved the token: a fault, not a guest
+        inter.Disconnect()
+        raise JoinError(f"facility {name} could not be admitted at the round boundary: {'; '.join(problems)}")
     merged = inter.Merge(high=False)
     inter.Free()
     joined = [n for n in order if n in members or n == name]
@@ -147,7 +169,7 @@ def later(comm: MPI.Intracomm, admitted: Admitted) -> None:
     """On a newcomer the doorman would admit (collective over its job): it builds first, and calls
     again with its port once it can wait in an accept (`Waiting`)."""
     if comm.rank == 0:
-        send(admitted.inter, {"later": True})
+        admitted.link.send({"later": True})
     admitted.inter.Disconnect()
 
 
@@ -155,24 +177,25 @@ class Waiting:
     """A newcomer the doorman admitted, waiting for a round boundary (collective over its job): it opens a
     port, tells the doorman, and learns the `round` the federation trains now; `start` then waits in an
     accept on that port on a thread of its own, where the federation connects at its next round
-    boundary. It waits as long as the hub keeps rewriting the `rendezvous` file (without one,
-    `timeout_s`). Between `start` and `arrived` being true, this process must not call MPI: the accept
-    holds the library."""
+    boundary and proves the token (a caller that does not is dropped, and the accept goes on). It
+    waits as long as the hub keeps rewriting the `rendezvous` file (without one, `timeout_s`). Between
+    `start` and `arrived` being true, this process must not call MPI: the accept holds the library."""
 
     def __init__(self, comm: MPI.Intracomm, admitted: Admitted, token: bytes, rendezvous: str,
-                 timeout_s: float) -> None:
-        self.comm, self.token, self.rendezvous, self.timeout_s = comm, token, rendezvous, timeout_s
+                 timeout_s: float, say: Callable[[str], None] = lambda line: None) -> None:
+        self.comm, self.token, self.rendezvous, self.timeout_s, self.say = comm, token, rendezvous, timeout_s, say
         self.leader = comm.rank == 0
         port = MPI.Open_port() if self.leader else ""
         said = {}
         if self.leader:
-            send(admitted.inter, {"port": port})
             try:
-                said = receive(admitted.inter)
+                admitted.link.send({"port": port})
+                said = admitted.link.receive()
             except Unanswered:
                 said = {}
         said = json.loads(control.bcast_str(comm, json.dumps({**said, "port": port})))
-        self.port, self.round = said["port"], int(said.get("round", 0))
+        self.port = said["port"]
+        self.round = said.get("round") if isinstance(said.get("round"), int) else 0
         """The round the federation was training when the doorman took this port (0: not known)."""
         admitted.inter.Disconnect()
         self._done = threading.Event()
@@ -207,21 +230,15 @@ class Waiting:
         self._thread.join()
         if isinstance(self._outcome, BaseException):
             raise self._outcome
-        comm, inter = self.comm, self._outcome
-        said = receive(inter) if self.leader else {}
         if self.leader:
             MPI.Close_port(self.port)
-        if not json.loads(control.bcast_str(comm, json.dumps(said))).get("admit"):
-            inter.Disconnect()
-            raise JoinError("the federation ended before the next round boundary, or its hub stopped admitting (" +
-                            (f"{self.rendezvous} was not rewritten for {STALE_S:g} s)" if self.rendezvous else
-                             f"none within {self.timeout_s:g} s, federation.join_timeout_s)"))
-        world = inter.Merge(high=True)
-        inter.Free()
+        world = self._outcome.Merge(high=True)
+        self._outcome.Free()
         return world, json.loads(control.bcast_str(world, None))
 
     def _accept(self) -> None:
-        """The accept, on its own thread at the lowest priority: it polls a core for as long as it waits."""
+        """The accept, on its own thread at the lowest priority: it polls a core for as long as it waits.
+        Until the federation proves itself: a wake-up call ends the wait, anyone else is dropped."""
         lowest_priority(threading.get_native_id())
         waiting = threading.Event()
         waiting.set()
@@ -229,11 +246,42 @@ class Waiting:
             if self.leader:  # an accept cannot time out: wake it, as the hub wakes its own
                 threading.Thread(target=_wake_when_gone, args=(self.port, self.token, self.rendezvous, self.timeout_s,
                                                                waiting), daemon=True).start()
-            self._outcome = self.comm.Accept(self.port, root=0)
+            while True:
+                inter = self.comm.Accept(self.port, root=0)
+                verdict = control.bcast_str(self.comm, self._hear(inter) if self.leader else "")
+                if verdict == "admit":
+                    self._outcome = inter
+                    break
+                if self.leader:
+                    drain(inter)
+                inter.Disconnect()
+                if verdict == "wake":
+                    self._outcome = JoinError(
+                        "the federation ended before the next round boundary, or its hub stopped admitting (" +
+                        (f"{self.rendezvous} was not rewritten for {STALE_S:g} s)" if self.rendezvous else
+                         f"none within {self.timeout_s:g} s, federation.join_timeout_s)"))
+                    break
+                self.say(verdict)
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread by `merge`
             self._outcome = exc
         waiting.clear()
         self._done.set()
+
+    def _hear(self, inter: MPI.Intercomm) -> str:
+        """On the leader: the handshake with whoever connected to the waiting port: "admit" for the
+        federation, "wake" for our own wake-up call, else the line that says why it was dropped."""
+        def decide(hello: dict) -> dict:
+            return {"problems": [] if hello.get("admit") is True else ["this port admits the federation alone"]}
+
+        try:
+            outcome = handshake.listen(inter, self.token, "join", decide)
+        except Unanswered as exc:
+            return f"dropped a connection to the port this facility waits on, that {exc}"
+        if outcome.wake:
+            return "wake"
+        if outcome.problems:
+            return f"dropped a connection to the port this facility waits on: {'; '.join(outcome.problems)}"
+        return "admit"
 
 
 def lowest_priority(task: int = 0) -> None:
@@ -278,7 +326,8 @@ def _wake_when_gone(port: str, token: bytes, rendezvous: str, timeout_s: float, 
 def _doorman_main() -> None:
     """`python -m mpifed.comm.rejoin`, started by `Doorman`: the first line on stdin is the hub's hello,
     the configuration's facilities and those in; later lines update those in. Accepts and handshakes
-    callers on a port of its own, reporting on stdout."""
+    callers on a port of its own, reporting on stdout. Whatever a caller does ends with that caller:
+    MPI errors are returned, not fatal, and the port goes on accepting."""
     lowest_priority()  # it waits in an accept all run long, beside the hub's training ranks
     setup = json.loads(sys.stdin.readline())
     hub, expected = Hello(**setup["hub"]), setup["expected"]
@@ -295,25 +344,47 @@ def _doorman_main() -> None:
         os._exit(0)  # the hub is gone
 
     threading.Thread(target=follow, daemon=True).start()
+    MPI.COMM_SELF.Set_errhandler(MPI.ERRORS_RETURN)
     port = MPI.Open_port()
     print(json.dumps({"port": port}), flush=True)
     while True:
-        inter = MPI.COMM_SELF.Accept(port)
-        name, problems = handshake_hub(inter, hub, token, expected, members["in"] | waiting, port, 0.0, running=True)
         try:
-            told = receive(inter) if not problems and name != WAKE else {}
-        except Unanswered:
-            told = {}
-        if not problems and name != WAKE and isinstance(told.get("port"), str):
-            send(inter, {"round": members["round"]})
-            waiting.add(name)
-            print(json.dumps({"waiting": name, "port": told["port"],
-                              "say": f"facility {name} is back; it joins at the next round boundary"}), flush=True)
-        elif problems:
-            print(json.dumps({"say": problems[0] if name == DROPPED else f"refused facility {name}: "
-                              f"{'; '.join(problems)}"}), flush=True)
-            drain(inter)
-        inter.Disconnect()
+            inter = MPI.COMM_SELF.Accept(port)
+        except MPI.Exception as exc:
+            print(json.dumps({"say": f"the doorman's accept failed ({exc.Get_error_string()}); it accepts again"}),
+                  flush=True)
+            continue
+        inter.Set_errhandler(MPI.ERRORS_RETURN)
+        try:
+            said = _door(inter, hub, token, expected, members, waiting)
+        except (MPI.Exception, OSError, ValueError) as exc:
+            said = {"say": f"dropped a connection to the doorman: {type(exc).__name__}"}
+        print(json.dumps(said), flush=True)
+        try:
+            inter.Disconnect()
+        except MPI.Exception:
+            pass
+
+
+def _door(inter: MPI.Intercomm, hub: Hello, token: bytes, expected: dict[str, int], members: dict,
+          waiting: set[str]) -> dict:
+    """One caller at the doorman: what to report to the hub (a line to say, and a newcomer waiting)."""
+    name, problems, link = handshake_hub(inter, hub, token, expected, members["in"] | waiting, 0.0, running=True)
+    if name == WAKE:
+        return {}
+    if problems:
+        drain(inter)
+        return {"say": problems[0] if name == DROPPED else f"refused facility {name}: {'; '.join(problems)}"}
+    try:
+        told = link.receive()
+    except Unanswered as exc:
+        return {"say": f"dropped facility {name} after its handshake: it {exc}"}
+    if isinstance(told.get("port"), str):
+        link.send({"round": members["round"]})
+        waiting.add(name)
+        return {"waiting": name, "port": told["port"],
+                "say": f"facility {name} is back; it joins at the next round boundary"}
+    return {}  # it comes back later, once it has built (`later`)
 
 
 if __name__ == "__main__":

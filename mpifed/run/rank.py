@@ -267,7 +267,7 @@ def join_world(comm: MPI.Intracomm, cfg: RunConfig, name: str, port: str = "", r
 
                 def come_back() -> "Waiting":
                     again = join.connect(comm, address, me, token)
-                    return rejoin.Waiting(comm, again, token, fed.rendezvous, fed.join_timeout_s)
+                    return rejoin.Waiting(comm, again, token, fed.rendezvous, fed.join_timeout_s, say)
                 world, joined = comm, [name]
             else:
                 say(f"facility {name} is in; the hub admits the others for up to {admitted.remaining_s:.0f} s more")
