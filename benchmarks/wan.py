@@ -92,8 +92,10 @@ class Wan:
         after it) inside namespace i."""
         python = sys.executable
         # UCX (the MPICH wheel's netmod) would use shared memory between jobs on one machine: TCP only,
-        # over the facility's uplink, so every byte between facilities crosses the shaped link.
+        # over the facility's uplink, so every byte between facilities crosses the shaped link. The hub's
+        # door listens on the uplink too (the namespace's host name resolves to loopback).
         env = {**os.environ, "MPIFED_TOKEN": TOKEN, "UCX_TLS": "tcp,self", "UCX_NET_DEVICES": f"u{i}",
+               "MPIFED_GATEWAY_HOST": f"u{i}",
                "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         command = ["ip", "netns", "exec", self.names[i], str(Path(python).parent / "mpiexec"), "-n", str(ranks), python,
                    "-m", "mpifed", "run", str(config), "--facility", name, *args]

@@ -273,7 +273,8 @@ class FederationConfig:
     """Longest wait for another facility in one exchange before the whole job is aborted."""
     rendezvous: str = ""
     """Separate launches (`mpifed run --facility`): a file on a path every site sees, where the hub (the
-    first facility) writes its MPI port name for the others. Empty: the hub prints it; pass it with --port."""
+    first facility) writes the address of its door (HOST:PORT) for the others. Empty: the hub prints it; pass
+    it with --port."""
     join_timeout_s: float = 600.0
     """Separate launches: how long the hub waits for the other facilities to join."""
     min_facilities: int = 0

@@ -149,7 +149,7 @@ def _two_sites(cluster: Cluster, config, env: dict[str, str], cwd, resume: bool 
     extra = ["--resume", "auto"] if resume else []
     program = [sys.executable, "-m", "mpifed", "run", str(config), *extra, "--facility"]
     hub = Watched(cluster.mpiexec(SITES["A"], [*program, "a"], env, cwd))
-    port = hub.wait_for(r"on MPI port (\S+)", 120).group(1)
+    port = hub.wait_for(r"at its door (\S+)", 120).group(1)
     newcomer = Watched(cluster.mpiexec(SITES["B"], [*program, "b", "--port", port], env, cwd))
     return [hub, newcomer]
 

@@ -16,45 +16,47 @@ from mpifed.comm import handshake, secret
 RIGHT, WRONG = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
 
 
-def _pair(case: str) -> dict[int, dict]:
+def _pair(case: str, tmp_path) -> dict[int, dict]:
     env = {**rank_env(), "T_RIGHT": RIGHT, "T_WRONG": WRONG}
-    result = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(WORKERS / "handshake_worker.py"), case],
-                            capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(WORKERS / "handshake_worker.py"), case,
+                             str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert RIGHT not in result.stdout + result.stderr and WRONG not in result.stdout + result.stderr
-    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    return {line["rank"]: line for line in lines}
+    seen = {rank: json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)}
+    for said in (result.stdout + result.stderr, json.dumps(seen)):
+        assert RIGHT not in said and WRONG not in said
+    return seen
 
 
-def test_the_same_token_gives_a_sealed_link_both_ways():
-    seen = _pair("right")
+def test_the_same_token_gives_a_sealed_link_both_ways(tmp_path):
+    seen = _pair("right", tmp_path)
     listener, caller = seen[0]["results"][0], seen[1]
     assert listener == {"problems": [], "sealed": True, "wake": False, "got": {"x": 41}}
     assert caller == {"rank": 1, "problems": [], "sealed": True, "back": {"back": 42}}
 
 
-def test_a_wrong_token_is_refused_on_both_sides_and_the_listener_never_proves():
-    seen = _pair("wrong")
+def test_a_wrong_token_is_refused_on_both_sides_and_the_listener_never_proves(tmp_path):
+    seen = _pair("wrong", tmp_path)
     assert seen[0]["results"][0]["problems"] == [handshake.TOKEN_DIFFERS]
     # had the listener sent its proof, the caller would also report that the hub's proof failed
     assert seen[1]["problems"] == [handshake.TOKEN_DIFFERS] and not seen[1]["sealed"]
 
 
-def test_a_replayed_hello_and_proof_are_refused():
-    seen = _pair("replay")
+def test_a_replayed_hello_and_proof_are_refused(tmp_path):
+    seen = _pair("replay", tmp_path)
     honest, replay = seen[0]["results"]
     assert honest["sealed"] and honest["got"] == {"x": 1}
     assert replay["problems"] == [handshake.TOKEN_DIFFERS] and not replay["sealed"]
     assert seen[1]["replayed"] == {"problems": [handshake.TOKEN_DIFFERS]}  # no proof in the answer
 
 
-def test_a_flipped_sealed_byte_ends_the_link_naming_it():
-    listener = _pair("flip")[0]["results"][0]
+def test_a_flipped_sealed_byte_ends_the_link_naming_it(tmp_path):
+    listener = _pair("flip", tmp_path)[0]["results"][0]
     assert listener["sealed"] and "test link" in listener["unanswered"], listener
 
 
-def test_deep_nesting_is_dropped_without_an_exception():
-    assert _pair("flood")[0]["results"][0] == {"unanswered": "sent no valid hello (not an mpifed facility, or another version)"}
+def test_deep_nesting_is_dropped_without_an_exception(tmp_path):
+    no_hello = "sent no valid hello (not an mpifed facility, or another version)"
+    assert _pair("flood", tmp_path)[0]["results"][0] == {"unanswered": no_hello}
 
 
 @pytest.mark.parametrize("data", [b"[" * 60000, b"{" * 100 + b"}" * 100, b"\xff\xfe", b"[1, 2]", b"null",
@@ -82,7 +84,8 @@ def test_mpifed_token_writes_a_private_strong_token_and_rotates_only_when_asked(
     assert first.decode() not in made.stdout + made.stderr
     again = mpifed("token", str(path))
     assert again.returncode == 2 and path.read_bytes().strip() == first
-    assert again.stderr.strip() == f"mpifed token: error: {path} exists; pass --force to replace it (rotating the token), or choose another file"
+    assert again.stderr.strip() == (f"mpifed token: error: {path} exists; pass --force to replace it (rotating the "
+                                    "token), or choose another file")
     rotated = mpifed("token", "--force", str(path))
     assert rotated.returncode == 0 and path.read_bytes().strip() != first
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and [p.name for p in tmp_path.iterdir()] == ["token"]

@@ -55,7 +55,7 @@ def joined_run(tmp_path_factory):
 def test_two_separate_launches_equal_one_simulate_launch(joined_run, tmp_path):
     tmp, results = joined_run
     hub_out = results[1].stdout
-    assert "mpifed: hub hub is waiting up to 60 s for edge on MPI port" in hub_out
+    assert "mpifed: hub hub is waiting up to 60 s for edge at its door 127.0.0.1:" in hub_out
     assert "mpifed: facility edge joined (2 of 2)" in hub_out and "round   2/2" in hub_out
     assert "mpifed: facility edge joined the federation" in results[0].stdout
     assert not (tmp / "port.txt").exists()  # the hub removes its rendezvous file once everyone is in
@@ -162,30 +162,67 @@ def test_a_facility_that_is_in_waits_as_long_as_the_hub_admits_others(tmp_path):
     assert "facility c joined (3 of 3)" in a.stdout and "round   1/1" in a.stdout
 
 
-def test_a_peer_that_breaks_the_handshake_is_dropped_and_others_still_join(tmp_path):
-    """Strangers without the token reach the hub's port first, one after another (tests/mpi/hostile_peer.py):
-    one says nothing, one announces a 64 MiB message, one sends random bytes, one 15 KiB of '[' (which
-    overflowed the JSON parser's recursion), one a well-formed hello with a made-up proof. Each is dropped
-    or refused with its line, none learns anything from the hub, and the real newcomer behind them joins
-    and trains."""
+def test_strangers_at_the_door_are_dropped_at_once_and_the_facility_behind_them_joins(tmp_path):
+    """Ten strangers without the token reach the hub's door within half a second
+    (tests/mpi/hostile_peer.py): two say nothing, one announces a 64 MiB message, two send random bytes
+    (one unframed), two 15 KiB of '[' (which overflowed the JSON parser's recursion), two a well-formed
+    hello with a made-up proof, one an admit. Each is dropped or refused with its line, none reaches MPI
+    (MPICH's accept crashed with eight at once), and the real newcomer that comes after them joins."""
     config = _config(tmp_path, {"hub": 1, "edge": 1}, "federation.join_timeout_s=120", "federation.rounds=1")
     env = {"MPIFED_TOKEN": TOKEN}
-    modes = ("silent", "big", "garbage", "nest", "hello")
-    peers = [(1, [sys.executable, str(WORKERS / "hostile_peer.py"), str(tmp_path / "port.txt"), mode], {})
-             for mode in modes]
+    modes = ("silent", "silent", "big", "raw", "garbage", "nest", "nest", "hello", "hello", "admit")
+    peers = [[sys.executable, str(WORKERS / "hostile_peer.py"), str(tmp_path / "port.txt"), mode] for mode in modes]
     start = time.monotonic()
-    hub, *_, edge = launch_all([(1, _run(config, "hub"), env), *peers, (1, _run(config, "edge"), env)],
-                               timeout=300, starts=[0, 0.5, 13, 16, 19, 22, 25])
+    strangers = [subprocess.Popen(peer, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for peer in peers]
+    hub, edge = launch_all([(1, _run(config, "hub"), env), (1, _run(config, "edge"), env)], timeout=300,
+                           starts=[0, 12])  # after the silent ones' 10 s: their drop is seen
+    for stranger in strangers:
+        stranger.wait(timeout=60)
     assert hub.returncode == 0 and edge.returncode == 0, hub.stdout + hub.stderr + edge.stderr
-    assert "dropped a connection that said nothing within 10 s" in hub.stdout, hub.stdout
+    assert hub.stdout.count("dropped a connection that said nothing within 10 s") == 2, hub.stdout
     assert "dropped a connection that sent a 67108864-byte message, more than a handshake may hold (16384)" \
         in hub.stdout, hub.stdout
+    assert hub.stdout.count("more than a handshake may hold (16384)") == 2, hub.stdout  # and the unframed bytes
     no_hello = "dropped a connection that sent no valid hello (not an mpifed facility, or another version)"
-    assert hub.stdout.count(no_hello) == 2, hub.stdout  # the random bytes and the nesting
-    assert "refused facility edge: the shared token differs (HMAC check failed)" in hub.stdout, hub.stdout
+    assert hub.stdout.count(no_hello) == 4, hub.stdout  # random bytes framed, the nesting twice, the admit
+    assert hub.stdout.count("refused facility edge: the shared token differs (HMAC check failed)") == 2, hub.stdout
     assert "facility edge joined (2 of 2)" in hub.stdout and "round   1/1" in hub.stdout
     assert "Traceback" not in hub.stdout + hub.stderr
     assert time.monotonic() - start < 240
+
+
+@pytest.mark.parametrize("mode", ["pass", "flip"])
+def test_a_relay_at_the_door_sees_only_sealed_bytes_and_cannot_change_them(tmp_path, mode):
+    """A man in the middle (tests/mpi/relay.py) sits between the newcomer and the hub's door, the newcomer
+    given the relay's address with --port. Passing the bytes on, it sees the handshake and sealed frames
+    only: neither the hub's MPI port nor the ticket is in its recording, and the newcomer joins and trains
+    as without it. Flipping one bit of the sealed frame that carries the port ends the newcomer with one
+    line naming the link, the hub gives it up and stops at its deadline, and nothing is written."""
+    config = _config(tmp_path, {"hub": 1, "edge": 1}, "federation.rounds=1", "federation.join_timeout_s=45")
+    env = {"MPIFED_TOKEN": TOKEN}
+    relay = subprocess.Popen([sys.executable, str(WORKERS / "relay.py"), str(tmp_path / "port.txt"),
+                              str(tmp_path / "relay.txt"), str(tmp_path / "seen.bin"), mode])
+    try:
+        while not (tmp_path / "relay.txt").exists():
+            time.sleep(0.05)
+        via = (tmp_path / "relay.txt").read_text().strip()
+        hub, edge = launch_all([(1, _run(config, "hub"), env), (1, _run(config, "edge") + ["--port", via], env)],
+                               timeout=200, starts=[0, 1])
+    finally:
+        relay.kill()
+    seen = (tmp_path / "seen.bin").read_bytes()
+    assert len(seen) > 500 and b"connentry" not in seen and b"tag#" not in seen and b"ticket" not in seen
+    if mode == "pass":
+        assert hub.returncode == 0 and edge.returncode == 0, hub.stdout + hub.stderr + edge.stderr
+        assert "facility edge joined (2 of 2)" in hub.stdout
+        assert checkpoint.verify(tmp_path / "run" / checkpoint.main_name(1)).round == 1
+        return
+    assert edge.returncode != 0 and (
+        "mpifed: rank 0: error: facility edge was refused by the hub: the hub sent a message that does not open "
+        "(join link: tampered or not sealed under this link's key) during the handshake\n") in edge.stderr, edge.stderr
+    assert "facility edge was admitted at the door but did not connect to the MPI port" in hub.stdout, hub.stdout
+    assert hub.returncode != 0 and "edge did not join within 45 s" in hub.stderr
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("*.h5"))
 
 
 def test_a_rendezvous_file_left_by_a_hub_that_is_gone_is_one_line_and_exit_2(tmp_path):

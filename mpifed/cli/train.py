@@ -188,10 +188,10 @@ def simulate(config_file: Path | None, facilities: int | None, ranks_per_facilit
 @click.command()
 @click.argument("config_file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--facility", default="", metavar="NAME",
-              help="This launch is facility NAME alone; it joins the others over an MPI port (the first "
+              help="This launch is facility NAME alone; it joins the others at the hub's door (the first "
                    "facility listed is the hub). Needs MPIFED_TOKEN or federation.token_file.")
-@click.option("--port", default="", metavar="PORT",
-              help="With --facility: the MPI port name the hub printed (instead of federation.rendezvous).")
+@click.option("--port", default="", metavar="HOST:PORT",
+              help="With --facility: the address of the door the hub printed (instead of federation.rendezvous).")
 @set_option
 @resume_option
 def run(config_file: Path, facility: str, port: str, sets: tuple[str, ...], resume: str) -> NoReturn:

@@ -1,7 +1,7 @@
-"""The handshake between two gateways over a fresh MPI intercommunicator, and the shared token it proves.
+"""The handshake between two gateways' leaders on a fresh connection, and the keys it derives.
 
 Whoever connects (the *caller*: a facility joining, the federation admitting a facility that comes back,
-a wake-up call) proves first; the side that accepted (the *listener*: the hub, its doorman, a facility
+a wake-up call) proves first; the side that accepted (the *listener*: the hub's door, a facility
 waiting to come back) proves only to a caller that has proved, so a stranger learns nothing to crack a
 token with offline:
 
@@ -19,7 +19,8 @@ more than the token is, and whatever follows on the link is sealed under them (`
 
 The token itself (reading, strength, making one) is mpifed/comm/secret.py's.
 
-Every message is a JSON object in an MPI byte buffer, read with a deadline (HANDSHAKE_S), at most
+It runs over any `Wire` (mpifed/comm/wire.py): an MPI intercommunicator or a TCP stream.
+Every message is a JSON object, read with a deadline (HANDSHAKE_S), at most
 `LIMIT` bytes and `DEPTH` levels deep; anything else is a broken handshake (`Unanswered`), never an
 exception that escapes: nothing here is unpickled or trusted before its proof.
 """
@@ -28,14 +29,11 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
-from mpi4py import MPI
-
 from mpifed.comm import seal
+from mpifed.comm.wire import Unanswered, Wire
 
 PROTOCOL = 2
 """The handshake's version: 2 since the caller proves first (version 1 had the hub answer any caller
@@ -47,45 +45,19 @@ LIMIT = 16 << 10
 """Bytes a handshake message may hold; a larger one is refused unread."""
 DEPTH = 4
 """How deeply a handshake message may nest; a deeper one is refused before it is parsed."""
-_TAG = 7101
 TOKEN_DIFFERS = "the shared token differs (HMAC check failed): set the same MPIFED_TOKEN or token_file on every site"
 
 
-class Unanswered(Exception):
-    """The other side broke the handshake: silent, too large, not JSON, not a proof, or a sealed message
-    that does not open. The message says which."""
-
-
 # ------------------------------------------------------------------------------------------- messages
-def send(inter: MPI.Intercomm, message: dict) -> None:
+def send(wire: Wire, message: dict) -> None:
     """A JSON object to the other side's leader."""
-    send_bytes(inter, json.dumps(message).encode())
+    wire.send_bytes(json.dumps(message).encode())
 
 
-def send_bytes(inter: MPI.Intercomm, data: bytes) -> None:
-    inter.Send([np.frombuffer(data, np.uint8), MPI.BYTE], dest=0, tag=_TAG)
-
-
-def receive_bytes(inter: MPI.Intercomm, limit: int = LIMIT) -> bytes:
-    """The next message from the other side's leader, waiting at most HANDSHAKE_S; its size is checked
-    before anything is allocated (a larger one is drained unread). Raises Unanswered."""
-    status, ends = MPI.Status(), time.monotonic() + HANDSHAKE_S
-    while not inter.Iprobe(source=0, tag=_TAG, status=status):
-        if time.monotonic() > ends:
-            raise Unanswered(f"said nothing within {HANDSHAKE_S:g} s")
-        time.sleep(0.005)
-    size = status.Get_count(MPI.BYTE)
-    if size > limit:
-        drain(inter)
-        raise Unanswered(f"sent a {size}-byte message, more than a handshake may hold ({limit})")
-    data = np.empty(size, np.uint8)
-    inter.Recv([data, MPI.BYTE], source=0, tag=_TAG)
-    return data.tobytes()
-
-
-def receive(inter: MPI.Intercomm) -> dict:
-    """The next message as a JSON object: what is not one (or nests deeper than DEPTH) reads as {}."""
-    return parse(receive_bytes(inter))
+def receive(wire: Wire, timeout_s: float = HANDSHAKE_S) -> dict:
+    """The next message as a JSON object, within `timeout_s`: what is not one (or nests deeper than
+    DEPTH) reads as {}. Raises Unanswered."""
+    return parse(wire.receive_bytes(LIMIT, timeout_s))
 
 
 def parse(data: bytes) -> dict:
@@ -124,18 +96,6 @@ def _nesting(text: str) -> int:
         elif char in "]}":
             depth -= 1
     return deepest
-
-
-def drain(inter: MPI.Intercomm) -> None:
-    """Consume, unread, whatever a peer about to be dropped has sent: left unmatched, a message could
-    be matched later by another connection that happens to reuse the same MPI context."""
-    inter.Set_errhandler(MPI.ERRORS_RETURN)
-    status = MPI.Status()
-    while inter.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
-        try:  # into no buffer at all: MPI reports the truncation and the message is gone
-            inter.Recv([np.empty(0, np.uint8), MPI.BYTE], source=status.Get_source(), tag=status.Get_tag())
-        except MPI.Exception:
-            pass
 
 
 def shown(value: object, width: int = 40) -> str:
@@ -179,20 +139,20 @@ def _problems(message: dict) -> list[str]:
 
 
 class Sealed:
-    """What follows a handshake on the same intercommunicator: JSON objects sealed under the keys both
-    ends derived (mpifed/comm/seal.py); a message that does not open ends the link (`Unanswered`)."""
+    """What follows a handshake on the same wire: JSON objects sealed under the keys both ends derived
+    (mpifed/comm/seal.py); a message that does not open ends the link (`Unanswered`)."""
 
-    def __init__(self, inter: MPI.Intercomm, channel: seal.Channel) -> None:
-        self.inter, self.channel = inter, channel
+    def __init__(self, wire: Wire, channel: seal.Channel) -> None:
+        self.wire, self.channel = wire, channel
 
     def send(self, message: dict) -> None:
-        send_bytes(self.inter, self.channel.seal(json.dumps(message).encode()))
+        self.wire.send_bytes(self.channel.seal(json.dumps(message).encode()))
 
-    def receive(self) -> dict:
+    def receive(self, timeout_s: float = HANDSHAKE_S) -> dict:
         try:
-            return parse(self.channel.open(receive_bytes(self.inter, LIMIT + 64)))
+            return parse(self.channel.open(self.wire.receive_bytes(LIMIT + seal.OVERHEAD, timeout_s)))
         except seal.SealError as exc:
-            raise Unanswered(str(exc)) from None
+            raise Unanswered(f"sent a message that does not open ({exc})") from None
 
 
 @dataclass
@@ -209,14 +169,14 @@ class Outcome:
     """Where both proved: the sealed messages that may follow."""
 
 
-def call(inter: MPI.Intercomm, hello: dict, token: bytes, context: str, wake: bool = False) -> Outcome:
+def call(wire: Wire, hello: dict, token: bytes, context: str, wake: bool = False) -> Outcome:
     """The caller's side (on its leader): say `hello`, prove the token, check the listener's proof.
     With `wake`, a wake-up call: it proves and hangs up, expecting no answer. Raises Unanswered."""
     mine = secrets.token_bytes(seal.NONCE_BYTES)
     said = {**hello, "wake": True} if wake else dict(hello)
     said.update(nonce=mine.hex(), protocol=PROTOCOL)
-    send(inter, said)
-    reply = receive(inter)
+    send(wire, said)
+    reply = receive(wire)
     theirs = _nonce(reply)
     if not theirs and _problems(reply):
         return Outcome(reply, _problems(reply))
@@ -224,52 +184,52 @@ def call(inter: MPI.Intercomm, hello: dict, token: bytes, context: str, wake: bo
         raise Unanswered(f"sent no nonce (protocol {shown(reply.get('protocol'))}, this mpifed speaks {PROTOCOL}: run "
                          "the same mpifed version everywhere)")
     transcript = _transcript(context, said, theirs)
-    send(inter, {"proof": seal.proof(token, "caller", transcript).hex()})
+    send(wire, {"proof": seal.proof(token, "caller", transcript).hex()})
     if wake:
         return Outcome(reply)
-    answer = receive(inter)
+    answer = receive(wire)
     proof = _proof_of(answer)
     answer.pop("proof", None)
     if not proof:
         return Outcome(answer, _problems(answer) or ["the other side sent no verdict"])
     held = seal.check_proof(token, "hub", transcript + hashlib.sha256(_canonical(answer)).digest(), proof)
-    send(inter, {"ok": held})
+    send(wire, {"ok": held})
     problems = _problems(answer) if isinstance(answer.get("problems"), list) else ["the other side sent no verdict"]
     if not held:
         return Outcome(answer, problems + [TOKEN_DIFFERS])
     keys = seal.derive(token, mine, theirs, "caller", context)
-    return Outcome(answer, problems, link=Sealed(inter, seal.Channel(keys, f"{context} link")))
+    return Outcome(answer, problems, link=Sealed(wire, seal.Channel(keys, f"{context} link")))
 
 
-def listen(inter: MPI.Intercomm, token: bytes, context: str, decide: Callable[[dict], dict]) -> Outcome:
+def listen(wire: Wire, token: bytes, context: str, decide: Callable[[dict], dict]) -> Outcome:
     """The listener's side (on its leader): hear the caller's hello and proof, then answer with
     `decide(hello)` (a JSON object; its "problems", a list, is the verdict) and its own proof. A caller
     without a valid proof gets the verdict TOKEN_DIFFERS and no proof. Raises Unanswered."""
-    hello = receive(inter)
+    hello = receive(wire)
     theirs = _nonce(hello)
     if not theirs:
         raise Unanswered("sent no valid hello (not an mpifed facility, or another version)")
     if hello.get("protocol") != PROTOCOL:
         problem = (f"protocol version {shown(hello.get('protocol'))} differs from this side's {PROTOCOL} (run the same "
                    "mpifed version everywhere)")
-        send(inter, {"problems": [problem]})
+        send(wire, {"problems": [problem]})
         return Outcome(hello, [problem])
     mine = secrets.token_bytes(seal.NONCE_BYTES)
-    send(inter, {"nonce": mine.hex(), "protocol": PROTOCOL})
+    send(wire, {"nonce": mine.hex(), "protocol": PROTOCOL})
     transcript = _transcript(context, hello, mine)
-    proved = seal.check_proof(token, "caller", transcript, _proof_of(receive(inter)))
+    proved = seal.check_proof(token, "caller", transcript, _proof_of(receive(wire)))
     if hello.get("wake") is True:
         return Outcome(hello, [] if proved else ["a wake-up call with a wrong token"], wake=proved)
     if not proved:
-        send(inter, {"problems": [TOKEN_DIFFERS]})
+        send(wire, {"problems": [TOKEN_DIFFERS]})
         return Outcome(hello, [TOKEN_DIFFERS])
     answer = decide(hello)
     problems = list(answer.get("problems", []))
-    send(inter, {**answer, "proof": seal.proof(token, "hub", transcript
+    send(wire, {**answer, "proof": seal.proof(token, "hub", transcript
                                                + hashlib.sha256(_canonical(answer)).digest()).hex()})
-    if receive(inter).get("ok") is not True:
+    if receive(wire).get("ok") is not True:
         problems.append(TOKEN_DIFFERS)
     if problems:
         return Outcome(hello, problems)
     keys = seal.derive(token, theirs, mine, "hub", context)
-    return Outcome(hello, link=Sealed(inter, seal.Channel(keys, f"{context} link")))
+    return Outcome(hello, link=Sealed(wire, seal.Channel(keys, f"{context} link")))

@@ -1,23 +1,27 @@
 """Joining separately launched facilities into one MPI world (`mpifed run CONFIG --facility NAME`).
 
-The hub (the first facility listed) opens an MPI port and publishes its name, in the file
-`federation.rendezvous` and on its terminal. Every other facility connects to it. Before any weight
-moves, the two leaders run the handshake of mpifed/comm/handshake.py over the new intercommunicator:
-the newcomer proves it holds the token first, says who it is (facility, ranks, layout fingerprint,
-configuration digest), and the hub answers with its own proof and the verdict: empty, or every
-difference found.
+The hub (the first facility listed) opens its door (mpifed/comm/door.py: a TCP listener of mpifed's own)
+and publishes its address, in the file `federation.rendezvous` and on its terminal. Every other
+facility knocks there: the two leaders run the handshake of mpifed/comm/handshake.py, the newcomer
+proving it holds the token first and saying who it is (facility, ranks, layout fingerprint,
+configuration digest), the hub answering with its own proof and the verdict: empty, or every
+difference found. On a difference each prints what differs; the newcomer stops, and the hub goes on
+waiting for the others.
 
-Both sides then know the verdict. On a difference, each prints what differs and the intercommunicator
-is disconnected: the newcomer stops, and the hub goes on waiting for the others. An accepted newcomer is
-merged into the hub's growing world, and takes part in accepting the rest. When the time is up
-(`federation.join_timeout_s`), the hub goes on if `federation.min_facilities` have joined, else everyone
-stops. MPI_Comm_accept cannot time out, so at the deadline the hub wakes its own accept: a short-lived
-helper process connects and proves a wake-up call with the token.
+An admitted newcomer waits at the door until the hub's accept loop (`_admit`) takes it: the hub sends
+it, sealed, the MPI port and a one-time ticket, accepts (collectively, with the facilities already in),
+and the newcomer connects and proves itself again over MPI with the ticket; anyone else who reaches
+the port is dropped. The newcomer is merged into the growing world and takes part in accepting the
+rest. When the time is up (`federation.join_timeout_s`), the hub goes on if `federation.min_facilities`
+have joined, else everyone stops. MPI_Comm_accept cannot time out, so an admitted newcomer that never
+connects is given up on by waking the accept: a short-lived helper process connects and proves a
+wake-up call with the token.
 
-Messages are JSON over MPI byte buffers: nothing is unpickled.
+Messages are JSON: nothing is unpickled.
 """
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import subprocess
@@ -28,22 +32,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 from mpi4py import MPI
 
 from mpifed.comm import control, handshake, secret, watchdog
-from mpifed.comm.handshake import HANDSHAKE_S, Sealed, Unanswered, drain, shown
+from mpifed.comm.door import Arrival, Door, Hello
+from mpifed.comm.handshake import HANDSHAKE_S, Sealed
+from mpifed.comm.topology import NetworkError
+from mpifed.comm.wire import MPIWire, StreamWire, Unanswered, drain, split_address
 
 HEARTBEAT_S = 1.0
 """While the hub admits facilities it rewrites the rendezvous file this often."""
-CONNECT_TURN_S = 0.5
-"""Facility i (in the configuration's order, the hub being 0) connects (i - 1) times this long after it
-found the hub's port, so that connections do not reach the hub's accept at once."""
+ACCEPT_S = 3 * HANDSHAKE_S
+"""How long the hub's accept waits for the newcomer it sent the MPI port to; then it is woken."""
 STALE_S = 3 * HEARTBEAT_S
 """A rendezvous file unchanged for this long was left by a hub that is gone."""
 WAKE = "<wake>"  # not a valid facility name
 DROPPED = "<dropped>"  # nor this: a connection that broke the handshake's rules
-_ACCEPT, _STOP, _ABORT = 0, 1, 2
+_ACCEPT, _STOP, _ABORT, _CLOSE = 0, 1, 2, 3
 
 
 class JoinError(RuntimeError):
@@ -56,16 +61,6 @@ class LaunchError(JoinError):
     rank of the launch (exit code 2)."""
 
 
-@dataclass(frozen=True)
-class Hello:
-    """What a facility says about itself when it joins."""
-
-    facility: str
-    ranks: int
-    fingerprint: str
-    config: str
-
-
 def read_token(token_file: str) -> bytes:
     """The shared secret (see secret.read_token); a missing, exposed or weak one is a LaunchError."""
     try:
@@ -74,29 +69,9 @@ def read_token(token_file: str) -> bytes:
         raise LaunchError(str(exc)) from None
 
 
-def _differences(hub: Hello, new: dict, expected: dict[str, int], joined: set[str]) -> list[str]:
-    """What in a newcomer's hello keeps it out (empty: nothing)."""
-    name = new.get("facility") if isinstance(new.get("facility"), str) else "?"
-    out = []
-    if name not in expected:
-        out.append(f"facility {shown(name)} is not in the configuration (facilities: {', '.join(expected)})")
-    elif name in joined:
-        out.append(f"facility {name!r} has already joined")
-    elif new.get("ranks") != expected[name]:
-        out.append(f"facility {name} launched {shown(new.get('ranks'))} ranks, the configuration gives it "
-                   f"{expected[name]}")
-    if new.get("fingerprint") != hub.fingerprint:
-        out.append(f"the flat-layout fingerprint differs (hub {hub.fingerprint[:12]}, {shown(name)} "
-                   f"{str(new.get('fingerprint'))[:12]}): the model or LoRA settings are not the same")
-    if new.get("config") != hub.config:
-        out.append(f"the configuration differs (digest hub {hub.config[:12]}, {shown(name)} {str(new.get('config'))[:12]}): "
-                   "use the same config file on every site")
-    return out
-
-
 # -------------------------------------------------------------------------------------------- newcomer
 def find_hub(comm: MPI.Intracomm, rendezvous: str, port: str, timeout_s: float, say: Callable[[str], None]) -> str:
-    """The hub's port name, the same on every rank of this launch: given, or read by the leader from the
+    """The hub's door ("HOST:PORT"), the same on every rank of this launch: given, or read by the leader from the
     rendezvous file once a live hub writes it. Raises LaunchError on every rank when there is no way
     to find the hub, or the file only ever held the port of a hub that is gone. Collective over `comm`."""
     found = ""
@@ -115,10 +90,15 @@ def _read_port(rendezvous: str, port: str, timeout_s: float, say: Callable[[str]
     """The port in the rendezvous file, once the file has been seen to change: a live hub rewrites it
     every HEARTBEAT_S (see `Beacon`), a file that stays the same was left by a hub that is gone."""
     if port:
+        try:
+            split_address(port)
+        except ValueError:
+            raise LaunchError(f"--port {port!r}: not HOST:PORT; pass the address the hub printed "
+                              "(\"at its door HOST:PORT\")") from None
         return port
     if not rendezvous:
         raise LaunchError("no way to find the hub: set federation.rendezvous to a file both sites see, or pass "
-                              "--port with the name the hub printed")
+                          "--port with the address the hub printed")
     path, ends = Path(rendezvous), time.monotonic() + timeout_s
     seen, since, told = "", 0.0, ""
     while time.monotonic() < ends:
@@ -149,15 +129,14 @@ def _read_port(rendezvous: str, port: str, timeout_s: float, say: Callable[[str]
 
 @dataclass(frozen=True)
 class Admitted:
-    """A newcomer the hub let in: the intercommunicator to the hub (or to the hub's doorman, when the
-    federation is `running` already: see mpifed/comm/rejoin.py), and the seconds the hub will still
-    admit others."""
+    """A newcomer the hub let in, and the seconds the hub will still admit others. On a first join,
+    `inter` connects it to the hub; when the federation is `running` already (a facility coming back,
+    see mpifed/comm/rejoin.py) there is none yet, and its leader holds the sealed `link` to the door."""
 
-    inter: MPI.Intercomm
+    inter: MPI.Intercomm | None
     remaining_s: float
     running: bool
     link: Sealed | None = None
-    """On the newcomer's leader: the sealed messages that may follow the handshake (a rejoin's)."""
 
     def merge(self) -> MPI.Intracomm:
         """The world of the hub's ranks and this job's (a first join), in which this job takes part in
@@ -166,26 +145,73 @@ class Admitted:
         self.inter.Free()
         return world
 
+    def close(self) -> None:
+        """Hang up at the door (the leader's stream)."""
+        if self.link is not None:
+            self.link.wire.close()
 
-def connect(comm: MPI.Intracomm, port: str, me: Hello, token: bytes) -> Admitted:
-    """Join the hub at `port` (collective over this facility's job): the handshake, and its verdict on
-    every rank. Raises JoinError when the hub refused this facility."""
-    inter = comm.Connect(port, root=0)
-    problems, remaining, running, link = [], 0.0, False, None
+
+def connect(comm: MPI.Intracomm, address: str, me: Hello, token: bytes) -> Admitted:
+    """Join the hub whose door is at `address` (collective over this facility's job): the handshake at
+    the door, then (on a first join) the MPI connection the hub's accept loop gives the port of, proved
+    again with its ticket. Raises JoinError, on every rank, when the hub refused this facility."""
+    said, link = ["", 0.0, False, ""], None
     if comm.rank == 0:
         try:
-            outcome = handshake.call(inter, me.__dict__, token, "join")
-            problems, link = outcome.problems, outcome.link
-            remaining = outcome.hello.get("remaining_s", 0.0)
-            running = outcome.hello.get("running") is True
+            said, link = _knock(address, me, token)
         except Unanswered as exc:
-            problems = [f"the hub {exc} during the handshake"]
-    verdict = json.loads(control.allgather_str(comm, json.dumps([problems, remaining, running]))[0])
-    if verdict[0]:
-        inter.Disconnect()
-        raise JoinError(f"facility {me.facility} was refused by the hub: {'; '.join(verdict[0])}")
-    remaining = verdict[1] if isinstance(verdict[1], (int, float)) else 0.0
-    return Admitted(inter, float(remaining), bool(verdict[2]), link)
+            said[0] = f"the hub {exc} during the handshake"
+        except OSError as exc:
+            said[0] = f"nothing answers at the hub's door {address} ({exc.strerror or exc})"
+    problem, remaining, running, port = json.loads(control.allgather_str(comm, json.dumps(said[:4]))[0])
+    if not problem and not running:
+        inter = comm.Connect(port, root=0)
+        if comm.rank == 0:
+            try:
+                problem = "; ".join(handshake.call(MPIWire(inter), {**me.__dict__, "ticket": said[4]}, token,
+                                                   "join").problems)
+            except Unanswered as exc:
+                problem = f"the hub {exc} after giving its MPI port"
+        problem = control.allgather_str(comm, problem)[0]
+        if problem:
+            inter.Disconnect()
+        link = _hang_up(link)
+    else:
+        inter = None
+    if problem:
+        _hang_up(link)
+        raise JoinError(f"facility {me.facility} was refused by the hub: {problem}")
+    return Admitted(inter, float(remaining), bool(running), link)
+
+
+def _hang_up(link: Sealed | None) -> None:
+    if link is not None:
+        link.wire.close()
+
+
+def _knock(address: str, me: Hello, token: bytes) -> tuple[list, Sealed | None]:
+    """On the newcomer's leader: the handshake at the hub's door and, on a first join, the MPI port and
+    ticket it then sends (once the hub's accept loop takes this facility). [problem, remaining_s, running,
+    port, ticket] and the sealed link."""
+    wire = StreamWire.connect(address, HANDSHAKE_S)
+    try:
+        outcome = handshake.call(wire, me.__dict__, token, "join")
+    except Unanswered:
+        wire.close()
+        raise
+    answer, link = outcome.hello, outcome.link
+    remaining = answer.get("remaining_s") if isinstance(answer.get("remaining_s"), (int, float)) else 0.0
+    running = answer.get("running") is True
+    if outcome.problems:
+        wire.close()
+        return ["; ".join(outcome.problems), remaining, running, ""], None
+    if running:
+        return ["", remaining, True, ""], link
+    told = link.receive(remaining + ACCEPT_S)  # the hub takes the facilities it admitted one at a time
+    if not isinstance(told.get("port"), str) or not isinstance(told.get("ticket"), str):
+        wire.close()
+        raise Unanswered("sent no MPI port")
+    return ["", remaining, False, told["port"], told["ticket"]], link
 
 
 # ------------------------------------------------------------------------------------------------ hub
@@ -235,68 +261,62 @@ def wake(port: str, token: bytes) -> None:
                    check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def handshake_hub(inter: MPI.Intercomm, hub: Hello, token: bytes, expected: dict[str, int], joined: set[str],
-                  ends: float, running: bool = False) -> tuple[str, list[str], Sealed | None]:
-    """On the hub leader: (WAKE, [], None) for our own wake-up call, else (newcomer name, its problems,
-    the sealed link to it where it is admitted). A peer that goes silent, oversteps the message size or
-    sends no valid hello is dropped: (DROPPED, [why], None). `running`: the federation trains already (a
-    facility coming back, see mpifed/comm/rejoin.py), as the hub tells it."""
-    def decide(hello: dict) -> dict:
-        return {**hub.__dict__, "remaining_s": max(0.0, ends - time.monotonic()), "running": running,
-                "problems": _differences(hub, hello, expected, joined)}
-
-    try:
-        outcome = handshake.listen(inter, token, "join", decide)
-    except Unanswered as exc:
-        return DROPPED, [f"dropped a connection that {exc}"], None
-    if outcome.wake:
-        return WAKE, [], None
-    name = outcome.hello.get("facility")  # as the caller said it: a line of ours shows a stranger's quoted
-    return (name if name in expected else shown(name)), outcome.problems, outcome.link
-
-
 def serve(comm: MPI.Intracomm, hub: Hello, token: bytes, expected: dict[str, int], rendezvous: str,
-          timeout_s: float, min_facilities: int, say: Callable[[str], None]) -> tuple[MPI.Intracomm, list[str]]:
+          timeout_s: float, min_facilities: int, say: Callable[[str], None]
+          ) -> tuple[MPI.Intracomm, list[str], Door | None]:
     """On the hub's job: admit every other facility in `expected` (name -> ranks). Returns the merged
-    world and the names that joined (the hub's first). Collective over `comm`."""
-    port = MPI.Open_port() if comm.rank == 0 else ""
+    world, the names that joined (the hub's first) and, on the leader where facilities may come back
+    (`min_facilities` >= 1), the door still open, with its rendezvous file (`door.beacon`). Collective
+    over `comm`."""
+    ends = time.monotonic() + timeout_s
     wanted = [name for name in expected if name != hub.facility]
-    beacon = Beacon(Path(rendezvous), port) if comm.rank == 0 and rendezvous else None
+    door, port, beacon, problem = None, "", None, ""
     if comm.rank == 0:
-        say(f"hub {hub.facility} is waiting up to {timeout_s:g} s for {', '.join(wanted)} on MPI port {port}"
+        try:
+            door = Door(hub, token, expected, ends, say)
+            port = MPI.Open_port()
+        except NetworkError as exc:
+            problem = str(exc)
+    problem = control.bcast_str(comm, problem)
+    if problem:
+        raise LaunchError(problem)
+    if comm.rank == 0:
+        beacon = Beacon(Path(rendezvous), door.address) if rendezvous else None
+        say(f"hub {hub.facility} is waiting up to {timeout_s:g} s for {', '.join(wanted)} at its door {door.address}"
             + (f" (written to {rendezvous})" if rendezvous else " (pass it to them with --port)"))
-        timer = threading.Timer(timeout_s, wake, args=(port, token))
-        timer.daemon = True
-        timer.start()
+    keep = False
     try:
-        world, joined, refused = _admit(comm, port, hub, token, expected, say, time.monotonic() + timeout_s)
+        world, joined, refused = _admit(comm, port, door, token, hub.facility, expected, say, ends)
+        missing = [name for name in wanted if name not in joined]
+        if missing and (min_facilities == 0 or len(joined) < min_facilities):
+            why = "".join(f"; {name} was refused: {refused[name]}" for name in missing if name in refused)
+            message = (f"{', '.join(missing)} did not join within {timeout_s:g} s (federation.join_timeout_s){why}; "
+                       + (f"{len(joined)} facilities joined, federation.min_facilities = {min_facilities}"
+                          if min_facilities else "set federation.min_facilities to go on without them"))
+            control.bcast_int(world, _ABORT)
+            raise JoinError(message)
+        if missing:
+            say(f"going on without {', '.join(missing)}: {len(joined)} facilities joined, "
+                f"federation.min_facilities = {min_facilities}")
+        control.bcast_int(world, _STOP)
+        control.allgather_str(world, json.dumps(joined) if world.rank == 0 else "")
+        keep = door is not None and min_facilities > 0
     finally:
         if comm.rank == 0:
-            timer.cancel()
             MPI.Close_port(port)
-        if beacon is not None:
-            beacon.stop()
-    missing = [name for name in wanted if name not in joined]
-    if missing and (min_facilities == 0 or len(joined) < min_facilities):
-        why = "".join(f"; {name} was refused: {refused[name]}" for name in missing if name in refused)
-        message = (f"{', '.join(missing)} did not join within {timeout_s:g} s (federation.join_timeout_s){why}; "
-                   + (f"{len(joined)} facilities joined, federation.min_facilities = {min_facilities}" if min_facilities
-                      else "set federation.min_facilities to go on without them"))
-        control.bcast_int(world, _ABORT)
-        raise JoinError(message)
-    if missing:
-        say(f"going on without {', '.join(missing)}: {len(joined)} facilities joined, "
-            f"federation.min_facilities = {min_facilities}")
-    control.bcast_int(world, _STOP)
-    control.allgather_str(world, json.dumps(joined) if world.rank == 0 else "")
-    return world, joined
+            door.beacon = beacon
+            if keep:
+                door.train(joined)
+            else:
+                door.close()
+    return world, joined, door if keep else None
 
 
 def _accept(world: MPI.Intracomm, port: str, hear: Callable[[MPI.Intercomm], str] | None
             ) -> tuple[str, list[str], MPI.Intracomm | None]:
     """One collective accept on `world`. The hub's leader runs `hear`, the handshake (everyone else passes None)
     and all learn its verdict: (name, problems, the merged world). A wake-up call gives the name WAKE;
-    a wake-up call or a refused newcomer is disconnected and gives no merged world."""
+    a wake-up call or a refused caller is disconnected and gives no merged world."""
     inter = world.Accept(port, root=0)
     verdict = control.allgather_str(world, hear(inter) if hear else "")[0]
     name, problems = (WAKE, []) if verdict == WAKE else json.loads(verdict)
@@ -310,36 +330,66 @@ def _accept(world: MPI.Intracomm, port: str, hear: Callable[[MPI.Intercomm], str
     return name, problems, merged
 
 
-def _admit(comm: MPI.Intracomm, port: str, hub: Hello, token: bytes, expected: dict[str, int],
-           say: Callable[[str], None], ends: float) -> tuple[MPI.Intracomm, list[str], dict[str, str]]:
-    """The accept loop on the hub's side, until every facility joined or the wake-up call at `ends`
-    (monotonic time); joined newcomers run `follow` meanwhile."""
-    world, joined, refused = comm, [hub.facility], {}
+def _hear(arrival: Arrival, token: bytes) -> Callable[[MPI.Intercomm], str]:
+    """On the hub's leader: the check of whoever connected to the MPI port after `arrival` was sent it:
+    a caller that proves the token and shows the arrival's ticket is that arrival; a proved wake-up call
+    is WAKE; anyone else is DROPPED."""
+    def decide(hello: dict) -> dict:
+        shown_ticket = hello.get("ticket") if isinstance(hello.get("ticket"), str) else ""
+        same = hmac.compare_digest(shown_ticket.encode(), arrival.ticket.encode())
+        return {"problems": [] if same else [f"not the facility the door admitted ({arrival.name})"]}
 
     def hear(inter: MPI.Intercomm) -> str:
-        name, problems, _ = handshake_hub(inter, hub, token, expected, set(joined), ends)
-        return WAKE if name == WAKE else json.dumps([name, problems])
+        try:
+            outcome = handshake.listen(MPIWire(inter), token, "join", decide)
+        except Unanswered as exc:
+            return json.dumps([DROPPED, [f"dropped a connection to the MPI port that {exc}"]])
+        if outcome.wake:
+            return WAKE
+        if outcome.problems:
+            return json.dumps([DROPPED, [f"dropped a connection to the MPI port: {'; '.join(outcome.problems)}"]])
+        return json.dumps([arrival.name, []])
+    return hear
 
+
+def _admit(comm: MPI.Intracomm, port: str, door: Door | None, token: bytes, hub: str, expected: dict[str, int],
+           say: Callable[[str], None], ends: float) -> tuple[MPI.Intracomm, list[str], dict[str, str]]:
+    """The accept loop on the hub's side (`door` on its leader, None elsewhere), until every facility
+    joined or `ends` (monotonic time): each facility the door admitted in turn is sent the MPI port and
+    accepted by everyone in. Joined newcomers run `follow` meanwhile."""
+    world, joined = comm, [hub]
     while len(joined) < len(expected):
-        if world is not comm:
-            control.bcast_int(world, _ACCEPT)  # tell the newcomers already in to accept the next one with us
-        name, problems, merged = _accept(world, port, hear if world.rank == 0 else None)
-        if name == WAKE:
-            break
-        if name == DROPPED:
-            say(problems[0])
-            continue
-        if problems:
-            refused[name] = "; ".join(problems)
-            say(f"refused facility {name}: {refused[name]}")
+        arrival = door.next_arrival(ends) if door is not None else None
+        code = control.bcast_int(world, _ACCEPT if arrival is not None else _CLOSE)
+        if code == _CLOSE:
+            refused = json.loads(control.bcast_str(world, json.dumps(door.refused) if door is not None else None))
+            return world, joined, refused
+        if arrival is not None:
+            arrival.link.send({"port": port, "ticket": arrival.ticket})
+            timer = threading.Timer(ACCEPT_S, wake, args=(port, token))  # a newcomer that never connects
+            timer.daemon = True
+            timer.start()
+        try:
+            name, problems, merged = _accept(world, port, _hear(arrival, token) if arrival is not None else None)
+        finally:
+            if arrival is not None:
+                timer.cancel()
+                arrival.close()
+        if merged is None:
+            if door is not None:
+                door.release(arrival.name)
+                say(problems[0] if problems else f"facility {arrival.name} was admitted at the door but did not "
+                    f"connect to the MPI port within {ACCEPT_S:g} s; it may knock again")
             continue
         if world is not comm:
             world.Free()
         world = merged
         joined.append(name)
+        if door is not None:
+            door.entered(name)
         say(f"facility {name} joined ({len(joined)} of {len(expected)})")
         watchdog.set_phase(f"join: admitting the others ({', '.join(joined)} in)")
-    return world, joined, refused
+    return world, joined, {}
 
 
 def follow(world: MPI.Intracomm) -> tuple[MPI.Intracomm, list[str]]:
@@ -349,6 +399,9 @@ def follow(world: MPI.Intracomm) -> tuple[MPI.Intracomm, list[str]]:
         code = control.bcast_int(world, None)
         if code == _ABORT:
             raise JoinError("the hub stopped: not every facility joined in time (see the hub's message)")
+        if code == _CLOSE:  # the hub's window closed: its verdict follows
+            control.bcast_str(world, None)
+            continue
         if code != _ACCEPT:
             return world, json.loads(control.allgather_str(world, "")[0])
         _, _, merged = _accept(world, "", None)
@@ -362,7 +415,7 @@ def _wake_main(port: str) -> None:
     token = os.environ.get("MPIFED_TOKEN", "").encode()
     inter = MPI.COMM_SELF.Connect(port, root=0)
     try:
-        handshake.call(inter, {}, token, "join", wake=True)
+        handshake.call(MPIWire(inter), {}, token, "join", wake=True)
     except Unanswered:
         pass
     inter.Disconnect()

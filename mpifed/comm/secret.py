@@ -71,5 +71,6 @@ def read_token(token_file: str) -> bytes:
     bits = token_bits(token)
     if bits < MIN_TOKEN_BITS:
         raise TokenError(f"{where}: the token is too weak (about {bits:.0f} bits of entropy, at least "
-                         f"{MIN_TOKEN_BITS} needed: whoever records one handshake could guess it offline); {HOW_TO_MAKE}")
+                         f"{MIN_TOKEN_BITS} needed: whoever records one handshake could guess it offline); "
+                         f"{HOW_TO_MAKE}")
     return token

@@ -180,12 +180,12 @@ def _interface_address(name: str) -> str:
         return socket.inet_ntoa(fcntl.ioctl(probe.fileno(), 0x8915, request)[20:24])  # SIOCGIFADDR
 
 
-def store_address(single_node: bool) -> str:
+def store_address(single_node: bool, setting: str = STORE_HOST) -> str:
     """Where the facility's torch store listens, as the leader decides it: MPIFED_STORE_HOST (an
     interface of this node or one of its addresses or names); else loopback when the whole facility is
     on this node; else the address this node's name resolves to. Raises NetworkError when this node has
-    no such interface or address."""
-    wanted = os.environ.get(STORE_HOST, "")
+    no such interface or address. `setting`: another variable of the same meaning (the hub's door)."""
+    wanted = os.environ.get(setting, "")
     here = socket.gethostname()
     try:
         if not wanted:
@@ -196,28 +196,29 @@ def store_address(single_node: bool) -> str:
             probe.bind((wanted, 0))  # only an address of this node can be bound
         return wanted
     except OSError as exc:
-        what = f"{STORE_HOST}={wanted}" if wanted else f"this node's name {here}"
-        raise NetworkError(f"{what}: no usable address on node {here} ({exc.strerror or exc}); set {STORE_HOST} "
+        what = f"{setting}={wanted}" if wanted else f"this node's name {here}"
+        raise NetworkError(f"{what}: no usable address on node {here} ({exc.strerror or exc}); set {setting} "
                            "to one of its interfaces (ip addr) or addresses") from None
 
 
-def store_ports() -> range | None:
-    """The ports MPIFED_STORE_PORTS allows, in the order they are tried; None when it is unset (any port).
-    Raises NetworkError when it is not LOW-HIGH with 1 <= LOW <= HIGH <= 65535."""
-    text = os.environ.get(STORE_PORTS, "").strip()
+def store_ports(setting: str = STORE_PORTS) -> range | None:
+    """The ports MPIFED_STORE_PORTS (or `setting`) allows, in the order they are tried; None when it is
+    unset (any port). Raises NetworkError when it is not LOW-HIGH with 1 <= LOW <= HIGH <= 65535."""
+    text = os.environ.get(setting, "").strip()
     if not text:
         return None
     found = re.fullmatch(r"(\d{1,5})\s*-\s*(\d{1,5})", text)
     if not found or not 1 <= int(found[1]) <= int(found[2]) <= 65535:
-        raise NetworkError(f"{STORE_PORTS}={text}: not a port range on node {socket.gethostname()}; write "
+        raise NetworkError(f"{setting}={text}: not a port range on node {socket.gethostname()}; write "
                            "LOW-HIGH with 1 <= LOW <= HIGH <= 65535, e.g. 29400-29499")
     return range(int(found[1]), int(found[2]) + 1)
 
 
-def listen_for_store(host: str) -> socket.socket:
-    """A TCP socket listening on `host` alone, on the first free port of MPIFED_STORE_PORTS (any port when
-    it is unset). Raises NetworkError when the setting is malformed or no port of it can be had here."""
-    ports = store_ports()
+def listen_for_store(host: str, setting: str = STORE_PORTS) -> socket.socket:
+    """A TCP socket listening on `host` alone, on the first free port of MPIFED_STORE_PORTS (or `setting`;
+    any port when it is unset). Raises NetworkError when the setting is malformed or no port of it can be
+    had here."""
+    ports = store_ports(setting)
     here = socket.gethostname()
     for port in ports or [0]:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -232,10 +233,10 @@ def listen_for_store(host: str) -> socket.socket:
             listener.close()
             if exc.errno == errno.EADDRINUSE and ports is not None:
                 continue  # taken: try the next port of the range
-            what = f"{STORE_PORTS}={os.environ[STORE_PORTS].strip()}" if ports is not None else "the torch store"
+            what = f"{setting}={os.environ[setting].strip()}" if ports is not None else f"a listener on {host}"
             raise NetworkError(f"{what}: cannot listen on {host} port {port} on node {here} "
-                               f"({exc.strerror or exc}); set {STORE_PORTS} to a range of ports open to you") from None
-    raise NetworkError(f"{STORE_PORTS}={os.environ[STORE_PORTS].strip()}: every port of it is in use on {host} on "
+                               f"({exc.strerror or exc}); set {setting} to a range of ports open to you") from None
+    raise NetworkError(f"{setting}={os.environ[setting].strip()}: every port of it is in use on {host} on "
                        f"node {here}; widen the range or free one of its ports (ss -ltn)")
 
 

@@ -3,17 +3,17 @@ of `mpifed.run.trainer.Trainer` that decides, after a round some facility asked 
 leaves or everyone stops; lets go of the communicators before the world changes; carries a rank's state
 over to the new world (`regroup`); and, for a facility coming back, sends it the global model and the
 outer state. The worlds themselves are made in mpifed/run/rank.py (split and disconnect, merge) and
-mpifed/comm/rejoin.py (the doorman).
+mpifed/comm/door.py and rejoin.py.
 
 Training ahead. A facility that leaves keeps the round's global model in its own checkpoint part. Its
 next job restores that part over its own ranks before it asks to be admitted, and while it waits for
 the round boundary (on another thread: `rejoin.Waiting`) it trains from that model, step by step, as
-long as it is the model the round the federation trains started from (the doorman says which round
+long as it is the model the round the federation trains started from (the door says which round
 that is), and at most `train.local_steps` steps. At the boundary it stops, receives the global model,
 and puts back on top of it what it learned ahead: x <- theta_new + (x_ahead - theta_kept), the rule a
 delayed exchange lands with. Its first exchange then counts the tokens it trained ahead with the rest.
 So a facility that comes back mid-round loses only the steps before its job was ready, not the round.
-One that reaches the doorman after the round's closing reduction (where the hub learns that someone
+One that reaches the door after the round's closing reduction (where the hub learns that someone
 waits) enters a boundary later: what it learned then goes on top of a model a round newer than the
 one it started from, as with a delayed exchange that lands late.
 """
@@ -189,7 +189,7 @@ class Elastic:
                   flush=True)
 
     def train_ahead(self, waiting: "Waiting") -> tuple[MPI.Intracomm, dict]:
-        """A facility coming back, once the doorman admitted it: wait for the federation's round
+        """A facility coming back, once the door admitted it: wait for the federation's round
         boundary (on another thread), training ahead meanwhile where this facility's part kept the
         global model the federation's current round started from (see the module's docstring). Returns
         what `Waiting.merge` does. No MPI here until the federation connected: the accept holds the

@@ -24,7 +24,8 @@ from mpifed.config import RunConfig
 from mpifed.run import stop
 
 if TYPE_CHECKING:
-    from mpifed.comm.rejoin import Doorman, Waiting
+    from mpifed.comm.door import Door
+    from mpifed.comm.rejoin import Waiting
     from mpifed.run.trainer import Trainer
 
 
@@ -61,7 +62,7 @@ def _train(cfg: RunConfig, world: MPI.Intracomm, index: int, resume: str, joined
     from mpifed.run.trainer import Trainer  # heavy imports (torch, transformers) only once MPI is up
 
     trainer, entering, newcomer = None, None, None
-    doorman = joined.doorman if joined else None
+    door = joined.door if joined else None
     back: tuple[str, float] | None = None  # the facility admitted at the last boundary, and when it began
     if joined is not None and joined.come_back is not None:  # coming back: build alone, train ahead, enter
         from mpifed.comm.join import JoinError
@@ -90,7 +91,7 @@ def _train(cfg: RunConfig, world: MPI.Intracomm, index: int, resume: str, joined
             if back is not None and topo.is_global_root:
                 _say(f"facility {back[0]} rejoined after round {trainer.round}; the round boundary took "
                      f"{time.monotonic() - back[1]:.2f} s")
-            trainer.doorman, back = doorman, None
+            trainer.door, back = door, None
             trainer.run()
             watchdog.install(None)
             roll.close()
@@ -100,7 +101,7 @@ def _train(cfg: RunConfig, world: MPI.Intracomm, index: int, resume: str, joined
             topo.close()
             me, began = topo.facility_name, time.monotonic()
             if trainer.leaving:
-                world = _without(world, topo, trainer.leaving, doorman)
+                world = _without(world, topo, trainer.leaving, door)
                 if world is None:
                     trainer.close()
                     return STOPPED_EXIT
@@ -110,23 +111,23 @@ def _train(cfg: RunConfig, world: MPI.Intracomm, index: int, resume: str, joined
                 back = (next(n for n in entering["joined"] if n not in topo.facility_names), began)
                 cfg = _keeping(joined.full, entering["joined"])
             index = [f.name for f in cfg.facility].index(me)
-    if doorman is not None:
-        doorman.close()
+    if door is not None:
+        door.close()
     trainer.close()
     topo.close()
     return 0 if trainer.stopped_after is None else STOPPED_EXIT
 
 
 def _without(world: MPI.Intracomm, topo: topology.Topology, leaving: tuple[str, ...],
-             doorman: "Doorman | None") -> MPI.Intracomm | None:
+             door: "Door | None") -> MPI.Intracomm | None:
     """After the round that `leaving` asked to stop at: split the world into those who stay, then
     disconnect it, collectively with the leavers (the last thing they do with the others: nothing
     waits on them again). The world of those who stay; None on a leaver."""
     stays = topo.facility_name not in leaving
     rest = world.Split(0 if stays else MPI.UNDEFINED, key=world.rank)
     world.Disconnect()
-    if doorman is not None:
-        doorman.forget(leaving)
+    if door is not None:
+        door.forget(leaving)
     return rest if stays else None
 
 
@@ -136,7 +137,7 @@ def _with_newcomer(world: MPI.Intracomm, topo: topology.Topology, trainer: "Trai
     rank now knows (see mpifed/comm/rejoin.py)."""
     from mpifed.comm import rejoin
 
-    merged, told = rejoin.admit(world, joined.doorman, [f.name for f in joined.full.facility],
+    merged, told = rejoin.admit(world, joined.door, [f.name for f in joined.full.facility],
                                 topo.facility_names, {"round": trainer.round, "tokens": trainer.parts.tokens_total})
     if world is not MPI.COMM_WORLD:  # a hub that was alone works on its launch's own world
         world.Free()
@@ -207,12 +208,12 @@ class Joined:
     """This facility's index in `cfg`."""
     full: RunConfig
     """The configuration as given: every facility that may be in."""
-    doorman: "Doorman | None" = None
-    """On the hub's leader, where facilities may leave (federation.min_facilities >= 1): admits those
-    that come back (mpifed/comm/rejoin.py)."""
+    door: "Door | None" = None
+    """On the hub's leader, where facilities may leave (federation.min_facilities >= 1): its door, still
+    open, admits those that come back (mpifed/comm/door.py, rejoin.py)."""
     come_back: "Callable[[], Waiting] | None" = None
-    """A facility coming back to a running federation, which the doorman would admit: once it is built
-    (over `world`, its own job alone), this tells the doorman where it waits for the next round
+    """A facility coming back to a running federation, which the door would admit: once it is built
+    (over `world`, its own job alone), this tells the door where it waits for the next round
     boundary (see mpifed/comm/rejoin.py)."""
 
 
@@ -222,6 +223,7 @@ def join_world(comm: MPI.Intracomm, cfg: RunConfig, name: str, port: str = "", r
     round boundary. Raises JoinError."""
     from mpifed import configfile
     from mpifed.comm import join, rejoin
+    from mpifed.comm.door import Hello
     from mpifed.comm.watchdog import deadline
     from mpifed.data.corpus import shape
     from mpifed.model import planned_layout
@@ -239,7 +241,7 @@ def join_world(comm: MPI.Intracomm, cfg: RunConfig, name: str, port: str = "", r
     except ValueError as exc:
         raise join.LaunchError(str(exc)) from None
     token = join.read_token(fed.token_file)
-    me = join.Hello(name, comm.size, planned_layout(cfg, *shape(cfg.data)).fingerprint, configfile.digest(cfg))
+    me = Hello(name, comm.size, planned_layout(cfg, *shape(cfg.data)).fingerprint, configfile.digest(cfg))
     say = _say if comm.rank == 0 else (lambda line: None)
     # The join bounds its own waits (the hub's wake-up call, the handshake's); this deadline catches a
     # peer that stops answering. A facility that is in waits as long as the hub still admits others.
@@ -247,18 +249,12 @@ def join_world(comm: MPI.Intracomm, cfg: RunConfig, name: str, port: str = "", r
     with deadline(comm, fed.join_timeout_s + slack, "join: waiting for the other facilities",
                   setting="federation.join_timeout_s") as watch:
         expected = {f.name: f.ranks for f in cfg.facility}
-        doorman, come_back = None, None
+        door, come_back = None, None
         if name == names[0]:
-            world, joined = join.serve(comm, me, token, expected, fed.rendezvous, fed.join_timeout_s,
-                                       fed.min_facilities, say)
-            if fed.min_facilities and comm.rank == 0:
-                doorman = rejoin.Doorman(me, token, expected, joined, fed.rendezvous, say)
+            world, joined, door = join.serve(comm, me, token, expected, fed.rendezvous, fed.join_timeout_s,
+                                                fed.min_facilities, say)
         else:
             address = join.find_hub(comm, fed.rendezvous, port, fed.join_timeout_s, say)
-            # Facilities waiting for the hub all see its port at the same heartbeat, and MPICH's accept
-            # has crashed (a segmentation fault in the hub) when two connections came at once: each
-            # facility takes its turn.
-            time.sleep(join.CONNECT_TURN_S * (names.index(name) - 1))
             admitted = join.connect(comm, address, me, token)
             if admitted.running:
                 say(f"facility {name} is back in the running federation; it joins at the next round boundary")
@@ -275,7 +271,7 @@ def join_world(comm: MPI.Intracomm, cfg: RunConfig, name: str, port: str = "", r
                 world, joined = join.follow(admitted.merge())
                 say(f"facility {name} joined the federation")
     run_cfg = _keeping(cfg, joined) if come_back is None else _alone(cfg, name)
-    return Joined(world, run_cfg, [f.name for f in run_cfg.facility].index(name), cfg, doorman, come_back)
+    return Joined(world, run_cfg, [f.name for f in run_cfg.facility].index(name), cfg, door, come_back)
 
 
 def main_joined(cfg: RunConfig, name: str, port: str = "", resume: str = "") -> int:

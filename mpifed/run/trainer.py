@@ -35,7 +35,7 @@ from mpifed.run.elastic import Elastic
 from mpifed.run.schedule import inner_lr
 
 if TYPE_CHECKING:
-    from mpifed.comm.rejoin import Doorman
+    from mpifed.comm.door import Door
 
 
 def uses_gpu(wanted: str) -> bool:
@@ -68,8 +68,8 @@ class Trainer(Elastic):
         job alone, and the trainer holds what its own checkpoint part gives (`own`) until it is
         admitted (`train_ahead`, then `regroup` as the newcomer)."""
         self.elastic = elastic
-        self.doorman: "Doorman | None" = None
-        """On the global root, where facilities may come back: the doorman that admits them
+        self.door: "Door | None" = None
+        """On the global root, where facilities may come back: the door that admits them
         (mpifed/comm/rejoin.py)."""
         self.admitting = False
         """Whether a facility that came back enters after the round just trained."""
@@ -348,8 +348,8 @@ class Trainer(Elastic):
         checkpoint, metrics."""
         fed = self.cfg.federation
         self.round = round_
-        if self.doorman is not None:
-            self.doorman.at_round(round_)
+        if self.door is not None:
+            self.door.at_round(round_)
         watchdog.set_phase(f"round {round_}: inner steps")
         start = time.perf_counter()
         self.round_exchanges: list[RoundExchange] = []
@@ -419,7 +419,7 @@ class Trainer(Elastic):
         # that asked one of its ranks to stop (0: none), so every rank learns who asked in this reduction.
         asked = np.zeros(self.topo.n_facilities)
         asked[self.topo.facility_index] = stop.requested()
-        back = self.doorman.waiting() if self.doorman is not None else 0  # facilities waiting to come back
+        back = self.door.waiting() if self.door is not None else 0  # facilities waiting to come back
         with self.world_deadline(f"round {self.round}: collecting the metrics"):
             weighted_loss, tokens, bytes_inter = control.allreduce(
                 self.topo.world, [mean_loss * facility_tokens, facility_tokens, sent])

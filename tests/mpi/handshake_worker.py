@@ -1,31 +1,33 @@
 """Two ranks: rank 0 listens, rank 1 calls, over an intercommunicator between them (what Accept/Connect
-give a hub and a newcomer). Runs the case named in argv[1] and prints one JSON line per rank with what
-it saw; the test reads them. Tokens come from the environment (never printed)."""
+give a hub and a newcomer). Runs the case named in argv[1] and writes what each rank saw as JSON to
+argv[2]/rank{N}.json (the ranks' stdout could interleave); the test reads them. Tokens come from the
+environment (never printed)."""
 import json
 import os
 import sys
+from pathlib import Path
 
 from mpi4py import MPI
 
-from mpifed.comm import handshake
+from mpifed.comm import handshake, wire
 
 case = sys.argv[1]
 world = MPI.COMM_WORLD
 side = world.Split(world.rank, 0)
-inter = side.Create_intercomm(0, world, 1 - world.rank, 0)
+inter = wire.MPIWire(side.Create_intercomm(0, world, 1 - world.rank, 0))
 right = os.environ["T_RIGHT"].encode()
 wrong = os.environ["T_WRONG"].encode()
 said: list[bytes] = []
-real_send = handshake.send_bytes
+real_send = wire.MPIWire.send_bytes
 
 
-def recording(comm, data):  # what the caller puts on the wire, for the replay case
-    said.append(data)
-    real_send(comm, data)
+def recording(self, data):  # what the caller puts on the wire, for the replay case
+    said.append(bytes(data))
+    real_send(self, data)
 
 
 def report(**what):
-    print(json.dumps({"rank": world.rank, **what}), flush=True)
+    (Path(sys.argv[2]) / f"rank{world.rank}.json").write_text(json.dumps({"rank": world.rank, **what}))
 
 
 def decide(hello):
@@ -52,18 +54,18 @@ if world.rank == 0:
     report(results=[listen() for _ in range(rounds)])
 else:
     if case == "flood":  # 15 KiB of '[' (under the size limit), then a valid-looking nonce never comes
-        handshake.send_bytes(inter, b"[" * (15 << 10))
+        inter.send_bytes(b"[" * (15 << 10))
         report(sent="flood")
     elif case == "replay":
-        handshake.send_bytes = recording
+        wire.MPIWire.send_bytes = recording
         first = handshake.call(inter, {"facility": "f"}, right, "test")
         first.link.send({"x": 1})
         first.link.receive()
-        handshake.send_bytes = real_send
+        wire.MPIWire.send_bytes = real_send
         # a stranger replays the honest caller's hello and proof, word for word, on a new handshake
-        handshake.send_bytes(inter, said[0])
+        inter.send_bytes(said[0])
         handshake.receive(inter)
-        handshake.send_bytes(inter, said[1])
+        inter.send_bytes(said[1])
         report(replayed=handshake.receive(inter))
     else:
         token = wrong if case == "wrong" else right
@@ -73,7 +75,7 @@ else:
             if case == "flip":
                 frame = bytearray(out.link.channel.seal(json.dumps({"x": 1}).encode()))
                 frame[-1] ^= 1
-                handshake.send_bytes(inter, bytes(frame))
+                inter.send_bytes(bytes(frame))
             else:
                 out.link.send({"x": 41})
                 result["back"] = out.link.receive()
