@@ -41,7 +41,9 @@ GATEWAY_HOST = "MPIFED_GATEWAY_HOST"
 GATEWAY_PORTS = "MPIFED_GATEWAY_PORTS"
 """The ports the hub's door may listen on, "LOW-HIGH", tried in order; unset, a port the OS picks."""
 GUESTS = 16
-"""Callers handled at once; a connection beyond them is closed unanswered (a flood, not a facility)."""
+"""Callers handled at once; a connection beyond them waits in the kernel's backlog for a free one. Each
+has HANDSHAKE_S for its whole handshake, however it spaces its messages, so a flood of slow strangers
+delays a facility (which knocks again) but never holds the door."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ class Arrival:
     """What it must show again over MPI (mpifed/comm/join.py)."""
 
     def close(self) -> None:
-        self.link.wire.close()
+        self.link.close()
 
 
 class Door:
@@ -99,8 +101,7 @@ class Door:
         self.address = f"{host}:{self._listener.getsockname()[1]}"
         self.running = False
         self.round = 0
-        self.refused: dict[str, str] = {}
-        """Why each facility of the configuration that knocked was refused, last time."""
+        self._refused: dict[str, str] = {}  # why each facility of the configuration that knocked was refused
         self.beacon = None
         """The rendezvous file's writer (mpifed/comm/join.py), stopped with the door."""
         self._lock = threading.Lock()
@@ -109,22 +110,29 @@ class Door:
         self._arrivals: queue.Queue[Arrival] = queue.Queue()
         self._waiting: queue.Queue[tuple[str, str]] = queue.Queue()
         self._guests = threading.BoundedSemaphore(GUESTS)
+        self._closed = False
         threading.Thread(target=self._serve, name="mpifed-door", daemon=True).start()
 
     # ----------------------------------------------------------------------------------- the listener
     def _serve(self) -> None:
-        while True:
+        told = False
+        while not self._closed:
+            self._guests.acquire()  # all taken: the next caller waits in the backlog
             try:
                 conn, _ = self._listener.accept()
-            except OSError:  # closed: the door is shut
-                return
-            if not self._guests.acquire(blocking=False):
-                conn.close()
+                threading.Thread(target=self._guest, args=(conn,), name="mpifed-door-guest", daemon=True).start()
                 continue
-            threading.Thread(target=self._guest, args=(conn,), name="mpifed-door-guest", daemon=True).start()
+            except (OSError, RuntimeError) as exc:  # shut, out of descriptors, out of threads
+                self._guests.release()
+                if self._closed:
+                    return
+                if not told:
+                    self.say(f"the hub's door could not take a caller ({exc}); it goes on trying")
+                    told = True
+            time.sleep(0.5)
 
     def _guest(self, conn: socket.socket) -> None:
-        wire, kept = StreamWire(conn), False
+        wire, kept = StreamWire(conn, within_s=handshake.HANDSHAKE_S), False
         try:
             kept = self._receive(wire)
         except Unanswered as exc:
@@ -143,19 +151,21 @@ class Door:
             problems = differences(self.hub, hello, self.expected, self._members | self._claimed)
             if not problems:
                 self._claimed.add(hello["facility"])
-        return {**self.hub.__dict__, "remaining_s": max(0.0, self.ends - time.monotonic()), "running": self.running,
+            running = self.running
+        return {**self.hub.__dict__, "remaining_s": max(0.0, self.ends - time.monotonic()), "running": running,
                 "problems": problems}
 
     def _receive(self, wire: StreamWire) -> bool:
         """One caller: True when its stream is kept (an arrival the accept loop will answer). A name
         claimed for a caller that then fails, or comes back later, is released."""
         claimed: list[str] = []
+        told: dict = {}
 
         def decide(hello: dict) -> dict:
-            verdict = self._decide(hello)
-            if not verdict["problems"]:
+            told.update(self._decide(hello))
+            if not told["problems"]:
                 claimed.append(hello["facility"])
-            return verdict
+            return told
 
         admitted = False
         try:
@@ -163,16 +173,19 @@ class Door:
             name = outcome.hello.get("facility")
             if outcome.problems:
                 if name in self.expected:
-                    self.refused[name] = "; ".join(outcome.problems)
+                    with self._lock:
+                        self._refused[name] = "; ".join(outcome.problems)
                 self.say(f"refused facility {name if name in self.expected else shown(name)}: "
                          f"{'; '.join(outcome.problems)}")
                 return False
             if outcome.link is None:  # a wake-up call has no business here
                 return False
-            if not self.running:
-                self._arrivals.put(Arrival(name, outcome.link, secrets.token_hex(16)))
-                admitted = True
-                return True
+            if not told["running"]:  # as the caller was told; the join may have ended since
+                with self._lock:
+                    admitted = not self.running
+                    if admitted:
+                        self._arrivals.put(Arrival(name, outcome.link, secrets.token_hex(16)))
+                return admitted
             told = outcome.link.receive()
             if isinstance(told.get("port"), str) and told["port"]:
                 outcome.link.send({"round": self.round})
@@ -204,14 +217,21 @@ class Door:
             self._claimed.discard(name)
             self._members.add(name)
 
+    def refusals(self) -> dict[str, str]:
+        """Why each facility of the configuration that knocked was refused, last time (a copy)."""
+        with self._lock:
+            return dict(self._refused)
+
     def train(self, members: Sequence[str]) -> None:
         """The join is over and the federation trains with `members`: callers from now on are facilities
         coming back (see the module's docstring)."""
         with self._lock:
             self._members = set(members)
             self.running = True
-        while not self._arrivals.empty():  # admitted too late for the join: they are told no port
-            self._arrivals.get_nowait().close()
+            while not self._arrivals.empty():  # admitted too late for the join: told no port, free to knock
+                late = self._arrivals.get_nowait()
+                self._claimed.discard(late.name)
+                late.close()
 
     # ---------------------------------------------------------- while training: facilities coming back
     def waiting(self) -> int:
@@ -237,9 +257,11 @@ class Door:
     def close(self) -> None:
         """Stop admitting: nothing listens any more, and the rendezvous file, which told whoever waits
         that the federation is there, is removed."""
+        self._closed = True
         if self.beacon is not None:
             self.beacon.stop()
-        try:
-            self._listener.close()
+        try:  # shutdown wakes the thread blocked in accept(), which close alone does not
+            self._listener.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        self._listener.close()

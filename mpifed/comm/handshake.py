@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from mpifed.comm import seal
-from mpifed.comm.wire import Unanswered, Wire
+from mpifed.comm.wire import Tampered, Unanswered, Wire
 
 PROTOCOL = 2
 """The handshake's version: 2 since the caller proves first (version 1 had the hub answer any caller
@@ -135,7 +135,10 @@ def _proof_of(message: dict) -> bytes:
 def _problems(message: dict) -> list[str]:
     """The verdict a peer sent: its "problems", each as text cut to a line's length."""
     problems = message.get("problems")
-    return [str(p)[:500] for p in problems] if isinstance(problems, list) else []
+    if not isinstance(problems, list):
+        return []
+    # printed on our terminal though perhaps nobody proved them: one line each, no control characters
+    return ["".join(c if c.isprintable() else "?" for c in str(p)[:500]) for p in problems[:20]]
 
 
 class Sealed:
@@ -148,11 +151,17 @@ class Sealed:
     def send(self, message: dict) -> None:
         self.wire.send_bytes(self.channel.seal(json.dumps(message).encode()))
 
+    def close(self) -> None:
+        """Hang up (a stream's socket is closed; an MPI wire is the caller's to disconnect)."""
+        close = getattr(self.wire, "close", None)
+        if close is not None:
+            close()
+
     def receive(self, timeout_s: float = HANDSHAKE_S) -> dict:
         try:
             return parse(self.channel.open(self.wire.receive_bytes(LIMIT + seal.OVERHEAD, timeout_s)))
         except seal.SealError as exc:
-            raise Unanswered(f"sent a message that does not open ({exc})") from None
+            raise Tampered(f"sent a message that does not open ({exc})") from None
 
 
 @dataclass

@@ -38,12 +38,14 @@ from mpifed.comm import control, handshake, secret, watchdog
 from mpifed.comm.door import Arrival, Door, Hello
 from mpifed.comm.handshake import HANDSHAKE_S, Sealed
 from mpifed.comm.topology import NetworkError
-from mpifed.comm.wire import MPIWire, StreamWire, Unanswered, drain, split_address
+from mpifed.comm.wire import MPIWire, StreamWire, Tampered, Unanswered, drain, split_address
 
 HEARTBEAT_S = 1.0
 """While the hub admits facilities it rewrites the rendezvous file this often."""
 ACCEPT_S = 3 * HANDSHAKE_S
 """How long the hub's accept waits for the newcomer it sent the MPI port to; then it is woken."""
+KNOCKS = 3
+"""How often a newcomer knocks at the hub's door (2 s apart) before it gives up."""
 STALE_S = 3 * HEARTBEAT_S
 """A rendezvous file unchanged for this long was left by a hub that is gone."""
 WAKE = "<wake>"  # not a valid facility name
@@ -148,7 +150,7 @@ class Admitted:
     def close(self) -> None:
         """Hang up at the door (the leader's stream)."""
         if self.link is not None:
-            self.link.wire.close()
+            self.link.close()
 
 
 def connect(comm: MPI.Intracomm, address: str, me: Hello, token: bytes) -> Admitted:
@@ -156,14 +158,20 @@ def connect(comm: MPI.Intracomm, address: str, me: Hello, token: bytes) -> Admit
     the door, then (on a first join) the MPI connection the hub's accept loop gives the port of, proved
     again with its ticket. Raises JoinError, on every rank, when the hub refused this facility."""
     said, link = ["", 0.0, False, ""], None
-    if comm.rank == 0:
+    for knock in range(KNOCKS if comm.rank == 0 else 0):  # a door busy with strangers may let one go
         try:
             said, link = _knock(address, me, token)
+            break
+        except Tampered as exc:  # someone on the path: knocking again would only meet them again
+            said[0] = f"the hub {exc} during the handshake"
+            break
         except Unanswered as exc:
             said[0] = f"the hub {exc} during the handshake"
         except OSError as exc:
             said[0] = f"nothing answers at the hub's door {address} ({exc.strerror or exc})"
-    problem, remaining, running, port = json.loads(control.allgather_str(comm, json.dumps(said[:4]))[0])
+        time.sleep(2.0)
+    problem, remaining, running, port = json.loads(control.bcast_str(comm, json.dumps(said[:4]) if comm.rank == 0
+                                                                     else None))
     if not problem and not running:
         inter = comm.Connect(port, root=0)
         if comm.rank == 0:
@@ -172,21 +180,19 @@ def connect(comm: MPI.Intracomm, address: str, me: Hello, token: bytes) -> Admit
                                                    "join").problems)
             except Unanswered as exc:
                 problem = f"the hub {exc} after giving its MPI port"
-        problem = control.allgather_str(comm, problem)[0]
+        problem = control.bcast_str(comm, problem)
         if problem:
             inter.Disconnect()
-        link = _hang_up(link)
+        if link is not None:
+            link.close()
+            link = None
     else:
         inter = None
     if problem:
-        _hang_up(link)
+        if link is not None:
+            link.close()
         raise JoinError(f"facility {me.facility} was refused by the hub: {problem}")
     return Admitted(inter, float(remaining), bool(running), link)
-
-
-def _hang_up(link: Sealed | None) -> None:
-    if link is not None:
-        link.wire.close()
 
 
 def _knock(address: str, me: Hello, token: bytes) -> tuple[list, Sealed | None]:
@@ -196,21 +202,20 @@ def _knock(address: str, me: Hello, token: bytes) -> tuple[list, Sealed | None]:
     wire = StreamWire.connect(address, HANDSHAKE_S)
     try:
         outcome = handshake.call(wire, me.__dict__, token, "join")
+        answer, link = outcome.hello, outcome.link
+        remaining = answer.get("remaining_s") if isinstance(answer.get("remaining_s"), (int, float)) else 0.0
+        running = answer.get("running") is True
+        if outcome.problems:
+            wire.close()
+            return ["; ".join(outcome.problems), remaining, running, ""], None
+        if running:
+            return ["", remaining, True, ""], link
+        told = link.receive(remaining + ACCEPT_S)  # the hub takes the facilities it admitted one at a time
+        if not isinstance(told.get("port"), str) or not isinstance(told.get("ticket"), str):
+            raise Unanswered("sent no MPI port")
     except Unanswered:
         wire.close()
         raise
-    answer, link = outcome.hello, outcome.link
-    remaining = answer.get("remaining_s") if isinstance(answer.get("remaining_s"), (int, float)) else 0.0
-    running = answer.get("running") is True
-    if outcome.problems:
-        wire.close()
-        return ["; ".join(outcome.problems), remaining, running, ""], None
-    if running:
-        return ["", remaining, True, ""], link
-    told = link.receive(remaining + ACCEPT_S)  # the hub takes the facilities it admitted one at a time
-    if not isinstance(told.get("port"), str) or not isinstance(told.get("ticket"), str):
-        wire.close()
-        raise Unanswered("sent no MPI port")
     return ["", remaining, False, told["port"], told["ticket"]], link
 
 
@@ -247,17 +252,13 @@ class Beacon:
         self.path.unlink(missing_ok=True)
 
 
-def singleton_env(token: bytes) -> dict[str, str]:
-    """The environment of a helper process that starts MPI on its own (a singleton, outside the job's
-    launcher), holding the token in MPIFED_TOKEN (never on its command line)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "HYDRA_", "PMIX_"))}
-    env["MPIFED_TOKEN"] = token.decode(errors="surrogateescape")
-    return env
-
-
-def wake(port: str, token: bytes) -> None:
-    """Connect to our own port from a helper process, so the blocked accept returns."""
-    subprocess.run([sys.executable, "-m", "mpifed.comm.join", port], env=singleton_env(token), timeout=120,
+def wake(port: str, token: bytes, tag: str = "") -> None:
+    """Connect to our own port from a helper process (an MPI singleton, outside the job's launcher), so
+    the blocked accept returns; `tag` says which wait it ends. The port, the token and the tag reach it
+    on its standard input, never on its command line or in its environment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "HYDRA_", "PMIX_", "MPIFED_TOKEN"))}
+    told = json.dumps({"port": port, "token": token.hex(), "tag": tag})
+    subprocess.run([sys.executable, "-m", "mpifed.comm.join"], input=told, text=True, env=env, timeout=120,
                    check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -332,8 +333,9 @@ def _accept(world: MPI.Intracomm, port: str, hear: Callable[[MPI.Intercomm], str
 
 def _hear(arrival: Arrival, token: bytes) -> Callable[[MPI.Intercomm], str]:
     """On the hub's leader: the check of whoever connected to the MPI port after `arrival` was sent it:
-    a caller that proves the token and shows the arrival's ticket is that arrival; a proved wake-up call
-    is WAKE; anyone else is DROPPED."""
+    a caller that proves the token and shows the arrival's ticket is that arrival; the wake-up call
+    tagged with its ticket is WAKE (its wait is over); anyone else, a stale wake-up call included, is
+    DROPPED, and the port is accepted on again for the same arrival."""
     def decide(hello: dict) -> dict:
         shown_ticket = hello.get("ticket") if isinstance(hello.get("ticket"), str) else ""
         same = hmac.compare_digest(shown_ticket.encode(), arrival.ticket.encode())
@@ -345,7 +347,9 @@ def _hear(arrival: Arrival, token: bytes) -> Callable[[MPI.Intercomm], str]:
         except Unanswered as exc:
             return json.dumps([DROPPED, [f"dropped a connection to the MPI port that {exc}"]])
         if outcome.wake:
-            return WAKE
+            tag = outcome.hello.get("tag") if isinstance(outcome.hello.get("tag"), str) else ""
+            return WAKE if hmac.compare_digest(tag.encode(), arrival.ticket.encode()) else \
+                json.dumps([DROPPED, ["dropped a wake-up call of an earlier wait"]])
         if outcome.problems:
             return json.dumps([DROPPED, [f"dropped a connection to the MPI port: {'; '.join(outcome.problems)}"]])
         return json.dumps([arrival.name, []])
@@ -356,30 +360,40 @@ def _admit(comm: MPI.Intracomm, port: str, door: Door | None, token: bytes, hub:
            say: Callable[[str], None], ends: float) -> tuple[MPI.Intracomm, list[str], dict[str, str]]:
     """The accept loop on the hub's side (`door` on its leader, None elsewhere), until every facility
     joined or `ends` (monotonic time): each facility the door admitted in turn is sent the MPI port and
-    accepted by everyone in. Joined newcomers run `follow` meanwhile."""
-    world, joined = comm, [hub]
+    accepted by everyone in, again until it connects or its wait is woken (ACCEPT_S). Joined newcomers
+    run `follow` meanwhile."""
+    world, joined, arrival, timer = comm, [hub], None, None
     while len(joined) < len(expected):
-        arrival = door.next_arrival(ends) if door is not None else None
+        if door is not None and arrival is None:
+            arrival = door.next_arrival(ends)
+            if arrival is not None:
+                timer = threading.Timer(ACCEPT_S, wake, args=(port, token, arrival.ticket))
+                timer.daemon = True
+                timer.start()
+                try:
+                    arrival.link.send({"port": port, "ticket": arrival.ticket})
+                except Unanswered as exc:  # it hung up: wake the accept now rather than at ACCEPT_S
+                    say(f"facility {arrival.name} {exc} before it was sent the MPI port")
+                    timer.cancel()
+                    threading.Thread(target=wake, args=(port, token, arrival.ticket), daemon=True).start()
         code = control.bcast_int(world, _ACCEPT if arrival is not None else _CLOSE)
         if code == _CLOSE:
-            refused = json.loads(control.bcast_str(world, json.dumps(door.refused) if door is not None else None))
+            refused = json.loads(control.bcast_str(world, json.dumps(door.refusals()) if door is not None else None))
             return world, joined, refused
-        if arrival is not None:
-            arrival.link.send({"port": port, "ticket": arrival.ticket})
-            timer = threading.Timer(ACCEPT_S, wake, args=(port, token))  # a newcomer that never connects
-            timer.daemon = True
-            timer.start()
-        try:
-            name, problems, merged = _accept(world, port, _hear(arrival, token) if arrival is not None else None)
-        finally:
-            if arrival is not None:
-                timer.cancel()
-                arrival.close()
-        if merged is None:
+        name, problems, merged = _accept(world, port, _hear(arrival, token) if arrival is not None else None)
+        if name == DROPPED:  # a stranger or a stale wake-up call: the same arrival is awaited again
             if door is not None:
+                say(problems[0])
+            continue
+        if door is not None:
+            timer.cancel()
+            arrival.close()
+            if merged is None:
                 door.release(arrival.name)
-                say(problems[0] if problems else f"facility {arrival.name} was admitted at the door but did not "
-                    f"connect to the MPI port within {ACCEPT_S:g} s; it may knock again")
+                say(f"facility {arrival.name} was admitted at the door but did not connect to the MPI port "
+                    f"within {ACCEPT_S:g} s; it may knock again")
+            arrival = None
+        if merged is None:
             continue
         if world is not comm:
             world.Free()
@@ -410,16 +424,16 @@ def follow(world: MPI.Intracomm) -> tuple[MPI.Intracomm, list[str]]:
             world = merged
 
 
-def _wake_main(port: str) -> None:
-    """`python -m mpifed.comm.join PORT`: the hub's own wake-up call (see `wake`)."""
-    token = os.environ.get("MPIFED_TOKEN", "").encode()
-    inter = MPI.COMM_SELF.Connect(port, root=0)
+def _wake_main() -> None:
+    """`python -m mpifed.comm.join`: a wake-up call to our own port (see `wake`)."""
+    told = json.loads(sys.stdin.read())
+    inter = MPI.COMM_SELF.Connect(told["port"], root=0)
     try:
-        handshake.call(MPIWire(inter), {}, token, "join", wake=True)
+        handshake.call(MPIWire(inter), {"tag": told["tag"]}, bytes.fromhex(told["token"]), "join", wake=True)
     except Unanswered:
         pass
     inter.Disconnect()
 
 
 if __name__ == "__main__":
-    _wake_main(sys.argv[1])
+    _wake_main()

@@ -27,6 +27,11 @@ class Unanswered(Exception):
     message that does not open. The message says which, as "<it> ..." (e.g. "said nothing within 10 s")."""
 
 
+class Tampered(Unanswered):
+    """A sealed message that does not open: someone on the path changed, forged or replayed it. Never
+    tried again on the same path."""
+
+
 class Wire(Protocol):
     """Whole messages between two leaders."""
 
@@ -76,8 +81,12 @@ def drain(inter: MPI.Intercomm) -> None:
 class StreamWire:
     """Length-prefixed messages on a connected TCP socket (which this object then owns)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, within_s: float | None = None) -> None:
         self.sock = sock
+        self.within_s = within_s
+        self.ends = time.monotonic() + within_s if within_s is not None else None
+        """Where set, no read waits past this (monotonic): a caller that dribbles its messages, each just
+        inside its own deadline, cannot hold the other side longer than `within_s` in all."""
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small handshake messages, sent at once
 
     @classmethod
@@ -94,6 +103,8 @@ class StreamWire:
 
     def receive_bytes(self, limit: int, timeout_s: float) -> bytes:
         ends = time.monotonic() + timeout_s
+        if self.ends is not None and self.ends < ends:  # the whole exchange's time runs out first
+            ends, timeout_s = self.ends, self.within_s
         size = struct.unpack(">I", self._exactly(4, ends, timeout_s))[0]
         if size > limit:
             raise Unanswered(f"sent a {size}-byte message, more than a handshake may hold ({limit})")
