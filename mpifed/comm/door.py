@@ -175,8 +175,8 @@ class Door:
                 if name in self.expected:
                     with self._lock:
                         self._refused[name] = "; ".join(outcome.problems)
-                self.say(f"refused facility {name if name in self.expected else shown(name)}: "
-                         f"{'; '.join(outcome.problems)}")
+                who = name if name in self.expected else shown(name) if isinstance(name, str) else "without a name"
+                self.say(f"refused facility {who}: {'; '.join(outcome.problems)}")
                 return False
             if outcome.link is None:  # a wake-up call has no business here
                 return False
@@ -186,10 +186,10 @@ class Door:
                     if admitted:
                         self._arrivals.put(Arrival(name, outcome.link, secrets.token_hex(16)))
                 return admitted
-            told = outcome.link.receive()
-            if isinstance(told.get("port"), str) and told["port"]:
+            said = outcome.link.receive()
+            if isinstance(said.get("port"), str) and said["port"]:
                 outcome.link.send({"round": self.round})
-                self._waiting.put((name, told["port"]))
+                self._waiting.put((name, said["port"]))
                 self.say(f"facility {name} is back; it joins at the next round boundary")
                 admitted = True
             return False  # a facility coming back later, once it has built (rejoin.later), is released
