@@ -76,7 +76,7 @@ def test_emulated_nodes_listen_on_the_chosen_addresses_within_the_range(tmp_path
 def test_a_malformed_port_range_is_one_clear_error(monkeypatch, value):
     monkeypatch.setenv(topology.STORE_PORTS, value)
     with pytest.raises(topology.NetworkError) as raised:
-        topology.listen_for_store("127.0.0.1")
+        topology.listen_on("127.0.0.1")
     said = str(raised.value)
     assert "\n" not in said and said.startswith(f"MPIFED_STORE_PORTS={value}: not a port range on node "), said
     assert socket.gethostname() in said and raised.value.exit_code == 2
@@ -92,13 +92,13 @@ def _occupied() -> socket.socket:
 
 def test_the_store_skips_taken_ports_and_binds_one_address(monkeypatch):
     monkeypatch.delenv(topology.STORE_PORTS, raising=False)
-    with topology.listen_for_store("127.0.0.1") as anywhere:  # unset: a port the OS picks, one address still
+    with topology.listen_on("127.0.0.1") as anywhere:  # unset: a port the OS picks, one address still
         assert anywhere.getsockname()[0] == "127.0.0.1" and anywhere.getsockname()[1] > 0
     with _occupied() as taken:
         port = taken.getsockname()[1]
         low, high = (port, port + 5) if port + 5 <= 65535 else (port - 5, port)
         monkeypatch.setenv(topology.STORE_PORTS, f"{low}-{high}")
-        with topology.listen_for_store("127.0.0.1") as listener:
+        with topology.listen_on("127.0.0.1") as listener:
             host, got = listener.getsockname()
         assert host == "127.0.0.1" and low <= got <= high and got != port
 
@@ -108,7 +108,7 @@ def test_an_exhausted_range_is_one_clear_error(monkeypatch):
         port = taken.getsockname()[1]
         monkeypatch.setenv(topology.STORE_PORTS, f"{port}-{port}")
         with pytest.raises(topology.NetworkError) as raised:
-            topology.listen_for_store("127.0.0.1")
+            topology.listen_on("127.0.0.1")
     said = str(raised.value)
     assert "\n" not in said and said.startswith(f"MPIFED_STORE_PORTS={port}-{port}: every port of it is in use"), said
     assert socket.gethostname() in said and "widen the range" in said

@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 
 from mpifed.comm import handshake
 from mpifed.comm.handshake import Sealed, shown
-from mpifed.comm.topology import listen_for_store, store_address
+from mpifed.comm.topology import listen_on, store_address
 from mpifed.comm.wire import StreamWire, Unanswered
 
 GATEWAY_HOST = "MPIFED_GATEWAY_HOST"
@@ -97,7 +97,7 @@ class Door:
                  say: Callable[[str], None]) -> None:
         self.hub, self.token, self.expected, self.ends, self.say = hub, token, expected, ends, say
         host = store_address(single_node=False, setting=GATEWAY_HOST)
-        self._listener = listen_for_store(host, GATEWAY_PORTS)
+        self._listener = listen_on(host, GATEWAY_PORTS)
         self.address = f"{host}:{self._listener.getsockname()[1]}"
         self.running = False
         self.round = 0

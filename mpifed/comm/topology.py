@@ -201,7 +201,7 @@ def store_address(single_node: bool, setting: str = STORE_HOST) -> str:
                            "to one of its interfaces (ip addr) or addresses") from None
 
 
-def store_ports(setting: str = STORE_PORTS) -> range | None:
+def port_range(setting: str = STORE_PORTS) -> range | None:
     """The ports MPIFED_STORE_PORTS (or `setting`) allows, in the order they are tried; None when it is
     unset (any port). Raises NetworkError when it is not LOW-HIGH with 1 <= LOW <= HIGH <= 65535."""
     text = os.environ.get(setting, "").strip()
@@ -214,11 +214,11 @@ def store_ports(setting: str = STORE_PORTS) -> range | None:
     return range(int(found[1]), int(found[2]) + 1)
 
 
-def listen_for_store(host: str, setting: str = STORE_PORTS) -> socket.socket:
-    """A TCP socket listening on `host` alone, on the first free port of MPIFED_STORE_PORTS (or `setting`;
-    any port when it is unset). Raises NetworkError when the setting is malformed or no port of it can be
-    had here."""
-    ports = store_ports(setting)
+def listen_on(host: str, setting: str = STORE_PORTS) -> socket.socket:
+    """A TCP socket listening on `host` alone, on the first free port of the range `setting` names
+    (MPIFED_STORE_PORTS for the facility's store, MPIFED_GATEWAY_PORTS for the hub's door; any port when
+    it is unset). Raises NetworkError when the setting is malformed or no port of it can be had here."""
+    ports = port_range(setting)
     here = socket.gethostname()
     for port in ports or [0]:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -281,7 +281,7 @@ def start_process_group(facility: MPI.Intracomm, backend: str = "gloo", timeout_
     store, told = None, ""
     if facility.rank == 0:
         try:
-            listener = listen_for_store(store_address(single_node))
+            listener = listen_on(store_address(single_node))
             host, port = listener.getsockname()[:2]  # numeric: every rank reaches the address bound
             try:
                 store = dist.TCPStore(host, port, facility.size, is_master=True, timeout=timeout,
