@@ -2,7 +2,6 @@
 caller proves first, a wrong or replayed proof is refused without the listener proving anything, what
 follows is sealed, hostile bytes never raise, and a weak token is refused at start in one line."""
 import json
-import os
 import secrets
 import stat
 import subprocess
@@ -10,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import MPIEXEC, WORKERS, mpifed, rank_env, run
+from conftest import MPIEXEC, WORKERS, mpifed, rank_env
 from mpifed.comm import handshake, secret
 
 RIGHT, WRONG = secrets.token_urlsafe(32), secrets.token_urlsafe(32)

@@ -203,20 +203,15 @@ class Waiting:
         return "admit"
 
 
-def lowest_priority(task: int = 0) -> None:
-    """Give a thread (`task`, its native id) or, with 0, every thread of this process the lowest CPU
-    priority (nice 19). MPICH's MPI_Comm_accept polls without pause, a whole core for as long as it
-    waits (measured: 99%); at nice 19 the poll takes only what training leaves, and training on the
-    same cores runs at the speed it would without it. Where the system refuses, nothing changes."""
+def lowest_priority(task: int) -> None:
+    """Give the thread `task` (its native id) the lowest CPU priority (nice 19). MPICH's MPI_Comm_accept
+    polls without pause, a whole core for as long as it waits (measured: 99%); at nice 19 the poll takes
+    only what training leaves, and training on the same cores runs at the speed it would without it.
+    Where the system refuses, nothing changes."""
     try:
-        tasks = [task] if task else [int(t) for t in os.listdir("/proc/self/task")]
-    except OSError:  # no /proc: the calling thread alone
-        tasks = [0]
-    for one in tasks:
-        try:
-            os.setpriority(os.PRIO_PROCESS, one, 19)
-        except OSError:
-            pass
+        os.setpriority(os.PRIO_PROCESS, task, 19)
+    except OSError:
+        pass
 
 
 def _wake_when_gone(port: str, token: bytes, rendezvous: str, timeout_s: float, waiting: threading.Event) -> None:
