@@ -7,6 +7,7 @@ For each model size (millions of fp32 parameters) and facility count it starts m
 times, as the median of several repetitions (slowest rank each time):
   mpifed R=1        one round of mpifed's reduction, one root per facility
   mpifed R=n        the same with every rank a root (the shard-aligned scheme)
+  mpifed R=n sealed the same with the roots' links sealed (AES-256-GCM under a token), as between sites
   MPI Allreduce     one flat MPI_Allreduce of the model over all ranks
   gloo all_reduce   torch.distributed gloo all_reduce of the model over all ranks
 and reports bytes between facilities per round (fp32, and int8) against what DDP would send in H=50
@@ -15,7 +16,7 @@ facility and --traffic-facilities (2, 3, 4, 6), the bytes a root receives in one
 exchange against its payload: the reduce-scatter and all-gather keep it about twice the payload at any
 number of facilities. The last line is `RESULT {json}` with ratio_vs_flat (mpifed R=n / MPI Allreduce at
 the largest size, the worse facility count), ratio_vs_best_flat (the same over the faster of MPI and
-gloo), int8_bytes_ratio and compressed_bytes_growth (per-root received bytes at the most facilities
+gloo), sealed_vs_plain (mpifed R=n sealed / unsealed, the same size and count), int8_bytes_ratio and compressed_bytes_growth (per-root received bytes at the most facilities
 over those at 2).
 """
 from __future__ import annotations
@@ -56,7 +57,11 @@ def worker(sizes: list[int], facilities: int, per: int, reps: int) -> None:
             times.append(control.allreduce(comm, [time.perf_counter() - t0], MPI.MAX)[0])
         return statistics.median(times)
 
+    import secrets
+
+    token = control.bcast_str(comm, secrets.token_urlsafe(32) if comm.rank == 0 else None).encode()
     topologies = {r: topology.build(comm, facility, names, r) for r in (1, per)}
+    topologies["sealed"] = topology.build(comm, facility, names, per, token)
     topology.start_process_group(comm, "gloo", 600)
     import torch
     import torch.distributed as dist
@@ -70,9 +75,10 @@ def worker(sizes: list[int], facilities: int, per: int, reps: int) -> None:
         owned, held = [(start, model[start:stop])], [(0, model)]
         row = {"params_m": millions, "facilities": facilities, "ranks": comm.size}
         # R=1 and R=n by name, not by comparing roots with per: with one rank per facility they coincide
-        for tag, roots, compress in (("1", 1, "none"), ("n", per, "none"), ("n", per, "int8")):
+        for tag, roots, compress in (("1", 1, "none"), ("n", per, "none"), ("n_sealed", per, "none"),
+                                     ("n", per, "int8")):
             fed_cfg = config.FederationConfig(roots=roots, compress=compress, max_norm_ratio=0)
-            fed = Federation(topologies[roots], fed_cfg, numel, owned, held)
+            fed = Federation(topologies["sealed" if tag == "n_sealed" else roots], fed_cfg, numel, owned, held)
             sent = []
 
             def one_round() -> None:
@@ -89,7 +95,8 @@ def worker(sizes: list[int], facilities: int, per: int, reps: int) -> None:
                 row[f"peak_extra_mb_R{tag}"] = control.allreduce(comm, [peak], MPI.MAX)[0] / 2 ** 20
             else:
                 one_round()
-            row[f"bytes_inter_{compress}"] = int(control.allreduce(comm, [sent[-1]])[0])
+            if tag != "n_sealed":
+                row[f"bytes_inter_{compress}"] = int(control.allreduce(comm, [sent[-1]])[0])
             del fed
         flat = np.ones(numel, np.float32)
         row["mpi_allreduce_s"] = timed(lambda: comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM))
@@ -98,6 +105,7 @@ def worker(sizes: list[int], facilities: int, per: int, reps: int) -> None:
         del flat, tensor, model
         row["ratio_Rn_vs_flat"] = row["mpifed_Rn_s"] / row["mpi_allreduce_s"]
         row["ratio_R1_vs_flat"] = row["mpifed_R1_s"] / row["mpi_allreduce_s"]
+        row["sealed_vs_plain"] = row["mpifed_Rn_sealed_s"] / row["mpifed_Rn_s"]
         row["ddp_bytes_H50"] = H * facilities * numel * 4
         row["int8_bytes_ratio"] = row["bytes_inter_int8"] / row["bytes_inter_none"]
         rows.append(row)
@@ -170,12 +178,12 @@ def main() -> None:
             sys.exit(f"traffic worker failed ({out.returncode}):\n{out.stderr[-3000:]}")
         traffic.append(json.loads(next(line for line in out.stdout.splitlines() if line.startswith("TRAFFIC "))[8:]))
     header = (f"{'params':>7} {'fac':>3} {'ranks':>5} {'R=1 s':>8} {'R=n s':>8} {'MPI s':>8} {'gloo s':>8} "
-              f"{'R=n/MPI':>8} {'R=1/MPI':>8} {'inter MB':>9} {'DDP H=50 MB':>12} {'int8/fp32':>9} {'peak R=1':>8} {'R=n MiB':>8}")
+              f"{'R=n/MPI':>8} {'R=1/MPI':>8} {'sealed':>7} {'inter MB':>9} {'DDP H=50 MB':>12} {'int8/fp32':>9} {'peak R=1':>8} {'R=n MiB':>8}")
     print(header)
     for r in rows:
         print(f"{r['params_m']:>6}M {r['facilities']:>3} {r['ranks']:>5} {r['mpifed_R1_s']:>8.3f} {r['mpifed_Rn_s']:>8.3f} "
               f"{r['mpi_allreduce_s']:>8.3f} {r['gloo_allreduce_s']:>8.3f} {r['ratio_Rn_vs_flat']:>8.2f} "
-              f"{r['ratio_R1_vs_flat']:>8.2f} {r['bytes_inter_none'] / 1e6:>9.1f} {r['ddp_bytes_H50'] / 1e6:>12.0f} "
+              f"{r['ratio_R1_vs_flat']:>8.2f} {r['sealed_vs_plain']:>7.2f} {r['bytes_inter_none'] / 1e6:>9.1f} {r['ddp_bytes_H50'] / 1e6:>12.0f} "
               f"{r['int8_bytes_ratio']:>9.3f} {r['peak_extra_mb_R1']:>8.1f} {r['peak_extra_mb_Rn']:>8.1f}")
     print(f"int8 exchange, {args.traffic_millions:g}M parameters, one rank per facility: bytes a root receives / "
           "its payload")
@@ -189,6 +197,7 @@ def main() -> None:
         "compressed_bytes_growth": round(traffic[-1]["received"] / traffic[0]["received"], 3),
         "compressed_received_vs_payload": {t["facilities"]: round(t["received"] / t["payload"], 3) for t in traffic},
         "ratio_R1_vs_flat": max(r["ratio_R1_vs_flat"] for r in largest),
+        "sealed_vs_plain": max(r["sealed_vs_plain"] for r in largest),
         "int8_bytes_ratio": max(r["int8_bytes_ratio"] for r in rows),
         "params_m": max(sizes),
         "facilities": sorted({r["facilities"] for r in rows}),

@@ -57,12 +57,14 @@ def test_two_separate_launches_equal_one_simulate_launch(joined_run, tmp_path):
     hub_out = results[1].stdout
     assert "mpifed: hub hub is waiting up to 60 s for edge at its door 127.0.0.1:" in hub_out
     assert "mpifed: facility edge joined (2 of 2)" in hub_out and "round   2/2" in hub_out
+    assert "; links sealed (AES-256-GCM); " in hub_out  # the roots' exchange, under the token
     assert "mpifed: facility edge joined the federation" in results[0].stdout
     assert not (tmp / "port.txt").exists()  # the hub removes its rendezvous file once everyone is in
     digests = {(tmp / f"digest-{name}-{rank}.txt").read_text() for name, rank in (("hub", 0), ("hub", 1), ("edge", 0))}
     assert len(digests) == 1
     simulated = mpifed("simulate", "--config", str(tmp / "c.toml"), "--out", str(tmp_path / "sim"))
     assert simulated.returncode == 0, simulated.stderr
+    assert "; links not sealed (no token given); " in simulated.stdout  # sealing changes no byte of the model
     assert _model(tmp / "run" / checkpoint.main_name(2)) == _model(tmp_path / "sim" / checkpoint.main_name(2))
 
 

@@ -110,6 +110,19 @@ def test_guard_leaves_out_a_bad_facility(tmp_path, poison):
     assert ("NaN" if poison.endswith("nan") else "max_norm_ratio") in reasons[0]
 
 
+def test_sealed_links_change_no_byte_and_keep_nothing_between_blocking_exchanges(tmp_path):
+    """The same rounds over sealed links (a subset without the refused facility, the result sent on to
+    it, two roots, int8): the same bytes as over plain ones, and the links let go of their buffers."""
+    models = {}
+    for sealed in ("0", "1"):
+        (tmp_path / sealed).mkdir()
+        models[sealed], reports = run(tmp_path / sealed, [2, 2, 2], 2, "sharded", roots=2, compress="int8",
+                                      poison="1:big", sealed=sealed)
+        assert [rep["retained_bytes"] for rep in reports] == [0] * 6
+        assert any(rnd for rep in reports for rnd in rep["left_out"])
+    assert models["0"].tobytes() == models["1"].tobytes()
+
+
 def test_too_few_participants_stops_the_job(tmp_path):
     result = run(tmp_path, [1, 1], 1, check=False, poison="0:nan", min_participants=2)
     assert result.returncode != 0

@@ -11,7 +11,7 @@ import errno
 import os
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Mapping, Sequence
 
@@ -32,6 +32,8 @@ class Topology:
     roots: root r of every facility, ordered by facility, where this rank is root r; else COMM_NULL.
     inter: facility index -> intercommunicator; the hub (facility 0) holds one per other facility,
         every other facility one to the hub.
+    token: the federation's shared secret, where it has one: the roots' links to other facilities
+        are sealed under keys derived from it (mpifed/comm/link.py); None: they are not.
     """
 
     world: MPI.Intracomm
@@ -42,6 +44,7 @@ class Topology:
     facility_names: tuple[str, ...]
     facility_sizes: tuple[int, ...]
     n_roots: int = 1
+    token: bytes | None = field(default=None, repr=False)  # never printed
 
     def __post_init__(self) -> None:
         problems = []
@@ -120,8 +123,9 @@ def facility_of_ranks(sizes: Sequence[int], appnums: Sequence[int]) -> list[int]
     return list(appnums)
 
 
-def build(comm: MPI.Intracomm, facility_index: int, names: Sequence[str], n_roots: int = 1) -> Topology:
-    """Single-launch constructor: split `comm` by facility. Collective over `comm`."""
+def build(comm: MPI.Intracomm, facility_index: int, names: Sequence[str], n_roots: int = 1,
+          token: bytes | None = None) -> Topology:
+    """Split `comm` by facility (`token`: see Topology). Collective over `comm`."""
     indices = control.allgather_int(comm, facility_index)
     sizes = tuple(indices.count(i) for i in range(len(names)))
     if 0 in sizes or len(set(indices) - set(range(len(names)))) > 0:
@@ -139,7 +143,7 @@ def build(comm: MPI.Intracomm, facility_index: int, names: Sequence[str], n_root
     color = facility.rank if facility.rank < n_roots else MPI.UNDEFINED
     roots = world.Split(color, key=facility_index)
     return Topology(world=world, facility=facility, roots=roots, inter=inter, facility_index=facility_index,
-                    facility_names=tuple(names), facility_sizes=sizes, n_roots=n_roots)
+                    facility_names=tuple(names), facility_sizes=sizes, n_roots=n_roots, token=token)
 
 
 def local_ranks_on_node(comm: MPI.Intracomm) -> int:

@@ -47,6 +47,11 @@ def install(roll: RollCall | None) -> None:
         roll.phase = _phase
 
 
+def current_phase() -> str:
+    """What this rank is doing now (the phase a failure is reported in)."""
+    return _phase
+
+
 def set_phase(what: str) -> None:
     """What this rank is doing now, as the others' roll calls will hear it."""
     global _phase

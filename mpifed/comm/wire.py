@@ -43,17 +43,18 @@ class Wire(Protocol):
 
 
 class MPIWire:
-    """Messages between the leaders (rank 0 of each side) of an MPI intercommunicator."""
+    """Messages between the leaders (rank 0 of each side) of an MPI intercommunicator, or between this
+    rank and rank `peer` of a communicator."""
 
-    def __init__(self, inter: MPI.Intercomm) -> None:
-        self.inter = inter
+    def __init__(self, inter: MPI.Intercomm | MPI.Intracomm, peer: int = 0) -> None:
+        self.inter, self.peer = inter, peer
 
     def send_bytes(self, data: bytes | bytearray) -> None:
-        self.inter.Send([np.frombuffer(data, np.uint8), MPI.BYTE], dest=0, tag=TAG)
+        self.inter.Send([np.frombuffer(data, np.uint8), MPI.BYTE], dest=self.peer, tag=TAG)
 
     def receive_bytes(self, limit: int, timeout_s: float) -> bytes:
         status, ends = MPI.Status(), time.monotonic() + timeout_s
-        while not self.inter.Iprobe(source=0, tag=TAG, status=status):
+        while not self.inter.Iprobe(source=self.peer, tag=TAG, status=status):
             if time.monotonic() > ends:
                 raise Unanswered(f"said nothing within {timeout_s:g} s")
             time.sleep(0.005)
@@ -62,7 +63,7 @@ class MPIWire:
             drain(self.inter)
             raise Unanswered(f"sent a {size}-byte message, more than a handshake may hold ({limit})")
         data = np.empty(size, np.uint8)
-        self.inter.Recv([data, MPI.BYTE], source=0, tag=TAG)
+        self.inter.Recv([data, MPI.BYTE], source=self.peer, tag=TAG)
         return data.tobytes()
 
 

@@ -5,24 +5,25 @@ background while training goes on (federation.overlap = delayed).
 
 A reduce-scatter, then an all-gather, whatever the codec (`none` sends the fp32 values themselves):
 1. every root encodes its segment (error feedback: last round's residual is added first, what the code
-   could not carry is kept) and sends chunk c of the payload to the c-th root of the group (Alltoallv);
+   could not carry is kept) and sends chunk c of the payload to the c-th root of the group;
 2. the c-th root decodes the group's pieces of chunk c and sums them in facility order, then encodes
    the sum, with an error feedback of its own for the chunks it sums;
-3. an all-gather of the encoded sums: every root decodes every chunk from the same bytes.
+3. every root sends its encoded sum to every other: every root decodes every chunk from the same bytes.
+Every message is point to point over a link between two roots (mpifed/comm/link.py: sealed where the
+federation holds a token); no MPI collective spans two facilities.
 So a root sends and receives about 2·(F − 1)/F times its payload at any number F of facilities (an
 all-gather of whole payloads would make it receive F − 1 of them). Chunks are whole codec blocks.
 """
 from __future__ import annotations
 
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from mpi4py import MPI
 
+from mpifed.comm.link import Mesh
 from mpifed.config import FederationConfig
 from mpifed.federation import kernels
 from mpifed.federation.compress import Codec, decode, encode
@@ -61,16 +62,8 @@ class Combiner:
         """Error-feedback state, by name (what a checkpoint keeps of the exchange)."""
         self._buffers: dict[str, np.ndarray] = {}
         self.poll_s = 0.0
-        """0: wait for MPI the usual way (spinning); > 0: test every this many seconds and sleep between,
-        leaving the core to training (an exchange in the background, over a slow link)."""
-
-    def _done(self, request: MPI.Request) -> None:
-        """Wait for `request` (see `poll_s`)."""
-        if self.poll_s <= 0:
-            request.Wait()
-            return
-        while not request.Test():
-            time.sleep(self.poll_s)
+        """0: wait for the links the usual way (spinning); > 0: test every this many seconds and sleep
+        between, leaving the core to training (an exchange in the background, over a slow link)."""
 
     def _buffer(self, name: str, size: int) -> np.ndarray:
         """A byte buffer for this exchange (and with `keep` the next: large fresh arrays in the background
@@ -92,12 +85,13 @@ class Combiner:
         return [(min(n, block * (blocks * c // parts)), min(n, block * (blocks * (c + 1) // parts)))
                 for c in range(parts)]
 
-    def combine(self, group: MPI.Intracomm, delta: np.ndarray, at: slice = slice(None),
-                weights: Sequence[float] = ()) -> Traffic:
-        """Replace `delta` (segment values `at`) by its sum over `group` (collective over it), each
-        member's taken times its `weights` entry (none: as they are); returns this root's traffic.
-        fp32 weighs what it receives (a pass over 1/F of the segment instead of all of it); a codec
-        weighs before encoding, since its error feedback is of what it sends."""
+    def combine(self, group: Mesh, delta: np.ndarray, at: slice = slice(None), weights: Sequence[float] = ()
+                ) -> Traffic:
+        """Replace `delta` (segment values `at`) by its sum over the members of `group`, each member's
+        taken times its `weights` entry (none: as they are); returns this root's traffic (payload bytes;
+        a sealed link adds seal.OVERHEAD per frame of up to link.FRAME_BYTES). fp32 weighs what it
+        receives (a pass over 1/F of the segment instead of all of it); a codec weighs before encoding,
+        since its error feedback is of what it sends."""
         if weights and (self.codec is not None or group.size == 1):
             delta *= np.float32(weights[group.rank])
         size, me = group.size, group.rank
@@ -108,10 +102,12 @@ class Combiner:
         starts = np.cumsum([0, *sizes[:-1]]).tolist()
         lo, hi = spans[me]
         mine = delta[lo:hi]
+        others = [f for f in range(size) if f != me]
         pieces = self._buffer("pieces", size * sizes[me]).reshape(size, sizes[me])
-        if self.codec is None:  # the fp32 values are the payload: no copy before, none after
-            self._done(group.Ialltoallv([delta, [s // 4 for s in sizes], [s // 4 for s in starts], MPI.FLOAT],
-                                        [pieces, [sizes[me]] * size, [sizes[me] * f for f in range(size)], MPI.BYTE]))
+        if self.codec is None:  # the fp32 values are the payload: no copy before, none after (unsealed)
+            np.copyto(pieces[me].view(np.float32), mine)
+            group.exchange({f: delta[a:b] for f, (a, b) in enumerate(spans) if f != me},
+                           {f: pieces[f] for f in others}, self.poll_s)
             values = pieces.view(np.float32)
             for f in range(size):  # facility order: the same sum, bit for bit, wherever it is taken
                 if weights:
@@ -120,24 +116,27 @@ class Combiner:
                     np.copyto(mine, values[0])
                 if f > 0:
                     np.add(mine, values[f], out=mine)
-            self._done(group.Iallgatherv(MPI.IN_PLACE, [delta, [s // 4 for s in sizes], [s // 4 for s in starts],
-                                                        MPI.FLOAT]))
+            group.exchange({f: mine for f in others}, {f: delta[a:b] for f, (a, b) in enumerate(spans) if f != me},
+                           self.poll_s)
         else:
             residual, sums = self.state["residual"][at], self.state["sum_residual"][at]
             payload = encode(self.codec, delta, residual, self._buffer("payload", sum(sizes)), self.threads)
-            self._done(group.Ialltoallv([payload, sizes, starts, MPI.BYTE],
-                                        [pieces, [sizes[me]] * size, [sizes[me] * f for f in range(size)], MPI.BYTE]))
+            pieces[me] = payload[starts[me]:starts[me] + sizes[me]]
+            group.exchange({f: payload[starts[f]:starts[f] + sizes[f]] for f in others},
+                           {f: pieces[f] for f in others}, self.poll_s)
             for f in range(size):  # facility order, as above
                 decode(self.codec, pieces[f], hi - lo, mine, f > 0, self.threads)
             gathered = self._buffer("gathered", sum(sizes))
             encode(self.codec, mine, sums[lo:hi], gathered[starts[me]:starts[me] + sizes[me]], self.threads)
-            self._done(group.Iallgatherv(MPI.IN_PLACE, [gathered, sizes, starts, MPI.BYTE]))
+            group.exchange({f: gathered[starts[me]:starts[me] + sizes[me]] for f in others},
+                           {f: gathered[starts[f]:starts[f] + sizes[f]] for f in others}, self.poll_s)
             for (a, b), start, length in zip(spans, starts, sizes):
                 decode(self.codec, gathered[start:start + length], b - a, delta[a:b], False, self.threads)
         if not self.keep:
             self._buffers.clear()
-        others = sum(sizes) - sizes[me]
-        return Traffic(sent=others + sizes[me] * (size - 1), received=sizes[me] * (size - 1) + others)
+            group.release()
+        others_bytes = sum(sizes) - sizes[me]
+        return Traffic(sent=others_bytes + sizes[me] * (size - 1), received=sizes[me] * (size - 1) + others_bytes)
 
 
 @dataclass(frozen=True)
@@ -150,27 +149,27 @@ class Outcome:
 
 
 class RootExchange:
-    """Root r's side of one exchange across facilities, on `comm` (root r of every facility, in facility
-    order): share every facility's update norm and tokens, leave out what the guard refuses (NaN/Inf,
+    """Root r's side of one exchange across facilities, over `mesh` (its links to root r of every
+    facility, in facility order): share every facility's update norm and tokens, leave out what the guard refuses (NaN/Inf,
     an outsized norm, a facility that sat the round out), combine the others' token-weighted updates,
     hand the result to the left-out roots, and step the outer optimizer."""
 
-    def __init__(self, comm: MPI.Intracomm, cfg: FederationConfig, names: Sequence[str], combiner: Combiner,
+    def __init__(self, mesh: Mesh, cfg: FederationConfig, names: Sequence[str], combiner: Combiner,
                  outer: OuterOptimizer) -> None:
-        self.comm, self.cfg, self.names = comm, cfg, list(names)
+        self.mesh, self.cfg, self.names = mesh, cfg, list(names)
         self.combiner, self.outer = combiner, outer
 
     def run(self, delta: np.ndarray, theta: np.ndarray, at: slice, number: int, tokens: int, norm: float,
             bad: bool, participate: bool) -> Outcome:
         """Exchange `delta` (this facility's unweighted update of segment values `at`, overwritten) and
-        apply outer step `number` to `theta[at]`. Collective over `comm`."""
-        comm, me = self.comm, self.comm.rank
-        stats = np.empty((comm.size, 4), np.float64)
+        apply outer step `number` to `theta[at]`. Every member of the mesh runs it."""
+        mesh, me, poll_s = self.mesh, self.mesh.rank, self.combiner.poll_s
+        stats = np.empty((mesh.size, 4), np.float64)
         mine = np.array([norm, bad, tokens if participate else 0, participate], np.float64)
-        self.combiner._done(comm.Iallgather(mine, stats))
+        mesh.allgather(mine, stats, poll_s)
         mask, reasons = self._decide(stats)
         traffic = Traffic()
-        group = comm if all(mask) else comm.Split(1 if mask[me] else MPI.UNDEFINED, key=me)
+        group = mesh if all(mask) or not mask[me] else mesh.subset(mask)
         if mask[me]:
             total = sum(s[2] for s, m in zip(stats, mask) if m)
             # no tokens anywhere (nothing trained since the last exchange): every update is zero alike
@@ -178,11 +177,14 @@ class RootExchange:
             traffic = self.combiner.combine(group, delta, at, weights)
         if not all(mask):
             first = mask.index(True)
-            self.combiner._done(comm.Ibcast(delta, root=first))  # to the left-out roots: the fp32 result, once
+            if me == first:  # to the left-out roots: the fp32 result, once
+                mesh.exchange({f: delta for f, m in enumerate(mask) if not m}, {}, poll_s)
+            elif not mask[me]:
+                mesh.exchange({}, {first: delta}, poll_s)
             traffic += Traffic(sent=delta.nbytes * mask.count(False) if me == first else 0,
                                received=0 if mask[me] else delta.nbytes)
-            if group != MPI.COMM_NULL:
-                group.Free()
+            if not self.combiner.keep:
+                mesh.release()
         self.outer.step(theta[at], delta, at, number)
         return Outcome(traffic, tuple(reasons))
 
@@ -208,7 +210,7 @@ class RootExchange:
 
 
 class Background:
-    """One exchange at a time on a thread of its own (its MPI calls on its own communicator), so that
+    """One exchange at a time on a thread of its own (its links on a communicator of their own), so that
     training goes on meanwhile; `wait` hands back its result, or raises what it raised. The thread keeps
     torch's kernels to itself alone (see compress._one_torch_thread)."""
 

@@ -44,6 +44,7 @@ from mpi4py import MPI
 
 from mpifed.cadence import sync_offsets
 from mpifed.comm import control, pieces
+from mpifed.comm.link import Mesh
 from mpifed.comm.topology import Topology
 from mpifed.comm.watchdog import deadline
 from mpifed.config import FederationConfig
@@ -128,13 +129,12 @@ class Federation:
             start, stop = self.segments[root]
             self.outer = make_outer(cfg.outer, cfg.outer_lr, cfg.outer_momentum, cfg.outer_beta2, cfg.outer_tau,
                                     cfg.outer_warmup)
-            # In the background the exchange stays on its own thread, and MPI's waits do not spin: the
-            # cores belong to training.
+            # In the background the exchange stays on its own thread (its links on a communicator of
+            # their own), and its waits do not spin: the cores belong to training.
             self.combiner = Combiner(make_codec(cfg.compress, cfg.topk_fraction), stop - start,
                                      1 if self.delayed else threads, keep=self.delayed)
             self.combiner.poll_s = POLL_S if self.delayed else 0.0
-            self.exchange = RootExchange(topo.roots.Dup() if self.delayed else topo.roots, cfg, topo.facility_names,
-                                         self.combiner, self.outer)
+            self.exchange = RootExchange(self._mesh(topo), cfg, topo.facility_names, self.combiner, self.outer)
             self.background = Background() if self.delayed else None
         # Root r starts from the current model's segment r.
         self.theta = self._gather(owned, _values(owned), 0, numel)
@@ -407,13 +407,19 @@ class Federation:
         assert self.in_flight is None and topo.n_roots == self.topo.n_roots, "regroup between rounds, same roots"
         self.topo, self.cfg = topo, cfg or self.cfg
         if self.exchange is not None:
-            self.exchange = RootExchange(topo.roots.Dup() if self.delayed else topo.roots, self.cfg,
-                                         topo.facility_names, self.combiner, self.outer)
+            self.exchange = RootExchange(self._mesh(topo), self.cfg, topo.facility_names, self.combiner, self.outer)
             self.background = Background() if self.delayed else None
 
+    def _mesh(self, topo: Topology) -> Mesh:
+        """Root r's links to root r of every facility (sealed where the federation holds a token); in the
+        background on a communicator of their own. Collective over the roots."""
+        comm = topo.roots.Dup() if self.delayed else topo.roots
+        return Mesh.connect(comm, topo.facility_names, f"gateway {topo.root_index}", topo.token, owned=self.delayed)
+
     def close(self) -> None:
-        """Stop the background exchange's thread and free its communicator (collective over the roots)."""
+        """Stop the background exchange's thread and free its links' communicator (collective over the
+        roots)."""
         if self.background is not None:
             self.background.close()
-            self.exchange.comm.Free()
+            self.exchange.mesh.close()
             self.background = None

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Collection, NoReturn
 from mpi4py import MPI
 
 from mpifed import STOPPED_EXIT
-from mpifed.comm import control, topology, watchdog
+from mpifed.comm import control, secret, topology, watchdog
 from mpifed.comm.rollcall import RollCall
 from mpifed.comm.watchdog import abort_on_error
 from mpifed.config import RunConfig
@@ -55,7 +55,8 @@ def _refuse_to_mix_runs(comm: MPI.Intracomm, cfg: RunConfig, resume: str) -> Non
                          "earlier run; pass --resume auto to continue it, or choose another folder")
 
 
-def _train(cfg: RunConfig, world: MPI.Intracomm, index: int, resume: str, joined: Joined | None = None) -> int:
+def _train(cfg: RunConfig, world: MPI.Intracomm, index: int, resume: str, token: bytes | None,
+           joined: Joined | None = None) -> int:
     """Train every round (or up to a planned stop); the rank's exit code. With separate launches
     (`joined`), facilities may leave and come back between rounds; the topology is then rebuilt over the
     new world (`_without`, `_with_newcomer`) and training goes on."""
@@ -68,7 +69,7 @@ def _train(cfg: RunConfig, world: MPI.Intracomm, index: int, resume: str, joined
         from mpifed.comm.join import JoinError
 
         with abort_on_error(world, expected=(*_expected_errors(), JoinError)):
-            topo = topology.build(world, index, [f.name for f in cfg.facility], cfg.federation.roots)
+            topo = topology.build(world, index, [f.name for f in cfg.facility], cfg.federation.roots, token)
             trainer = Trainer(cfg, topo, elastic=True, returning=True)
             watchdog.set_phase("join: back, waiting for the next round boundary")
             world, entering = newcomer = trainer.train_ahead(joined.come_back())
@@ -80,7 +81,7 @@ def _train(cfg: RunConfig, world: MPI.Intracomm, index: int, resume: str, joined
             index = [f.name for f in cfg.facility].index(topo.facility_name)
     while True:
         with abort_on_error(world, expected=_expected_errors()):
-            topo = topology.build(world, index, [f.name for f in cfg.facility], cfg.federation.roots)
+            topo = topology.build(world, index, [f.name for f in cfg.facility], cfg.federation.roots, token)
             roll = RollCall(topo.world, topo.facility_offsets, topo.facility_names)
             watchdog.install(roll)  # from here a failure names the facility that was lost
             if trainer is None:
@@ -174,22 +175,24 @@ def main(cfg: RunConfig, resume: str = "") -> int:
         indices = topology.facility_of_ranks([f.ranks for f in cfg.facility],
                                              control.allgather_int(comm, appnum or 0))
         _refuse_to_mix_runs(comm, cfg, resume)
+        token = secret.given_token(cfg.federation.token_file)
     except ValueError as exc:  # the same on every rank: say it once, exit cleanly
         if comm.rank == 0:
             print(f"mpifed run: error: {exc}", file=sys.stderr, flush=True)
         return 2
-    return _train(cfg, comm, indices[comm.rank], resume)
+    return _train(cfg, comm, indices[comm.rank], resume, token)
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Failures that are a situation, not a bug: printed as their message alone."""
     from mpifed.checkpoint.format import CheckpointError
+    from mpifed.comm.link import LinkError
     from mpifed.comm.topology import NetworkError
     from mpifed.data.corpus import DataError
     from mpifed.federation.reduce import FederationError
     from mpifed.model import ModelError
 
-    return CheckpointError, FederationError, DataError, ModelError, NetworkError
+    return CheckpointError, FederationError, DataError, ModelError, NetworkError, LinkError
 
 
 def _say(line: str) -> None:
@@ -211,6 +214,8 @@ class Joined:
     door: "Door | None" = None
     """On the hub's leader, where facilities may leave (federation.min_facilities >= 1): its door, still
     open, admits those that come back (mpifed/comm/door.py, rejoin.py)."""
+    token: bytes = dataclasses.field(default=b"", repr=False)
+    """The federation's shared secret (never printed): the roots' links are sealed under it."""
     come_back: "Callable[[], Waiting] | None" = None
     """A facility coming back to a running federation, which the door would admit: once it is built
     (over `world`, its own job alone), this tells the door where it waits for the next round
@@ -271,7 +276,7 @@ def join_world(comm: MPI.Intracomm, cfg: RunConfig, name: str, port: str = "", r
                 world, joined = join.follow(admitted.merge())
                 say(f"facility {name} joined the federation")
     run_cfg = _keeping(cfg, joined) if come_back is None else _alone(cfg, name)
-    return Joined(world, run_cfg, [f.name for f in run_cfg.facility].index(name), cfg, door, come_back)
+    return Joined(world, run_cfg, [f.name for f in run_cfg.facility].index(name), cfg, door, token, come_back)
 
 
 def main_joined(cfg: RunConfig, name: str, port: str = "", resume: str = "") -> int:
@@ -288,4 +293,4 @@ def main_joined(cfg: RunConfig, name: str, port: str = "", resume: str = "") -> 
             if comm.rank == 0:
                 print(f"mpifed run: error: {exc}", file=sys.stderr, flush=True)
             return 2
-    return _train(joined.cfg, joined.world, joined.index, resume, joined)
+    return _train(joined.cfg, joined.world, joined.index, resume, joined.token, joined)

@@ -19,6 +19,7 @@ from mpifed.cadence import fold_steps, sync_offsets
 from mpifed.checkpoint.manager import CheckpointManager, Parts, ResumePoint
 from mpifed.comm import control, pieces, watchdog
 from mpifed.comm.arrival import Arrival
+from mpifed.comm.seal import CIPHER
 from mpifed.comm.topology import Topology, local_ranks_on_node, start_process_group, stop_process_group
 from mpifed.comm.watchdog import deadline
 from mpifed.config import FacilityConfig, RunConfig
@@ -53,6 +54,13 @@ def choose_device(gpu: bool, local_rank: int) -> torch.device:
     device = torch.device("cuda", local_rank % torch.cuda.device_count())
     torch.cuda.set_device(device)
     return device
+
+
+def _links(topo: Topology) -> str:
+    """What the announcement says of the links between facilities' gateways (none with one facility)."""
+    if topo.n_facilities == 1:
+        return ""
+    return f"links sealed ({CIPHER}); " if topo.token is not None else "links not sealed (no token given); "
 
 
 class Trainer(Elastic):
@@ -222,7 +230,7 @@ class Trainer(Elastic):
                 if cfg.lora.rank else f"{self.layout.numel / 1e6:.2f}M parameters")
         print(f"mpifed: {topo.n_facilities} facilities: {facilities}; model {cfg.model.path or cfg.model.preset} "
               f"({size}); {self.corpus.description}; {cfg.federation.rounds} rounds x "
-              f"{cfg.train.local_steps} local steps; outer {cfg.federation.outer}; "
+              f"{cfg.train.local_steps} local steps; outer {cfg.federation.outer}; {_links(topo)}"
               f"checkpoints in {cfg.checkpoint.dir}", flush=True)
         if self.resumed_from is not None:
             print(f"mpifed: resuming from {self.resumed_from.path} (round {self.resumed_from.round}, "

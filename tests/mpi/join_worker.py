@@ -20,7 +20,8 @@ name, out = sys.argv[2], Path(sys.argv[3])
 with abort_on_error(MPI.COMM_WORLD, expected=(JoinError,)):
     joined = rank.join_world(MPI.COMM_WORLD, cfg, name)
 with abort_on_error(joined.world):
-    topo = topology.build(joined.world, joined.index, [f.name for f in joined.cfg.facility], cfg.federation.roots)
+    topo = topology.build(joined.world, joined.index, [f.name for f in joined.cfg.facility], cfg.federation.roots,
+                          joined.token)
     trainer = Trainer(joined.cfg, topo)
     trainer.run()
     (out / f"digest-{name}-{topo.facility.rank}.txt").write_text(trainer.model_digest())

@@ -12,7 +12,7 @@ overlap each sync point is followed by a post, and after the last round by a flu
 federation.overlap_steps = τ the exchange in flight lands τ steps after its post.
 Ownership is `replica` (each rank owns a contiguous 1/n of the model and holds all of it) or `sharded`
 (rank r owns and holds every n-th chunk of 37 values). `poison=F:nan|F:big` makes facility F's update
-NaN or 1000x larger in every round. Facilities not sampled in a round (federation.sample) leave their
+NaN or 1000x larger in every round. `sealed=1` seals the roots' links under a token made for the run. Facilities not sampled in a round (federation.sample) leave their
 model untouched. Each rank writes OUT/rank-N.npy (its held values, NaN elsewhere), OUT/rank-N.json and,
 on roots with compression, OUT/rank-N-exchange.npy (the sum of its error-feedback residuals, zero
 outside its segment); rank-N.json has what it reported of each round and `retained_bytes`, what the
@@ -21,6 +21,7 @@ federation keeps between exchanges beyond θ and the outer and error-feedback st
     mpiexec -n 6 python tests/mpi/reduce_worker.py 1,2,3 OUT replica ROUNDS NUMEL [federation.key=value ...]
 """
 import json
+import secrets
 import sys
 from pathlib import Path
 
@@ -38,12 +39,14 @@ out, mode, rounds, numel = Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int
 settings = dict(arg.split("=", 1) for arg in sys.argv[6:])
 poison = settings.pop("poison", None)
 training, steps = settings.pop("train", "shift"), int(settings.pop("steps", "1"))
+sealed = settings.pop("sealed", "") == "1"  # the roots' links sealed under a token made here
 fed = configfile.from_dict(configfile.apply_sets({"facility": [{"name": f"fac{i}", "ranks": s} for i, s in enumerate(sizes)]},
                                          [f"federation.{k}={v}" for k, v in settings.items()])).federation
 comm = MPI.COMM_WORLD
 with abort_on_error(comm):
     indices = topology.facility_of_ranks(sizes, control.allgather_int(comm, comm.Get_attr(MPI.APPNUM) or 0))
-    topo = topology.build(comm, indices[comm.rank], [f"fac{i}" for i in range(len(sizes))], fed.roots)
+    token = control.bcast_str(comm, secrets.token_urlsafe(32) if comm.rank == 0 else None).encode() if sealed else None
+    topo = topology.build(comm, indices[comm.rank], [f"fac{i}" for i in range(len(sizes))], fed.roots, token)
     f, r, n = topo.facility_index, topo.facility.rank, topo.facility.size
     model = np.random.default_rng(7).standard_normal(numel).astype(np.float32)
     if mode == "replica":
@@ -105,8 +108,10 @@ with abort_on_error(comm):
         kept[start:stop] = sum(federation.exchange_state().values())
         np.save(out / f"rank-{comm.rank}-exchange.npy", kept)
     # what the federation keeps between exchanges beyond θ and the outer and error-feedback state
+    links = [link for link in federation.exchange.mesh.links if link is not None] if federation.exchange else []
     kept = [*(federation.anchor or ()), *(federation.posted or ()), *federation._kept.values(),
-            *(federation.combiner._buffers.values() if federation.combiner else ())]
+            *(federation.combiner._buffers.values() if federation.combiner else ()),
+            *(buffer for link in links for buffer in link._buffers.values())]
     report["retained_bytes"] = sum(a.nbytes for a in kept)
     (out / f"rank-{comm.rank}.json").write_text(json.dumps(report))
     federation.close()

@@ -1,0 +1,59 @@
+"""Links between gateways (mpifed/comm/link.py): the exchange across facilities is point to point, sealed
+under the federation's token; every group operation delivers exactly what was sent, sealed or not; a
+message flipped, replayed, injected or cut short between sealing and sending ends the exchange in one
+line naming the phase and the link, and one that never comes ends it at the exchange's deadline."""
+import json
+import secrets
+import subprocess
+import sys
+
+import pytest
+
+from conftest import MPIEXEC, WORKERS, rank_env
+from mpifed.comm.watchdog import ABORT_CODE
+
+TOKEN = secrets.token_urlsafe(32)
+
+
+def _run(case: str, ranks: int, tmp_path, sealed: bool = True) -> tuple[subprocess.CompletedProcess, dict[int, dict]]:
+    env = {**rank_env(), "MPIFED_TOKEN": TOKEN} if sealed else {k: v for k, v in rank_env().items()
+                                                                 if k != "MPIFED_TOKEN"}
+    result = subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, str(WORKERS / "link_worker.py"), case,
+                             str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+    assert TOKEN not in result.stdout + result.stderr
+    return result, {r: json.loads(p.read_text()) for r in range(ranks) if (p := tmp_path / f"rank{r}.json").exists()}
+
+
+@pytest.mark.parametrize("sealed", [True, False], ids=["sealed", "plain"])
+def test_every_group_operation_delivers_what_was_sent(tmp_path, sealed):
+    result, seen = _run("ops", 4, tmp_path, sealed)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for rank in range(4):
+        assert seen[rank]["sealed"] is sealed
+        assert seen[rank]["exchange"] and seen[rank]["allgather"] and seen[rank]["bcast"], seen[rank]
+        assert seen[rank]["after_subset"], seen[rank]
+    assert [seen[r]["subset"] for r in (0, 1, 3)] == [[0, 3, True], [1, 3, True], [2, 3, True]]
+    assert "subset" not in seen[2]
+
+
+@pytest.mark.parametrize("how,what", [
+    ("flip", "a frame does not open (tampered or not sealed under this link's key)"),
+    ("replay", "a frame does not open (replayed or reordered: frame 0 where 2 was next)"),
+    ("inject", "a frame does not open (tampered or not sealed under this link's key)"),
+    ("short", "a message of 1243 bytes where 1248 were agreed (cut short, padded or injected on the way)"),
+])
+def test_a_tampered_message_ends_the_exchange_naming_phase_and_link(tmp_path, how, what):
+    result, seen = _run(how, 2, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    expected = (f"round 2: exchange: combining the updates: link f0<->f1 (gateway 0): {what}; "
+                "the link is not trusted again")
+    assert seen[0]["error"] == expected
+    # nothing tampered reached the receiver as values: the replay's first message was the real one
+    assert seen[0].get("message 1", True) is True and "message 2" not in seen[0]
+
+
+def test_a_dropped_message_ends_the_job_at_the_exchanges_deadline(tmp_path):
+    result, _ = _run("drop", 2, tmp_path)
+    assert result.returncode == ABORT_CODE, result.stdout + result.stderr
+    assert ("mpifed: error: round 2: exchange: combining the updates did not finish within 5 s "
+            "(federation.timeout_s); aborting the job") in result.stderr
