@@ -7,6 +7,7 @@ import secrets
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import MPIEXEC, WORKERS, rank_env
@@ -34,6 +35,35 @@ def test_every_group_operation_delivers_what_was_sent(tmp_path, sealed):
         assert seen[rank]["after_subset"], seen[rank]
     assert [seen[r]["subset"] for r in (0, 1, 3)] == [[0, 3, True], [1, 3, True], [2, 3, True]]
     assert "subset" not in seen[2]
+
+
+def test_control_values_cross_facilities_through_the_leaders_alone(tmp_path):
+    """Three facilities of 2, 1 and 2 ranks: every rank gets the same sums (numpy's, to rounding; the
+    same bits everywhere), maxima, texts in the world's order and the hub's broadcast."""
+    result, seen = _run("across", 5, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [seen[r]["sealed"] for r in range(5)] == [True, None, True, True, None]  # leaders hold the links
+    exact = sum(np.random.default_rng([r, 5, 0]).standard_normal(5).astype(np.float32).astype(np.float64)
+                for r in range(5))
+    for r in range(5):
+        np.testing.assert_allclose(seen[r]["sum"], exact, rtol=1e-12)
+        assert seen[r]["sum"] == seen[0]["sum"]
+        assert seen[r]["max"] == [4.0, 0.0]
+        assert seen[r]["texts"] == ["é" * i for i in range(5)]
+        assert seen[r]["bcast"] == "from the hub"
+
+
+def test_a_list_of_texts_that_does_not_parse_is_one_error():
+    from mpifed.comm.across import _texts
+    from mpifed.comm.link import LinkError
+
+    good = np.concatenate([np.array([2, 1, 3], np.int64).view(np.uint8), np.frombuffer(b"abcd", np.uint8)])
+    assert _texts(good) == ["a", "bcd"]
+    for bad in (good[:-1], np.concatenate([np.array([1 << 60], np.int64).view(np.uint8)]),
+                np.concatenate([np.array([1, -4], np.int64).view(np.uint8)]), good[:5],
+                np.concatenate([np.array([1, 1], np.int64).view(np.uint8), np.array([0xff], np.uint8)])):
+        with pytest.raises(LinkError, match="a facility's leader sent a list of texts that does not parse"):
+            _texts(bad)
 
 
 @pytest.mark.parametrize("how,what", [

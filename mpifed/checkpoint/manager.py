@@ -112,7 +112,7 @@ class CheckpointManager:
             start = fed.segments[topo.root_index][0]
             checkpoint.write_segment(self.directory, round_, topo.root_index, start, fed.theta, fed.outer_state(), f32)
         with self._deadline(f"checkpoint of round {round_}: collecting every site's part"):
-            said = control.allgather_str(topo.world, checkpoint.part_digest(part) if topo.is_leader else "")
+            said = topo.across.allgather_str(checkpoint.part_digest(part) if topo.is_leader else "")
         digests = {name: said[first] for name, first in zip(topo.facility_names, topo.facility_offsets)}
         if topo.is_leader and not topo.is_global_root and cfg.checkpoint.keep:
             # one more than the hub keeps: the newest part's main file may not be published yet
@@ -195,14 +195,14 @@ class CheckpointManager:
             if world.rank == 0:
                 offer = json.dumps({"error": refusal}) if refusal else self._offer(found, single, parts)
             with self._deadline("resume: choosing the checkpoint"):
-                point = json.loads(control.bcast_str(world, offer))
+                point = json.loads(topo.across.bcast_str(offer))
             if "error" in point:
                 raise CheckpointRefused(point["error"])
             if not point:
                 return None
             problem = self._check_own_part(point) if topo.is_leader else ""
             with self._deadline(f"resume: every site checking its part of round {point['round']}"):
-                problems = [p for p in control.allgather_str(world, problem) if p]
+                problems = [p for p in topo.across.allgather_str(problem) if p]
             if not problems:
                 return ResumePoint(point["round"], point["tokens"], point["path"])
             if world.rank == 0 and single:

@@ -27,7 +27,7 @@ from mpi4py import MPI
 from mpifed.comm import handshake, seal, watchdog
 from mpifed.comm.wire import MPIWire, Unanswered
 
-TAG = 7201
+TAG = 7301
 """The MPI tag of a link's messages (its handshake uses the wire's own)."""
 FRAME_BYTES = 4 << 20
 """Payload bytes per sealed frame: large enough that the 24 bytes a frame adds do not count, small

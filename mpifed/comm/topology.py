@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 from mpi4py import MPI
 
 from mpifed.comm import control
+from mpifed.comm.across import Across
+from mpifed.comm.link import Mesh
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +47,8 @@ class Topology:
     facility_sizes: tuple[int, ...]
     n_roots: int = 1
     token: bytes | None = field(default=None, repr=False)  # never printed
+    across: "Across | None" = None
+    """Control values over every rank of every facility, through the leaders' links (`build` makes it)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -99,6 +103,8 @@ class Topology:
 
     def close(self) -> None:
         """Free every communicator this topology created."""
+        if self.across is not None and self.across.mesh is not None:
+            self.across.mesh.close()
         for comm in (*self.inter.values(), self.roots, self.facility, self.world):
             if comm != MPI.COMM_NULL:
                 comm.Free()
@@ -142,8 +148,11 @@ def build(comm: MPI.Intracomm, facility_index: int, names: Sequence[str], n_root
         inter[0] = facility.Create_intercomm(0, world, offsets[0], tag=facility_index)
     color = facility.rank if facility.rank < n_roots else MPI.UNDEFINED
     roots = world.Split(color, key=facility_index)
+    # The leaders (root 0 of every facility) carry the control values, on links of their own.
+    leaders = Mesh.connect(roots.Dup(), names, "leaders", token, owned=True) if facility.rank == 0 else None
     return Topology(world=world, facility=facility, roots=roots, inter=inter, facility_index=facility_index,
-                    facility_names=tuple(names), facility_sizes=sizes, n_roots=n_roots, token=token)
+                    facility_names=tuple(names), facility_sizes=sizes, n_roots=n_roots, token=token,
+                    across=Across(facility, leaders))
 
 
 def local_ranks_on_node(comm: MPI.Intracomm) -> int:

@@ -127,7 +127,7 @@ class Elastic:
         """A facility coming back opened the corpus itself: where its text differs from world rank 0's
         (another Python's standard library), it takes world rank 0's, as at a first join, its data
         position kept. Collective over the world."""
-        digests = control.allgather_str(self.topo.world, self.corpus.digest)
+        digests = self.topo.across.allgather_str(self.corpus.digest)
         if all(digest == digests[0] for digest in digests):  # the others all hold world rank 0's
             return
         comm = self._with_newcomers(newcomer)

@@ -166,7 +166,7 @@ class Trainer(Elastic):
     def _check_same_layout(self) -> None:
         """Refuse to exchange anything between ranks whose models differ in names, shapes or dtypes."""
         with self.world_deadline("layout check: comparing every facility's model"):
-            prints = control.allgather_str(self.topo.world, self.layout.fingerprint)
+            prints = self.topo.across.allgather_str(self.layout.fingerprint)
         names = [name for name, size in zip(self.topo.facility_names, self.topo.facility_sizes) for _ in range(size)]
         differing = sorted({name for name, fingerprint in zip(names, prints) if fingerprint != prints[0]})
         if differing:
@@ -177,7 +177,7 @@ class Trainer(Elastic):
         """Under LoRA only the adapters are exchanged: refuse to train if any rank's frozen base differs
         (`digest`: this rank's, mpifed.model.base_digest). Returns world rank 0's (kept in checkpoints)."""
         with self.world_deadline("layout check: comparing the LoRA base models"):
-            digests = control.allgather_str(self.topo.world, digest)
+            digests = self.topo.across.allgather_str(digest)
         if len(set(digests)) > 1:
             raise ModelError("the frozen base model differs between ranks (a different model.path copy or "
                                "build): LoRA needs the same base everywhere")
@@ -325,7 +325,7 @@ class Trainer(Elastic):
         total, rows = self._score(slice(self.topo.facility_index, None, self.topo.n_facilities))
         leader = self.topo.is_leader
         with self.world_deadline(f"round {self.round}: validation"):
-            total, count = control.allreduce(self.topo.world, [total if leader else 0.0, rows if leader else 0])
+            total, count = self.topo.across.allreduce([total if leader else 0.0, rows if leader else 0])
         return float(total / count)
 
     def _validate_global(self) -> float:
@@ -348,7 +348,7 @@ class Trainer(Elastic):
         if self.topo.is_leader:
             losses[self.topo.facility_index] = mine
         with self.world_deadline(f"round {self.round}: validation of the facilities' models"):
-            self.topo.world.Allreduce(MPI.IN_PLACE, losses)
+            losses = self.topo.across.allreduce(losses)
         return dict(zip(self.topo.facility_names, map(float, losses)))
 
     def train_round(self, round_: int) -> None:
@@ -429,12 +429,12 @@ class Trainer(Elastic):
         asked[self.topo.facility_index] = stop.requested()
         back = self.door.waiting() if self.door is not None else 0  # facilities waiting to come back
         with self.world_deadline(f"round {self.round}: collecting the metrics"):
-            weighted_loss, tokens, bytes_inter = control.allreduce(
-                self.topo.world, [mean_loss * facility_tokens, facility_tokens, sent])
+            weighted_loss, tokens, bytes_inter = self.topo.across.allreduce(
+                [mean_loss * facility_tokens, facility_tokens, sent])
             # Every rank starts the exchange together (after `Arrival.wait`): the fastest one's sync time
             # is the exchange itself; the longest wait there was a faster facility's for a slower one.
-            slowest_inner, longest_idle, neg_fastest_sync, back, *asked = control.allreduce(
-                self.topo.world, [inner_s, idle_s, -sync_s, back, *asked], op=MPI.MAX)
+            slowest_inner, longest_idle, neg_fastest_sync, back, *asked = self.topo.across.allreduce(
+                [inner_s, idle_s, -sync_s, back, *asked], op=MPI.MAX)
         return dict(train_loss=weighted_loss / tokens, tokens=int(tokens), inner_s=slowest_inner,
                     sync_s=-neg_fastest_sync, idle_s=longest_idle, bytes_inter=int(bytes_inter), back=int(back),
                     stop_asked={name: signal.Signals(int(number)).name

@@ -4,6 +4,8 @@
 
 CASE "ops": every group operation on messages of several frames (FRAME_BYTES shrunk to 1000), each
 rank checking what it got against the values every rank can compute for itself (numpy, seeded).
+CASE "across": ranks 0-1, 2 and 3-4 as three facilities (mpifed/comm/across.py): sums, maxima, texts
+and a broadcast over every rank, through the leaders' links only.
 CASE flip | replay | inject | short | drop: a wrapper around rank 1's link to rank 0 tampers between
 sealing and sending; rank 0 records the LinkError it gets ("drop": the exchange's deadline ends the job).
 Each rank writes OUT/rankN.json.
@@ -58,6 +60,20 @@ class Tamper:
         return self.comm.Isend([raw, kind], dest, tag)
 
 
+if case == "across":
+    from mpifed.comm import topology
+
+    index = [0, 0, 1, 2, 2][comm.rank]
+    topo = topology.build(comm, index, ["a", "b", "c"], 1, token)
+    across, me = topo.across, topo.world.rank
+    seen = {"rank": me, "sealed": across.mesh.sealed if across.mesh else None,
+            "sum": across.allreduce(values(me, 5).astype(np.float64).tolist()).tolist(),
+            "max": across.allreduce([me, -me], MPI.MAX).tolist(),
+            "texts": across.allgather_str("é" * me),
+            "bcast": across.bcast_str("from the hub" if me == 0 else None)}
+    (out / f"rank{comm.rank}.json").write_text(json.dumps(seen))
+    topo.close()
+    sys.exit(0)
 mesh = Mesh.connect(comm, names, "gateway 0", token)
 seen = {"rank": comm.rank, "sealed": mesh.sealed}
 if case == "ops":

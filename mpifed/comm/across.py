@@ -1,0 +1,85 @@
+"""Control values across facilities through their leaders alone: the few numbers and texts every rank of
+every facility must agree on (losses, token counts, metrics, layout fingerprints, checkpoint digests)
+travel inside each facility by MPI as before, and between facilities only as messages on the leaders'
+links (mpifed/comm/link.py: point to point, sealed where the federation holds a token). No MPI
+collective spans two sites for them.
+
+Each operation is a facility collective to the leader, one group operation of the leaders' mesh, and a
+facility broadcast back; results come in the world's order (facility by facility, rank by rank), and a
+reduction combines the facilities' parts in facility order with MPI's own operator, so every rank of
+every facility holds the same bits. Like `control`, nothing is pickled.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from mpi4py import MPI
+
+from mpifed.comm import control
+from mpifed.comm.link import LinkError, Mesh
+
+
+class Across:
+    """Collectives over every rank of every facility, through the leaders' `mesh` (None off the
+    leaders); `facility` is this rank's facility's communicator, its rank 0 the leader."""
+
+    def __init__(self, facility: MPI.Intracomm, mesh: Mesh | None) -> None:
+        assert (mesh is not None) == (facility.rank == 0), "the leaders, and only they, hold the mesh"
+        self.facility, self.mesh = facility, mesh
+
+    def allreduce(self, values: Sequence[float], op: MPI.Op = MPI.SUM) -> np.ndarray:
+        """Element-wise reduction of a few float64 values over every rank (control.allreduce's)."""
+        mine = np.array(values, dtype=np.float64)
+        here = np.empty_like(mine)
+        self.facility.Reduce(mine, here, op=op, root=0)
+        if self.mesh is not None:
+            every = np.empty((self.mesh.size, len(mine)), np.float64)
+            self.mesh.allgather(here, every)
+            here = every[0].copy()
+            for part in every[1:]:  # facility order: the same bits on every leader
+                op.Reduce_local(part, here)
+        self.facility.Bcast(here, root=0)
+        return here
+
+    def allgather_str(self, text: str) -> list[str]:
+        """Every rank's `text`, in the world's order."""
+        data = np.frombuffer(text.encode("utf-8"), np.uint8)
+        sizes = control.allgather_int(self.facility, len(data))
+        packed = np.empty(sum(sizes) if self.facility.rank == 0 else 0, np.uint8)
+        self.facility.Gatherv(data, [packed, sizes] if self.facility.rank == 0 else None, root=0)
+        blob = None
+        if self.mesh is not None:  # a facility's part: its ranks' sizes (int64), then their bytes
+            part = np.concatenate([np.array([len(sizes), *sizes], np.int64).view(np.uint8), packed])
+            lengths = np.empty((self.mesh.size, 1), np.int64)
+            self.mesh.allgather(np.array([len(part)], np.int64), lengths)
+            parts = {m: np.empty(int(lengths[m, 0]), np.uint8) for m in range(self.mesh.size) if m != self.mesh.rank}
+            self.mesh.exchange({m: part for m in parts}, parts)
+            parts[self.mesh.rank] = part
+            blob = np.concatenate([parts[m] for m in range(self.mesh.size)])
+        return _texts(control.bcast_array(self.facility, blob, np.uint8))
+
+    def bcast_str(self, text: str | None) -> str:
+        """Text only the global root (the first facility's leader) has, on every rank."""
+        return self.allgather_str(text or "")[0]
+
+
+def _texts(blob: np.ndarray) -> list[str]:
+    """The texts of the facilities' parts, one after another. A part that does not parse (only a peer
+    holding the token could have sent it) raises LinkError, never an IndexError."""
+    out, at = [], 0
+    try:
+        while at < len(blob):
+            count = int(np.frombuffer(blob[at:at + 8].tobytes(), np.int64)[0])
+            if not 0 <= count <= (len(blob) - at) // 8:
+                raise ValueError(f"{count} texts")
+            lengths = np.frombuffer(blob[at + 8:at + 8 * (count + 1)].tobytes(), np.int64)
+            at += 8 * (count + 1)
+            if (lengths < 0).any() or at + int(lengths.sum()) > len(blob):
+                raise ValueError("lengths past its end")
+            for length in lengths:
+                out.append(blob[at:at + length].tobytes().decode("utf-8"))
+                at += int(length)
+    except ValueError as exc:  # UnicodeDecodeError is one too
+        raise LinkError(f"a facility's leader sent a list of texts that does not parse ({exc})") from None
+    return out
