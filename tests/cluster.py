@@ -18,9 +18,11 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
@@ -150,12 +152,30 @@ class Cluster:
         _sh("ip", "netns", "exec", ns, *args)
 
     def mpiexec(self, hosts: list[str], program: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
-        """One rank per node of `hosts`, launched from the first of them as a job script on it would."""
+        """One rank per node of `hosts`, launched from the first of them as a job script on it would. UCX
+        is kept to TCP: the emulated nodes share one kernel, and UCX's shared-memory transports would
+        carry their messages past the network the test means to use."""
+        env = {**env, "UCX_TLS": env.get("UCX_TLS", "tcp,self")}
         launch = [MPIEXEC, "-hosts", ",".join(hosts), "-launcher", "ssh", "-launcher-exec", str(self.wrapper),
                   "-n", str(len(hosts)), *program]
         command = ["sh", "-c", f'exec {self._entering(hosts[0])} "$*"', "sh", shlex.join(launch)]
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                 cwd=cwd, start_new_session=True, stdin=subprocess.DEVNULL)
+
+    def capture(self, device: str, into: Path) -> subprocess.Popen:
+        """Start tcpdump on `device` of the bridge namespace (a node's port "mpfd<i>x..." via
+        `port(node)`, or a site's uplink "wan<i>"), writing whole packets to `into`; `stop_capture` ends it."""
+        proc = subprocess.Popen(["ip", "netns", "exec", self.bridge, "tcpdump", "-i", device, "-s", "0", "-U", "-n",
+                                 "-w", str(into)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = 50
+        while not into.exists() and deadline:  # tcpdump creates the file once it listens
+            deadline -= 1
+            time.sleep(0.1)
+        return proc
+
+    def port(self, node: str) -> str:
+        """The bridge side of `node`'s link (all that node's traffic passes there)."""
+        return f"mpfd{self.names.index(node)}x{os.getpid() % 1000}"
 
     def close(self) -> None:
         for ns in [*self.namespaces.values(), self.bridge]:
@@ -165,3 +185,35 @@ class Cluster:
     def __exit__(self, *exc: object) -> None:
         self.close()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def stop_capture(proc: subprocess.Popen) -> str:
+    """End a capture (tcpdump writes what it holds on SIGINT); its summary line ("N packets captured...")."""
+    proc.send_signal(2)
+    _, err = proc.communicate(timeout=30)
+    return err
+
+
+def tcp_streams(pcap: Path) -> dict[tuple, bytes]:
+    """The TCP payload bytes of a capture, per direction of each connection ((src, sport, dst, dport)),
+    in capture order: a 64-byte run of a message is found even where TCP cut it between two segments.
+    Ethernet and IPv4 only (what the emulated nodes speak)."""
+    data = pcap.read_bytes()
+    streams: dict[tuple, bytearray] = {}
+    at = 24  # the file's header
+    while at + 16 <= len(data):
+        caught = struct.unpack_from("<I", data, at + 8)[0]
+        frame = data[at + 16:at + 16 + caught]
+        at += 16 + caught
+        if len(frame) < 34 or frame[12:14] != b"\x08\x00" or frame[23] != 6:  # IPv4 carrying TCP
+            continue
+        ihl = (frame[14] & 0x0F) * 4
+        total = struct.unpack_from(">H", frame, 16)[0]
+        tcp = 14 + ihl
+        offset = (frame[tcp + 12] >> 4) * 4
+        payload = frame[tcp + offset:14 + total]
+        if payload:
+            key = (frame[26:30], struct.unpack_from(">H", frame, tcp)[0], frame[30:34],
+                   struct.unpack_from(">H", frame, tcp + 2)[0])
+            streams.setdefault(key, bytearray()).extend(payload)
+    return {key: bytes(value) for key, value in streams.items()}

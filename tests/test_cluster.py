@@ -2,7 +2,9 @@
 host names and addresses, ranks started by `mpiexec -hosts`, sites with private filesystems and a shaped
 link between them): facilities span several nodes, each facility's torch store is found at its leader's
 address, no two sites share a filesystem, and the results equal the same run on one host."""
+import json
 import os
+import random
 import re
 import secrets
 import signal
@@ -14,7 +16,7 @@ import time
 import h5py
 import pytest
 
-from cluster import SCRATCH, Cluster, unavailable
+from cluster import SCRATCH, Cluster, stop_capture, tcp_streams, unavailable
 from conftest import MPIEXEC, rank_env
 from mpifed import configfile
 from mpifed.checkpoint import format as checkpoint
@@ -53,25 +55,47 @@ def _finish(proc: subprocess.Popen, timeout: float) -> subprocess.CompletedProce
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def _chunks(path, per_file: int = 200) -> list[bytes]:
+    """A sample of the 64-byte runs of a checkpoint's model (each parameter's fp32 bytes cut at every 64),
+    leaving out runs of few distinct values (a norm's ones), which could turn up anywhere."""
+    with h5py.File(path) as h5:
+        runs = [raw[i:i + 64] for name in sorted(h5["model"]) for raw in [h5["model"][name][()].tobytes()]
+                for i in range(0, len(raw) - 63, 64)]
+    runs = [run for run in runs if len({run[i:i + 4] for i in range(0, 64, 4)}) >= 12]
+    return random.Random(7).sample(runs, min(per_file, len(runs)))
+
+
 @needs_nodes
 def test_two_facilities_of_two_nodes_each_equal_one_simulate(tmp_path):
-    """fsdp on nodes a0, a1 (the hub) and DeepSpeed ZeRO-3 on b0, b1, each its own launch joined over an
-    MPI port, end with the model of the same configuration run as one `simulate` on one host."""
+    """fsdp on nodes a0, a1 (the hub) and DeepSpeed ZeRO-3 on b0, b1, two sites on their own networks,
+    each its own launch joined over an MPI port, end with the model of the same configuration run as one
+    `simulate` on one host. A capture of the link between the sites (tcpdump on site a's uplink) holds
+    none of 400 64-byte runs of the checkpointed models; one of node a1's link inside site a (where the
+    facility's own traffic is not sealed) holds some: the search finds what is there."""
     config = _config(tmp_path)
     env = {**rank_env(), "MPIFED_TOKEN": TOKEN}
     program = [sys.executable, "-m", "mpifed", "run", str(config), "--facility"]
-    with Cluster(["a0", "a1", "b0", "b1"]) as cluster:
+    wan, inside = tmp_path / "wan.pcap", tmp_path / "a1.pcap"
+    with Cluster(["a0", "a1", "b0", "b1"], sites={"A": ["a0", "a1"], "B": ["b0", "b1"]}) as cluster:
+        captures = [cluster.capture("wan1", wan), cluster.capture(cluster.port("a1"), inside)]
         newcomer = cluster.mpiexec(["b0", "b1"], [*program, "b"], env, tmp_path)
         hub = cluster.mpiexec(["a0", "a1"], [*program, "a"], env, tmp_path)
         results = [_finish(hub, 540), _finish(newcomer, 60)]
+        said = [stop_capture(capture) for capture in captures]
     for result in results:
         assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
-    assert "round   2/2" in results[0].stdout
+    assert "round   2/2" in results[0].stdout and "links sealed (AES-256-GCM)" in results[0].stdout
     alone = subprocess.run([sys.executable, "-m", "mpifed", "simulate", "--config", str(config),
                             "--out", str(tmp_path / "one")], capture_output=True, text=True, env=rank_env(),
                            cwd=tmp_path, timeout=400)
     assert alone.returncode == 0, alone.stderr
     assert _models(tmp_path / "run" / "round_00002.h5") == _models(tmp_path / "one" / "round_00002.h5")
+    runs = [*_chunks(tmp_path / "run" / "round_00001.h5"), *_chunks(tmp_path / "run" / "round_00002.h5")]
+    between, within = tcp_streams(wan), tcp_streams(inside)
+    counted = sum(json.loads(line)["bytes_inter"] for line in (tmp_path / "run" / "metrics.jsonl").open())
+    assert sum(map(len, between.values())) > counted, said  # the exchange crossed the captured link
+    assert [run for run in runs if any(run in stream for stream in between.values())] == []
+    assert sum(any(run in stream for stream in within.values()) for run in runs) >= 20, said
 
 
 @needs_nodes

@@ -30,6 +30,7 @@ from mpifed import configfile
 from mpifed.checkpoint import format as checkpoint
 from mpifed.checkpoint.format import CheckpointError, CheckpointRefused, VerifiedCheckpoint
 from mpifed.comm import control, pieces
+from mpifed.comm.across import spread
 from mpifed.comm.topology import Topology
 from mpifed.comm.watchdog import deadline
 from mpifed.config import RunConfig
@@ -257,17 +258,16 @@ class CheckpointManager:
     def restore(self, point: ResumePoint, parts: Parts) -> None:
         """Give every rank its state from the checkpoint `choose` agreed on, into `parts` (its token count
         included). Every flat array streams bucket by bucket from the rank that reads it to the ranks that
-        hold each piece: no rank receives more than what it holds, plus one bucket."""
+        hold each piece: no rank receives more than what it holds, plus one bucket. Between facilities
+        only the leaders' links carry the model, and the roots' links their segments of the outer state."""
         topo, fed, engine = self.topo, parts.federation, parts.engine
         path = Path(point.path)  # the hub's file: read only by ranks of the first facility, at the hub's site
         held = engine.held()
-        mine = pieces.ranges_of(held)
-        everyone = pieces.everyones(topo.world, mine)
         source = (lambda lo, hi: checkpoint.read_flat(path, self.layout, "model", lo, hi)) if topo.world.rank == 0 else None
         engine.before_exchange()
-        with self._deadline("resume: sending the checkpointed model"):
-            pieces.scatter(topo.world, 0, mine, everyone, source, pieces.into_views(held), 0, self.layout.numel,
-                           self.cfg.federation.bucket_values)
+        with self._deadline("resume: sending the checkpointed model"):  # over the leaders' links
+            spread(topo.facility, topo.across.mesh, pieces.ranges_of(held), source, pieces.into_views(held), 0,
+                   self.layout.numel, self.cfg.federation.bucket_values)
         engine.after_exchange()
         outer: dict[str, np.ndarray] = {}
         if topo.root_index is not None:
@@ -276,7 +276,7 @@ class CheckpointManager:
                 values = checkpoint.read_flat(path, self.layout, f"outer/{name}", start, stop) \
                     if topo.facility_index == 0 else np.empty(stop - start, np.float32)
                 with self._deadline("resume: sending the checkpointed outer state"):
-                    topo.roots.Bcast(values, root=0)
+                    fed.exchange.mesh.bcast(values, root=0)  # root r's links
                 outer[name] = values
         part = self.resume_dir / checkpoint.facility_name(point.round, topo.facility_name)
         small, stored = self._read_small(part)

@@ -11,12 +11,12 @@ every facility holds the same bits. Like `control`, nothing is pickled.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from mpi4py import MPI
 
-from mpifed.comm import control
+from mpifed.comm import control, pieces
 from mpifed.comm.link import LinkError, Mesh
 
 
@@ -62,6 +62,30 @@ class Across:
     def bcast_str(self, text: str | None) -> str:
         """Text only the global root (the first facility's leader) has, on every rank."""
         return self.allgather_str(text or "")[0]
+
+
+def spread(facility: MPI.Intracomm, mesh: Mesh | None, mine: Sequence[pieces.Range],
+           source: Callable[[int, int], np.ndarray] | None, take: Callable[[int, int, np.ndarray], None],
+           lo: int, hi: int, bucket: int) -> None:
+    """Values [lo, hi) that only the first facility's leader has (`source` gives each bucket there) to
+    every rank of every facility, each rank taking the pieces of its ranges `mine` (pieces.scatter's
+    `take`). Each bucket crosses each of the leaders' links (`mesh`, on the leaders) once, then spreads
+    inside every facility from its own leader: nothing else crosses sites. No rank holds more than one
+    bucket beyond its pieces. Collective over every facility."""
+    everyone = pieces.everyones(facility, mine)
+    relay = source
+    if mesh is not None and mesh.rank == 0:
+        def relay(b_lo: int, b_hi: int) -> np.ndarray:
+            values = np.ascontiguousarray(source(b_lo, b_hi), np.float32)
+            mesh.exchange({m: values for m in range(1, mesh.size)}, {})
+            return values
+    elif mesh is not None:
+        room = np.empty(min(bucket, hi - lo), np.float32)
+
+        def relay(b_lo: int, b_hi: int) -> np.ndarray:
+            mesh.exchange({}, {0: room[:b_hi - b_lo]})
+            return room[:b_hi - b_lo]
+    pieces.scatter(facility, 0, mine, everyone, relay, take, lo, hi, bucket)
 
 
 def _texts(blob: np.ndarray) -> list[str]:

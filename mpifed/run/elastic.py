@@ -166,12 +166,12 @@ class Elastic:
 
     def _share_outer_state(self) -> None:
         """The first facility's roots give every root their segment of the outer state: the same values
-        the others hold already, and a facility coming back needs. Collective over the world."""
+        the others hold already, and a facility coming back needs. Collective over the roots."""
         if self.topo.root_index is None:
             return
         with self.world_deadline(f"round {self.round}: sending the outer state to the facility that came back"):
             for values in self.federation.outer_state().values():
-                self.topo.roots.Bcast(values, root=0)
+                self.federation.exchange.mesh.bcast(values, root=0)  # over root r's links
 
     def _enter(self, entering: dict) -> None:
         """This facility came back after round `entering["round"]` with `entering["tokens"]` trained, and

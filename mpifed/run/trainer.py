@@ -18,6 +18,7 @@ from mpi4py import MPI
 from mpifed.cadence import fold_steps, sync_offsets
 from mpifed.checkpoint.manager import CheckpointManager, Parts, ResumePoint
 from mpifed.comm import control, pieces, watchdog
+from mpifed.comm.across import spread
 from mpifed.comm.arrival import Arrival
 from mpifed.comm.seal import CIPHER
 from mpifed.comm.topology import Topology, local_ranks_on_node, start_process_group, stop_process_group
@@ -199,15 +200,13 @@ class Trainer(Elastic):
 
     def _start(self, initial: Callable[[int, int], np.ndarray] | None) -> None:
         """Every rank's held pieces of the initial global model, streamed from world rank 0 bucket by
-        bucket (comm/pieces.py): nobody holds more of the model than its engine does, plus one bucket."""
+        bucket, over the leaders' links to the other facilities (comm/across.py): nobody holds more of the
+        model than its engine does, plus one bucket."""
         held = self.engine.held()
-        mine = pieces.ranges_of(held)
-        everyone = pieces.everyones(self.topo.world, mine)
-        bucket = self.cfg.federation.bucket_values
         self.engine.before_exchange()
         with self.world_deadline("initial model: sending world rank 0's weights"):
-            pieces.scatter(self.topo.world, 0, mine, everyone, initial, pieces.into_views(held), 0, self.layout.numel,
-                           bucket)
+            spread(self.topo.facility, self.topo.across.mesh, pieces.ranges_of(held), initial,
+                   pieces.into_views(held), 0, self.layout.numel, self.cfg.federation.bucket_values)
         self.engine.after_exchange()
 
     def _zero(self) -> None:
