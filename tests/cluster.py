@@ -168,9 +168,12 @@ class Cluster:
         proc = subprocess.Popen(["ip", "netns", "exec", self.bridge, "tcpdump", "-i", device, "-s", "0", "-U", "-n",
                                  "-w", str(into)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = 50
-        while not into.exists() and deadline:  # tcpdump creates the file once it listens
+        while not into.exists() and deadline and proc.poll() is None:  # tcpdump makes the file once it listens
             deadline -= 1
             time.sleep(0.1)
+        if not into.exists():
+            proc.kill()
+            raise RuntimeError(f"tcpdump on {device} did not start: {proc.communicate()[1].strip()}")
         return proc
 
     def port(self, node: str) -> str:

@@ -78,10 +78,12 @@ def test_two_facilities_of_two_nodes_each_equal_one_simulate(tmp_path):
     wan, inside = tmp_path / "wan.pcap", tmp_path / "a1.pcap"
     with Cluster(["a0", "a1", "b0", "b1"], sites={"A": ["a0", "a1"], "B": ["b0", "b1"]}) as cluster:
         captures = [cluster.capture("wan1", wan), cluster.capture(cluster.port("a1"), inside)]
-        newcomer = cluster.mpiexec(["b0", "b1"], [*program, "b"], env, tmp_path)
-        hub = cluster.mpiexec(["a0", "a1"], [*program, "a"], env, tmp_path)
-        results = [_finish(hub, 540), _finish(newcomer, 60)]
-        said = [stop_capture(capture) for capture in captures]
+        try:
+            newcomer = cluster.mpiexec(["b0", "b1"], [*program, "b"], env, tmp_path)
+            hub = cluster.mpiexec(["a0", "a1"], [*program, "a"], env, tmp_path)
+            results = [_finish(hub, 540), _finish(newcomer, 60)]
+        finally:
+            said = [stop_capture(capture) for capture in captures]
     for result in results:
         assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
     assert "round   2/2" in results[0].stdout and "links sealed (AES-256-GCM)" in results[0].stdout

@@ -1,7 +1,8 @@
 """Links between gateways (mpifed/comm/link.py): the exchange across facilities is point to point, sealed
 under the federation's token; every group operation delivers exactly what was sent, sealed or not; a
 message flipped, replayed, injected or cut short between sealing and sending ends the exchange in one
-line naming the phase and the link, and one that never comes ends it at the exchange's deadline."""
+line naming the phase and the link, and one that never comes ends it at the exchange's deadline; control
+values cross facilities through their leaders' links alone."""
 import json
 import secrets
 import subprocess
@@ -54,16 +55,27 @@ def test_control_values_cross_facilities_through_the_leaders_alone(tmp_path):
 
 
 def test_a_list_of_texts_that_does_not_parse_is_one_error():
+    """Two facilities of 2 and 1 ranks. Only a peer holding the token could send a bad list; it is still
+    one error, never an exception of the parser, nor a list shifted out of the world's order."""
     from mpifed.comm.across import _texts
     from mpifed.comm.link import LinkError
 
-    good = np.concatenate([np.array([2, 1, 3], np.int64).view(np.uint8), np.frombuffer(b"abcd", np.uint8)])
-    assert _texts(good) == ["a", "bcd"]
-    for bad in (good[:-1], np.concatenate([np.array([1 << 60], np.int64).view(np.uint8)]),
-                np.concatenate([np.array([1, -4], np.int64).view(np.uint8)]), good[:5],
-                np.concatenate([np.array([1, 1], np.int64).view(np.uint8), np.array([0xff], np.uint8)])):
+    def part(*texts: bytes) -> bytes:
+        return np.array([len(texts), *map(len, texts)], "<i8").tobytes() + b"".join(texts)
+
+    good = part(b"a", b"bcd") + part(b"ef")
+    assert _texts(np.frombuffer(good, np.uint8), [2, 1]) == ["a", "bcd", "ef"]
+    for bad, why in ((good[:-1], "lengths past its end"), (good + b"x", "1 bytes after the last part"),
+                     (part(b"a") + part(b"b", b"c"), "facility 0 holds 1 texts, not 2"),
+                     (np.array([2, 1, -4], "<i8").tobytes(), "lengths past its end"),
+                     (np.array([2, 1 << 62, 1 << 62], "<i8").tobytes(), "lengths past its end"),
+                     (part(b"a", b"\xff") + part(b"c"), "invalid start byte"), (good[:5], "holds -1 texts")):
         with pytest.raises(LinkError, match="a facility's leader sent a list of texts that does not parse"):
-            _texts(bad)
+            try:
+                _texts(np.frombuffer(bad, np.uint8), [2, 1])
+            except LinkError as exc:
+                assert why in str(exc)
+                raise
 
 
 @pytest.mark.parametrize("how,what", [
@@ -71,6 +83,7 @@ def test_a_list_of_texts_that_does_not_parse_is_one_error():
     ("replay", "a frame does not open (replayed or reordered: frame 0 where 2 was next)"),
     ("inject", "a frame does not open (tampered or not sealed under this link's key)"),
     ("short", "a message of 1243 bytes where 1248 were agreed (cut short, padded or injected on the way)"),
+    ("long", "a message longer than agreed (padded or injected on the way)"),
 ])
 def test_a_tampered_message_ends_the_exchange_naming_phase_and_link(tmp_path, how, what):
     result, seen = _run(how, 2, tmp_path)

@@ -20,13 +20,18 @@ from mpifed.comm import control, pieces
 from mpifed.comm.link import LinkError, Mesh
 
 
+TEXTS_LIMIT = 16 << 20
+"""Bytes a facility's part of a list of texts may hold (fingerprints and digests: a few KiB)."""
+
+
 class Across:
     """Collectives over every rank of every facility, through the leaders' `mesh` (None off the
-    leaders); `facility` is this rank's facility's communicator, its rank 0 the leader."""
+    leaders); `facility` is this rank's facility's communicator, its rank 0 the leader; `sizes` the
+    ranks of every facility, in order."""
 
-    def __init__(self, facility: MPI.Intracomm, mesh: Mesh | None) -> None:
+    def __init__(self, facility: MPI.Intracomm, mesh: Mesh | None, sizes: Sequence[int]) -> None:
         assert (mesh is not None) == (facility.rank == 0), "the leaders, and only they, hold the mesh"
-        self.facility, self.mesh = facility, mesh
+        self.facility, self.mesh, self.sizes = facility, mesh, list(sizes)
 
     def allreduce(self, values: Sequence[float], op: MPI.Op = MPI.SUM) -> np.ndarray:
         """Element-wise reduction of a few float64 values over every rank (control.allreduce's)."""
@@ -50,14 +55,17 @@ class Across:
         self.facility.Gatherv(data, [packed, sizes] if self.facility.rank == 0 else None, root=0)
         blob = None
         if self.mesh is not None:  # a facility's part: its ranks' sizes (int64), then their bytes
-            part = np.concatenate([np.array([len(sizes), *sizes], np.int64).view(np.uint8), packed])
+            part = np.concatenate([np.array([len(sizes), *sizes], "<i8").view(np.uint8), packed])
             lengths = np.empty((self.mesh.size, 1), np.int64)
             self.mesh.allgather(np.array([len(part)], np.int64), lengths)
+            if not all(0 <= int(n) <= TEXTS_LIMIT for n in lengths[:, 0]):
+                raise LinkError(f"a facility's leader announced a list of texts of {lengths[:, 0].tolist()} "
+                                f"bytes (at most {TEXTS_LIMIT})")
             parts = {m: np.empty(int(lengths[m, 0]), np.uint8) for m in range(self.mesh.size) if m != self.mesh.rank}
             self.mesh.exchange({m: part for m in parts}, parts)
             parts[self.mesh.rank] = part
             blob = np.concatenate([parts[m] for m in range(self.mesh.size)])
-        return _texts(control.bcast_array(self.facility, blob, np.uint8))
+        return _texts(control.bcast_array(self.facility, blob, np.uint8), self.sizes)
 
     def bcast_str(self, text: str | None) -> str:
         """Text only the global root (the first facility's leader) has, on every rank."""
@@ -71,7 +79,8 @@ def spread(facility: MPI.Intracomm, mesh: Mesh | None, mine: Sequence[pieces.Ran
     every rank of every facility, each rank taking the pieces of its ranges `mine` (pieces.scatter's
     `take`). Each bucket crosses each of the leaders' links (`mesh`, on the leaders) once, then spreads
     inside every facility from its own leader: nothing else crosses sites. No rank holds more than one
-    bucket beyond its pieces. Collective over every facility."""
+    bucket beyond its pieces (a leader, while it runs, also a sealed copy of one bucket per link).
+    Collective over every facility."""
     everyone = pieces.everyones(facility, mine)
     relay = source
     if mesh is not None and mesh.rank == 0:
@@ -86,24 +95,30 @@ def spread(facility: MPI.Intracomm, mesh: Mesh | None, mine: Sequence[pieces.Ran
             mesh.exchange({}, {0: room[:b_hi - b_lo]})
             return room[:b_hi - b_lo]
     pieces.scatter(facility, 0, mine, everyone, relay, take, lo, hi, bucket)
+    if mesh is not None:
+        mesh.release()  # the sealed copies of the last bucket: nothing of the model stays behind
 
 
-def _texts(blob: np.ndarray) -> list[str]:
-    """The texts of the facilities' parts, one after another. A part that does not parse (only a peer
-    holding the token could have sent it) raises LinkError, never an IndexError."""
-    out, at = [], 0
+def _texts(blob: np.ndarray, sizes: Sequence[int]) -> list[str]:
+    """The texts of the facilities' parts, one after another, each part holding one text per rank of
+    its facility (`sizes`). A part that does not parse (only a peer holding the token could have sent
+    it) raises LinkError, never an IndexError or a list in the wrong order."""
+    out, at, raw = [], 0, blob.tobytes()
     try:
-        while at < len(blob):
-            count = int(np.frombuffer(blob[at:at + 8].tobytes(), np.int64)[0])
-            if not 0 <= count <= (len(blob) - at) // 8:
-                raise ValueError(f"{count} texts")
-            lengths = np.frombuffer(blob[at + 8:at + 8 * (count + 1)].tobytes(), np.int64)
-            at += 8 * (count + 1)
-            if (lengths < 0).any() or at + int(lengths.sum()) > len(blob):
+        for facility, expected in enumerate(sizes):
+            count = int.from_bytes(raw[at:at + 8], "little", signed=True) if at + 8 <= len(raw) else -1
+            if count != expected:
+                raise ValueError(f"facility {facility} holds {count} texts, not {expected}")
+            at += 8
+            lengths = [int.from_bytes(raw[at + 8 * i:at + 8 * i + 8], "little", signed=True) for i in range(count)]
+            at += 8 * count
+            if min(lengths, default=0) < 0 or at + sum(lengths) > len(raw):
                 raise ValueError("lengths past its end")
             for length in lengths:
-                out.append(blob[at:at + length].tobytes().decode("utf-8"))
-                at += int(length)
+                out.append(raw[at:at + length].decode("utf-8"))
+                at += length
+        if at != len(raw):
+            raise ValueError(f"{len(raw) - at} bytes after the last part")
     except ValueError as exc:  # UnicodeDecodeError is one too
         raise LinkError(f"a facility's leader sent a list of texts that does not parse ({exc})") from None
     return out

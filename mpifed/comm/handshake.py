@@ -178,14 +178,17 @@ class Outcome:
     """Where both proved: the sealed messages that may follow."""
 
 
-def call(wire: Wire, hello: dict, token: bytes, context: str, wake: bool = False) -> Outcome:
+def call(wire: Wire, hello: dict, token: bytes, context: str, wake: bool = False,
+         first_s: float = HANDSHAKE_S) -> Outcome:
     """The caller's side (on its leader): say `hello`, prove the token, check the listener's proof.
-    With `wake`, a wake-up call: it proves and hangs up, expecting no answer. Raises Unanswered."""
+    With `wake`, a wake-up call: it proves and hangs up, expecting no answer. `first_s`: how long the
+    listener may take to answer the hello (a listener that is still getting there: see link.Mesh),
+    every later message HANDSHAKE_S. Raises Unanswered."""
     mine = secrets.token_bytes(seal.NONCE_BYTES)
     said = {**hello, "wake": True} if wake else dict(hello)
     said.update(nonce=mine.hex(), protocol=PROTOCOL)
     send(wire, said)
-    reply = receive(wire)
+    reply = receive(wire, first_s)
     theirs = _nonce(reply)
     if not theirs and _problems(reply):
         return Outcome(reply, _problems(reply))
@@ -210,11 +213,12 @@ def call(wire: Wire, hello: dict, token: bytes, context: str, wake: bool = False
     return Outcome(answer, problems, link=Sealed(wire, seal.Channel(keys, f"{context} link")))
 
 
-def listen(wire: Wire, token: bytes, context: str, decide: Callable[[dict], dict]) -> Outcome:
-    """The listener's side (on its leader): hear the caller's hello and proof, then answer with
-    `decide(hello)` (a JSON object; its "problems", a list, is the verdict) and its own proof. A caller
-    without a valid proof gets the verdict TOKEN_DIFFERS and no proof. Raises Unanswered."""
-    hello = receive(wire)
+def listen(wire: Wire, token: bytes, context: str, decide: Callable[[dict], dict],
+           first_s: float = HANDSHAKE_S) -> Outcome:
+    """The listener's side (on its leader): hear the caller's hello (within `first_s`) and proof, then
+    answer with `decide(hello)` (a JSON object; its "problems", a list, is the verdict) and its own
+    proof. A caller without a valid proof gets the verdict TOKEN_DIFFERS and no proof. Raises Unanswered."""
+    hello = receive(wire, first_s)
     theirs = _nonce(hello)
     if not theirs:
         raise Unanswered("sent no valid hello (not an mpifed facility, or another version)")

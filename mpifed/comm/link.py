@@ -42,11 +42,14 @@ class LinkError(RuntimeError):
     line naming the link (both facilities and the gateway)."""
 
 
-def wait_all(requests: Sequence[MPI.Request], poll_s: float = 0.0) -> list[MPI.Status]:
-    """Wait for every request, and their statuses: MPI's own wait (spinning), or with `poll_s` > 0 a test
-    every `poll_s` seconds and a sleep in between (an exchange in the background leaves the cores to
-    training)."""
-    requests, statuses = list(requests), [MPI.Status() for _ in requests]
+def wait_all(requests: Sequence[MPI.Request], poll_s: float = 0.0,
+             statuses: list[MPI.Status] | None = None) -> list[MPI.Status]:
+    """Wait for every request, and their statuses (into `statuses` where given, so that a caller can
+    read them after an error): MPI's own wait (spinning), or with `poll_s` > 0 a test every `poll_s`
+    seconds and a sleep in between (an exchange in the background leaves the cores to training)."""
+    requests = list(requests)
+    statuses = statuses if statuses is not None else []
+    statuses[:] = [MPI.Status() for _ in requests]
     if poll_s <= 0:
         MPI.Request.Waitall(requests, statuses)
     else:
@@ -155,11 +158,12 @@ class Mesh:
 
     @classmethod
     def connect(cls, comm: MPI.Intracomm, names: Sequence[str], label: str, token: bytes | None,
-                owned: bool = False) -> "Mesh":
+                owned: bool = False, wait_s: float = handshake.HANDSHAKE_S) -> "Mesh":
         """The mesh of `comm` (one gateway per facility, `names[i]` at rank i), each link keyed by its
-        own proved handshake where a `token` is given (the later facility calls the earlier). Every pair
-        meets in the same order on both sides (by the lower index, then the higher), so no two wait on
-        each other. Collective over `comm` in effect; raises LinkError naming the link that failed."""
+        own proved handshake where a `token` is given (the later facility calls the earlier; each waits
+        up to `wait_s` for the other to get there, then HANDSHAKE_S a message). Every pair meets in the
+        same order on both sides (by the lower index, then the higher), so no two wait on each other.
+        Collective over `comm` in effect; raises LinkError naming the link that failed."""
         me, links = comm.rank, []
         for other in range(comm.size):
             if other == me:
@@ -167,8 +171,8 @@ class Mesh:
                 continue
             first, second = sorted((me, other))
             name = f"{names[first]}<->{names[second]} ({label})"
-            links.append(Link(comm, other, name, None if token is None else _agree(comm, other, me > other, name, names,
-                                                                                   token)))
+            channel = None if token is None else _agree(comm, other, me > other, name, names, token, wait_s)
+            links.append(Link(comm, other, name, channel))
         return cls(links, me, names, comm if owned else None)
 
     def subset(self, members: Sequence[bool]) -> "Mesh":
@@ -181,16 +185,23 @@ class Mesh:
                  poll_s: float = 0.0) -> None:
         """Send `sends[m]` to member m and receive `receives[m]` (its agreed size) from member m, all at
         once; back when every message is in and opened. Raises LinkError."""
-        posted = [self.links[m].post_recv(into) for m, into in receives.items()]
-        requests = [request for request, _ in posted] + [self.links[m].post_send(data) for m, data in sends.items()]
+        posted = [(m, *self.links[m].post_recv(into)) for m, into in receives.items()]
+        requests = [request for _, request, _ in posted] + [self.links[m].post_send(data) for m, data in sends.items()]
+        statuses: list[MPI.Status] = []
         try:
-            statuses = wait_all(requests, poll_s)
+            wait_all(requests, poll_s, statuses)
         except MPI.Exception as exc:
-            if exc.Get_error_class() != MPI.ERR_TRUNCATE:
-                raise  # a peer gone: the watchdog's roll call names it
-            # a message longer than agreed (an unsealed link receives in place)
-            raise _broken(f"of {self.names[self.rank]}", "a message longer than agreed") from None
-        for (_, opened), status in zip(posted, statuses):
+            # A message longer than agreed is MPI's truncation: ERR_TRUNCATE, or with several requests
+            # ERR_IN_STATUS and the truncation in that request's status. Anything else is a peer gone,
+            # which the watchdog's roll call names.
+            cut = [m for (m, _, _), status in zip(posted, statuses)
+                   if MPI.Get_error_class(status.Get_error()) == MPI.ERR_TRUNCATE]
+            if exc.Get_error_class() not in (MPI.ERR_TRUNCATE, MPI.ERR_IN_STATUS) or (
+                    exc.Get_error_class() == MPI.ERR_IN_STATUS and not cut):
+                raise
+            name = self.links[cut[0]].name if cut else f"of {self.names[self.rank]}"
+            raise _broken(name, "a message longer than agreed (padded or injected on the way)") from None
+        for (_, _, opened), status in zip(posted, statuses):
             opened(status)
 
     def allgather(self, mine: np.ndarray, out: np.ndarray, poll_s: float = 0.0) -> None:
@@ -219,7 +230,8 @@ class Mesh:
             self.comm = None
 
 
-def _agree(comm: MPI.Intracomm, other: int, calls: bool, name: str, names: Sequence[str], token: bytes) -> seal.Channel:
+def _agree(comm: MPI.Intracomm, other: int, calls: bool, name: str, names: Sequence[str], token: bytes,
+           wait_s: float) -> seal.Channel:
     """The keys of the link to gateway `other` of `comm`, from a proved handshake over MPI (this side
     calls where `calls`); raises LinkError saying why it failed."""
     wire = MPIWire(comm, other)
@@ -227,11 +239,11 @@ def _agree(comm: MPI.Intracomm, other: int, calls: bool, name: str, names: Seque
     me, them = names[comm.rank], names[other]
     try:
         if calls:
-            outcome = handshake.call(wire, {"facility": me}, token, context)
+            outcome = handshake.call(wire, {"facility": me}, token, context, first_s=wait_s)
         else:
             outcome = handshake.listen(wire, token, context, lambda hello: {"problems": [] if hello.get("facility") == them
                                        else [f"the caller says it is {handshake.shown(hello.get('facility'))}, "
-                                             f"not {them}"]})
+                                             f"not {them}"]}, first_s=wait_s)
     except Unanswered as exc:
         raise LinkError(f"link {name}: the other gateway {exc} during the link's handshake") from None
     if outcome.problems or outcome.link is None:

@@ -152,7 +152,7 @@ def build(comm: MPI.Intracomm, facility_index: int, names: Sequence[str], n_root
     leaders = Mesh.connect(roots.Dup(), names, "leaders", token, owned=True) if facility.rank == 0 else None
     return Topology(world=world, facility=facility, roots=roots, inter=inter, facility_index=facility_index,
                     facility_names=tuple(names), facility_sizes=sizes, n_roots=n_roots, token=token,
-                    across=Across(facility, leaders))
+                    across=Across(facility, leaders, sizes))
 
 
 def local_ranks_on_node(comm: MPI.Intracomm) -> int:

@@ -60,19 +60,20 @@ class MPIWire:
             time.sleep(0.005)
         size = status.Get_count(MPI.BYTE)
         if size > limit:
-            drain(self.inter)
+            drain(self.inter, self.peer)
             raise Unanswered(f"sent a {size}-byte message, more than a handshake may hold ({limit})")
         data = np.empty(size, np.uint8)
         self.inter.Recv([data, MPI.BYTE], source=self.peer, tag=TAG)
         return data.tobytes()
 
 
-def drain(inter: MPI.Intercomm) -> None:
-    """Consume, unread, whatever a peer about to be dropped has sent: left unmatched, a message could
-    be matched later by another connection that happens to reuse the same MPI context."""
+def drain(inter: MPI.Intercomm | MPI.Intracomm, source: int = MPI.ANY_SOURCE) -> None:
+    """Consume, unread, whatever a peer about to be dropped has sent (`source`, else anyone): left
+    unmatched, a message could be matched later by another connection that happens to reuse the same
+    MPI context."""
     inter.Set_errhandler(MPI.ERRORS_RETURN)
     status = MPI.Status()
-    while inter.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
+    while inter.Iprobe(source=source, tag=MPI.ANY_TAG, status=status):
         try:  # into no buffer at all: MPI reports the truncation and the message is gone
             inter.Recv([np.empty(0, np.uint8), MPI.BYTE], source=status.Get_source(), tag=status.Get_tag())
         except MPI.Exception:

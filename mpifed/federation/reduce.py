@@ -414,7 +414,10 @@ class Federation:
         """Root r's links to root r of every facility (sealed where the federation holds a token); in the
         background on a communicator of their own. Collective over the roots."""
         comm = topo.roots.Dup() if self.delayed else topo.roots
-        return Mesh.connect(comm, topo.facility_names, f"gateway {topo.root_index}", topo.token, owned=self.delayed)
+        # The roots get here as their engines finish building, some later than others: each waits for
+        # the others as long as for any other facility (federation.timeout_s).
+        return Mesh.connect(comm, topo.facility_names, f"gateway {topo.root_index}", topo.token, owned=self.delayed,
+                            wait_s=self.cfg.timeout_s)
 
     def close(self) -> None:
         """Stop the background exchange's thread and free its links' communicator (collective over the

@@ -6,7 +6,7 @@ CASE "ops": every group operation on messages of several frames (FRAME_BYTES shr
 rank checking what it got against the values every rank can compute for itself (numpy, seeded).
 CASE "across": ranks 0-1, 2 and 3-4 as three facilities (mpifed/comm/across.py): sums, maxima, texts
 and a broadcast over every rank, through the leaders' links only.
-CASE flip | replay | inject | short | drop: a wrapper around rank 1's link to rank 0 tampers between
+CASE flip | replay | inject | short | long | drop: a wrapper around rank 1's link to rank 0 tampers between
 sealing and sending; rank 0 records the LinkError it gets ("drop": the exchange's deadline ends the job).
 Each rank writes OUT/rankN.json.
 """
@@ -54,6 +54,8 @@ class Tamper:
             self.comm.Isend([self.kept[-1], kind], dest, tag).Wait()
         elif self.how == "short":
             raw = raw[:-5]
+        elif self.how == "long":
+            raw = np.concatenate([raw, np.zeros(5, np.uint8)])
         elif self.how == "drop":
             return MPI.REQUEST_NULL
         self.kept.append(raw)
