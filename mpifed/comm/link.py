@@ -34,28 +34,23 @@ FRAME_BYTES = 4 << 20
 enough that a frame stays far under seal.FRAME_LIMIT (benchmarks/seal.py: 1-4 MiB frames sealed into a
 reused buffer run at the cipher's speed)."""
 
-Wait = Callable[[Sequence[MPI.Request]], None]
-
 
 class LinkError(RuntimeError):
     """A link that broke: its handshake failed, or a message did not open or had the wrong size. One
     line naming the link (both facilities and the gateway)."""
 
 
-def wait_all(requests: Sequence[MPI.Request], poll_s: float = 0.0,
-             statuses: list[MPI.Status] | None = None) -> list[MPI.Status]:
-    """Wait for every request, and their statuses (into `statuses` where given, so that a caller can
-    read them after an error): MPI's own wait (spinning), or with `poll_s` > 0 a test every `poll_s`
-    seconds and a sleep in between (an exchange in the background leaves the cores to training)."""
+def wait_all(requests: Sequence[MPI.Request], statuses: list[MPI.Status], poll_s: float = 0.0) -> None:
+    """Wait for every request, their statuses into `statuses` (which a caller can read after an error):
+    MPI's own wait (spinning), or with `poll_s` > 0 a test every `poll_s` seconds and a sleep in between
+    (an exchange in the background leaves the cores to training)."""
     requests = list(requests)
-    statuses = statuses if statuses is not None else []
     statuses[:] = [MPI.Status() for _ in requests]
     if poll_s <= 0:
         MPI.Request.Waitall(requests, statuses)
     else:
         while not MPI.Request.Testall(requests, statuses):
             time.sleep(poll_s)
-    return statuses
 
 
 def _bytes(buffer: np.ndarray | bytearray | memoryview) -> memoryview:
@@ -189,7 +184,7 @@ class Mesh:
         requests = [request for _, request, _ in posted] + [self.links[m].post_send(data) for m, data in sends.items()]
         statuses: list[MPI.Status] = []
         try:
-            wait_all(requests, poll_s, statuses)
+            wait_all(requests, statuses, poll_s)
         except MPI.Exception as exc:
             # A message longer than agreed is MPI's truncation: ERR_TRUNCATE, or with several requests
             # ERR_IN_STATUS and the truncation in that request's status. Anything else is a peer gone,

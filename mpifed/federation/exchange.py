@@ -105,9 +105,9 @@ class Combiner:
         others = [f for f in range(size) if f != me]
         pieces = self._buffer("pieces", size * sizes[me]).reshape(size, sizes[me])
         if self.codec is None:  # the fp32 values are the payload: no copy before, none after (unsealed)
+            chunks = {f: delta[a:b] for f, (a, b) in enumerate(spans) if f != me}
             np.copyto(pieces[me].view(np.float32), mine)
-            group.exchange({f: delta[a:b] for f, (a, b) in enumerate(spans) if f != me},
-                           {f: pieces[f] for f in others}, self.poll_s)
+            group.exchange(chunks, {f: pieces[f] for f in others}, self.poll_s)
             values = pieces.view(np.float32)
             for f in range(size):  # facility order: the same sum, bit for bit, wherever it is taken
                 if weights:
@@ -116,8 +116,7 @@ class Combiner:
                     np.copyto(mine, values[0])
                 if f > 0:
                     np.add(mine, values[f], out=mine)
-            group.exchange({f: mine for f in others}, {f: delta[a:b] for f, (a, b) in enumerate(spans) if f != me},
-                           self.poll_s)
+            group.exchange({f: mine for f in others}, chunks, self.poll_s)
         else:
             residual, sums = self.state["residual"][at], self.state["sum_residual"][at]
             payload = encode(self.codec, delta, residual, self._buffer("payload", sum(sizes)), self.threads)
@@ -134,7 +133,6 @@ class Combiner:
                 decode(self.codec, gathered[start:start + length], b - a, delta[a:b], False, self.threads)
         if not self.keep:
             self._buffers.clear()
-            group.release()
         others_bytes = sum(sizes) - sizes[me]
         return Traffic(sent=others_bytes + sizes[me] * (size - 1), received=sizes[me] * (size - 1) + others_bytes)
 
@@ -183,8 +181,8 @@ class RootExchange:
                 mesh.exchange({}, {first: delta}, poll_s)
             traffic += Traffic(sent=delta.nbytes * mask.count(False) if me == first else 0,
                                received=0 if mask[me] else delta.nbytes)
-            if not self.combiner.keep:
-                mesh.release()
+        if not self.combiner.keep:  # blocking: the links hold nothing of the exchange while training
+            mesh.release()
         self.outer.step(theta[at], delta, at, number)
         return Outcome(traffic, tuple(reasons))
 
