@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import mpiexec, mpifed, rank_env
+from conftest import MPIEXEC, mpiexec, mpifed, rank_env, run
 from mpifed import STOPPED_EXIT, configfile
 from mpifed.checkpoint import format as checkpoint
 from mpifed.data.corpus import VOCAB_SIZE
@@ -67,6 +67,25 @@ def test_acceptance_three_facilities(tmp_path):
     # three facilities each send 2/3 of an fp32 model to the others in the reduce-scatter (all but the
     # chunk they sum themselves) and their summed chunk to the two others in the all-gather: 4 models in all
     assert all(r["bytes_inter"] == 4 * numel * 4 for r in rows)
+
+
+def test_a_finished_run_exits_0_under_a_launch_wrapper_that_does_not_exec(tmp_path):
+    """Site launchers often put a process of their own between mpiexec and Python (a shell script
+    without `exec`, /usr/bin/time, a container starter). A run that finished must still exit 0 there:
+    MPICH tells its process manager that a rank is done only in a C exit handler, and a rank that left
+    without it (os._exit) was taken for a crash and every rank SIGKILLed (exit 9, 'Killed (signal 9)')."""
+    cfg = configfile.from_dict(configfile.apply_sets({}, [
+        "facility.f0.ranks=1", "facility.f1.ranks=1", "train.local_steps=2", "federation.rounds=1",
+        "train.micro_batch=2", "data.seq_len=32", f"checkpoint.dir={tmp_path / 'run'}"]))
+    (tmp_path / "c.toml").write_text(configfile.dump_toml(cfg))
+    wrapper = tmp_path / "wrap.sh"
+    wrapper.write_text('#!/bin/sh\n"$@"\n')  # no exec: the wrapper stays the launcher's child
+    wrapper.chmod(0o755)
+    result = run([MPIEXEC, "-n", "2", str(wrapper), sys.executable, "-m", "mpifed", "run", str(tmp_path / "c.toml")],
+                 timeout=240)
+    assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr}"
+    assert "mpifed: done" in result.stdout
+    assert (tmp_path / "run" / "latest").read_text().strip() == checkpoint.main_name(1)
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ MPI ports (`main_joined`, with `--facility NAME`); facilities launched separatel
 come back between rounds (`_train`). Either way the rank then ends through `end`."""
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import sys
@@ -30,16 +31,27 @@ if TYPE_CHECKING:
 
 
 def end(code: int) -> NoReturn:
-    """End this rank with `code` once its work is durable: flush, finalize MPI, and leave without the
-    interpreter's teardown. gloo's worker threads live as long as anything still refers to a process
-    group (a device mesh, DeepSpeed's groups), and tearing them down in the interpreter's order now and
-    then aborts a process after a run that succeeded ("terminate called without an active exception"),
-    which the launcher, and a batch script deciding whether to restart, would read as a failure."""
+    """End this rank with `code` once its work is durable: flush, finalize MPI, and leave through the C
+    library's `exit`, without the interpreter's teardown.
+
+    Not the interpreter's teardown: gloo's worker threads live as long as anything still refers to a
+    process group (a device mesh, DeepSpeed's groups), and tearing them down in the interpreter's order
+    now and then aborts a process after a run that succeeded ("terminate called without an active
+    exception"). Not `os._exit` either: MPICH (and the MPIs built on it) tells its process manager that
+    the rank is done in a C exit handler, after MPI_Finalize returns. Skipped, the manager sees the
+    rank's connection close unannounced, takes it for a crash and SIGKILLs every rank still running:
+    always under a launch wrapper that does not `exec`, now and then without one, and either way the
+    launcher, and a batch script deciding whether to restart, reads a finished run as killed."""
     sys.stdout.flush()
     sys.stderr.flush()
     if MPI.Is_initialized() and not MPI.Is_finalized():
         MPI.Finalize()
-    os._exit(code)
+    try:  # holding the GIL: some libraries' exit handlers call into Python
+        libc = ctypes.PyDLL(None)
+    except OSError:  # no C library to load by that name: the interpreter's own quick exit
+        os._exit(code)
+    libc.exit(code)
+    os._exit(code)  # not reached
 
 
 def _refuse_to_mix_runs(comm: MPI.Intracomm, cfg: RunConfig, resume: str) -> None:
