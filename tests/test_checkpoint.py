@@ -105,6 +105,44 @@ def test_damage_is_named_and_resume_falls_back(tmp_path, tiny):
     assert mpifed("ckpt", "verify", str(tmp_path / "round_00001.h5")).returncode == 0
 
 
+def test_pruning_counts_only_rounds_up_to_the_one_just_published(tmp_path, tiny):
+    """A later file (another run's, or damaged) is neither counted as newer nor deleted: counting it
+    once deleted every round that verified and left `latest` naming a deleted file."""
+    _, layout = tiny
+    for round_ in (1, 2, 3, 4):
+        _write(tmp_path, round_, layout, np.full(layout.numel, round_, np.float32), {})
+    (tmp_path / "round_00009.h5").write_bytes(b"not a checkpoint")
+    (tmp_path / "round_x.h5").write_bytes(b"a user's file")  # not a round's: never parsed, never deleted
+    checkpoint.prune(tmp_path, 2, newest=4)
+    assert sorted(p.name for p in tmp_path.glob("round_*")) == ["round_00003.h5", "round_00004.h5",
+                                                              "round_00009.h5", "round_x.h5"]
+    checkpoint.prune(tmp_path, 1, newest=4)
+    assert checkpoint.verify(tmp_path / "round_00004.h5").round == 4
+    assert (tmp_path / "latest").read_text().strip() == "round_00004.h5"
+    assert not (tmp_path / "round_00003.h5").exists() and (tmp_path / "round_00009.h5").exists()
+
+
+@pytest.mark.slow
+def test_a_damaged_later_file_is_set_aside_and_never_costs_a_good_round(tmp_path):
+    """The issue's reproduction: a damaged round_00009.h5 in the folder, keep = 1, --resume auto. The
+    resume skips it with one line and moves it aside (its bytes kept); the run trains on and keeps its
+    newest round, which `latest` names."""
+    first = mpifed("simulate", "--rounds", "2", "--local-steps", "2", "--out", "run", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    damaged = b"\x89HDF\r\n\x1a\n" + bytes(range(256)) * 8
+    (tmp_path / "run" / "round_00009.h5").write_bytes(damaged)
+    result = mpifed("simulate", "--rounds", "4", "--local-steps", "2", "--out", "run", "--resume", "auto",
+                    "--set", "checkpoint.keep=1", cwd=tmp_path)
+    assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr}"
+    skipped = [line for line in result.stdout.splitlines() if "round_00009.h5" in line]
+    assert len(skipped) == 1 and skipped[0].startswith("mpifed: skipping checkpoint round_00009.h5: ")
+    assert skipped[0].endswith("moved aside to round_00009.h5.damaged")
+    assert (tmp_path / "run" / "round_00009.h5.damaged").read_bytes() == damaged
+    assert [p.name for p in checkpoint.main_files(tmp_path / "run")] == ["round_00004.h5"]
+    assert checkpoint.verify(tmp_path / "run" / "round_00004.h5").round == 4
+    assert (tmp_path / "run" / "latest").read_text().strip() == "round_00004.h5"
+
+
 def test_damaged_or_missing_segment_file(tmp_path, tiny):
     _, layout = tiny
     model = np.arange(layout.numel, dtype=np.float32)

@@ -74,6 +74,12 @@ def part_round(path: Path) -> int:
     return int(path.name[6:].split(".")[0])
 
 
+def _round_of(name: str) -> int | None:
+    """The round a checkpoint file's name gives (None: not a round's file, e.g. round_x.h5 a user made)."""
+    digits = name[6:].split(".")[0]
+    return int(digits) if name.startswith("round_") and digits.isdigit() else None
+
+
 def part_digest(path: Path) -> str:
     """The content digest of a part file: xxh3-128 over its identity (round, facility) and the name and
     hash of every array in it. It reads attributes only; `verify` ties each hash to the bytes."""
@@ -337,7 +343,7 @@ def main_files(directory: str | Path) -> list[Path]:
 
 def round_files(directory: str | Path) -> list[Path]:
     """Every checkpoint file of `directory`: main files, segments and facility parts."""
-    return sorted(p for p in Path(directory).glob("round_*.h5") if p.name[6:].split(".")[0].isdigit())
+    return sorted(p for p in Path(directory).glob("round_*.h5") if _round_of(p.name) is not None)
 
 
 def candidates(target: str | Path) -> list[Path]:
@@ -409,24 +415,40 @@ def read_part(path: Path) -> tuple[dict[str, np.ndarray], list[str]]:
         return small, read_part_names(h5)
 
 
-def prune(directory: str | Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints with their parts (keep = 0 keeps all)."""
+def prune(directory: str | Path, keep: int, newest: int) -> None:
+    """Delete all but the newest `keep` checkpoints up to round `newest`, the one just published, with
+    their parts (keep = 0 keeps all). Files of later rounds (another run's, or a damaged one a resume
+    could not use) are neither counted as newer nor deleted: counting them could delete every round
+    that verifies and leave `latest` naming a deleted file."""
     if keep <= 0:
         return
-    mains = main_files(directory)
-    if len(mains) <= keep:
-        return
-    _remove_before(directory, int(_MAIN.match(mains[-keep].name).group(1)))
+    rounds = [r for r in (part_round(p) for p in main_files(directory)) if r <= newest]
+    if len(rounds) > keep:
+        _remove_before(directory, rounds[-keep])
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a main file that does not verify out of every round's way (PATH.damaged, or .damaged-N
+    when that is taken): it is never counted, pruned or offered again, and nothing of it is lost."""
+    aside = path.with_name(path.name + ".damaged")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.damaged-{n}")
+    path.rename(aside)
+    return aside
 
 
 def facility_parts(directory: str | Path, name: str) -> list[Path]:
     """Facility `name`'s part files in `directory`, oldest round first."""
-    return sorted(Path(directory).glob(f"round_*.fac-{name}.h5"), key=part_round)
+    found = [p for p in Path(directory).glob(f"round_*.fac-{name}.h5") if _round_of(p.name) is not None]
+    return sorted(found, key=part_round)
 
 
-def prune_parts(directory: str | Path, name: str, keep: int) -> None:
-    """At a site that holds only facility `name`'s parts: delete all but its newest `keep` parts."""
-    rounds = [part_round(p) for p in facility_parts(directory, name)]
+def prune_parts(directory: str | Path, name: str, keep: int, newest: int) -> None:
+    """At a site that holds only facility `name`'s parts: delete all but its newest `keep` parts up to
+    round `newest`, the one just written (later ones are neither counted nor deleted)."""
+    rounds = [r for r in (part_round(p) for p in facility_parts(directory, name)) if r <= newest]
     if keep > 0 and len(rounds) > keep:
         _remove_before(directory, rounds[-keep], name)
 
@@ -436,5 +458,5 @@ def _remove_before(directory: str | Path, round_: int, facility: str = "") -> No
     site's leader may prune the same shared folder at once: a file already gone is fine."""
     pattern = f"round_*.fac-{facility}.h5" if facility else "round_*.h5"
     for path in Path(directory).glob(pattern):
-        if int(path.name[6:].split(".")[0]) < round_:
+        if (found := _round_of(path.name)) is not None and found < round_:
             path.unlink(missing_ok=True)

@@ -117,7 +117,7 @@ class CheckpointManager:
         digests = {name: said[first] for name, first in zip(topo.facility_names, topo.facility_offsets)}
         if topo.is_leader and not topo.is_global_root and cfg.checkpoint.keep:
             # one more than the hub keeps: the newest part's main file may not be published yet
-            checkpoint.prune_parts(self.directory, topo.facility_name, cfg.checkpoint.keep + 1)
+            checkpoint.prune_parts(self.directory, topo.facility_name, cfg.checkpoint.keep + 1, round_)
         if not topo.is_global_root:
             return None
         one_root = topo.n_roots == 1
@@ -132,7 +132,7 @@ class CheckpointManager:
 
         def publish() -> None:
             checkpoint.publish(pending)
-            checkpoint.prune(self.directory, cfg.checkpoint.keep)
+            checkpoint.prune(self.directory, cfg.checkpoint.keep, round_)
 
         return publish
 
@@ -221,7 +221,7 @@ class CheckpointManager:
             except CheckpointError as exc:
                 if single:
                     return json.dumps({"error": f"--resume {path}: {exc}"})
-                print(f"mpifed: skipping checkpoint {path.name}: {exc}", flush=True)
+                print(f"mpifed: skipping checkpoint {path.name}: {exc}; {self._set_aside(path)}", flush=True)
                 continue
             problems = self._incompatibilities(verified, parts)
             if problems:
@@ -229,6 +229,15 @@ class CheckpointManager:
             return json.dumps({"round": verified.round, "tokens": verified.tokens, "path": str(verified.path),
                                "digests": verified.part_digests})
         return "{}"
+
+    @staticmethod
+    def _set_aside(path: Path) -> str:
+        """Move a main file that does not verify out of the way of pruning and later resumes; what was
+        done, for the line that skips it."""
+        try:
+            return f"moved aside to {checkpoint.set_aside(path).name}"
+        except OSError as exc:
+            return f"left in place ({exc.strerror or exc})"
 
     def _check_own_part(self, point: dict) -> str:
         """On a facility leader: why its part of the offered round cannot be used here ("" if it can)."""
