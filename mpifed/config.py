@@ -36,7 +36,14 @@ _NOUNS: dict[Any, str] = {Preset: "preset", Attention: "implementation", Precisi
                           Schedule: "schedule", InnerState: "mode", Device: "device",
                           OuterName: "outer optimizer", Compression: "compression", EngineName: "engine",
                           ZeroStage: "ZeRO stage", Overlap: "overlap mode"}
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+NAME_RULE = "a letter, then letters, digits, '-' or '_'"
+"""What a facility's or a site profile's name may be: it reaches file names and batch scripts."""
+
+
+def is_name(text: str) -> bool:
+    """Whether `text` is a valid name as a whole (`$` would also match before a final line break)."""
+    return _NAME.fullmatch(text) is not None
 
 
 class ConfigError(ValueError):
@@ -443,9 +450,8 @@ class FacilityConfig:
 
     def problems(self, where: str) -> list[str]:
         out = []
-        if not _NAME.match(self.name):
-            out.append(f"{where}.name: {self.name!r} is not a valid name "
-                       "(a letter, then letters, digits, '-' or '_')")
+        if not is_name(self.name):
+            out.append(f"{where}.name: {self.name!r} is not a valid name ({NAME_RULE})")
         if self.ranks < 1:
             out.append(f"{where}.ranks: must be >= 1 (got {self.ranks})")
         out += _choice_problems(self, where) + self.fsdp.problems(where) + self.deepspeed.problems(where)
@@ -491,7 +497,7 @@ class RunConfig:
         if not self.facility:
             problems.append("facility: at least one [[facility]] is needed")
         for i, fac in enumerate(self.facility):
-            problems += fac.problems(f"facility.{fac.name or i}")
+            problems += fac.problems(f"facility.{fac.name if is_name(fac.name) else i}")
         names = [f.name for f in self.facility]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

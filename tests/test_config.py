@@ -3,6 +3,8 @@ import dataclasses
 
 import pytest
 
+from conftest import mpifed
+
 from mpifed import config, configfile, preflight
 from mpifed.config import ConfigError, RunConfig
 
@@ -27,6 +29,20 @@ def test_unknown_key_lists_valid_keys():
         configfile.from_dict({"train": {"batch": 4}})
     with pytest.raises(ConfigError, match=r"optim: unknown section; valid sections: model, data"):
         configfile.from_dict({"optim": {}})
+
+
+@pytest.mark.parametrize("name", ["a\n", "a\ntouch PWNED", "1a", "a b", "a/b", "é"])
+def test_a_facility_name_is_matched_as_a_whole(name, tmp_path):
+    """A name reaches file names and batch scripts: `$` in a pattern would also match before a final
+    line break, so "a\n" once passed. The refusal is one line, the name shown escaped."""
+    with pytest.raises(ConfigError) as refused:
+        configfile.from_dict({"facility": [{"name": name}, {"name": "b"}]})
+    assert f"facility.0.name: {name!r} is not a valid name" in str(refused.value)
+    assert "\n" not in str(refused.value)
+    path = tmp_path / "c.toml"
+    path.write_text(configfile.dump_toml(configfile.from_dict({})).replace('name = "f0"', f"name = {name!r}"))
+    result = mpifed("simulate", "--config", str(path), "--dry-run")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "is not a valid name" in result.stderr
 
 
 def test_wrong_types_are_named():

@@ -55,6 +55,24 @@ def test_a_malformed_profile_names_its_bad_key(edit, message, tmp_path):
     assert f"{tmp_path / 'leonardo.toml'}: {message}" in result.stderr
 
 
+def test_a_profile_file_name_that_is_not_a_name_is_refused_before_it_reaches_a_script(tmp_path):
+    """A profile's name is its file name, and it lands in the batch scripts: a line break there once
+    wrote a command into the generated script."""
+    name = "odd\ntouch PWNED"
+    profile = (ROOT / "sitecfg" / "local.toml").read_text().replace('name = "local"', f'name = "odd\\ntouch PWNED"')
+    (tmp_path / "sites").mkdir()
+    (tmp_path / "sites" / f"{name}.toml").write_text(profile)
+    env = {**rank_env(), "MPIFED_SITECFG": str(tmp_path / "sites")}
+    shown = subprocess.run([sys.executable, "-m", "mpifed", "sites", "show", name], capture_output=True, text=True,
+                           env=env)
+    assert shown.returncode == 2 and shown.stderr.count("\n") == 1, shown.stderr
+    assert "'odd\\ntouch PWNED' is not a valid profile name" in shown.stderr and "rename the file" in shown.stderr
+    made = subprocess.run([sys.executable, "-m", "mpifed", *NEW, str(tmp_path / "p"), "--facilities", f"a:{name}:1"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert made.returncode == 2 and "is not a valid profile name" in made.stderr
+    assert not list(tmp_path.glob("p/*.sbatch")) and not list(tmp_path.rglob("PWNED"))
+
+
 def test_an_unknown_site_is_a_config_error():
     result = mpifed("simulate", "--set", "facility.f0.site=atlantis", "--dry-run")
     assert result.returncode == 2 and "facility.f0.site: no site profile 'atlantis'; choose one of deucalion" in result.stderr

@@ -51,6 +51,11 @@ for _name, _command in COMMANDS.items():
     cli.add_command(_command, _name)
 
 
+def _one_line(text: str) -> str:
+    """An error stays one line whatever a name or path in it holds: control characters escaped."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: click errors become one line `mpifed CMD: error: ...` and exit code 2."""
     argv = sys.argv[1:] if argv is None else argv
@@ -65,6 +70,6 @@ def main(argv: list[str] | None = None) -> None:
         else:  # parser errors come without a context
             where = " ".join(["mpifed", *[a for a in argv[:1] if a in cli.commands]])
         if where != "mpifed run" or launch_rank() == 0:  # every rank of a launch fails alike: one says why
-            click.echo(f"{where}: error: {exc.format_message()}", err=True)
+            click.echo(f"{where}: error: {_one_line(exc.format_message())}", err=True)
         sys.exit(exc.exit_code)
     sys.exit(code if isinstance(code, int) else 0)

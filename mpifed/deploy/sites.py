@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from mpifed.config import choices
+from mpifed.config import NAME_RULE, choices, is_name
 from mpifed.configfile import table_fields
 
 Accelerator = Literal["cuda", "rocm", "cpu"]
@@ -149,7 +149,9 @@ def load(path: Path) -> Site:
     kwargs = table_fields(Site, data, "", problems, skip=("env", "path"))
     problems += [f"{key}: missing" for key in ("name", "description", "accelerator", "torch_backend")
                  if key not in kwargs]
-    if kwargs.get("name", path.stem) != path.stem:
+    if not is_name(path.stem):  # the name reaches batch scripts: a line break there starts a command
+        problems.append(f"the file name: {path.stem!r} is not a valid profile name ({NAME_RULE}); rename the file")
+    elif kwargs.get("name", path.stem) != path.stem:
         problems.append(f"name: {kwargs['name']!r} must match the file name {path.stem!r}")
     env = {}
     for var, spec in data.get("env", {}).items():
