@@ -3,6 +3,8 @@ datasets; verify catches truncation and flipped bytes and names the dataset; res
 last good file; a killed writer never leaves `latest` on a broken file; export loads in transformers
 with the same logits."""
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import torch
 
 from conftest import WORKERS, mpifed, rank_env
 from mpifed.checkpoint import format as checkpoint
+from mpifed.checkpoint.files import WriteFailed
 from mpifed.checkpoint.format import CheckpointError, _boxes
 from mpifed.checkpoint.files import array_hash
 from mpifed.data.corpus import VOCAB_SIZE
@@ -141,6 +144,57 @@ def test_a_damaged_later_file_is_set_aside_and_never_costs_a_good_round(tmp_path
     assert [p.name for p in checkpoint.main_files(tmp_path / "run")] == ["round_00004.h5"]
     assert checkpoint.verify(tmp_path / "run" / "round_00004.h5").round == 4
     assert (tmp_path / "run" / "latest").read_text().strip() == "round_00004.h5"
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small filesystem needs root")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB filesystem of its own: a checkpoint folder that fills up (or is made read-only)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)], check=True)
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@needs_root
+def test_a_read_only_folder_refuses_a_round_in_one_line_and_keeps_the_last(small_disk, tiny):
+    _, layout = tiny
+    model = np.ones(layout.numel, np.float32)
+    _write(small_disk, 1, layout, model, {})
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    with pytest.raises(WriteFailed) as refused:
+        _write(small_disk, 2, layout, model * 2, {})
+    line = str(refused.value)
+    assert line.startswith(f"checkpoint.dir {small_disk}: cannot write round_00002.h5 (Read-only file system); ")
+    assert "\n" not in line and "continue with --resume auto" in line
+    with pytest.raises(WriteFailed, match=r"cannot write round_00002.fac-f0.h5 \(Read-only file system\)"):
+        checkpoint.part_writer(small_disk, 2, "f0", {"ranks": 1}, {}, {"optimizer/exp_avg": layout.numel})
+    assert sorted(p.name for p in small_disk.iterdir()) == ["latest", "round_00001.h5"]
+    assert checkpoint.verify(small_disk / "round_00001.h5").round == 1
+
+
+@needs_root
+@pytest.mark.slow
+def test_a_full_disk_ends_the_run_in_one_line_and_leaves_nothing_half_written(small_disk, tmp_path):
+    """Issue 32 item 5: a full disk while a round is written gave a 59-line traceback and left two
+    `.tmp` files. Now: one line naming the folder, the bytes needed and free; the rounds published
+    before are intact and `latest` names the newest of them."""
+    result = mpifed("simulate", "--facilities", "1", "--ranks-per-facility", "2", "--rounds", "8", "--local-steps",
+                    "2", "--out", str(small_disk), cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    said = [line for line in output.splitlines() if "cannot write" in line]
+    assert len(said) == 1, output
+    assert re.search(rf"error: checkpoint.dir {small_disk}: cannot write round_\d{{5}}(\.fac-f0)?\.h5 \(No space "
+                     r"left on device\); the file needs about [\d,]+ bytes, [\d,]+ bytes are free; ", said[0]), said
+    assert "Traceback" not in output
+    assert not [p.name for p in small_disk.iterdir() if p.name.startswith(".")]
+    trained = [int(line.split()[1].split("/")[0]) for line in result.stdout.splitlines() if line.startswith("round")]
+    newest = (small_disk / "latest").read_text().strip()
+    assert 1 <= checkpoint.verify(small_disk / newest).round == trained[-1] < 8
 
 
 def test_damaged_or_missing_segment_file(tmp_path, tiny):

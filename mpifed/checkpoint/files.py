@@ -6,9 +6,11 @@ files hold and how they are read and verified is mpifed/checkpoint/format.py's.
 from __future__ import annotations
 
 import os
+import shutil
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import h5py
 import numpy as np
@@ -16,6 +18,16 @@ import xxhash
 
 HASH = "xxh3_128"
 """The attribute every stored array carries: the xxh3-128 digest of its bytes."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or damaged; the message names the file and dataset."""
+
+
+class WriteFailed(CheckpointError):
+    """A checkpoint file could not be written (disk full, quota, a read-only or immutable folder): one
+    line naming the folder, the bytes needed and the bytes free. Its temporary file is gone; the files
+    published before are untouched."""
 
 
 def array_hash(values: np.ndarray) -> str:
@@ -75,40 +87,77 @@ def write_file(final: Path, fill: Callable[[h5py.File, list], None]) -> "Atomic"
     written while another thread hashes them (both without the GIL), then the hashes are added."""
     out = Atomic(final)
     stored: list[tuple[str, np.ndarray, int | None]] = []
-    with h5py.File(out.tmp, "w") as h5:
-        fill(h5, stored)
-    digests: list[str] = []
-    failed: list[BaseException] = []
+    with out.guard(lambda: sum(v.nbytes for _, v, _ in stored)):
+        with h5py.File(out.tmp, "w") as h5:
+            fill(h5, stored)
+        digests: list[str] = []
+        failed: list[BaseException] = []
 
-    def hash_all() -> None:
+        def hash_all() -> None:
+            try:
+                digests.extend(array_hash(v) for _, v, _ in stored)
+            except BaseException as exc:  # noqa: BLE001 - raised below, in the writing thread
+                failed.append(exc)
+
+        hashing = threading.Thread(target=hash_all)
+        hashing.start()
         try:
-            digests.extend(array_hash(v) for _, v, _ in stored)
-        except BaseException as exc:  # noqa: BLE001 - raised below, in the writing thread
-            failed.append(exc)
-
-    hashing = threading.Thread(target=hash_all)
-    hashing.start()
-    pwrite_all(out.tmp, stored)
-    hashing.join()
-    if failed:  # a file without its hashes must not be committed
-        raise failed[0]
-    with h5py.File(out.tmp, "r+") as h5:
-        for (name, _, _), digest in zip(stored, digests):
-            h5[name].attrs[HASH] = digest
+            pwrite_all(out.tmp, stored)
+        finally:
+            hashing.join()
+        if failed:  # a file without its hashes must not be committed
+            raise failed[0]
+        with h5py.File(out.tmp, "r+") as h5:
+            for (name, _, _), digest in zip(stored, digests):
+                h5[name].attrs[HASH] = digest
     return out
 
 
 class Atomic:
     """Write `final` through a hidden temporary file: fsynced and renamed by `commit` (an fsync of data
-    already flushed costs nothing)."""
+    already flushed costs nothing). A failure on the way removes the temporary file (`guard`)."""
 
     def __init__(self, final: Path) -> None:
         self.final = final
         self.tmp = final.with_name(f".{final.name}.tmp")
 
+    def discard(self) -> None:
+        """Remove the temporary file (nothing of it is published)."""
+        try:
+            self.tmp.unlink(missing_ok=True)
+        except OSError:  # a folder that refuses the removal too: the one line already says why
+            pass
+
+    @contextmanager
+    def guard(self, needed: Callable[[], int] = lambda: 0) -> Iterator[None]:
+        """Writing the temporary file: on any failure it is removed, and an OSError (h5py raises those
+        too) becomes a `WriteFailed` line; `needed()` is the file's size, as far as it is known."""
+        try:
+            yield
+        except OSError as exc:
+            self.discard()
+            raise WriteFailed(self._why(exc, needed())) from None
+        except BaseException:
+            self.discard()
+            raise
+
+    def _why(self, exc: OSError, needed: int) -> str:
+        folder = self.final.parent
+        # h5py's messages span lines and repeat HDF5's internals: the errno's text says it all
+        cause = os.strerror(exc.errno) if exc.errno else str(exc).splitlines()[0]
+        try:
+            free = f"{shutil.disk_usage(folder).free:,} bytes are free"
+        except OSError:
+            free = "its free space cannot be read"
+        size = f"the file needs about {needed:,} bytes, " if needed else ""
+        return (f"checkpoint.dir {folder}: cannot write {self.final.name} ({cause}); {size}{free}; the "
+                "checkpoints already published are kept: make room (checkpoint.keep bounds the rounds kept) "
+                "and continue with --resume auto")
+
     def commit(self) -> Path:
-        fsync(self.tmp)
-        os.replace(self.tmp, self.final)
+        with self.guard():
+            fsync(self.tmp)
+            os.replace(self.tmp, self.final)
         fsync(self.final.parent)
         return self.final
 
@@ -127,22 +176,46 @@ class PartWriter:
         self.hashes = {key: xxhash.xxh3_128() for key in flat}
         self.next = dict.fromkeys(flat, 0)
         self.offsets: dict[str, int] = {}
+        self.needed = sum(v.nbytes for v in small.values()) + 4 * sum(flat.values())
+        self._fd, self._h5 = -1, None
         stored: list = []
-        with h5py.File(self.out.tmp, "w") as h5:
-            h5.attrs.update(attrs)
-            for key, values in small.items():
-                store(self._group(h5, key), os.path.basename(key), values, fletcher32, stored)
-            for key, n in flat.items():
-                group = self._group(h5, key)
-                if fletcher32 and n:
-                    group.create_dataset(os.path.basename(key), shape=(n,), dtype=np.float32, chunks=True,
-                                         fletcher32=True)
-                else:
-                    self.offsets[key] = _contiguous(group, os.path.basename(key), (n,), np.dtype(np.float32)).get_offset() if n else -1
-        pwrite_all(self.out.tmp, [entry for entry in stored if entry[2] is not None])
-        self.small = [(name_, array_hash(values)) for name_, values, _ in stored]
-        self._fd = os.open(self.out.tmp, os.O_WRONLY)
-        self._h5 = h5py.File(self.out.tmp, "r+") if fletcher32 else None
+        with self._guard():
+            with h5py.File(self.out.tmp, "w") as h5:
+                h5.attrs.update(attrs)
+                for key, values in small.items():
+                    store(self._group(h5, key), os.path.basename(key), values, fletcher32, stored)
+                for key, n in flat.items():
+                    group = self._group(h5, key)
+                    if fletcher32 and n:
+                        group.create_dataset(os.path.basename(key), shape=(n,), dtype=np.float32, chunks=True,
+                                             fletcher32=True)
+                    else:
+                        self.offsets[key] = _contiguous(group, os.path.basename(key), (n,), np.dtype(np.float32)).get_offset() if n else -1
+            pwrite_all(self.out.tmp, [entry for entry in stored if entry[2] is not None])
+            self.small = [(name_, array_hash(values)) for name_, values, _ in stored]
+            self._fd = os.open(self.out.tmp, os.O_WRONLY)
+            self._h5 = h5py.File(self.out.tmp, "r+") if fletcher32 else None
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """The file's guard (`Atomic.guard`), closing what this writer holds open first on a failure."""
+        with self.out.guard(lambda: self.needed):
+            try:
+                yield
+            except BaseException:
+                self._release()
+                raise
+
+    def _release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._h5 is not None:
+            try:
+                self._h5.close()
+            except OSError:  # the failure being reported is the one that matters
+                pass
+            self._h5 = None
 
     @staticmethod
     def _group(h5: h5py.File, key: str) -> h5py.Group:
@@ -154,13 +227,14 @@ class PartWriter:
             raise ValueError(f"{key}: piece at {start}, expected {self.next[key]} (pieces come in order)")
         values = np.ascontiguousarray(values, np.float32)
         self.hashes[key].update(memoryview(values).cast("B"))
-        if self._h5 is not None:
-            self._h5[key][start:start + len(values)] = values
-        else:
-            data, at = memoryview(values).cast("B"), self.offsets[key] + 4 * start
-            while data:
-                written = os.pwrite(self._fd, data, at)
-                data, at = data[written:], at + written
+        with self._guard():
+            if self._h5 is not None:
+                self._h5[key][start:start + len(values)] = values
+            else:
+                data, at = memoryview(values).cast("B"), self.offsets[key] + 4 * start
+                while data:
+                    written = os.pwrite(self._fd, data, at)
+                    data, at = data[written:], at + written
         self.next[key] = start + len(values)
 
     def close(self) -> "Atomic":
@@ -168,11 +242,13 @@ class PartWriter:
         short = [key for key in self.sizes if self.next[key] != self.sizes[key]]
         if short:
             raise ValueError(f"{self.out.final}: {', '.join(short)} not written to the end")
-        os.close(self._fd)
-        h5 = self._h5 or h5py.File(self.out.tmp, "r+")
-        with h5:
-            for name, digest in self.small:
-                h5[name].attrs[HASH] = digest
-            for key, hasher in self.hashes.items():
-                h5[key].attrs[HASH] = hasher.hexdigest()
+        with self._guard():
+            os.close(self._fd)
+            self._fd = -1
+            h5, self._h5 = self._h5 or h5py.File(self.out.tmp, "r+"), None
+            with h5:
+                for name, digest in self.small:
+                    h5[name].attrs[HASH] = digest
+                for key, hasher in self.hashes.items():
+                    h5[key].attrs[HASH] = hasher.hexdigest()
         return self.out

@@ -34,7 +34,7 @@ import numpy as np
 import xxhash
 
 from mpifed import __version__
-from mpifed.checkpoint.files import HASH, Atomic, PartWriter, store, write_file
+from mpifed.checkpoint.files import HASH, Atomic, CheckpointError, PartWriter, store, write_file
 from mpifed.layout import FlatLayout, ParamSlot
 
 FORMAT_VERSION = 2
@@ -45,10 +45,6 @@ _READ = 1 << 24  # values of a flat array read at a time when verifying it
 PartsCheck = Literal["all", "here", "none"]
 """Which facility parts `verify` checks: all (each must be in the folder), here (those in the folder;
 the others are kept at their own sites), none (each facility checks its own, as a resume does)."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or damaged; the message names the file and dataset."""
 
 
 class CheckpointRefused(CheckpointError):
@@ -190,7 +186,8 @@ def write_main(directory: Path, round_: int, attrs: dict[str, Any], layout: Flat
                     _virtual(groups[name], slot, round_, segments, f"outer/{name}")
 
     out = write_file(directory / main_name(round_), fill)
-    verify(out.tmp, parts_dir=directory, check_data=False, facilities="here")
+    with out.guard():
+        verify(out.tmp, parts_dir=directory, check_data=False, facilities="here")
     return out
 
 
@@ -198,7 +195,8 @@ def publish(pending: "Atomic") -> Path:
     """Rename a verified main file into place, then point `latest` at it."""
     final = pending.commit()
     pointer = Atomic(final.parent / LATEST)
-    pointer.tmp.write_text(final.name + "\n")
+    with pointer.guard(lambda: len(final.name) + 1):
+        pointer.tmp.write_text(final.name + "\n")
     pointer.commit()
     return final
 
