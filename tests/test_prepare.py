@@ -209,6 +209,55 @@ def test_data_path_errors_name_the_folder(bpe_data, tmp_path):
         preflight.checked(configfile.from_dict({"data": {"path": str(tmp_path)}}))
 
 
+def _lying_copy(bpe_data, tmp_path, **lies):
+    """A copy of the prepared folder whose manifest.json says `lies` over what the data holds."""
+    import shutil
+
+    folder = tmp_path / "lying"
+    shutil.copytree(bpe_data[0], folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.update(lies)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_a_manifest_that_lies_about_its_data_is_named_in_one_line(bpe_data, tmp_path):
+    """Issue 32 item 3: a vocab_size too small and a missing partition ended in tracebacks; a seq_len the
+    rows do not have trained without a word. Each lie is now one line naming the folder and the split."""
+    small = _lying_copy(bpe_data, tmp_path / "vocab", vocab_size=100)
+    with pytest.raises(data.DataError, match=rf"data.path {small}: validation: row \d+ holds input_ids \d+, outside "
+                                             r"the vocabulary of 100 that manifest.json gives"):
+        data.Prepared(small).validation(1000)
+    longer = _lying_copy(bpe_data, tmp_path / "seq", seq_len=128)
+    with pytest.raises(data.DataError, match=rf"data.path {longer}: partition_1: its rows hold 64 input_ids, "
+                                             "manifest.json says seq_len 128"):
+        data.Prepared(longer).partition(1)
+    gone = _lying_copy(bpe_data, tmp_path / "gone")
+    import shutil
+
+    shutil.rmtree(gone / "partition_2")
+    with pytest.raises(data.DataError, match=rf"data.path {gone}: partition_2 is missing or unreadable"):
+        data.Prepared(gone).partition(2)
+    counted = _lying_copy(bpe_data, tmp_path / "count")
+    manifest = json.loads((counted / "manifest.json").read_text())
+    manifest["partitions"][0]["sequences"] += 5
+    (counted / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(data.DataError, match=r"partition_0 holds [\d,]+ sequences, manifest.json says [\d,]+"):
+        data.Prepared(counted).partition(0)
+    for lie, said in [({"seq_len": "64"}, "seq_len must be a positive integer"),
+                      ({"vocab_size": 0}, "vocab_size must be a positive integer"),
+                      ({"partitions": []}, "partitions must list each partition"),
+                      ({"validation": {"sequences": True}}, "validation must give its number of sequences")]:
+        with pytest.raises(data.DataError, match=f"manifest.json: {said}"):
+            data.read_manifest(_lying_copy(bpe_data, tmp_path / str(len(said)) / "x", **lie))
+    # the whole run: one line and exit code 2, before a step is trained
+    result = mpifed("simulate", "--facilities", "3", "--ranks-per-facility", "1", "--rounds", "1", "--local-steps",
+                    "1", "--set", f"data.path={small}", "--out", str(tmp_path / "run"))
+    said = [line for line in result.stderr.splitlines() if "outside the vocabulary" in line]
+    assert result.returncode == 2 and len(said) >= 1 and "Traceback" not in result.stderr, result.stderr
+    assert not list((tmp_path / "run").glob("round_*"))
+
+
 def test_a_saved_dataset_is_an_input_with_its_source_field(bpe_data, tmp_path):
     rows = {"body": [f"Document {i} of the {site} site: " + "words and more words. " * 20 for i in range(30)
                      for site in ("north", "south", "east")],

@@ -100,7 +100,7 @@ Batch = "np.ndarray | tuple[np.ndarray, np.ndarray]"
 """Token ids [n, L] (the labels are the ids), or (ids, labels) with -100 where a token carries no loss."""
 
 
-def take(partition: "np.ndarray | datasets.Dataset", rows: np.ndarray) -> Batch:
+def take(partition: "np.ndarray | _CheckedSplit", rows: np.ndarray) -> Batch:
     """Rows of an in-memory [n, L] array, or of a prepared split (read from its memory-mapped file)."""
     if isinstance(partition, np.ndarray):
         return partition[rows]
@@ -116,7 +116,7 @@ class Sampler:
     needs to resume. The partition is an in-memory array or a prepared split (rows read on demand).
     """
 
-    def __init__(self, partition: "np.ndarray | datasets.Dataset", rank: int, ranks: int,
+    def __init__(self, partition: "np.ndarray | _CheckedSplit", rank: int, ranks: int,
                  micro_batch: int, seed: tuple[int, ...]) -> None:
         self.partition = partition
         self.index = np.arange(len(partition))[rank::ranks]
@@ -148,7 +148,9 @@ class Sampler:
 
 
 class DataError(ValueError):
-    """A prepared dataset folder that cannot be used; the message names it."""
+    """A prepared dataset folder that cannot be used; the message names it. Bad input: exit code 2."""
+
+    exit_code = 2
 
 
 class Corpus:
@@ -163,7 +165,7 @@ class Corpus:
     """For a corpus a rank builds itself, what tells it apart from another rank's (the embedded text
     comes from the Python it runs on); "" for a prepared folder, which every site reads as it is."""
 
-    def partition(self, index: int) -> "np.ndarray | datasets.Dataset":
+    def partition(self, index: int) -> "np.ndarray | _CheckedSplit":
         """Partition `index` (a facility's), rows read on demand where the corpus is on disk."""
         raise NotImplementedError
 
@@ -193,7 +195,10 @@ class Embedded(Corpus):
 
 
 class Prepared(Corpus):
-    """A folder written by `mpifed data prepare`: its manifest, and its splits memory-mapped."""
+    """A folder written by `mpifed data prepare`: its manifest, and its splits memory-mapped. What the
+    manifest says is checked against the data it describes: each split is there and as long as it says
+    when opened, and every batch read has rows of seq_len ids below vocab_size (a pass over all of a
+    large corpus at start-up would take minutes; a batch's check costs nothing)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -202,21 +207,63 @@ class Prepared(Corpus):
         self.seq_len: int = self.manifest["seq_len"]
         self.vocab_size: int = self.manifest["vocab_size"]
         self.partitions: int = len(self.manifest["partitions"])
-        self.description = f"{self.kind} data {self.path} ({self.manifest['total_tokens']:,} tokens)"
+        self.description = f"{self.kind} data {self.path} ({self.manifest.get('total_tokens', 0):,} tokens)"
 
-    def split(self, name: str) -> datasets.Dataset:
+    def split(self, name: str, sequences: int) -> "_CheckedSplit":
+        """Split `name`, which the manifest says holds `sequences` rows."""
         import datasets
 
-        return datasets.load_from_disk(str(self.path / name)).with_format("numpy")
+        try:
+            ds = datasets.load_from_disk(str(self.path / name)).with_format("numpy")
+        except (OSError, ValueError) as exc:  # missing folder, damaged arrow files
+            raise DataError(f"data.path {self.path}: {name} is missing or unreadable ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); prepare the data again") from None
+        if not isinstance(ds, datasets.Dataset) or "input_ids" not in ds.column_names:
+            raise DataError(f"data.path {self.path}: {name} has no input_ids column; prepare the data again")
+        if len(ds) != sequences:
+            raise DataError(f"data.path {self.path}: {name} holds {len(ds):,} sequences, manifest.json says "
+                            f"{sequences:,}; prepare the data again")
+        split = _CheckedSplit(ds, f"data.path {self.path}: {name}", self.seq_len, self.vocab_size)
+        if len(ds):
+            take(split, np.arange(1))  # the shape the manifest gives, before anything trains
+        return split
 
-    def partition(self, index: int) -> datasets.Dataset:
-        return self.split(f"partition_{index}")
+    def partition(self, index: int) -> "_CheckedSplit":
+        return self.split(f"partition_{index}", self.manifest["partitions"][index]["sequences"])
 
     def validation(self, limit: int) -> tuple[np.ndarray, np.ndarray]:
         """The first `limit` validation rows as (ids, labels), in memory."""
-        val = self.split("validation")
+        val = self.split("validation", self.manifest["validation"]["sequences"])
         batch = take(val, np.arange(min(limit, len(val))))
         return batch if isinstance(batch, tuple) else (batch, batch)
+
+
+class _CheckedSplit:
+    """A prepared split whose rows are checked as they are read: seq_len ids each, every id below
+    vocab_size (one that is not would index past the model's embedding)."""
+
+    def __init__(self, ds: "datasets.Dataset", where: str, seq_len: int, vocab_size: int) -> None:
+        self.ds, self.where, self.seq_len, self.vocab_size = ds, where, seq_len, vocab_size
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, rows: np.ndarray) -> dict:
+        got = self.ds[rows]
+        for column in ("input_ids", "labels") if "labels" in got else ("input_ids",):
+            values = np.asarray(got[column])
+            if values.ndim != 2 or values.shape[1] != self.seq_len:
+                raise DataError(f"{self.where}: its rows hold {values.shape[-1] if values.ndim == 2 else 'ragged'} "
+                                f"{column}, manifest.json says seq_len {self.seq_len}; prepare the data again")
+            bad = (values >= self.vocab_size) | (values < 0)
+            if column == "labels":
+                bad &= values != -100  # what is not learned
+            if bad.any():
+                row = int(np.asarray(rows).reshape(-1)[np.argwhere(bad)[0][0]])
+                raise DataError(f"{self.where}: row {row} holds {column} {int(values[bad][0])}, outside the vocabulary "
+                                f"of {self.vocab_size} that manifest.json gives; prepare the data again with the "
+                                "model's tokenizer")
+        return got
 
 
 def read_manifest(path: Path) -> dict:
@@ -230,10 +277,26 @@ def read_manifest(path: Path) -> dict:
                         "`mpifed data prepare`") from None
     except ValueError as exc:
         raise DataError(f"data.path {path}: manifest.json is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"data.path {path}: manifest.json is not a JSON object; prepare the data again")
     missing = [key for key in ("kind", "seq_len", "vocab_size", "partitions", "validation") if key not in manifest]
     if missing:
         raise DataError(f"data.path {path}: manifest.json lacks {', '.join(missing)}; prepare the data again")
+    wrong = [f"{key} must be a positive integer" for key in ("seq_len", "vocab_size") if not _count(manifest[key], 1)]
+    parts = manifest["partitions"]
+    if not isinstance(parts, list) or not parts or not all(isinstance(p, dict) and _count(p.get("sequences"))
+                                                           for p in parts):
+        wrong.append("partitions must list each partition with its number of sequences")
+    if not isinstance(manifest["validation"], dict) or not _count(manifest["validation"].get("sequences")):
+        wrong.append("validation must give its number of sequences")
+    if wrong:
+        raise DataError(f"data.path {path}: manifest.json: {'; '.join(wrong)}; prepare the data again")
     return manifest
+
+
+def _count(value: object, least: int = 0) -> bool:
+    """Whether a manifest value is a whole number of at least `least` (JSON true is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def shape(cfg: DataConfig) -> tuple[int, int]:
