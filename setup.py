@@ -36,7 +36,8 @@ setup(
         "lora": ["peft>=0.13"],
         # `mpifed report`: plots of runs, as PNG and a self-contained HTML page.
         "report": ["matplotlib>=3.8"],
-        "dev": ["mpich", "deepspeed>=0.15", "peft>=0.13", "matplotlib>=3.8", "pytest>=8", "pytest-timeout>=2.3"],
+        "dev": ["mpich", "deepspeed>=0.15", "peft>=0.13", "matplotlib>=3.8", "pytest>=8", "pytest-timeout>=2.3",
+                "hypothesis>=6.100"],
     },
     # Site profiles and launch wrappers, found under share/mpifed by mpifed.sites and mpifed.project.
     data_files=[("share/mpifed/sitecfg", sorted(str(p) for p in Path("sitecfg").glob("*.toml"))),

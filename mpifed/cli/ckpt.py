@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from mpifed.checkpoint import format as checkpoint
+from mpifed.checkpoint import isolated
 from mpifed.checkpoint.format import CheckpointError, VerifiedCheckpoint
 from mpifed.cli.common import JobFailed, UserError, check_writable
 
@@ -35,7 +36,7 @@ def _verified(path: Path) -> VerifiedCheckpoint:
     """The checkpoint at `path`, verified with the facility parts found beside it (sites that share no
     filesystem keep theirs at home: each checks its own when a run resumes)."""
     try:
-        return checkpoint.verify(_checkpoint_path(path), facilities="here")
+        return isolated.verify(_checkpoint_path(path), facilities="here")
     except CheckpointError as exc:
         raise JobFailed(str(exc)) from None
 
