@@ -52,6 +52,9 @@ def test_control_values_cross_facilities_through_the_leaders_alone(tmp_path):
         assert seen[r]["max"] == [4.0, 0.0]
         assert seen[r]["texts"] == ["é" * i for i in range(5)]
         assert seen[r]["bcast"] == "from the hub"
+        assert seen[r]["bytes"] == (np.arange(30_000, dtype=np.uint8).tolist())[::997]
+    # an announcement over the limit: every leader refuses it, the hub before it sends a byte of it
+    assert {seen[r]["over"] for r in (0, 2, 3)} == {"the global root announced 2000 bytes to share (at most 1000)"}
 
 
 def test_a_list_of_texts_that_does_not_parse_is_one_error():

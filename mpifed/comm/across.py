@@ -71,6 +71,20 @@ class Across:
         """Text only the global root (the first facility's leader) has, on every rank."""
         return self.allgather_str(text or "")[0]
 
+    def bcast_bytes(self, data: np.ndarray | None, limit: int) -> np.ndarray:
+        """uint8 bytes only the global root has (None elsewhere), on every rank: over the leaders' links,
+        then from each leader inside its facility. A size over `limit` announced by the root is a
+        LinkError (nothing is allocated for it)."""
+        blob = None
+        if self.mesh is not None:
+            size = np.array([len(data) if self.mesh.rank == 0 else 0], np.int64)
+            self.mesh.bcast(size, 0)
+            if not 0 <= int(size[0]) <= limit:
+                raise LinkError(f"the global root announced {int(size[0])} bytes to share (at most {limit})")
+            blob = np.ascontiguousarray(data, np.uint8) if self.mesh.rank == 0 else np.empty(int(size[0]), np.uint8)
+            self.mesh.bcast(blob, 0)
+        return control.bcast_array(self.facility, blob, np.uint8)
+
 
 def spread(facility: MPI.Intracomm, mesh: Mesh | None, mine: Sequence[pieces.Range],
            source: Callable[[int, int], np.ndarray] | None, take: Callable[[int, int, np.ndarray], None],

@@ -18,7 +18,7 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -307,12 +307,16 @@ def shape(cfg: DataConfig) -> tuple[int, int]:
     return manifest["seq_len"], manifest["vocab_size"]
 
 
-def open_corpus(cfg: DataConfig, world: "MPI.Intracomm", partitions: int, seed: int) -> Corpus:
-    """The corpus of a run. The embedded text is built (or read from cache) once by world rank 0 and
-    sent to every rank, so that all facilities split exactly the same text; collective over `world`."""
+EMBEDDED_LIMIT = 256 << 20
+"""The most bytes of embedded text a rank accepts from the one that built it (it is about 2 MB)."""
+
+
+def open_corpus(cfg: DataConfig, partitions: int, seed: int, builds: bool,
+                share: Callable[[np.ndarray | None], np.ndarray]) -> Corpus:
+    """The corpus of a run. The embedded text is built (or read from cache) by the one rank that
+    `builds` and handed to every rank by `share` (called on every rank with the tokens there, None
+    elsewhere; the caller knows the links), so that all facilities split exactly the same text."""
     if cfg.path:
         return Prepared(cfg.path)
-    from mpifed.comm import control  # MPI only where the embedded text is shared
-
-    tokens = control.bcast_array(world, stdlib_tokens() if world.rank == 0 else None, np.uint8)
+    tokens = share(stdlib_tokens() if builds else None)
     return Embedded(tokens, cfg.seq_len, partitions, cfg.val_fraction, seed)

@@ -20,6 +20,7 @@ one it started from, as with a delayed exchange that lands late.
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -139,7 +140,8 @@ class Elastic:
             self.sampler.restore(epoch, position)
             self.parts.sampler = self.sampler  # what its checkpoints save
         else:
-            open_corpus(self.cfg.data, comm, self.cfg.data.partitions or self.topo.n_facilities, self.cfg.train.seed)
+            open_corpus(self.cfg.data, self.cfg.data.partitions or self.topo.n_facilities, self.cfg.train.seed,
+                        comm.rank == 0, partial(control.bcast_array, comm, dtype=np.uint8))
         comm.Free()
 
     def _with_newcomers(self, newcomer: bool) -> MPI.Intracomm:

@@ -9,6 +9,7 @@ import hashlib
 import os
 import signal
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Callable, ContextManager
 
 import numpy as np
@@ -25,7 +26,7 @@ from mpifed.comm.topology import Topology, local_ranks_on_node, start_process_gr
 from mpifed.comm.watchdog import deadline
 from mpifed.config import FacilityConfig, RunConfig
 from mpifed.configfile import to_dict
-from mpifed.data.corpus import Sampler, open_corpus
+from mpifed.data.corpus import EMBEDDED_LIMIT, Sampler, open_corpus
 from mpifed.engines import EngineSettings, make_engine
 from mpifed.federation.reduce import Federation, FederationError, RoundExchange, sampled
 from mpifed.layout import FlatLayout
@@ -144,11 +145,16 @@ class Trainer(Elastic):
 
     def _load_data(self, comm: MPI.Intracomm | None = None) -> None:
         """This rank's sampler over its facility's partition, and the shared validation set, from the
-        corpus world rank 0 opens (or that of `comm`'s rank 0: see `_share_corpus`)."""
+        corpus world rank 0 opens, sent over the leaders' links (or over `comm`, from its rank 0: see
+        `_share_corpus`)."""
         cfg, topo = self.cfg, self.topo
+        if comm is None:
+            builds, share = topo.world.rank == 0, partial(topo.across.bcast_bytes, limit=EMBEDDED_LIMIT)
+        else:
+            builds, share = comm.rank == 0, partial(control.bcast_array, comm, dtype=np.uint8)
         with self.world_deadline("start: sharing the corpus"):
-            self.corpus = open_corpus(cfg.data, comm or topo.world, cfg.data.partitions or topo.n_facilities,
-                                      cfg.train.seed)
+            self.corpus = open_corpus(cfg.data, cfg.data.partitions or topo.n_facilities, cfg.train.seed, builds,
+                                      share)
         self.validation = self.corpus.validation(cfg.data.val_sequences)
         self.sampler = Sampler(self.corpus.partition(cfg.partition_of(topo.facility_index)), topo.facility.rank,
                                topo.facility.size, cfg.train.micro_batch,

@@ -5,7 +5,7 @@
 CASE "ops": every group operation on messages of several frames (FRAME_BYTES shrunk to 1000), each
 rank checking what it got against the values every rank can compute for itself (numpy, seeded).
 CASE "across": ranks 0-1, 2 and 3-4 as three facilities (mpifed/comm/across.py): sums, maxima, texts
-and a broadcast over every rank, through the leaders' links only.
+and broadcasts (text, bytes) over every rank, through the leaders' links only.
 CASE flip | replay | inject | short | long | drop: a wrapper around rank 1's link to rank 0 tampers between
 sealing and sending; rank 0 records the LinkError it gets ("drop": the exchange's deadline ends the job).
 Each rank writes OUT/rankN.json.
@@ -72,7 +72,17 @@ if case == "across":
             "sum": across.allreduce(values(me, 5).astype(np.float64).tolist()).tolist(),
             "max": across.allreduce([me, -me], MPI.MAX).tolist(),
             "texts": across.allgather_str("é" * me),
-            "bcast": across.bcast_str("from the hub" if me == 0 else None)}
+            "bcast": across.bcast_str("from the hub" if me == 0 else None),
+            # 30 kB that only the hub has (the embedded text's way at start): over 30 frames per link
+            "bytes": across.bcast_bytes(np.arange(30_000, dtype=np.uint8) if me == 0 else None, 1 << 20).tolist()[::997]}
+    if across.mesh is not None:  # the leaders alone: a root announcing more than the others accept
+        from mpifed.comm.across import Across
+
+        try:  # refused before anything is allocated (the last thing this mesh carries)
+            Across(MPI.COMM_SELF, across.mesh, [1, 1, 1]).bcast_bytes(np.zeros(2000, np.uint8) if me == 0 else None, 1000)
+            seen["over"] = ""
+        except LinkError as exc:
+            seen["over"] = str(exc)
     (out / f"rank{comm.rank}.json").write_text(json.dumps(seen))
     topo.close()
     sys.exit(0)
