@@ -173,8 +173,26 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)
+        return _toml_string(value)
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string that reads back as `text`, whatever it holds: characters beyond the BMP as
+    themselves (JSON's surrogate-pair escapes are not TOML), control characters escaped. A lone
+    surrogate (bytes of a path that are not UTF-8, as Python decodes them) has no TOML form at all."""
+    out = []
+    for char in text:
+        code = ord(char)
+        if 0xD800 <= code <= 0xDFFF:
+            raise ConfigError(f"{text.encode('utf-8', 'surrogateescape')!r} is not UTF-8 text, which a TOML file "
+                              "must hold; rename it")
+        out.append(_ESCAPES.get(char) or (f"\\u{code:04x}" if code < 0x20 or code == 0x7F else char))
+    return '"' + "".join(out) + '"'
+
 
 
 def dump_toml(cfg: RunConfig) -> str:

@@ -45,6 +45,25 @@ def test_a_facility_name_is_matched_as_a_whole(name, tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "is not a valid name" in result.stderr
 
 
+@pytest.mark.parametrize("text", ["run🙂", 'a"b\\c', "x\ny\t\x7f\x01é", "日本/データ", "$SCRATCH/{}"])
+def test_any_text_round_trips_through_mpifed_toml(text, tmp_path):
+    """Issue 32 item 7: a path with an emoji was written with JSON's surrogate-pair escapes, which TOML
+    does not read back."""
+    cfg = configfile.from_dict({"checkpoint": {"dir": text}, "data": {"path": ""}})
+    path = tmp_path / "c.toml"
+    path.write_text(configfile.dump_toml(cfg), encoding="utf-8")
+    assert configfile.from_dict(configfile.load(path)).checkpoint.dir == text
+
+
+def test_a_path_that_is_not_utf8_is_one_line_and_nothing_is_written(tmp_path):
+    out = (str(tmp_path).encode() + b"/run\xff").decode("utf-8", "surrogateescape")
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text, which a TOML file must hold; rename it"):
+        configfile.dump_toml(configfile.from_dict({"checkpoint": {"dir": out}}))
+    result = mpifed("simulate", "--out", out, "--rounds", "1")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "not UTF-8 text" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_wrong_types_are_named():
     with pytest.raises(ConfigError, match=r"train.local_steps: expected int, got str"):
         configfile.from_dict({"train": {"local_steps": "ten"}})

@@ -28,7 +28,8 @@ from mpifed.cli.common import (
     resume_option,
     set_option,
 )
-from mpifed.config import CheckpointConfig, FederationConfig, RunConfig, TrainConfig, default_facilities
+from mpifed.config import (CheckpointConfig, ConfigError, FederationConfig, RunConfig, TrainConfig,
+                           default_facilities)
 from mpifed.run.metrics import PROGRESS_ENV
 
 _DEFAULT = RunConfig()  # what a run without a config file or flags gets; help reads its defaults
@@ -67,12 +68,16 @@ def _prepare_output(cfg: RunConfig, overwrite: bool, resume: str) -> Path:
         raise UserError(f"--out: {out} already holds checkpoints of an earlier run; choose another folder, "
                         "pass --resume auto to continue it, or --overwrite to replace them")
     try:
+        text = configfile.dump_toml(cfg)
+    except ConfigError as exc:  # a value TOML cannot hold: said before anything is written
+        raise UserError(str(exc)) from None
+    try:
         out.mkdir(parents=True, exist_ok=True)
         if overwrite:
             for old in [*out.glob("round_*.h5"), out / checkpoint.LATEST]:
                 old.unlink(missing_ok=True)
         resolved = out / "mpifed.toml"
-        resolved.write_text(configfile.dump_toml(cfg))
+        resolved.write_text(text, encoding="utf-8")
     except OSError as exc:
         raise UserError(f"--out: cannot write to {out}: {exc.strerror or exc}") from None
     return resolved

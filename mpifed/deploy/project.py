@@ -201,7 +201,7 @@ def write(out: Path, project: Project) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "launch").mkdir(exist_ok=True)
     written = [out / "mpifed.toml", out / "README.md"]
-    written[0].write_text(configfile.dump_toml(project.cfg))
+    written[0].write_text(configfile.dump_toml(project.cfg), encoding="utf-8")
     written[1].write_text(readme(project))
     for facility in project.cfg.facility:
         path = out / f"{facility.name}.sbatch"
