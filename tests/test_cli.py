@@ -89,6 +89,26 @@ def test_resume_flags(tmp_path):
     assert dry.returncode == 0 and "--resume auto" in dry.stdout.splitlines()[-1]
 
 
+@pytest.mark.slow
+def test_a_resume_with_another_model_says_what_differs_and_writes_nothing(tmp_path):
+    """Issue 32 item 9: it failed after MPI had started, on every rank, naming only a fingerprint, and
+    had already overwritten the run's mpifed.toml."""
+    first = mpifed("simulate", "--rounds", "1", "--local-steps", "1", "--out", str(tmp_path / "run"))
+    assert first.returncode == 0, first.stderr
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    line = _one_line_error(mpifed("simulate", "--rounds", "2", "--local-steps", "1", "--out", str(tmp_path / "run"),
+                                  "--resume", "auto", "--set", "model.preset=llama-small", "--facilities", "3"),
+                           "--resume: round_00001.h5 was trained with another model.preset 'llama-tiny' -> "
+                           "'llama-small', facilities (name, ranks) [('f0', 2), ('f1', 2)] -> "
+                           "[('f0', 2), ('f1', 2), ('f2', 2)]",
+                           f"--config {tmp_path / 'run' / 'mpifed.toml'}")
+    assert "nothing was written" in line
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    again = mpifed("simulate", "--config", str(tmp_path / "run" / "mpifed.toml"), "--rounds", "2",
+                   "--resume", "auto")  # the fix the line gives
+    assert again.returncode == 0, again.stderr
+
+
 def test_ckpt_commands_name_what_is_wrong(tmp_path):
     result = mpifed("ckpt", "inspect", str(tmp_path))
     assert result.returncode == 2 and "no checkpoint in this folder" in result.stderr

@@ -67,6 +67,8 @@ def _prepare_output(cfg: RunConfig, overwrite: bool, resume: str) -> Path:
     if not overwrite and not resume and out.is_dir() and checkpoint.main_files(out):
         raise UserError(f"--out: {out} already holds checkpoints of an earlier run; choose another folder, "
                         "pass --resume auto to continue it, or --overwrite to replace them")
+    if resume:
+        _refuse_a_changed_run(cfg, Path(cfg.checkpoint.dir) if resume == "auto" else Path(resume))
     try:
         text = configfile.dump_toml(cfg)
     except ConfigError as exc:  # a value TOML cannot hold: said before anything is written
@@ -92,6 +94,44 @@ def _mpiexec() -> str:
     if not found:
         raise UserError("no mpiexec found: install the embedded MPI (pip install mpich) or set MPIFED_MPIEXEC")
     return found
+
+
+# What a resumed run cannot change: its model's shapes (the vocabulary comes with the data), its
+# adapters, its facilities and its outer optimizer's state.
+_FIXED_ON_RESUME = ("model.preset", "model.path", "data.path", "lora.rank", "lora.target_modules",
+                    "federation.outer")
+
+
+def _refuse_a_changed_run(cfg: RunConfig, target: Path) -> None:
+    """Before anything is written or started: the newest checkpoint a resume from `target` would read
+    was trained with a configuration that differs where a resume cannot follow? Then one line saying
+    what differs and the fix. (The ranks check the model's layout again after they start.)"""
+    import tomllib
+
+    from mpifed.checkpoint import format as checkpoint
+    from mpifed.checkpoint import isolated
+    from mpifed.checkpoint.format import CheckpointError
+
+    for path in checkpoint.candidates(target)[:3]:  # the first that reads; damaged ones the ranks skip, named
+        try:
+            saved = configfile.from_dict(tomllib.loads(isolated.verify(path, check_data=False, facilities="none").config))
+        except (CheckpointError, ValueError):  # unreadable, or written by another version: the ranks decide
+            continue
+        diffs = [f"{key} {_value(saved, key)!r} -> {_value(cfg, key)!r}" for key in _FIXED_ON_RESUME
+                 if _value(saved, key) != _value(cfg, key)]
+        ours, theirs = [(f.name, f.ranks) for f in cfg.facility], [(f.name, f.ranks) for f in saved.facility]
+        if ours != theirs:
+            diffs.append(f"facilities (name, ranks) {theirs} -> {ours}")
+        if diffs:
+            raise UserError(f"--resume: {path.name} was trained with another {', '.join(diffs)}; continue it with "
+                            f"its own configuration (--config {Path(cfg.checkpoint.dir) / 'mpifed.toml'}), or "
+                            "start a new run in another --out; nothing was written")
+        return
+
+
+def _value(cfg: RunConfig, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
 
 
 def simulate_command(cfg: RunConfig, config_path: Path, resume: str = "") -> list[str]:
