@@ -32,11 +32,9 @@ from mpifed.deploy import sites
 from mpifed.federation.compress import make_codec
 from mpifed.federation.outer import OUTER
 from mpifed.layout import FlatLayout
+from mpifed.preflight import RUNTIME_GB, this_machine
 
 GB = 1e9
-RUNTIME_GB = 0.5
-"""Resident memory of a rank before any model: Python, torch, transformers, MPI (measured on this
-project's CPU machine; a GPU rank adds the CUDA context on the device instead)."""
 
 
 @dataclass(frozen=True)
@@ -199,16 +197,9 @@ def _capacity(fac: FacilityConfig) -> tuple[float, float]:
     site = sites.get(fac.site)
     gpu = site.accelerator != "cpu"
     device = site.scheduler.gpu_memory_gb * GB if gpu else 0.0
-    memory = site.scheduler.memory_gb * GB or _this_machine()
+    memory = site.scheduler.memory_gb * GB or this_machine()
     per_node = min(fac.ranks, site.scheduler.ranks_per_node) if gpu or site.scheduler.memory_gb else fac.ranks
     return device, memory / max(1, per_node)
-
-
-def _this_machine() -> float:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return 0.0
 
 
 def render(plans: list[FacilityPlan], bandwidth: str) -> str:

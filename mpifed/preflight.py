@@ -6,10 +6,11 @@ around. Every problem is collected into one ConfigError, as the configuration's 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from mpifed.config import ConfigError, RunConfig
-from mpifed.data.corpus import DataError, read_manifest
+from mpifed.data.corpus import DataError, read_manifest, shape
 from mpifed.deploy.sites import available
 
 # what a setting needs installed: (problem when missing, package)
@@ -19,6 +20,42 @@ _PACKAGES = {
                             "metrics.tensorboard empty", "tensorboard"),
     "metrics.wandb": ("the wandb package is not installed; pip install wandb or leave metrics.wandb empty", "wandb"),
 }
+
+
+RUNTIME_GB = 0.5
+"""Resident memory of a rank before any model: Python, torch, transformers, MPI (measured on this
+project's CPU machine; a GPU rank adds the CUDA context on the device instead)."""
+
+
+def this_machine() -> float:
+    """This machine's memory in bytes (0: unknown)."""
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError):
+        return 0.0
+
+
+def least_per_rank(cfg: RunConfig) -> float:
+    """Bytes a rank needs whatever its model: the runtime, and one micro-batch's logits with their
+    gradient (micro_batch x seq_len x vocabulary, fp32, twice). `mpifed plan` knows the rest."""
+    seq_len, vocab = shape(cfg.data)
+    return RUNTIME_GB * 1e9 + 8.0 * cfg.train.micro_batch * seq_len * vocab
+
+
+def one_machine_problems(cfg: RunConfig) -> list[str]:
+    """`mpifed simulate` starts every rank on this machine: what cannot fit in its memory at all, said
+    before mpiexec is asked for a million processes."""
+    memory = this_machine()
+    if not memory:
+        return []
+    ranks, need = sum(f.ranks for f in cfg.facility), least_per_rank(cfg)
+    if ranks * need <= memory:
+        return []
+    gb = 1e9
+    return [f"{ranks:,} ranks need at least {ranks * need / gb:,.1f} GB here ({need / gb:,.2f} GB each: the "
+            f"runtime and one micro-batch of {cfg.train.micro_batch:,} sequences' logits), and this machine has "
+            f"{memory / gb:,.1f} GB; use fewer ranks (--facilities, --ranks-per-facility) or a smaller "
+            "train.micro_batch"]
 
 
 def problems(cfg: RunConfig) -> list[str]:

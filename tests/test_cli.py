@@ -109,6 +109,22 @@ def test_a_resume_with_another_model_says_what_differs_and_writes_nothing(tmp_pa
     assert again.returncode == 0, again.stderr
 
 
+def test_simulate_refuses_what_cannot_fit_on_this_machine_before_mpiexec(tmp_path):
+    """Issue 32 item 4: a million ranks and micro_batch = 1e9 were accepted (mpiexec -n 1000000)."""
+    from mpifed.preflight import RUNTIME_GB, this_machine
+
+    machine = this_machine() / 1e9
+    each = RUNTIME_GB + 8 * 8 * 128 * 256 / 1e9  # the runtime, logits and their gradient: 8 x 128 x 256 fp32
+    line = _one_line_error(mpifed("simulate", "--ranks-per-facility", "500000", "--out", str(tmp_path / "a")),
+                           f"1,000,000 ranks need at least {1e6 * each:,.1f} GB", f"this machine has {machine:,.1f} GB",
+                           "use fewer ranks")
+    assert f"({RUNTIME_GB:.2f} GB each" in line
+    line = _one_line_error(mpifed("simulate", "--set", "train.micro_batch=1000000000", "--out", str(tmp_path / "b")),
+                           "4 ranks need at least", "one micro-batch of 1,000,000,000 sequences' logits",
+                           "train.micro_batch")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_ckpt_commands_name_what_is_wrong(tmp_path):
     result = mpifed("ckpt", "inspect", str(tmp_path))
     assert result.returncode == 2 and "no checkpoint in this folder" in result.stderr

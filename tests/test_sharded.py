@@ -123,7 +123,7 @@ def _start_big(tmp_path, facility: dict, limited: bool = False, *worker_args: st
     the root of a quarter, under start_worker.py with `worker_args`; `limited`: each rank's address space
     limited to the plan's start plus 0.6 of the model. Every rank must hold its quarter exactly. Returns
     the whole model and what `mpifed plan` says a rank needs at start beyond the runtime, in MiB."""
-    from mpifed import plan
+    from mpifed import plan, preflight
     from mpifed.model import planned_model
     from transformers import LlamaConfig
 
@@ -139,7 +139,7 @@ def _start_big(tmp_path, facility: dict, limited: bool = False, *worker_args: st
     whole_mb = 4 * layout.numel / 2 ** 20
     assert whole_mb > 1400
     dims = (model.config.hidden_size, model.config.num_hidden_layers, VOCAB_SIZE, 16)
-    start_mb = (plan.plan_facility(cfg, 0, layout, dims, 0).rank.start - plan.RUNTIME_GB * plan.GB) / 2 ** 20
+    start_mb = (plan.plan_facility(cfg, 0, layout, dims, 0).rank.start - preflight.RUNTIME_GB * plan.GB) / 2 ** 20
     limit = [f"--limit-mb={int(start_mb + 0.6 * whole_mb)}"] if limited else []
     started = mpiexec(4, "start_worker.py", str(tmp_path / "c.toml"), str(tmp_path), *limit, *worker_args,
                       timeout=400, check=False)
