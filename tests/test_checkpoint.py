@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import WORKERS, mpifed, rank_env
+from conftest import WORKERS, mpifed, rank_env, run
 from mpifed.checkpoint import format as checkpoint
 from mpifed.checkpoint.files import WriteFailed
 from mpifed.checkpoint.format import CheckpointError, _boxes
@@ -277,3 +277,23 @@ def test_export_loads_with_the_same_logits(tmp_path, tiny):
         np.testing.assert_allclose(loaded(tokens).logits.numpy(), model.eval()(tokens).logits.numpy(), rtol=0, atol=1e-5)
     info = mpifed("ckpt", "inspect", str(tmp_path))
     assert info.returncode == 0 and "round        1" in info.stdout and f"{layout.numel:,} parameters" in info.stdout
+
+
+def test_an_export_of_the_embedded_text_carries_its_tokenizer_and_the_users_umask(tmp_path, tiny):
+    """Issue 32 item 9: the export of a model trained on the embedded text had no tokenizer
+    (AutoTokenizer failed), and its weights were mode 0600 whatever the umask."""
+    model, layout = tiny
+    _write(tmp_path, 1, layout, np.zeros(layout.numel, np.float32), {}, config_json=model.config.to_json_string())
+    out = tmp_path / "hf"
+    result = run(["sh", "-c", f'umask 027 && exec "{sys.executable}" -m mpifed ckpt export "{tmp_path}" "{out}"'],
+                 timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == dict.fromkeys(
+        (p.name for p in out.iterdir()), "0o640")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    for text in ["Return the JSON string.\n", "naïve café — ∑ 日本語 🙂", "".join(map(chr, range(1, 128)))]:
+        ids = tokenizer(text)["input_ids"]
+        assert ids == list(text.encode("utf-8")) and tokenizer.decode(ids) == text  # the corpus's own ids
+    assert max(ids) < VOCAB_SIZE == model.config.vocab_size

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tomllib
 from pathlib import Path
@@ -28,6 +29,7 @@ def export(verified: VerifiedCheckpoint, out: Path, merge_lora: bool = False) ->
         raise ExportError(f"--merge-lora: {verified.path} is not from a LoRA run (lora.rank = 0); export it without "
                           "the flag")
     out.mkdir(parents=True, exist_ok=True)
+    before = {p: p.stat().st_mtime_ns for p in out.iterdir()}
     if verified.base_digest:
         what = _export_lora(verified, out, merge_lora)
     else:
@@ -35,7 +37,26 @@ def export(verified: VerifiedCheckpoint, out: Path, merge_lora: bool = False) ->
         what = (f"round {verified.round} ({verified.layout.numel:,} parameters); load it with "
                 f"AutoModelForCausalLM.from_pretrained({str(out)!r})")
     copy_tokenizer(verified, out)
+    # safetensors writes its files 0600 whatever the umask: a model exported for others to load gets
+    # the mode every other file the user makes gets
+    mode = 0o666 & ~_umask()
+    for path in out.iterdir():
+        if path.is_file() and before.get(path) != path.stat().st_mtime_ns:
+            path.chmod(mode)
     return what
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (Linux), else set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _export_model(verified: VerifiedCheckpoint, out: Path) -> None:
@@ -86,9 +107,34 @@ def _export_lora(verified: VerifiedCheckpoint, out: Path, merge: bool) -> str:
 
 
 def copy_tokenizer(verified: VerifiedCheckpoint, out: Path) -> None:
-    """The prepared data's tokenizer goes beside an exported model, so the folder is complete."""
+    """The data's tokenizer goes beside an exported model, so the folder is complete: the prepared
+    data's, or for the embedded text (UTF-8 bytes, id = byte) a byte-level one made here."""
     data_path = tomllib.loads(verified.config).get("data", {}).get("path", "")
     tokenizer = Path(data_path) / "tokenizer"
     if data_path and tokenizer.is_dir():
         for file in tokenizer.iterdir():
             shutil.copy2(file, out / file.name)
+    elif not data_path:
+        byte_tokenizer().save_pretrained(str(out))
+
+
+def _byte_symbols() -> list[str]:
+    """One printable character for each byte value, the byte-level convention of GPT-2's tokenizers
+    (which `tokenizers`' ByteLevel pre-tokenizer and decoder use): printable Latin-1 bytes stand for
+    themselves, the others for the code points from 256 on, in byte order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in kept else chr(next(shifted)) for b in range(256)]
+
+
+def byte_tokenizer():
+    """A transformers tokenizer for the embedded text: each UTF-8 byte is one token whose id is its
+    value (mpifed/data/corpus.py's VOCAB_SIZE of 256), no special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {symbol: b for b, symbol in enumerate(_byte_symbols())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
