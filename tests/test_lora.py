@@ -106,6 +106,11 @@ def test_merged_export_loads_and_matches_the_lora_model(lora_run, tmp_path):
     ids = torch.from_numpy(np.random.default_rng(0).integers(0, merged.config.vocab_size, (2, 40)))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, lora(ids).logits, atol=1e-5, rtol=1e-5)
+    # inspect says adapters and base apart (issue 32 item 9: it gave the adapters' count as the model's)
+    info = mpifed("ckpt", "inspect", str(lora_run / "run"))
+    adapters = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert info.returncode == 0 and f"with LoRA adapters: {adapters:,} adapter parameters in {len(trained)} tensors " \
+        f"(rank {RANK}, alpha {float(ALPHA)}, on q_proj,v_proj); the frozen base, {lora_run / 'base'}" in info.stdout
     plain = mpifed("ckpt", "export", str(lora_run / "run"), str(tmp_path / "adapters"))
     assert plain.returncode == 0 and (tmp_path / "adapters" / "adapter_model.safetensors").is_file()
 

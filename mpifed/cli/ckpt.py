@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 
 import click
@@ -50,8 +51,17 @@ def inspect(path: Path) -> int:
     click.echo(f"checkpoint   {s.path}")
     click.echo(f"round        {s.round}")
     click.echo(f"tokens       {s.tokens:,}")
-    click.echo(f"model        {model.get('model_type', '?')}: {s.layout.numel:,} parameters in {len(s.layout.slots)} "
-               f"tensors, hidden {model.get('hidden_size')}, layers {model.get('num_hidden_layers')}")
+    shape = f"hidden {model.get('hidden_size')}, layers {model.get('num_hidden_layers')}"
+    if s.base_digest:  # the layout holds the adapters alone: the base is not in the checkpoint
+        run = tomllib.loads(s.config)
+        lora, base = run.get("lora", {}), run.get("model", {})
+        click.echo(f"model        {model.get('model_type', '?')} with LoRA adapters: {s.layout.numel:,} adapter "
+                   f"parameters in {len(s.layout.slots)} tensors (rank {lora.get('rank')}, alpha {lora.get('alpha')}, "
+                   f"on {lora.get('target_modules')}); the frozen base, {base.get('path') or base.get('preset')} "
+                   f"({shape}), is not in the checkpoint")
+    else:
+        click.echo(f"model        {model.get('model_type', '?')}: {s.layout.numel:,} parameters in "
+                   f"{len(s.layout.slots)} tensors, {shape}")
     click.echo("facilities   " + ", ".join(f"{f['name']} ({f['ranks']} x {f['engine']})" for f in s.facilities))
     click.echo(f"outer state  {', '.join(s.outer_state) or 'none'}; {s.roots} root(s) per facility")
     click.echo(f"size         {s.bytes / 2 ** 20:.1f} MiB verified")
