@@ -258,6 +258,31 @@ def test_a_manifest_that_lies_about_its_data_is_named_in_one_line(bpe_data, tmp_
     assert not list((tmp_path / "run").glob("round_*"))
 
 
+def test_skip_bad_leaves_out_and_lists_what_cannot_be_read(corpus_dir, tmp_path):
+    """Issue 32 item 9: prepare stopped at the first file it could not parse, with no way past it."""
+    import shutil
+
+    inputs = tmp_path / "in"
+    shutil.copytree(corpus_dir / "json", inputs / "json")
+    (inputs / "notes.jsonl").write_text('{"text": "a good line of text"}\n[1, 2]\n{"text": "another good one"}\n'
+                                        '{"body": "no text field"}\nnot json at all\n')
+    (inputs / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
+    args = ["data", "prepare", str(inputs), "--train-bpe", "300", "--seq-len", "32", "--partitions", "2",
+            "--num-proc", "1"]
+    stopped = mpifed(*args, "--out", str(tmp_path / "a"))
+    assert stopped.returncode == 2 and "latin1.txt: cannot read it as UTF-8 text" in stopped.stderr
+    assert not (tmp_path / "a").exists()
+    result = mpifed(*args, "--skip-bad", "--out", str(tmp_path / "b"))
+    assert result.returncode == 0, result.stderr
+    skipped = [line.split("skipped ", 1)[1] for line in result.stderr.splitlines() if "mpifed data:   skipped " in line]
+    assert "mpifed data: skipped 4 bad input(s) (--skip-bad):" in result.stderr
+    assert [line.split(":")[0].rsplit("/", 1)[-1] for line in skipped] == [
+        "latin1.txt", "notes.jsonl line 2", "notes.jsonl line 4", "notes.jsonl line 5"]
+    read = re.search(r"read ([\d,]+) documents", result.stderr)
+    assert int(read[1].replace(",", "")) == len(list((corpus_dir / "json").rglob("*.txt"))) + 2  # the good lines
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["total_tokens"] > 0
+
+
 def test_a_saved_dataset_is_an_input_with_its_source_field(bpe_data, tmp_path):
     rows = {"body": [f"Document {i} of the {site} site: " + "words and more words. " * 20 for i in range(30)
                      for site in ("north", "south", "east")],

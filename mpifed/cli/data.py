@@ -62,10 +62,13 @@ def _weights(ctx, param, value: str) -> tuple[float, ...]:
 @click.option("--seed", type=click.IntRange(min=0), default=_default("seed"), show_default=True,
               help="Seed of the shuffles.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier prepared folder at --out.")
+@click.option("--skip-bad", is_flag=True,
+              help="Leave out what cannot be read (a file that is not UTF-8, a line that is not a JSON object, a "
+                   "record without the field) and list each, instead of stopping at the first.")
 def prepare(inputs: tuple[Path, ...], out: Path, tokenizer: Path | None, train_bpe: int | None, seq_len: int,
             partitions: int, split: str, weights: tuple[float, ...], val_fraction: float, sft: bool,
             text_field: str, source_field: str, prompt_field: str, response_field: str, num_proc: int,
-            seed: int, overwrite: bool) -> int:
+            seed: int, overwrite: bool, skip_bad: bool) -> int:
     """Tokenize INPUT... (text files or folders, JSON lines, saved `datasets`) into a prepared folder.
 
     \b
@@ -87,7 +90,7 @@ def prepare(inputs: tuple[Path, ...], out: Path, tokenizer: Path | None, train_b
         opts = PrepareOptions(inputs=inputs, out=out, seq_len=seq_len, partitions=partitions, split=split,
                               weights=weights, val_fraction=val_fraction, tokenizer=tokenizer, train_bpe=train_bpe,
                               sft=sft, text_field=text_field, source_field=source_field, prompt_field=prompt_field,
-                              response_field=response_field, num_proc=num_proc, seed=seed)
+                              response_field=response_field, num_proc=num_proc, seed=seed, skip_bad=skip_bad)
         run_prepare(opts, say=lambda line: click.echo(f"mpifed data: {line}", err=True))
     except PrepareError as exc:
         raise UserError(str(exc)) from None

@@ -36,6 +36,8 @@ class PrepareOptions:
     response_field: str = "response"
     num_proc: int = 1
     seed: int = 0
+    skip_bad: bool = False
+    """Skip an input that cannot be read (a file, a line, a record) and list it, instead of stopping."""
 
     def __post_init__(self) -> None:
         problems = []

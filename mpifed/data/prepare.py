@@ -185,7 +185,11 @@ def prepare(opts: PrepareOptions, say: Callable[[str], None] = print) -> dict:
 
     import datasets
 
-    records = read_inputs(opts)
+    records, skipped = read_inputs(opts)
+    if skipped:
+        say(f"skipped {len(skipped):,} bad input(s) (--skip-bad):")
+        for line in skipped:
+            say(f"  skipped {line}")
     megabytes = sum(len(t.encode()) for column in records.columns.values() for t in column) / 1e6
     say(f"read {len(records):,} {'examples' if opts.sft else 'documents'} ({megabytes:.1f} MB) from "
         f"{len(set(records.sources))} sources")

@@ -60,6 +60,13 @@ class _Reader:
         self.opts = opts
         keys = ("prompt", "response") if opts.sft else ("text",)
         self.records = Records({key: [] for key in keys}, [])
+        self.skipped: list[str] = []  # with --skip-bad: each input left out, and why
+
+    def _bad(self, exc: PrepareError) -> None:
+        """An input that cannot be read: the end (one line), or with --skip-bad one more skipped."""
+        if not self.opts.skip_bad:
+            raise exc
+        self.skipped.append(str(exc))
 
     def add_text(self, text: str, source: str, where: str) -> None:
         if not text.strip():
@@ -110,20 +117,27 @@ class _Reader:
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise PrepareError(f"{path}: cannot read it as UTF-8 text ({exc})") from None
+            self._bad(PrepareError(f"{path}: cannot read it as UTF-8 text ({exc})"))
+            return
         if path.suffix.lower() not in JSON_SUFFIXES:
-            self.add_text(text, source, str(path))
+            try:
+                self.add_text(text, source, str(path))
+            except PrepareError as exc:
+                self._bad(exc)
             return
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except ValueError as exc:
-                raise PrepareError(f"{path} line {number}: not a JSON object ({exc})") from None
-            if not isinstance(record, dict):
-                raise PrepareError(f"{path} line {number}: not a JSON object")
-            self.add_record(record, source, f"{path} line {number}")
+                try:
+                    record = json.loads(line)
+                except ValueError as exc:
+                    raise PrepareError(f"{path} line {number}: not a JSON object ({exc})") from None
+                if not isinstance(record, dict):
+                    raise PrepareError(f"{path} line {number}: not a JSON object")
+                self.add_record(record, source, f"{path} line {number}")
+            except PrepareError as exc:
+                self._bad(exc)
 
     def _read_dataset(self, path: Path) -> None:
         import datasets
@@ -135,13 +149,18 @@ class _Reader:
                                    "save the split to prepare on its own")
             loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
         for i, record in enumerate(loaded):
-            self.add_record(record, path.name, f"{path} row {i}")
+            try:
+                self.add_record(record, path.name, f"{path} row {i}")
+            except PrepareError as exc:
+                self._bad(exc)
 
 
-def read_inputs(opts: "PrepareOptions") -> Records:
+def read_inputs(opts: "PrepareOptions") -> tuple[Records, list[str]]:
+    """Every input's documents (or examples), and with --skip-bad what was left out and why."""
     reader = _Reader(opts)
     for path in opts.inputs:
         reader.read(path)
     if not reader.records:
-        raise PrepareError(f"{', '.join(map(str, opts.inputs))}: no text found in the inputs")
-    return reader.records
+        raise PrepareError(f"{', '.join(map(str, opts.inputs))}: no text found in the inputs"
+                           + (f" ({len(reader.skipped)} skipped as bad)" if reader.skipped else ""))
+    return reader.records, reader.skipped
