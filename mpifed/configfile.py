@@ -212,11 +212,27 @@ SITE_KEYS = {"model": ("path",), "data": ("path",), "checkpoint": ("dir",), "met
              "federation": ("rendezvous", "join_timeout_s", "token_file"), "facility": ("site",)}
 
 
-def digest(cfg: RunConfig) -> str:
-    """sha256 of everything in the configuration that every site must agree on (not SITE_KEYS)."""
+def _agreed(cfg: RunConfig) -> dict[str, Any]:
+    """The configuration as plain data, without SITE_KEYS: what every site must agree on."""
     data = to_dict(cfg)
     for section, keys in SITE_KEYS.items():
         for table in data[section] if section == "facility" else [data[section]]:
             for key in keys:
                 table.pop(key, None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+    return data
+
+
+def digest(cfg: RunConfig) -> str:
+    """sha256 of everything in the configuration that every site must agree on (not SITE_KEYS)."""
+    return hashlib.sha256(json.dumps(_agreed(cfg), sort_keys=True).encode()).hexdigest()
+
+
+def settings(cfg: RunConfig) -> dict[str, str]:
+    """What `digest` covers, one entry a key ("train.lr", "facility.b.ranks") with its value as JSON:
+    what a site shows another so that a mismatch can name the keys (the configuration holds no secret:
+    the token is never in it)."""
+    data = _agreed(cfg)
+    flat = {f"{section}.{key}": json.dumps(value) for section in SECTIONS for key, value in data[section].items()}
+    for fac in data["facility"]:
+        flat.update({f"facility.{fac['name']}.{key}": json.dumps(value) for key, value in fac.items()})
+    return flat

@@ -102,12 +102,33 @@ def test_a_wrong_token_is_refused_and_the_hub_stops_at_the_timeout(joined_run, t
 def test_a_different_model_is_refused_naming_the_fingerprint(tmp_path):
     config = _config(tmp_path, {"hub": 1, "edge": 1}, "federation.join_timeout_s=8")
     hub, edge = launch_all([(1, _run(config, "hub"), {"MPIFED_TOKEN": TOKEN}),
-                         (1, _run(config, "edge") + ["--set", "lora.rank=2"], {"MPIFED_TOKEN": TOKEN})], timeout=120)
+                         (1, _run(config, "edge") + ["--set", "lora.rank=2", "--set", "train.lr=0.5"],
+                          {"MPIFED_TOKEN": TOKEN})], timeout=120)
     for result in (edge, hub):
         assert result.returncode != 0
         assert "the flat-layout fingerprint differs (hub " in result.stdout + result.stderr
-        assert "the configuration differs" in result.stdout + result.stderr
+        # every differing key with both values (issue 33: it gave two digests)
+        assert ("the configuration differs in lora.rank: hub '0', edge '2'; train.lr: hub '0.001', edge '0.5': "
+                "use the same config file on every site") in result.stdout + result.stderr
     assert not (tmp_path / "run" / "latest").exists()
+
+
+def test_a_mismatch_names_each_key_and_a_strangers_settings_are_bounded():
+    from mpifed.comm.door import SHOWN_KEYS, Hello, bounded, differences
+
+    hub = Hello("hub", 1, "fp", "d1", {"train.lr": "0.001", "train.seed": "0", "facility.b.ranks": "1"})
+    new = {"facility": "b", "ranks": 1, "fingerprint": "fp", "config": "d2",
+           "settings": {"train.lr": "0.002", "train.seed": "0", "facility.b.ranks": "1", "eval.every": "2"}}
+    assert differences(hub, new, {"hub": 1, "b": 1}, {"hub"}) == [
+        "the configuration differs in eval.every: hub '(unset)', b '2'; train.lr: hub '0.001', b '0.002': use the "
+        "same config file on every site"]
+    many = {**new, "settings": {f"k{i:03}": "x" * 100 for i in range(300)}}
+    said = differences(hub, many, {"hub": 1, "b": 1}, {"hub"})[0]
+    assert said.count("hub '") == SHOWN_KEYS and f"and {300 + 3 - SHOWN_KEYS} more" in said and "x" * 40 not in said
+    for nonsense in ([1, 2], {"a": 1}, "text", None):  # an older version, or a stranger: the digests alone
+        said = differences(hub, {**new, "settings": nonsense}, {"hub": 1, "b": 1}, {"hub"})[0]
+        assert said.startswith("the configuration differs (digest hub d1, 'b' d2)")
+    assert bounded({f"k{i}": "v" * 100 for i in range(200)}) == {} and bounded({"a": "1"}) == {"a": "1"}
 
 
 def test_a_missing_facility_stops_the_hub_or_is_left_out(tmp_path):

@@ -23,12 +23,13 @@ OS picks). Nothing here is unpickled; a caller's words reach no parser but the b
 """
 from __future__ import annotations
 
+import json
 import queue
 import secrets
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from mpifed.comm import handshake
@@ -54,6 +55,9 @@ class Hello:
     ranks: int
     fingerprint: str
     config: str
+    """The digest of what the sites must agree on (configfile.digest)."""
+    settings: dict[str, str] = field(default_factory=dict)
+    """Those settings one by one (configfile.settings), so that a mismatch can name each key."""
 
 
 def differences(hub: Hello, new: dict, expected: dict[str, int], joined: set[str]) -> list[str]:
@@ -71,9 +75,38 @@ def differences(hub: Hello, new: dict, expected: dict[str, int], joined: set[str
         out.append(f"the flat-layout fingerprint differs (hub {hub.fingerprint[:12]}, {shown(name)} "
                    f"{str(new.get('fingerprint'))[:12]}): the model or LoRA settings are not the same")
     if new.get("config") != hub.config:
-        out.append(f"the configuration differs (digest hub {hub.config[:12]}, {shown(name)} "
-                   f"{str(new.get('config'))[:12]}): use the same config file on every site")
+        keys = _differing_keys(hub.settings, new.get("settings"), shown(name)[1:-1])
+        said = f"in {keys}" if keys else (f"(digest hub {hub.config[:12]}, {shown(name)} "
+                                          f"{str(new.get('config'))[:12]})")
+        out.append(f"the configuration differs {said}: use the same config file on every site")
     return out
+
+
+SHOWN_KEYS = 8
+"""Differing keys a refusal names one by one (it counts the others)."""
+SETTINGS_BYTES = 8 << 10
+"""The most a hello's settings may take (as JSON): the whole hello, and the hub's answer that repeats
+its own, must stay within the handshake's 16 KiB. Larger (many facilities): the digests alone."""
+
+
+def bounded(settings: dict[str, str]) -> dict[str, str]:
+    """`settings` for a hello, or {} where they would not fit one (a mismatch then shows digests)."""
+    return settings if len(json.dumps(settings)) <= SETTINGS_BYTES else {}
+
+
+def _differing_keys(ours: dict[str, str], theirs: object, name: str) -> str:
+    """The keys whose values differ, each with both values ("train.lr: hub 0.001, b 0.002"); "" when the
+    newcomer sent no usable settings (an older version, or nonsense: what a stranger sends is bounded by
+    the handshake's size and shown escaped and cut short)."""
+    if not isinstance(theirs, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in theirs.items()):
+        return ""
+    keys = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    if not keys:
+        return ""
+    listed = [f"{shown(k)[1:-1]}: hub {shown(ours.get(k, '(unset)'))}, {name} {shown(theirs.get(k, '(unset)'))}"
+              for k in keys[:SHOWN_KEYS]]
+    more = f" and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else ""
+    return "; ".join(listed) + more
 
 
 @dataclass

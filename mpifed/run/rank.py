@@ -240,7 +240,7 @@ def join_world(comm: MPI.Intracomm, cfg: RunConfig, name: str, port: str = "", r
     round boundary. Raises JoinError."""
     from mpifed import configfile
     from mpifed.comm import join, rejoin
-    from mpifed.comm.door import Hello
+    from mpifed.comm.door import Hello, bounded
     from mpifed.comm.watchdog import deadline
     from mpifed.data.corpus import shape
     from mpifed.model import planned_layout
@@ -258,7 +258,8 @@ def join_world(comm: MPI.Intracomm, cfg: RunConfig, name: str, port: str = "", r
     except ValueError as exc:
         raise join.LaunchError(str(exc)) from None
     token = join.read_token(fed.token_file)
-    me = Hello(name, comm.size, planned_layout(cfg, *shape(cfg.data)).fingerprint, configfile.digest(cfg))
+    me = Hello(name, comm.size, planned_layout(cfg, *shape(cfg.data)).fingerprint, configfile.digest(cfg),
+               bounded(configfile.settings(cfg)))
     say = _say if comm.rank == 0 else (lambda line: None)
     # The join bounds its own waits (the hub's wake-up call, the handshake's); this deadline catches a
     # peer that stops answering. A facility that is in waits as long as the hub still admits others.
