@@ -57,6 +57,13 @@ class JoinError(RuntimeError):
     """A facility that cannot join, or a federation that cannot start; the message says what differs."""
 
 
+class Refused(JoinError):
+    """The hub heard this facility out and refused it (the token, the model, the configuration, its
+    name or ranks): bad input that a restart would only repeat, exit code 2."""
+
+    exit_code = 2
+
+
 class LaunchError(JoinError):
     """A launch that cannot join as given: its facility name or rank count, its token, no way to find the
     hub, a rendezvous file only a hub that is gone wrote. Found before anything starts, the same on every
@@ -157,10 +164,11 @@ def connect(comm: MPI.Intracomm, address: str, me: Hello, token: bytes) -> Admit
     """Join the hub whose door is at `address` (collective over this facility's job): the handshake at
     the door, then (on a first join) the MPI connection the hub's accept loop gives the port of, proved
     again with its ticket. Raises JoinError, on every rank, when the hub refused this facility."""
-    said, link = ["", 0.0, False, ""], None
+    said, link, heard = ["", 0.0, False, ""], None, False
     for knock in range(KNOCKS if comm.rank == 0 else 0):  # a door busy with strangers may let one go
         try:
             said, link = _knock(address, me, token)
+            heard = True  # the hub's own verdict: a refusal in it is the facility's input
             break
         except Tampered as exc:  # someone on the path: knocking again would only meet them again
             said[0] = f"the hub {exc} during the handshake"
@@ -170,8 +178,8 @@ def connect(comm: MPI.Intracomm, address: str, me: Hello, token: bytes) -> Admit
         except OSError as exc:
             said[0] = f"nothing answers at the hub's door {address} ({exc.strerror or exc})"
         time.sleep(2.0)
-    problem, remaining, running, port = json.loads(control.bcast_str(comm, json.dumps(said[:4]) if comm.rank == 0
-                                                                     else None))
+    problem, remaining, running, port, heard = json.loads(control.bcast_str(
+        comm, json.dumps([*said[:4], heard]) if comm.rank == 0 else None))
     if not problem and not running:
         inter = comm.Connect(port, root=0)
         if comm.rank == 0:
@@ -179,8 +187,8 @@ def connect(comm: MPI.Intracomm, address: str, me: Hello, token: bytes) -> Admit
                 problem = "; ".join(handshake.call(MPIWire(inter), {**me.__dict__, "ticket": said[4]}, token,
                                                    "join").problems)
             except Unanswered as exc:
-                problem = f"the hub {exc} after giving its MPI port"
-        problem = control.bcast_str(comm, problem)
+                problem, heard = f"the hub {exc} after giving its MPI port", False
+        problem, heard = json.loads(control.bcast_str(comm, json.dumps([problem, heard]) if comm.rank == 0 else None))
         if problem:
             inter.Disconnect()
         if link is not None:
@@ -191,7 +199,8 @@ def connect(comm: MPI.Intracomm, address: str, me: Hello, token: bytes) -> Admit
     if problem:
         if link is not None:
             link.close()
-        raise JoinError(f"facility {me.facility} was refused by the hub: {problem}")
+        refusal = Refused if heard else JoinError  # a path or a hub that fails may do better next time
+        raise refusal(f"facility {me.facility} was refused by the hub: {problem}")
     return Admitted(inter, float(remaining), bool(running), link)
 
 
