@@ -254,6 +254,37 @@ def test_config_new_asks_for_what_its_flags_did_not_give(tmp_path):
         assert line in toml
 
 
+@pytest.mark.parametrize("status, successor", [(0, "cancelled"), (2, "cancelled"), (75, "kept"), (3, "kept"),
+                                              (1, "kept")])
+def test_the_successor_keeps_the_submissions_account_and_runs_only_when_a_restart_can_help(tmp_path, status,
+                                                                                         successor):
+    """Issue 33: the successor lost `sbatch -A`'s account; bad input (exit 2: a configuration error, a
+    refusal at the hub) must never be resubmitted, a planned stop (75) or a lost peer (3, 1) must be."""
+    made = mpifed(*NEW, str(tmp_path / "p"), "--facilities", "a:local:1", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    project, calls = tmp_path / "p", tmp_path / "calls.txt"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool, answer in (("sbatch", "echo 777"), ("scancel", "")):  # SLURM's commands, recording their arguments
+        (bin_dir / tool).write_text(f'#!/bin/bash\necho "{tool} $*" >> {calls}\n{answer}\n')
+        (bin_dir / tool).chmod(0o755)
+    (project / "launch" / "mpifed-srun.sh").write_text(f"#!/bin/bash\nexit {status}\n")
+    env = {**rank_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "41",
+           "SLURM_JOB_ACCOUNT": "proj-7", "SLURM_JOB_PARTITION": "boost_usr_prod", "SLURM_JOB_QOS": "normal"}
+    ran = subprocess.run(["bash", str(project / "a.sbatch")], capture_output=True, text=True, cwd=project, env=env)
+    assert ran.returncode == status, ran.stdout + ran.stderr
+    lines = calls.read_text().splitlines()
+    assert lines[0].startswith("sbatch --parsable --dependency=afternotok:41 --account=proj-7 "
+                               "--partition=boost_usr_prod --qos=normal --export=ALL,MPIFED_RESTART=1 a.sbatch")
+    assert (lines[1:] == ["scancel 777"]) == (successor == "cancelled"), lines
+    assert (len(lines) == 1) == (successor == "kept")
+    # without them in the environment (a job submitted with the script's own lines), nothing is added
+    calls.unlink()
+    plain = {k: v for k, v in env.items() if k not in ("SLURM_JOB_ACCOUNT", "SLURM_JOB_PARTITION", "SLURM_JOB_QOS")}
+    subprocess.run(["bash", str(project / "a.sbatch")], capture_output=True, text=True, cwd=project, env=plain)
+    assert calls.read_text().splitlines()[0].startswith("sbatch --parsable --dependency=afternotok:41 --export=")
+
+
 def test_batch_scripts_keep_profile_values_from_running_as_commands(tmp_path):
     """A profile's values land in a batch script as data: a '}', a quote, a backtick, '$(...)' or a line
     break in a value or a reason can neither end the word early nor run a command; $VARS still expand."""

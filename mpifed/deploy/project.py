@@ -126,8 +126,13 @@ def batch_script(cfg: RunConfig, facility: str, site: Site, max_restarts: int) -
         'restart="${MPIFED_RESTART:-0}"',
         f'max_restarts="${{MPIFED_MAX_RESTARTS:-{max_restarts}}}"',
         'successor=""',
+        "# The successor keeps what this job was submitted with (sbatch -A/-p/-q override the lines above).",
+        "kept=()",
+        'if [ -n "${SLURM_JOB_ACCOUNT:-}" ]; then kept+=("--account=$SLURM_JOB_ACCOUNT"); fi',
+        'if [ -n "${SLURM_JOB_PARTITION:-}" ]; then kept+=("--partition=$SLURM_JOB_PARTITION"); fi',
+        'if [ -n "${SLURM_JOB_QOS:-}" ]; then kept+=("--qos=$SLURM_JOB_QOS"); fi',
         'if [ -n "${SLURM_JOB_ID:-}" ] && [ "$restart" -lt "$max_restarts" ]; then',
-        '    successor="$(sbatch --parsable --dependency="afternotok:$SLURM_JOB_ID" '
+        '    successor="$(sbatch --parsable --dependency="afternotok:$SLURM_JOB_ID" ${kept[@]+"${kept[@]}"} '
         f'--export="ALL,MPIFED_RESTART=$((restart + 1))" {facility}.sbatch "$@")" \\',
         '        || echo "mpifed: warning: could not submit the successor job; a stopped run will not restart"',
         "fi",
