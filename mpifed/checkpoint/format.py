@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import json
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, NoReturn
+from typing import Any, Iterator, Literal
 
 import h5py
 import numpy as np
@@ -36,6 +35,7 @@ import xxhash
 
 from mpifed import __version__
 from mpifed.checkpoint.files import HASH, Atomic, CheckpointError, PartWriter, store, write_file
+from mpifed.checkpoint.structure import check_structure, hostile
 from mpifed.layout import FlatLayout, ParamSlot
 
 FORMAT_VERSION = 2
@@ -202,65 +202,9 @@ def publish(pending: "Atomic") -> Path:
     return final
 
 
-ATTRIBUTE_LIMIT = 16 << 20
-"""The most bytes one attribute may hold (the run's configuration and the layout are the largest: a few
-hundred kB for the largest models); a larger one is not a file mpifed wrote, and is never read."""
-
-
-def _check_structure(path: Path, h5: h5py.File, main: bool = False) -> None:
-    """Accept only what the writer makes, before anything is allocated: plain links, attributes of
-    bounded size, numeric datasets stored inside the file (contiguous or chunked) that store at least the
-    bytes they declare, and, in a `main` file, virtual datasets only over the segment files its root
-    attributes list (each verified in turn). A crafted file could otherwise make a reader allocate
-    terabytes, or read zeros for a model from a file that is not there."""
-    size = path.stat().st_size
-    sources: frozenset[tuple[str, str]] = frozenset()
-
-    def refuse(name: str, why: str) -> NoReturn:
-        raise CheckpointError(f"{path}: /{name}: {why}: not a file mpifed wrote")
-
-    def walk(group: h5py.Group) -> None:
-        nonlocal sources
-        for attr in group.attrs:
-            stored = h5py.h5a.open(group.id, attr.encode()).get_storage_size()
-            if stored > ATTRIBUTE_LIMIT:
-                refuse(f"{group.name.strip('/')}@{attr}", f"an attribute of {stored:,} bytes (at most {ATTRIBUTE_LIMIT:,})")
-        if main and group.name == "/":  # its attributes are bounded now: read which segments it lists
-            sources = _segment_sources(h5)
-        for key in group:
-            link = group.get(key, getlink=True)
-            name = f"{group.name.rstrip('/')}/{key}".lstrip("/")
-            if not isinstance(link, h5py.HardLink):
-                refuse(name, f"a {type(link).__name__}")
-            obj = group[key]
-            if isinstance(obj, h5py.Group):
-                walk(obj)
-                continue
-            if not isinstance(obj, h5py.Dataset) or obj.dtype.kind not in "biuf":
-                refuse(name, f"of type {getattr(obj, 'dtype', type(obj).__name__)}")
-            if obj.external:
-                refuse(name, "stored in external files")
-            if obj.is_virtual:
-                used = {(m.file_name, m.dset_name.lstrip("/")) for m in obj.virtual_sources()}
-                if not used <= sources:
-                    refuse(name, f"a virtual dataset over {sorted(used - sources)[0]}, not a segment this checkpoint lists")
-                for attr in obj.attrs:  # its own attributes are bounded as a group's are
-                    if h5py.h5a.open(obj.id, attr.encode()).get_storage_size() > ATTRIBUTE_LIMIT:
-                        refuse(f"{name}@{attr}", "an attribute too large")
-                continue
-            stored = obj.id.get_storage_size()
-            if obj.nbytes and (stored < obj.nbytes or stored > size):
-                refuse(name, f"declares {obj.nbytes:,} bytes, stores {stored:,} in a file of {size:,}")
-            for attr in obj.attrs:
-                if h5py.h5a.open(obj.id, attr.encode()).get_storage_size() > ATTRIBUTE_LIMIT:
-                    refuse(f"{name}@{attr}", "an attribute too large")
-
-    walk(h5)
-
-
 def _check_arrays(path: Path, h5: h5py.File) -> int:
     """Reread every stored (non-virtual) array and compare its hash; returns the bytes checked. Any
-    array is read a slab at a time along its first axis (`_check_structure` bounds what it declares)."""
+    array is read a slab at a time along its first axis (`structure.check_structure` bounds what it declares)."""
     checked = 0
     names: list[str] = []
     h5.visit(names.append)
@@ -329,18 +273,6 @@ class VerifiedCheckpoint:
     asked for."""
 
 
-def _segment_sources(h5: h5py.File) -> frozenset[tuple[str, str]]:
-    """The (segment file, dataset) pairs the main file's virtual datasets may read: the segments its
-    `parts` attribute lists (each verified in turn), their model and outer-state arrays."""
-    try:
-        parts = json.loads(h5.attrs["parts"]) if h5.attrs.get("parts") is not None else {}
-        segments = [n for n in parts.get("segments", []) if isinstance(n, str)]
-        outer = [n for n in json.loads(h5.attrs.get("outer_state", "[]")) if isinstance(n, str)]
-    except (ValueError, AttributeError, TypeError):  # malformed: the root attributes' check names it
-        return frozenset()
-    return frozenset((seg, data) for seg in segments for data in ["model", *[f"outer/{n}" for n in outer]])
-
-
 def _layout(text: str) -> FlatLayout:
     return FlatLayout(tuple(ParamSlot(n, tuple(shape), dtype, offset) for n, shape, dtype, offset in json.loads(text)))
 
@@ -351,27 +283,14 @@ def verify(path: str | Path, parts_dir: Path | None = None, check_data: bool = T
     raises CheckpointError naming the first bad file or dataset, else returns its summary.
     check_data=False reads the structure only. Whatever a damaged or crafted file makes HDF5 or the
     parsing raise is a CheckpointError too: a file that cannot be read as written is a bad file."""
-    with _hostile(path):
+    with hostile(path):
         return _verify(Path(path), parts_dir, check_data, facilities)
-
-
-@contextmanager
-def _hostile(path: str | Path) -> Iterator[None]:
-    """Reading a file that may be damaged or crafted: whatever HDF5 or the parsing raises means "do not
-    use it", said in one line as a CheckpointError (never a traceback, never a fall-through)."""
-    try:
-        yield
-    except CheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - hostile input: any failure to read it is the file's
-        first = str(exc).splitlines()[0] if str(exc) else "no detail"
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(exc).__name__}: {first[:300]})") from None
 
 
 def _verify(path: Path, parts_dir: Path | None, check_data: bool, facilities: PartsCheck) -> VerifiedCheckpoint:
     where = Path(parts_dir or path.parent)
     with _open(path) as h5:
-        _check_structure(path, h5, main=True)
+        check_structure(path, h5, main=True)
         if h5.attrs.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{path}: format_version {h5.attrs.get('format_version')!r}, this mpifed reads "
                                   f"{FORMAT_VERSION}")
@@ -402,7 +321,7 @@ def _verify(path: Path, parts_dir: Path | None, check_data: bool, facilities: Pa
         if not isinstance(name, str) or name not in {segment_name(summary.round, r) for r in range(summary.roots)}:
             raise CheckpointError(f"{path}: lists a segment file {name!r} that is not one of its round's")
         with _open(where / name) as part:
-            _check_structure(where / name, part)
+            check_structure(where / name, part)
             checked += _check_arrays(where / name, part) if check_data else 0
     elsewhere = []
     for facility, name in parts["facilities"].items():
@@ -417,13 +336,13 @@ def check_part(path: Path, digest: str = "", check_data: bool = True, numel: int
     """Check one facility part: every array against its hash (unless check_data is False), the whole
     against the `digest` its main file recorded ("": not recorded) and, given the model's `numel`, that
     every flat array covers all of it. Returns the bytes reread."""
-    with _hostile(path):
+    with hostile(path):
         return _check_part(path, digest, check_data, numel)
 
 
 def _check_part(path: Path, digest: str, check_data: bool, numel: int) -> int:
     with _open(path) as part:
-        _check_structure(path, part)
+        check_structure(path, part)
         if numel:
             for key in read_part_names(part):
                 if part[key].shape[0] != numel:
