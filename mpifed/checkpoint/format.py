@@ -169,7 +169,7 @@ def write_main(directory: Path, round_: int, attrs: dict[str, Any], layout: Flat
 
     def fill(h5: h5py.File, stored: list) -> None:
         h5.attrs.update(format_version=FORMAT_VERSION, mpifed_version=__version__, round=round_,
-                        layout=json.dumps([[s.name, list(s.shape), s.dtype, s.offset] for s in layout.slots]),
+                        layout=layout_json(layout),
                         layout_fingerprint=layout.fingerprint, roots=len(segments), parts=json.dumps(parts),
                         outer_state=json.dumps(outer_names), part_digests=json.dumps(part_digests or {}),
                         **attrs)
@@ -273,7 +273,13 @@ class VerifiedCheckpoint:
     asked for."""
 
 
-def _layout(text: str) -> FlatLayout:
+def layout_json(layout: FlatLayout) -> str:
+    """A layout as the main file's `layout` attribute holds it: [name, shape, dtype, offset] per slot."""
+    return json.dumps([[s.name, list(s.shape), s.dtype, s.offset] for s in layout.slots])
+
+
+def layout_from_json(text: str) -> FlatLayout:
+    """The layout `layout_json` wrote."""
     return FlatLayout(tuple(ParamSlot(n, tuple(shape), dtype, offset) for n, shape, dtype, offset in json.loads(text)))
 
 
@@ -295,7 +301,7 @@ def _verify(path: Path, parts_dir: Path | None, check_data: bool, facilities: Pa
             raise CheckpointError(f"{path}: format_version {h5.attrs.get('format_version')!r}, this mpifed reads "
                                   f"{FORMAT_VERSION}")
         try:
-            layout = _layout(h5.attrs["layout"])
+            layout = layout_from_json(h5.attrs["layout"])
             parts = json.loads(h5.attrs["parts"])
             outer_state = json.loads(h5.attrs["outer_state"])
             summary = VerifiedCheckpoint(path, int(h5.attrs["round"]), int(h5.attrs["tokens"]), layout,

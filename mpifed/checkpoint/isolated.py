@@ -18,7 +18,6 @@ from pathlib import Path
 from mpifed.checkpoint import format as checkpoint
 from mpifed.checkpoint.files import CheckpointError
 from mpifed.checkpoint.format import PartsCheck, VerifiedCheckpoint
-from mpifed.layout import FlatLayout, ParamSlot
 
 
 def _ask(path: Path, request: dict) -> dict:
@@ -46,9 +45,8 @@ def verify(path: str | Path, parts_dir: Path | None = None, check_data: bool = T
     """format.verify, in a child process."""
     found = _ask(Path(path), {"verify": str(path), "parts_dir": str(parts_dir) if parts_dir else None,
                               "check_data": check_data, "facilities": facilities})
-    slots = tuple(ParamSlot(n, tuple(shape), dtype, offset) for n, shape, dtype, offset in found.pop("layout"))
-    return VerifiedCheckpoint(**{**found, "path": Path(found["path"]), "layout": FlatLayout(slots),
-                                 "elsewhere": tuple(found["elsewhere"])})
+    return VerifiedCheckpoint(**{**found, "path": Path(found["path"]), "elsewhere": tuple(found["elsewhere"]),
+                                 "layout": checkpoint.layout_from_json(found["layout"])})
 
 
 def check_part(path: Path, digest: str = "", check_data: bool = True, numel: int = 0) -> int:
@@ -65,7 +63,7 @@ def _answer(request: dict) -> dict:
     parts = Path(request["parts_dir"]) if request["parts_dir"] else None
     found = checkpoint.verify(request["verify"], parts, request["check_data"], request["facilities"])
     out = {**found.__dict__, "path": str(found.path), "elsewhere": list(found.elsewhere)}
-    out["layout"] = [[s.name, list(s.shape), s.dtype, s.offset] for s in found.layout.slots]
+    out["layout"] = checkpoint.layout_json(found.layout)
     return out
 
 

@@ -32,12 +32,16 @@ def check_structure(path: Path, h5: h5py.File, main: bool = False) -> None:
     def refuse(name: str, why: str) -> NoReturn:
         raise CheckpointError(f"{path}: /{name}: {why}: not a file mpifed wrote")
 
+    def bounded(obj: h5py.HLObject, name: str) -> None:
+        """Every attribute of `obj` (a group or a dataset, called `name`) within ATTRIBUTE_LIMIT."""
+        for attr in obj.attrs:
+            stored = h5py.h5a.open(obj.id, attr.encode()).get_storage_size()
+            if stored > ATTRIBUTE_LIMIT:
+                refuse(f"{name}@{attr}", f"an attribute of {stored:,} bytes (at most {ATTRIBUTE_LIMIT:,})")
+
     def walk(group: h5py.Group) -> None:
         nonlocal sources
-        for attr in group.attrs:
-            stored = h5py.h5a.open(group.id, attr.encode()).get_storage_size()
-            if stored > ATTRIBUTE_LIMIT:
-                refuse(f"{group.name.strip('/')}@{attr}", f"an attribute of {stored:,} bytes (at most {ATTRIBUTE_LIMIT:,})")
+        bounded(group, group.name.strip("/"))
         if main and group.name == "/":  # its attributes are bounded now: read which segments it lists
             sources = _segment_sources(h5)
         for key in group:
@@ -53,20 +57,15 @@ def check_structure(path: Path, h5: h5py.File, main: bool = False) -> None:
                 refuse(name, f"of type {getattr(obj, 'dtype', type(obj).__name__)}")
             if obj.external:
                 refuse(name, "stored in external files")
+            bounded(obj, name)
             if obj.is_virtual:
                 used = {(m.file_name, m.dset_name.lstrip("/")) for m in obj.virtual_sources()}
                 if not used <= sources:
                     refuse(name, f"a virtual dataset over {sorted(used - sources)[0]}, not a segment this checkpoint lists")
-                for attr in obj.attrs:  # its own attributes are bounded as a group's are
-                    if h5py.h5a.open(obj.id, attr.encode()).get_storage_size() > ATTRIBUTE_LIMIT:
-                        refuse(f"{name}@{attr}", "an attribute too large")
                 continue
             stored = obj.id.get_storage_size()
             if obj.nbytes and (stored < obj.nbytes or stored > size):
                 refuse(name, f"declares {obj.nbytes:,} bytes, stores {stored:,} in a file of {size:,}")
-            for attr in obj.attrs:
-                if h5py.h5a.open(obj.id, attr.encode()).get_storage_size() > ATTRIBUTE_LIMIT:
-                    refuse(f"{name}@{attr}", "an attribute too large")
 
     walk(h5)
 
