@@ -208,8 +208,9 @@ def simulate(config_file: Path | None, facilities: int | None, ranks_per_facilit
     cfg = _resolve(config_file, flags, sets, facilities, ranks_per_facility)
     from mpifed.preflight import one_machine_problems
 
-    if one_machine_problems(cfg):
-        raise UserError(one_machine_problems(cfg)[0])
+    too_much = one_machine_problems(cfg)
+    if too_much:
+        raise UserError(too_much[0])
     if dry_run:
         click.echo(configfile.dump_toml(cfg), nl=False)
         click.echo(shlex.join(simulate_command(cfg, Path(cfg.checkpoint.dir) / "mpifed.toml", resume)))
