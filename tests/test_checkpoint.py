@@ -19,7 +19,7 @@ from conftest import WORKERS, mpifed, rank_env, run
 from mpifed.checkpoint import format as checkpoint
 from mpifed.checkpoint.files import WriteFailed
 from mpifed.checkpoint.format import CheckpointError, _boxes
-from mpifed.checkpoint.files import array_hash
+from mpifed.checkpoint.files import DIGEST, array_hash, content_digest
 from mpifed.data.corpus import VOCAB_SIZE
 from mpifed.layout import FlatLayout, ParamSlot
 from mpifed.model import build_model
@@ -129,20 +129,27 @@ def test_pruning_counts_only_rounds_up_to_the_one_just_published(tmp_path, tiny)
 def test_a_damaged_later_file_is_set_aside_and_never_costs_a_good_round(tmp_path):
     """The issue's reproduction: a damaged round_00009.h5 in the folder, keep = 1, --resume auto. The
     resume skips it with one line and moves it aside (its bytes kept); the run trains on and keeps its
-    newest round, which `latest` names."""
+    newest round, which `latest` names. A round whose metadata was edited after writing is skipped too.
+    """
     first = mpifed("simulate", "--rounds", "2", "--local-steps", "2", "--out", "run", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     damaged = b"\x89HDF\r\n\x1a\n" + bytes(range(256)) * 8
     (tmp_path / "run" / "round_00009.h5").write_bytes(damaged)
+    per_round = checkpoint.verify(tmp_path / "run" / "round_00001.h5").tokens
+    with h5py.File(tmp_path / "run" / "round_00002.h5", "r+") as h5:  # a valid-looking edit: read as such before
+        h5.attrs["tokens"] = 10**9
     result = mpifed("simulate", "--rounds", "4", "--local-steps", "2", "--out", "run", "--resume", "auto",
                     "--set", "checkpoint.keep=1", cwd=tmp_path)
     assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr}"
+    assert "mpifed: skipping checkpoint round_00002.h5: " in result.stdout and "content digest" in result.stdout
+    assert "resuming from run/round_00001.h5 (round 1," in result.stdout, result.stdout[-2000:]
     skipped = [line for line in result.stdout.splitlines() if "round_00009.h5" in line]
     assert len(skipped) == 1 and skipped[0].startswith("mpifed: skipping checkpoint round_00009.h5: ")
     assert skipped[0].endswith("moved aside to round_00009.h5.damaged")
     assert (tmp_path / "run" / "round_00009.h5.damaged").read_bytes() == damaged
     assert [p.name for p in checkpoint.main_files(tmp_path / "run")] == ["round_00004.h5"]
-    assert checkpoint.verify(tmp_path / "run" / "round_00004.h5").round == 4
+    newest = checkpoint.verify(tmp_path / "run" / "round_00004.h5")
+    assert newest.round == 4 and newest.tokens == 4 * per_round  # nothing of the edited round trained on
     assert (tmp_path / "run" / "latest").read_text().strip() == "round_00004.h5"
 
 
@@ -230,6 +237,10 @@ def test_a_streamed_part_reads_back_and_one_missing_ranges_is_named(tmp_path):
         del h5["optimizer/exp_avg"]
         h5["optimizer/exp_avg"] = exp_avg[:6000]
         h5["optimizer/exp_avg"].attrs[checkpoint.HASH] = array_hash(exp_avg[:6000])
+    with pytest.raises(CheckpointError, match=r"f0.h5: its attributes or array hashes changed after it was written"):
+        checkpoint.check_part(path)
+    with h5py.File(path, "r+") as h5:  # and its content digest remade, as a whole file of another run would be
+        h5.attrs[DIGEST] = content_digest(h5)
     checkpoint.check_part(path)
     with pytest.raises(CheckpointError, match=r"f0.h5: /optimizer/exp_avg: 6,000 values of the model's 10,000 "
                                               r"\(the part is missing ranges"):

@@ -16,6 +16,7 @@ from conftest import mpifed
 
 from mpifed.checkpoint import format as checkpoint
 from mpifed.checkpoint import isolated
+from mpifed.checkpoint.files import content_digest
 from mpifed.checkpoint.format import CheckpointError
 from mpifed.layout import FlatLayout, ParamSlot
 
@@ -194,11 +195,42 @@ VALUES = st.one_of(st.integers(-2**63, 2**63 - 1), st.floats(allow_nan=True), st
 def test_replaced_root_attributes_never_pass_as_a_changed_model(pristine, tmp_path, roots, key, value, drop):
     main, _ = _fresh(pristine, roots, tmp_path)
     with h5py.File(main, "r+") as h5:
+        before = content_digest(h5)
         if drop:
             del h5.attrs[key]
         else:
             h5.attrs[key] = np.void(value) if isinstance(value, bytes) else value
-    _holds_the_model_or_is_refused(main)
+        changed = content_digest(h5) != before
+    # any change of the metadata that decides what is loaded is refused, even one that reads as valid
+    assert _holds_the_model_or_is_refused(main) != changed
+
+
+@pytest.mark.parametrize("key,value", [("tokens", 100), ("round", 4), ("config", "[train]\nlr = 1.0\n"),
+                                       ("facilities", json.dumps([{"name": "b", "ranks": 1, "engine": "replica"}])),
+                                       ("mpifed_version", "9.9.9")])
+def test_a_plausible_edit_of_the_metadata_is_refused(pristine, tmp_path, key, value):
+    """Values a reader would take as valid (a later round, more tokens, another configuration): before
+    the content digest, verify said ok and a resume would have started from them."""
+    main, _ = _fresh(pristine, 1, tmp_path)
+    with h5py.File(main, "r+") as h5:
+        h5.attrs[key] = value
+    with pytest.raises(CheckpointError, match=r"round_00003.h5: its attributes or array hashes changed after it "
+                                              r"was written \(content digest differs\)$"):
+        isolated.verify(main)
+
+
+def test_a_segment_of_another_run_is_refused(pristine, tmp_path):
+    """A whole, valid segment file of the same round of another run (its own hashes and digest right):
+    the main file records each segment's content digest, so it is not read as this model's."""
+    main, folder = _fresh(pristine, 2, tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    model = -_model()
+    checkpoint.write_segment(other, 3, 1, 2000, model[2000:], {"m": model[2000:] * 0.5})
+    shutil.copy(other / "round_00003.seg-1.h5", folder / "round_00003.seg-1.h5")
+    assert checkpoint.check_part(folder / "round_00003.seg-1.h5") > 0  # whole and valid on its own
+    with pytest.raises(CheckpointError, match=r"seg-1.h5: not the segment this checkpoint recorded"):
+        isolated.verify(main)
 
 
 def test_the_issues_crafted_files_are_named_not_crashed_on(pristine, tmp_path):

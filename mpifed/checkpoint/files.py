@@ -5,6 +5,7 @@ files hold and how they are read and verified is mpifed/checkpoint/format.py's.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -18,6 +19,38 @@ import xxhash
 
 HASH = "xxh3_128"
 """The attribute every stored array carries: the xxh3-128 digest of its bytes."""
+
+
+DIGEST = "content_xxh3_128"
+"""The root attribute every file carries: `content_digest` of the file when it was written."""
+
+
+def _plain(value: Any) -> Any:
+    """An attribute's value as JSON can say it, its kind kept (an int is not the string of its digits)."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        return [value.dtype.str, value.tolist() if value.dtype.kind in "biuf" else bytes(value).hex()]
+    return value if isinstance(value, (str, int, float)) else [type(value).__name__, repr(value)]
+
+
+def _mapping(ds: h5py.Dataset) -> list:
+    """What a virtual dataset reads: each source file, dataset and the two selections' bounds."""
+    if not ds.is_virtual:
+        return []
+    return [[m.file_name, m.dset_name, m.vspace.get_select_bounds(), m.src_space.get_select_bounds(),
+             m.vspace.get_select_npoints()] for m in ds.virtual_sources()]
+
+
+def content_digest(h5: h5py.File) -> str:
+    """The xxh3-128 of everything in a file that decides what a reader loads, except the array bytes,
+    which each array's own HASH ties: every root attribute but DIGEST, and each dataset's name, shape,
+    type, HASH and (if virtual) what it maps. With DIGEST written last, a round, a token count, a
+    configuration or a mapping changed after writing is seen, not loaded."""
+    datasets: list[list] = []
+    h5.visititems(lambda name, obj: datasets.append(
+        [name, list(obj.shape), obj.dtype.str, _plain(obj.attrs.get(HASH, "")), _mapping(obj)])
+        if isinstance(obj, h5py.Dataset) else None)
+    attrs = [[key, _plain(h5.attrs[key])] for key in sorted(h5.attrs) if key != DIGEST]
+    return xxhash.xxh3_128_hexdigest(json.dumps([attrs, sorted(datasets)], default=str).encode())
 
 
 class CheckpointError(RuntimeError):
@@ -84,7 +117,8 @@ def pwrite_all(path: Path, stored: list) -> None:
 
 def write_file(final: Path, fill: Callable[[h5py.File, list], None]) -> "Atomic":
     """Create `final`'s temporary file: `fill(h5, stored)` lays out the datasets, their bytes are
-    written while another thread hashes them (both without the GIL), then the hashes are added."""
+    written while another thread hashes them (both without the GIL), then the hashes are added, and last
+    the file's `content_digest`."""
     out = Atomic(final)
     stored: list[tuple[str, np.ndarray, int | None]] = []
     with out.guard(lambda: sum(v.nbytes for _, v, _ in stored)):
@@ -110,6 +144,7 @@ def write_file(final: Path, fill: Callable[[h5py.File, list], None]) -> "Atomic"
         with h5py.File(out.tmp, "r+") as h5:
             for (name, _, _), digest in zip(stored, digests):
                 h5[name].attrs[HASH] = digest
+            h5.attrs[DIGEST] = content_digest(h5)
     return out
 
 
@@ -238,7 +273,7 @@ class PartWriter:
         self.next[key] = start + len(values)
 
     def close(self) -> "Atomic":
-        """Every flat array complete: add the hashes; the file is left under its temporary name."""
+        """Every flat array complete: add the hashes and the content digest; the file is left under its temporary name."""
         short = [key for key in self.sizes if self.next[key] != self.sizes[key]]
         if short:
             raise ValueError(f"{self.out.final}: {', '.join(short)} not written to the end")
@@ -251,4 +286,5 @@ class PartWriter:
                     h5[name].attrs[HASH] = digest
                 for key, hasher in self.hashes.items():
                     h5[key].attrs[HASH] = hasher.hexdigest()
+                h5.attrs[DIGEST] = content_digest(h5)
         return self.out

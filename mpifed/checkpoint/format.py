@@ -5,7 +5,8 @@ and reading back (the atomic, hashed writing is mpifed/checkpoint/files.py's). N
 Files of round N in the checkpoint folder:
   round_0000N.h5             main file, written last by the global root. Root attributes: format_version,
                              mpifed_version, round, tokens, model_config (JSON), layout (JSON),
-                             layout_fingerprint, facilities (JSON), config (TOML), roots, parts (JSON).
+                             layout_fingerprint, facilities (JSON), config (TOML), roots, parts (JSON:
+                             the segment files and their content digests, the facility parts).
                              /model/<param> and /outer/<state>/<param>, one dataset each, in the
                              parameter's shape: plain datasets with one root, HDF5 virtual datasets over
                              the segment files with several.
@@ -16,7 +17,9 @@ Files of round N in the checkpoint folder:
                              its own site's folder. The main file records each part's content digest
                              (`part_digests`), learned over MPI: sites need not share a filesystem.
   latest                     the name of the newest main file that verified.
-Every stored array carries an `xxh3_128` attribute: `verify` rereads and compares each one. Every file is
+Every stored array carries an `xxh3_128` attribute: `verify` rereads and compares each one. Every file
+carries `content_xxh3_128`, over its root attributes and its arrays' names, shapes, types, hashes and
+virtual mappings: no metadata that decides what is loaded changes unseen (format_version 3). Every file is
 written to a hidden temporary name, fsynced and renamed; the main file only after all its parts, and
 `latest` only after the main file verified. `checkpoint.fletcher32 = true` adds HDF5's own checksum
 filter (about 4x slower to write; measured in the README).
@@ -34,11 +37,11 @@ import numpy as np
 import xxhash
 
 from mpifed import __version__
-from mpifed.checkpoint.files import HASH, Atomic, CheckpointError, PartWriter, store, write_file
+from mpifed.checkpoint.files import DIGEST, HASH, Atomic, CheckpointError, PartWriter, content_digest, store, write_file
 from mpifed.checkpoint.structure import check_structure, hostile
 from mpifed.layout import FlatLayout, ParamSlot
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 LATEST = "latest"
 _MAIN = re.compile(r"^round_(\d{5,})\.h5$")
 _READ = 1 << 24  # values of a flat array read at a time when verifying it
@@ -78,14 +81,18 @@ def _round_of(name: str) -> int | None:
 
 
 def part_digest(path: Path) -> str:
-    """The content digest of a part file: xxh3-128 over its identity (round, facility) and the name and
-    hash of every array in it. It reads attributes only; `verify` ties each hash to the bytes."""
+    """The content digest of a part file (`files.content_digest`: its identity, round and facility,
+    and every other attribute and array hash). It reads attributes only; `verify` ties each hash to the
+    bytes."""
     with _open(path) as h5:
-        hashes: dict[str, str] = {}
-        h5.visititems(lambda name, obj: hashes.__setitem__(name, str(obj.attrs.get(HASH, "")))
-                      if isinstance(obj, h5py.Dataset) else None)
-        identity = [int(h5.attrs.get("round", -1)), str(h5.attrs.get("facility", ""))]
-    return xxhash.xxh3_128_hexdigest(json.dumps([identity, sorted(hashes.items())]).encode())
+        return content_digest(h5)
+
+
+def _check_digest(path: Path, h5: h5py.File) -> None:
+    """The file's attributes and array hashes are the ones it was written with."""
+    if str(h5.attrs.get(DIGEST, "")) != content_digest(h5):
+        raise CheckpointError(f"{path}: its attributes or array hashes changed after it was written (content "
+                              "digest differs)")
 
 
 def write_segment(directory: Path, round_: int, r: int, start: int, model: np.ndarray,
@@ -164,7 +171,8 @@ def write_main(directory: Path, round_: int, attrs: dict[str, Any], layout: Flat
     `mpifed ckpt verify`.) `part_digests` (facility -> `part_digest`) ties each facility's part, which
     may live at another site, to this checkpoint."""
     directory = Path(directory)
-    parts = {"segments": [segment_name(round_, r) for r in range(len(segments))] if len(segments) > 1 else [],
+    names = [segment_name(round_, r) for r in range(len(segments))] if len(segments) > 1 else []
+    parts = {"segments": names, "segment_digests": [part_digest(directory / name) for name in names],
              "facilities": {name: facility_name(round_, name) for name in facilities}}
 
     def fill(h5: h5py.File, stored: list) -> None:
@@ -298,8 +306,10 @@ def _verify(path: Path, parts_dir: Path | None, check_data: bool, facilities: Pa
     with _open(path) as h5:
         check_structure(path, h5, main=True)
         if h5.attrs.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{path}: format_version {h5.attrs.get('format_version')!r}, this mpifed reads "
-                                  f"{FORMAT_VERSION}")
+            raise CheckpointError(f"{path}: format_version {h5.attrs.get('format_version')!r} (mpifed "
+                                  f"{h5.attrs.get('mpifed_version', '?')}), this mpifed reads {FORMAT_VERSION}: "
+                                  "resume it with the mpifed that wrote it")
+        _check_digest(path, h5)
         try:
             layout = layout_from_json(h5.attrs["layout"])
             parts = json.loads(h5.attrs["parts"])
@@ -323,11 +333,18 @@ def _verify(path: Path, parts_dir: Path | None, check_data: bool, facilities: Pa
         checked = _check_arrays(path, h5) if check_data else 0
     if summary.roots > 1 and len(parts["segments"]) != summary.roots:
         raise CheckpointError(f"{path}: lists {len(parts['segments'])} segment files for {summary.roots} roots")
-    for name in parts["segments"]:
+    if len(parts.get("segment_digests", [])) != len(parts["segments"]):
+        raise CheckpointError(f"{path}: lists {len(parts['segments'])} segment files and "
+                              f"{len(parts.get('segment_digests', []))} segment digests")
+    for name, digest in zip(parts["segments"], parts["segment_digests"]):
         if not isinstance(name, str) or name not in {segment_name(summary.round, r) for r in range(summary.roots)}:
             raise CheckpointError(f"{path}: lists a segment file {name!r} that is not one of its round's")
         with _open(where / name) as part:
             check_structure(where / name, part)
+            _check_digest(where / name, part)
+            if content_digest(part) != digest:
+                raise CheckpointError(f"{where / name}: not the segment this checkpoint recorded (content digest "
+                                      "differs: a segment of another run or round)")
             checked += _check_arrays(where / name, part) if check_data else 0
     elsewhere = []
     for facility, name in parts["facilities"].items():
@@ -349,6 +366,7 @@ def check_part(path: Path, digest: str = "", check_data: bool = True, numel: int
 def _check_part(path: Path, digest: str, check_data: bool, numel: int) -> int:
     with _open(path) as part:
         check_structure(path, part)
+        _check_digest(path, part)
         if numel:
             for key in read_part_names(part):
                 if part[key].shape[0] != numel:
