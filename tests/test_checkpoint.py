@@ -138,11 +138,14 @@ def test_a_damaged_later_file_is_set_aside_and_never_costs_a_good_round(tmp_path
     per_round = checkpoint.verify(tmp_path / "run" / "round_00001.h5").tokens
     with h5py.File(tmp_path / "run" / "round_00002.h5", "r+") as h5:  # a valid-looking edit: read as such before
         h5.attrs["tokens"] = 10**9
+    (tmp_path / "run" / ".round_00001.fac-f1.h5.tmp").write_bytes(b"what a killed writer left")
     result = mpifed("simulate", "--rounds", "4", "--local-steps", "2", "--out", "run", "--resume", "auto",
                     "--set", "checkpoint.keep=1", cwd=tmp_path)
     assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr}"
     assert "mpifed: skipping checkpoint round_00002.h5: " in result.stdout and "content digest" in result.stdout
     assert "resuming from run/round_00001.h5 (round 1," in result.stdout, result.stdout[-2000:]
+    assert (f"mpifed: removed 1 unpublished temporary file(s) an interrupted job left in run: "
+            ".round_00001.fac-f1.h5.tmp") in result.stdout
     skipped = [line for line in result.stdout.splitlines() if "round_00009.h5" in line]
     assert len(skipped) == 1 and skipped[0].startswith("mpifed: skipping checkpoint round_00009.h5: ")
     assert skipped[0].endswith("moved aside to round_00009.h5.damaged")
@@ -151,6 +154,25 @@ def test_a_damaged_later_file_is_set_aside_and_never_costs_a_good_round(tmp_path
     newest = checkpoint.verify(tmp_path / "run" / "round_00004.h5")
     assert newest.round == 4 and newest.tokens == 4 * per_round  # nothing of the edited round trained on
     assert (tmp_path / "run" / "latest").read_text().strip() == "round_00004.h5"
+
+
+def test_only_the_temporary_files_of_published_rounds_are_swept(tmp_path):
+    """What a killed job left is removed at the next start; a write in flight (a later round than any
+    published: another facility's, sharing the folder) is not."""
+    hub, site = tmp_path / "hub", tmp_path / "site"
+    for folder, names in [(hub, ["round_00001.h5", "round_00002.h5", ".round_00002.seg-1.h5.tmp",
+                                 ".round_00001.fac-b.h5.tmp", ".round_00003.h5.tmp", ".round_00003.fac-a.h5.tmp"]),
+                          (site, ["round_00002.fac-b.h5", ".round_00002.fac-b.h5.tmp", ".round_00001.fac-c.h5.tmp",
+                                  ".round_00003.fac-b.h5.tmp", ".round_x.h5.tmp"])]:
+        folder.mkdir()
+        for name in names:
+            (folder / name).write_bytes(b"x")
+    assert checkpoint.sweep_unpublished(hub, "a") == [".round_00001.fac-b.h5.tmp", ".round_00002.seg-1.h5.tmp"]
+    assert checkpoint.sweep_unpublished(site, "b") == [".round_00002.fac-b.h5.tmp"]
+    assert sorted(p.name for p in hub.iterdir()) == [".round_00003.fac-a.h5.tmp", ".round_00003.h5.tmp",
+                                                     "round_00001.h5", "round_00002.h5"]
+    assert sorted(p.name for p in site.iterdir()) == [".round_00001.fac-c.h5.tmp", ".round_00003.fac-b.h5.tmp",
+                                                      ".round_x.h5.tmp", "round_00002.fac-b.h5"]
 
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small filesystem needs root")

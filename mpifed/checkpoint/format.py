@@ -483,6 +483,24 @@ def set_aside(path: Path) -> Path:
     return aside
 
 
+def sweep_unpublished(directory: str | Path, facility: str) -> list[str]:
+    """Remove the temporary files (`.round_N...h5.tmp`) an interrupted job left in `directory`: those of
+    rounds up to the newest main file there, or, in a folder of parts alone, facility `facility`'s up to
+    its newest part. A write in flight (another facility's, sharing the folder) is of a later round
+    than any published, so it is never touched. Returns the names removed."""
+    mains = [part_round(p) for p in main_files(directory)]
+    newest = max(mains) if mains else max((part_round(p) for p in facility_parts(directory, facility)), default=0)
+    removed = []
+    for path in Path(directory).glob(".round_*.h5.tmp"):
+        name = path.name[1:-4]
+        found = _round_of(name)
+        mine = bool(mains) or name.endswith(f".fac-{facility}.h5")
+        if found is not None and found <= newest and mine:
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return sorted(removed)
+
+
 def facility_parts(directory: str | Path, name: str) -> list[Path]:
     """Facility `name`'s part files in `directory`, oldest round first."""
     found = [p for p in Path(directory).glob(f"round_*.fac-{name}.h5") if _round_of(p.name) is not None]

@@ -96,6 +96,11 @@ class CheckpointManager:
         self.directory = Path(cfg.checkpoint.dir)
         self.resume_dir = self.directory
         """Where this site's own part of the checkpoint to resume from is (set by `choose`)."""
+        if topo.is_leader and self.directory.is_dir():  # before this job writes anything
+            removed = checkpoint.sweep_unpublished(self.directory, topo.facility_name)
+            if removed:
+                print(f"mpifed: removed {len(removed)} unpublished temporary file(s) an interrupted job left in "
+                      f"{self.directory}: {', '.join(removed)}", flush=True)
 
     def _deadline(self, what: str) -> ContextManager[None]:
         return deadline(self.topo.world, self.cfg.federation.timeout_s, what)
