@@ -6,12 +6,13 @@ around. Every problem is collected into one ConfigError, as the configuration's 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
 from mpifed.config import ConfigError, RunConfig
 from mpifed.data.corpus import DataError, read_manifest, shape
-from mpifed.deploy.sites import available
+from mpifed.deploy.sites import SiteError, available, get
 
 # what a setting needs installed: (problem when missing, package)
 _PACKAGES = {
@@ -58,6 +59,46 @@ def one_machine_problems(cfg: RunConfig) -> list[str]:
             "train.micro_batch"]
 
 
+def site_problems(cfg: RunConfig) -> list[str]:
+    """What no node of a facility's site can hold at all, one line per facility: the ranks a node runs
+    (`scheduler.ranks_per_node`) times `least_per_rank`, against the node's memory (the profile's
+    `memory_gb`, else this machine's). `mpifed plan` works out the rest (weights, optimizer state, buffers)."""
+    try:
+        need, gb, out = least_per_rank(cfg), 1e9, []
+    except DataError:  # named by `_data_problems`
+        return []
+    for fac in cfg.facility:
+        try:
+            sched = get(fac.site).scheduler
+        except SiteError:  # named by `problems`
+            continue
+        memory = sched.memory_gb * gb or this_machine()
+        per_node = min(fac.ranks, sched.ranks_per_node)
+        if memory and per_node * need > memory:
+            out.append(f"facility.{fac.name}: {per_node:,} ranks on a node of {fac.site} need at least "
+                       f"{per_node * need / gb:,.1f} GB ({need / gb:,.2f} GB each: the runtime and one micro-batch "
+                       f"of {cfg.train.micro_batch:,} sequences' logits), and the node has {memory / gb:,.1f} GB; "
+                       "use a smaller train.micro_batch or data.seq_len")
+    return out
+
+
+def _positions_problem(cfg: RunConfig) -> list[str]:
+    """A model folder learned positions up to its `max_position_embeddings`: a longer data.seq_len would
+    index past them (GPT-2's learned positions) or run where the model was never trained."""
+    try:
+        hf = json.loads((Path(cfg.model.path) / "config.json").read_text())
+        seq_len, _ = shape(cfg.data)
+    except (OSError, ValueError, DataError):  # no model folder, or named by the other checks
+        return []
+    key = next((k for k in ("max_position_embeddings", "n_positions") if isinstance(hf, dict) and k in hf), "")
+    limit = hf[key] if key else None
+    if isinstance(limit, int) and seq_len > limit:
+        return [f"data.seq_len: {seq_len:,} tokens, more than the {limit:,} positions of model.path {cfg.model.path} "
+                f"({key} in its config.json); use at most that many (data.seq_len, or `mpifed data prepare "
+                "--seq-len`)"]
+    return []
+
+
 def problems(cfg: RunConfig) -> list[str]:
     """Everything about `cfg` that this machine cannot honour (empty: nothing)."""
     out = []
@@ -79,7 +120,7 @@ def problems(cfg: RunConfig) -> list[str]:
                        "or choose the fsdp or replica engine")
         if fac.deepspeed.config and not Path(fac.deepspeed.config).is_file():
             out.append(f"{where}.deepspeed.config: file {fac.deepspeed.config} does not exist")
-    return out + _data_problems(cfg)
+    return out + _data_problems(cfg) + (_positions_problem(cfg) if cfg.model.path else []) + site_problems(cfg)
 
 
 def _data_problems(cfg: RunConfig) -> list[str]:

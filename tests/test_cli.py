@@ -1,4 +1,5 @@
 """The command line: bad input gives one line naming the option, exit 2, no traceback, nothing written."""
+import json
 import subprocess
 import sys
 
@@ -120,9 +121,41 @@ def test_simulate_refuses_what_cannot_fit_on_this_machine_before_mpiexec(tmp_pat
                            "use fewer ranks")
     assert f"({RUNTIME_GB:.2f} GB each" in line
     line = _one_line_error(mpifed("simulate", "--set", "train.micro_batch=1000000000", "--out", str(tmp_path / "b")),
-                           "4 ranks need at least", "one micro-batch of 1,000,000,000 sequences' logits",
+                           # the site's bound (every command's) says it first: one node cannot hold two such ranks
+                           "facility.f0: 2 ranks on a node of local need at least",
+                           "one micro-batch of 1,000,000,000 sequences' logits",
                            "train.micro_batch")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_run_refuses_what_no_node_of_its_site_can_hold_before_mpi(tmp_path):
+    """Issue 32 item 4 for `mpifed run`, as the batch jobs start it: the site profile knows a node's memory
+    and how many ranks it runs; a micro-batch no node can hold is one line per facility, from the first
+    rank only, exit 2, nothing written. A model folder's positions bound data.seq_len the same way."""
+    from mpifed.deploy.sites import get
+    from mpifed.preflight import RUNTIME_GB, this_machine
+
+    node = get("leonardo").scheduler
+    each = RUNTIME_GB + 8 * 1_000_000 * 128 * 256 / 1e9
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[train]\nmicro_batch = 1000000\n[checkpoint]\ndir = "{tmp_path / "out"}"\n'
+                   '[[facility]]\nname = "leo"\nranks = 8\nsite = "leonardo"\n'
+                   '[[facility]]\nname = "home"\nranks = 2\nsite = "local"\n')
+    result = run([MPIEXEC, "-n", "10", sys.executable, "-m", "mpifed", "run", str(cfg)], timeout=120)
+    assert result.returncode == 2 and result.stderr.count("mpifed run: error:") == 1, result
+    line = result.stderr.strip()
+    assert (f"facility.leo: {node.ranks_per_node} ranks on a node of leonardo need at least "
+            f"{node.ranks_per_node * each:,.1f} GB ({each:,.2f} GB each: the runtime and one micro-batch of 1,000,000 "
+            f"sequences' logits), and the node has {node.memory_gb:,.1f} GB; use a smaller train.micro_batch") in line
+    if this_machine() < 2 * each * 1e9:  # a site without a node size: this machine's memory stands for it
+        assert "facility.home: 2 ranks on a node of local" in line
+    assert "\n" not in line
+    assert not (tmp_path / "out").exists() and "Traceback" not in result.stderr
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_positions": 64}))
+    cfg.write_text(f'[model]\npath = "{tmp_path / "m"}"\n[data]\nseq_len = 128\n')
+    _one_line_error(mpifed("run", str(cfg)), "data.seq_len: 128 tokens, more than the 64 positions of model.path",
+                    "(n_positions in its config.json)")
 
 
 def test_ckpt_commands_name_what_is_wrong(tmp_path):
