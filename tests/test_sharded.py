@@ -102,7 +102,7 @@ def _one_line(result, *words):
 @pytest.mark.slow
 def test_a_model_folder_whose_safetensors_do_not_match_its_config(tmp_path):
     folder = tmp_path / "model"
-    build_model("llama-tiny", 32, 7, vocab_size=VOCAB_SIZE).save_pretrained(folder)
+    build_model("llama-tiny", 128, 7, vocab_size=VOCAB_SIZE).save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     config["intermediate_size"] = 200
     (folder / "config.json").write_text(json.dumps(config))
