@@ -105,6 +105,16 @@ def test_a_resume_with_another_model_says_what_differs_and_writes_nothing(tmp_pa
                            f"--config {tmp_path / 'run' / 'mpifed.toml'}")
     assert "nothing was written" in line
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    # `mpifed run`, as a batch job starts it: the same line on the first rank only, before MPI starts
+    result = run([MPIEXEC, "-n", "4", sys.executable, "-m", "mpifed", "run", str(tmp_path / "run" / "mpifed.toml"),
+                  "--resume", "auto", "--set", "model.preset=llama-small"], timeout=120)
+    assert result.returncode == 2 and result.stderr.count("mpifed run: error:") == 1, result
+    assert ("--resume: round_00001.h5 was trained with another model.preset 'llama-tiny' -> 'llama-small'; resume "
+            f"with the configuration it was trained with (`mpifed ckpt inspect --config {tmp_path / 'run'}` prints it)"
+            ) in result.stderr and "Traceback" not in result.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    printed = mpifed("ckpt", "inspect", "--config", str(tmp_path / "run"))
+    assert printed.returncode == 0 and printed.stdout == (tmp_path / "run" / "mpifed.toml").read_text(), printed
     again = mpifed("simulate", "--config", str(tmp_path / "run" / "mpifed.toml"), "--rounds", "2",
                    "--resume", "auto")  # the fix the line gives
     assert again.returncode == 0, again.stderr

@@ -44,9 +44,14 @@ def _verified(path: Path) -> VerifiedCheckpoint:
 
 @ckpt.command()
 @click.argument("path", type=click.Path(path_type=Path))
-def inspect(path: Path) -> int:
+@click.option("--config", "as_config", is_flag=True,
+              help="Print the run configuration it was trained with, as TOML (to resume it, or start its like).")
+def inspect(path: Path, as_config: bool) -> int:
     """Round, tokens, parameters, size, facilities and outer state of a checkpoint."""
     s = _verified(path)
+    if as_config:
+        click.echo(s.config, nl=not s.config.endswith("\n"))
+        return 0
     model = json.loads(s.model_config)
     click.echo(f"checkpoint   {s.path}")
     click.echo(f"round        {s.round}")

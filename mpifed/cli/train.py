@@ -68,7 +68,9 @@ def _prepare_output(cfg: RunConfig, overwrite: bool, resume: str) -> Path:
         raise UserError(f"--out: {out} already holds checkpoints of an earlier run; choose another folder, "
                         "pass --resume auto to continue it, or --overwrite to replace them")
     if resume:
-        _refuse_a_changed_run(cfg, Path(cfg.checkpoint.dir) if resume == "auto" else Path(resume))
+        _refuse_a_changed_run(cfg, Path(cfg.checkpoint.dir) if resume == "auto" else Path(resume),
+                              f"continue it with its own configuration (--config {Path(cfg.checkpoint.dir) / 'mpifed.toml'}"
+                              "), or start a new run in another --out")
     try:
         text = configfile.dump_toml(cfg)
     except ConfigError as exc:  # a value TOML cannot hold: said before anything is written
@@ -102,10 +104,10 @@ _FIXED_ON_RESUME = ("model.preset", "model.path", "data.path", "lora.rank", "lor
                     "federation.outer")
 
 
-def _refuse_a_changed_run(cfg: RunConfig, target: Path) -> None:
+def _refuse_a_changed_run(cfg: RunConfig, target: Path, fix: str) -> None:
     """Before anything is written or started: the newest checkpoint a resume from `target` would read
     was trained with a configuration that differs where a resume cannot follow? Then one line saying
-    what differs and the fix. (The ranks check the model's layout again after they start.)"""
+    what differs and the `fix`. (The ranks check the model's layout again after they start.)"""
     import tomllib
 
     from mpifed.checkpoint import format as checkpoint
@@ -123,9 +125,8 @@ def _refuse_a_changed_run(cfg: RunConfig, target: Path) -> None:
         if ours != theirs:
             diffs.append(f"facilities (name, ranks) {theirs} -> {ours}")
         if diffs:
-            raise UserError(f"--resume: {path.name} was trained with another {', '.join(diffs)}; continue it with "
-                            f"its own configuration (--config {Path(cfg.checkpoint.dir) / 'mpifed.toml'}), or "
-                            "start a new run in another --out; nothing was written")
+            raise UserError(f"--resume: {path.name} was trained with another {', '.join(diffs)}; {fix}; nothing "
+                            "was written")
         return
 
 
@@ -263,9 +264,12 @@ def run(config_file: Path, facility: str, port: str, sets: tuple[str, ...], resu
     # every site writes its own part of each checkpoint here: say so now, before MPI starts, not at the
     # first checkpoint
     check_writable(Path(cfg.checkpoint.dir), "checkpoint.dir", is_dir=True)
+    resume = cfg.checkpoint.dir if resume == "auto" else resume
+    if resume:  # every rank reads the same file to the same verdict: all stop alike, before MPI starts
+        _refuse_a_changed_run(cfg, Path(resume), f"resume with the configuration it was trained with (`mpifed ckpt "
+                              f"inspect --config {resume}` prints it), or give this one its own checkpoint.dir")
     Path(cfg.checkpoint.dir).mkdir(parents=True, exist_ok=True)
     from mpifed.run import rank  # imports MPI: only here, never for --help
 
-    resume = cfg.checkpoint.dir if resume == "auto" else resume
     rank.end(rank.main_joined(cfg, facility, port, resume) if facility else rank.main(cfg, resume))
 
