@@ -152,6 +152,11 @@ def abort_on_error(comm: MPI.Comm, expected: tuple[type[BaseException], ...] = (
             _fail(comm, f"mpifed: error: {_phase}: MPI lost a connection ({first})", 1)
         else:
             detail = "" if isinstance(exc, expected) else "\n" + traceback.format_exc()
+            if not detail and comm.Get_rank():
+                # A situation (a lying manifest, a refused checkpoint) usually fails every rank at once:
+                # the lowest says it and its abort (after its grace) ends the others while they wait; a rank
+                # it spared says its own a moment later. One line where there would be one per rank.
+                time.sleep(min(3.0, 2 * _GRACE_S + 0.5 + 0.01 * comm.Get_rank()))
             print(f"mpifed: rank {comm.Get_rank()}: error: {exc}{detail}", file=sys.stderr, flush=True)
             _abort(comm, getattr(exc, "exit_code", 1))  # 2 for bad input, as the command line exits
         raise SystemExit(1) from None  # MPI_Abort may return before the launcher kills this process
