@@ -22,6 +22,7 @@ Attention = Literal["sdpa", "eager", "flash_attention_2"]
 Precision = Literal["fp32", "bf16"]
 Schedule = Literal["constant", "cosine"]
 InnerState = Literal["keep", "reset"]
+InnerOptimizer = Literal["adamw", "sgd"]
 Device = Literal["auto", "cpu", "cuda"]
 OuterName = Literal["fedavg", "fedavgm", "diloco", "fedadam", "fedyogi"]
 Compression = Literal["none", "bf16", "int8", "int4", "int2", "topk"]
@@ -33,7 +34,7 @@ SplitKind = Literal["iid", "by-source"]
 
 # What an unknown value of each choice is called in the error that lists the valid ones.
 _NOUNS: dict[Any, str] = {Preset: "preset", Attention: "implementation", Precision: "precision",
-                          Schedule: "schedule", InnerState: "mode", Device: "device",
+                          Schedule: "schedule", InnerState: "mode", InnerOptimizer: "optimizer", Device: "device",
                           OuterName: "outer optimizer", Compression: "compression", EngineName: "engine",
                           ZeroStage: "ZeRO stage", Overlap: "overlap mode"}
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
@@ -178,7 +179,11 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches accumulated into each inner optimizer step."""
     lr: float = 1e-3
-    """Peak AdamW learning rate of the inner optimizer."""
+    """Peak learning rate of the inner optimizer."""
+    optimizer: InnerOptimizer = "adamw"
+    """The inner optimizer: adamw, or sgd (plain, or with train.momentum)."""
+    momentum: float = 0.0
+    """SGD's momentum (train.optimizer = sgd; 0: plain SGD). AdamW's is train.beta1."""
     scale_lr: bool = False
     """Multiply lr by the facility's number of ranks (larger facilities take larger steps)."""
     schedule: Schedule = "constant"
@@ -220,6 +225,10 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 out.append(f"train.{name}: must be >= 0 and < 1 (got {getattr(self, name)})")
+        if not 0 <= self.momentum < 1:
+            out.append(f"train.momentum: must be >= 0 and < 1 (got {self.momentum})")
+        elif self.momentum and self.optimizer != "sgd":
+            out.append("train.momentum: applies to train.optimizer = sgd (AdamW's momentum is train.beta1)")
         if self.warmup_steps < 0:
             out.append(f"train.warmup_steps: must be >= 0 (got {self.warmup_steps})")
         if self.seed < 0:
@@ -227,6 +236,12 @@ class TrainConfig:
         if self.threads < 0:
             out.append(f"train.threads: must be >= 0 (got {self.threads})")
         return out
+
+    @property
+    def state_arrays(self) -> int:
+        """Arrays shaped like the model that the inner optimizer keeps (AdamW's two moments, SGD's
+        momentum buffer)."""
+        return 2 if self.optimizer == "adamw" else int(self.momentum > 0)
 
 
 @dataclass
@@ -524,6 +539,9 @@ class RunConfig:
                             f"every {lag} steps (train.local_steps = {self.train.local_steps}, "
                             f"federation.fragments = {fed.fragments}): one exchange must land before the next "
                             "is posted")
+        if self.train.optimizer != "adamw" and any(f.engine == "deepspeed" for f in self.facility):
+            problems.append(f"train.optimizer: {self.train.optimizer} runs on the replica and fsdp engines; the "
+                            "deepspeed engine runs AdamW (or its deepspeed.config's optimizer)")
         if self.federation.min_facilities > len(self.facility):
             problems.append(f"federation.min_facilities: {self.federation.min_facilities} is more than the "
                             f"{len(self.facility)} facilities listed")

@@ -9,7 +9,7 @@ what benchmarks/memory.py measures; the rules follow what the engines and mpifed
 
   weights, gradients   replica and ZeRO-1 whole (ZeRO-2: gradients 1/n), fsdp and ZeRO-3 1/n; DeepSpeed
                        adds its fp32 master copy of 1/n
-  optimizer            AdamW's two moments, 1/n of the model (replica: all of it)
+  optimizer            AdamW's two moments (SGD's momentum, or nothing), 1/n of the model (replica: all)
   transient            fsdp gathers one unit (a decoder layer, or the rest of the model: embeddings
                        and the head) with its gradients and its reduce-scatter's input; DeepSpeed its
                        reduction bucket and (ZeRO-3) its live parameters with their gradients and its
@@ -127,7 +127,7 @@ def plan_facility(cfg: RunConfig, index: int, layout: FlatLayout, shape: tuple[i
     weights = {"replica": whole, "fsdp": share, "zero1": whole + share, "zero2": whole + share,
                "zero3": 2 * share}[engine]
     gradients = {"replica": whole, "fsdp": share, "zero1": whole, "zero2": share, "zero3": share}[engine]
-    optimizer = 2 * (whole if engine == "replica" else share)
+    optimizer = cfg.train.state_arrays * (whole if engine == "replica" else share)
     unit = 4.0 * _units(layout)
     # fsdp gathers a unit's parameters and makes their gradients and the reduce-scatter's input
     transient = (3 * unit if engine == "fsdp" else 0.0) + _activations(cfg, layout, *shape)

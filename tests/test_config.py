@@ -1,5 +1,6 @@
 """The run configuration: validation lists every problem, --set reaches every key, TOML round-trips."""
 import dataclasses
+import re
 
 import pytest
 
@@ -201,6 +202,21 @@ def test_training_settings_are_checked():
     for key in ("train.schedule", "train.grad_accum", "train.beta2", "train.min_lr", "train.inner_state",
                 "train.device", "eval.every", "model.attention", "model.dtype"):
         assert key in str(err.value)
+
+
+def test_the_inner_optimizer_and_its_momentum_are_checked():
+    for train, facility, said in [
+            ({"optimizer": "lion"}, {}, "train.optimizer: unknown optimizer 'lion'; choose one of adamw, sgd"),
+            ({"momentum": 0.9}, {}, "train.momentum: applies to train.optimizer = sgd (AdamW's momentum is train.beta1)"),
+            ({"optimizer": "sgd", "momentum": 1.0}, {}, "train.momentum: must be >= 0 and < 1 (got 1.0)"),
+            ({"optimizer": "sgd"}, {"engine": "deepspeed"}, "train.optimizer: sgd runs on the replica and fsdp "
+                                                            "engines; the deepspeed engine runs AdamW")]:
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            configfile.from_dict({"train": train, "facility": [{"name": "a", "ranks": 1, **facility}]})
+    cfg = configfile.from_dict({"train": {"optimizer": "sgd", "momentum": 0.5}})
+    assert (cfg.train.optimizer, cfg.train.momentum, cfg.train.state_arrays) == ("sgd", 0.5, 1)
+    assert configfile.from_dict({"train": {"optimizer": "sgd"}}).train.state_arrays == 0
+    assert configfile.from_dict({}).train.state_arrays == 2
 
 
 def test_an_embedded_text_partition_needs_data_partitions_above_it():

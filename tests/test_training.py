@@ -108,12 +108,13 @@ def _datasets(path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("settings", [
-    ["federation.roots=1", "federation.outer=fedavgm", "train.schedule=cosine", "train.warmup_steps=3"],
+    ["federation.roots=1", "federation.outer=fedavgm", "train.schedule=cosine", "train.warmup_steps=3",
+     "train.optimizer=sgd", "train.momentum=0.9", "train.lr=0.05"],  # SGD's momentum buffer checkpointed
     ["federation.roots=2", "federation.outer=diloco", "federation.outer_warmup=4", "federation.compress=int8",
      "facility.f0.engine=fsdp", "facility.f1.engine=deepspeed", "train.grad_accum=2"],
     ["federation.overlap=delayed", "federation.fragments=2", "federation.overlap_steps=1", "federation.compress=int4",
      "federation.outer=diloco", "facility.f1.engine=fsdp"]],
-    ids=["replica-cosine", "fsdp-zero2-int8", "delayed-fragments-int4"])
+    ids=["replica-cosine-sgd", "fsdp-zero2-int8", "delayed-fragments-int4"])
 def test_resume_after_sigkill_is_bit_identical(tmp_path, settings):
     common = ["simulate", "--rounds", "6", "--local-steps", "4", "--set", "train.micro_batch=4",
               "--set", "data.seq_len=64", *[arg for s in settings for arg in ("--set", s)]]

@@ -173,7 +173,8 @@ class CheckpointManager:
         flat: dict[str, list[tuple[int, np.ndarray]]] = {}
         state = parts.engine.optimizer_state()
         if control.bcast_int(fac, int(bool(state)) if leader else None):
-            small["optimizer/step"] = state["step"]
+            if "step" in state:  # AdamW's (SGD keeps no count)
+                small["optimizer/step"] = state["step"]
             for key in (k for k in state if k != "step"):
                 flat[f"optimizer/{key}"] = parts.engine.owned_pieces(state[key])
         if fed.local_differs:  # the local model itself (not its distance to the global one: that rounds)
@@ -370,7 +371,7 @@ class CheckpointManager:
         fac, engine = self.topo.facility, parts.engine
         keys = [key for key in stored if key.startswith("optimizer/")]
         if keys:
-            state: dict[str, Any] = {"step": small["optimizer/step"]}
+            state: dict[str, Any] = {"step": small["optimizer/step"]} if "optimizer/step" in small else {}
             for key in sorted(keys):
                 views = [(offset, np.empty(len(values), np.float32)) for offset, values in engine.held()]
                 self._scatter_part(part, key, views)

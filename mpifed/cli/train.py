@@ -99,9 +99,9 @@ def _mpiexec() -> str:
 
 
 # What a resumed run cannot change: its model's shapes (the vocabulary comes with the data), its
-# adapters, its facilities and its outer optimizer's state.
+# adapters, its facilities, its inner optimizer's kind and its outer optimizer's state.
 _FIXED_ON_RESUME = ("model.preset", "model.path", "data.path", "lora.rank", "lora.target_modules",
-                    "federation.outer")
+                    "train.optimizer", "federation.outer")
 
 
 def _refuse_a_changed_run(cfg: RunConfig, target: Path, fix: str) -> None:

@@ -29,6 +29,9 @@ def lm_inputs(batch: TensorBatch, device: torch.device) -> dict[str, torch.Tenso
 
 
 OPTIMIZER_KEYS = ("exp_avg", "exp_avg_sq")
+"""AdamW's state arrays (besides its step count)."""
+STATE_KEYS = (*OPTIMIZER_KEYS, "momentum_buffer")
+"""Every inner optimizer's state arrays, shaped like the parameters: AdamW's, SGD's momentum."""
 
 
 class Pieces:
@@ -107,12 +110,14 @@ class Engine:
         self._held.push()
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
-        """{"step": [n], "exp_avg": ..., "exp_avg_sq": ...} over the owned ranges, concatenated in
-        `owned()` order; empty before the first step. Collective over the facility for some engines."""
+        """The inner optimizer's state over the owned ranges, concatenated in `owned()` order: AdamW's
+        {"step": [n], "exp_avg": ..., "exp_avg_sq": ...}, SGD's {"momentum_buffer": ...} (none without
+        momentum); empty before the first step. Collective over the facility for some engines."""
         raise NotImplementedError
 
     def load_optimizer_state(self, flat: dict[str, np.ndarray]) -> None:
-        """Restore from full-layout arrays ("step" has one value). Collective over the facility."""
+        """Restore from full-layout arrays ("step", where there is one, has one value). Collective over
+        the facility."""
         raise NotImplementedError
 
     def reset_optimizer(self) -> None:
@@ -189,8 +194,8 @@ class TorchOptimizerEngine(Engine):
         first = self._optimizer.state.get(self._param_places[0][0]) if self._param_places else None
         if not first:
             return {}
-        out = {"step": np.array([float(first["step"])], np.float32)}
-        for key in OPTIMIZER_KEYS:
+        out = {"step": np.array([float(first["step"])], np.float32)} if "step" in first else {}
+        for key in (k for k in STATE_KEYS if torch.is_tensor(first.get(k))):
             held = [np.empty(len(values), np.float32) for _, values in self.held()]
             for param, i, start in self._param_places:
                 values = local(self._optimizer.state[param][key]).detach().reshape(-1).float().cpu().numpy()
@@ -204,8 +209,8 @@ class TorchOptimizerEngine(Engine):
         views = self.held()
         for param, i, start in self._param_places:
             offset = views[i][0] + start
-            entry = {"step": torch.tensor(float(flat["step"][0]), dtype=torch.float32)}
-            for key in OPTIMIZER_KEYS:
+            entry = {"step": torch.tensor(float(flat["step"][0]), dtype=torch.float32)} if "step" in flat else {}
+            for key in (k for k in STATE_KEYS if k in flat):
                 state = torch.zeros_like(param)
                 part = local(state)
                 part.copy_(torch.from_numpy(flat[key][offset:offset + part.numel()].copy()).view(part.shape))

@@ -59,7 +59,7 @@ class FsdpEngine(TorchOptimizerEngine):
         # AdamW runs on the plain local shards (views of the DTensors' storage), so each of its foreach
         # ops is one kernel instead of a trip through DTensor's dispatcher (measured: ~8% of a step).
         self._shards = [torch.nn.Parameter(local(p).detach(), requires_grad=False) for p in self._params]
-        self._optimizer = settings.adamw(self._shards)
+        self._optimizer = settings.inner(self._shards)
         shards = size // opts.replicas
         shard_rank = mesh.get_local_rank("shard") if opts.replicas > 1 else mesh.get_local_rank()
         first_replica = opts.replicas == 1 or mesh.get_local_rank("replicate") == 0

@@ -39,7 +39,7 @@ class ReplicaEngine(TorchOptimizerEngine):
         for slot, param in zip(self.layout.slots, params):
             param.grad = self._grad[slot.offset:slot.offset + slot.numel].view(slot.shape)
         self._model = self._forward = model.to(settings.device)  # the buffers (the parameters are there)
-        self._optimizer = settings.adamw(params)
+        self._optimizer = settings.inner(params)
         self._param_places = [(p, 0, slot.offset) for slot, p in zip(self.layout.slots, params)]
         self._params = params
         self._size, rank = settings.ranks, settings.rank

@@ -1,5 +1,5 @@
-"""What every engine is built with: the facility's torch process group, the device, the inner AdamW's
-hyper-parameters, clipping and accumulation, and the facility's engine options (from `[[facility]]` in
+"""What every engine is built with: the facility's torch process group, the device, the inner optimizer
+(AdamW or SGD) and its hyper-parameters, clipping and accumulation, and the facility's engine options (from `[[facility]]` in
 the run config)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mpifed.config import DeepSpeedConfig, FsdpConfig
+from mpifed.config import DeepSpeedConfig, FsdpConfig, InnerOptimizer
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,11 @@ class EngineSettings:
     group: Any = None
     """The facility's torch.distributed process group (`comm.topology.start_process_group`); required."""
     device: torch.device = torch.device("cpu")
+    optimizer: InnerOptimizer = "adamw"
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW's."""
+    momentum: float = 0.0
+    """SGD's."""
     weight_decay: float = 0.0
     grad_clip: float = 0.0
     """Clip the global gradient norm to this; 0: off."""
@@ -43,5 +47,11 @@ class EngineSettings:
         return dist.get_rank(self.group)
 
     def adamw(self, params: list) -> torch.optim.AdamW:
-        """The inner optimizer; its learning rate is set at every step by the schedule."""
+        """The inner AdamW (the deepspeed engine's); its learning rate is set at every step by the schedule."""
         return torch.optim.AdamW(params, lr=0.0, betas=self.betas, weight_decay=self.weight_decay)
+
+    def inner(self, params: list) -> torch.optim.Optimizer:
+        """The inner optimizer `optimizer` names; its learning rate is set at every step by the schedule."""
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=0.0, momentum=self.momentum, weight_decay=self.weight_decay)
+        return self.adamw(params)

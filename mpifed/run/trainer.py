@@ -129,7 +129,8 @@ class Trainer(Elastic):
         self._check_same_layout()
         digest = self._check_same_base(base_digest(model)) if cfg.lora.rank else ""
         initial = self._initial_model(model) if not returning else None
-        settings = EngineSettings(group=group, device=self.device, betas=(cfg.train.beta1, cfg.train.beta2),
+        settings = EngineSettings(group=group, device=self.device, optimizer=cfg.train.optimizer,
+                                  betas=(cfg.train.beta1, cfg.train.beta2), momentum=cfg.train.momentum,
                                   weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
                                   grad_accum=cfg.train.grad_accum, fsdp=facility.fsdp, deepspeed=facility.deepspeed)
         self.engine = make_engine(facility.engine, model, settings, cfg.train.micro_batch)
