@@ -133,6 +133,26 @@ def test_a_mismatch_names_each_key_and_a_strangers_settings_are_bounded():
     assert bounded({f"k{i}": "v" * 100 for i in range(200)}) == {} and bounded({"a": "1"}) == {"a": "1"}
 
 
+def test_facilities_on_different_mpis_are_refused_at_the_door_naming_both():
+    """Issue 33: Cray MPICH at one site and the MPICH wheel at another cannot share the MPI connection
+    the join makes next, and nothing said so. The MPI library is in the hello, compared before anything
+    of MPI is shown: one line naming both. (A second MPI is not installed here to launch for real.)"""
+    from mpifed.comm.door import Hello, differences
+    from mpifed.comm.join import mpi_library
+
+    ours = mpi_library()
+    assert ours.startswith("MPICH Version: ") and "\n" not in ours
+    hub = Hello("hub", 1, "fp", "d1", {}, ours)
+    same = {"facility": "b", "ranks": 1, "fingerprint": "fp", "config": "d1", "mpi": ours}
+    assert differences(hub, same, {"hub": 1, "b": 1}, {"hub"}) == []
+    for theirs, shown in [("Open MPI v5.0.7, package: Open MPI", "'Open MPI v5.0.7, package: Open MPI'"),
+                          ("MPICH Version: 3.4a2 (Cray)", "'MPICH Version: 3.4a2 (Cray)'"), (None, "'(unset)'")]:
+        said = differences(hub, {**same, "mpi": theirs} if theirs else {k: v for k, v in same.items() if k != "mpi"},
+                           {"hub": 1, "b": 1}, {"hub"})
+        assert said == [f"the MPI libraries differ (hub {ours!r}, 'b' {shown}): every site must run the same MPI "
+                        "implementation and version (the site profile's [mpi] libmpi, or the mpich wheel on both)"]
+
+
 def test_a_missing_facility_stops_the_hub_or_is_left_out(tmp_path):
     config = _config(tmp_path, {"a": 1, "b": 1, "c": 1}, "federation.join_timeout_s=8")
     start = time.monotonic()

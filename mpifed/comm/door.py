@@ -58,6 +58,9 @@ class Hello:
     """The digest of what the sites must agree on (configfile.digest)."""
     settings: dict[str, str] = field(default_factory=dict)
     """Those settings one by one (configfile.settings), so that a mismatch can name each key."""
+    mpi: str = ""
+    """The MPI library the launch runs, name and version (`join.mpi_library`): two implementations, or
+    two versions of one, cannot share the connection the join makes next."""
 
 
 def differences(hub: Hello, new: dict, expected: dict[str, int], joined: set[str]) -> list[str]:
@@ -74,6 +77,10 @@ def differences(hub: Hello, new: dict, expected: dict[str, int], joined: set[str
     if new.get("fingerprint") != hub.fingerprint:
         out.append(f"the flat-layout fingerprint differs (hub {hub.fingerprint[:12]}, {shown(name)} "
                    f"{str(new.get('fingerprint'))[:12]}): the model or LoRA settings are not the same")
+    if new.get("mpi", "") != hub.mpi:
+        out.append(f"the MPI libraries differ (hub {shown(hub.mpi)}, {shown(name)} {shown(new.get('mpi', '(unset)'))}): "
+                   "every site must run the same MPI implementation and version (the site profile's [mpi] "
+                   "libmpi, or the mpich wheel on both)")
     if new.get("config") != hub.config:
         keys = _differing_keys(hub.settings, new.get("settings"), shown(name)[1:-1])
         said = f"in {keys}" if keys else (f"(digest hub {hub.config[:12]}, {shown(name)} "

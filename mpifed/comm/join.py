@@ -160,6 +160,12 @@ class Admitted:
             self.link.close()
 
 
+def mpi_library() -> str:
+    """This process's MPI library, name and version: the first line MPI_Get_library_version gives, its
+    spacing normalised ("MPICH Version: 5.0.2", "Open MPI v5.0.7, ...", "Intel(R) MPI Library ...")."""
+    return " ".join(MPI.Get_library_version().splitlines()[0].split())[:200]
+
+
 def connect(comm: MPI.Intracomm, address: str, me: Hello, token: bytes) -> Admitted:
     """Join the hub whose door is at `address` (collective over this facility's job): the handshake at
     the door, then (on a first join) the MPI connection the hub's accept loop gives the port of, proved

@@ -259,7 +259,7 @@ def join_world(comm: MPI.Intracomm, cfg: RunConfig, name: str, port: str = "", r
         raise join.LaunchError(str(exc)) from None
     token = join.read_token(fed.token_file)
     me = Hello(name, comm.size, planned_layout(cfg, *shape(cfg.data)).fingerprint, configfile.digest(cfg),
-               bounded(configfile.settings(cfg)))
+               bounded(configfile.settings(cfg)), join.mpi_library())
     say = _say if comm.rank == 0 else (lambda line: None)
     # The join bounds its own waits (the hub's wake-up call, the handshake's); this deadline catches a
     # peer that stops answering. A facility that is in waits as long as the hub still admits others.
