@@ -8,11 +8,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import re
 import tomllib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from mpifed.config import ENGINE_SECTIONS, SECTIONS, ConfigError, FacilityConfig, RunConfig, default_facilities
 
@@ -210,6 +212,38 @@ def dump_toml(cfg: RunConfig) -> str:
 # Keys that may differ between the sites of one federation (paths, and how each site finds the others).
 SITE_KEYS = {"model": ("path",), "data": ("path",), "checkpoint": ("dir",), "metrics": ("file", "tensorboard", "wandb"),
              "federation": ("rendezvous", "join_timeout_s", "token_file"), "facility": ("site",)}
+
+
+# The keys that name a file or folder at a site (and each facility's deepspeed.config): `$VAR`, `${VAR}`
+# and a leading `~` in them are expanded where the run starts (`expanded`), so that one project file
+# serves sites whose scratch and work folders differ.
+PATH_KEYS = {"model": ("path",), "data": ("path",), "checkpoint": ("dir",), "metrics": ("file", "tensorboard"),
+             "federation": ("rendezvous", "token_file")}
+_VARIABLE = re.compile(r"\$(\w+|\{\w+\})")
+
+
+def expanded(cfg: RunConfig, environ: Mapping[str, str] = os.environ) -> tuple[RunConfig, list[str]]:
+    """`cfg` with its PATH_KEYS expanded against `environ`, and one problem per variable not set there
+    (the path is then left as written)."""
+    problems: list[str] = []
+
+    def expand(where: str, text: str) -> str:
+        def value(match: re.Match) -> str:
+            name = match.group(1).strip("{}")
+            if name in environ:
+                return environ[name]
+            problems.append(f"{where}: {text!r} uses ${name}, which is not set here; set it in the job's "
+                            "environment (or the site profile's [env]), or write the path itself")
+            return match.group(0)
+        out = _VARIABLE.sub(value, text)
+        return os.path.expanduser(out) if out.startswith("~") else out
+
+    sections = {section: dataclasses.replace(getattr(cfg, section), **{
+        key: expand(f"{section}.{key}", getattr(getattr(cfg, section), key)) for key in keys})
+        for section, keys in PATH_KEYS.items()}
+    facilities = [dataclasses.replace(f, deepspeed=dataclasses.replace(
+        f.deepspeed, config=expand(f"facility.{f.name}.deepspeed.config", f.deepspeed.config))) for f in cfg.facility]
+    return dataclasses.replace(cfg, **sections, facility=facilities), problems
 
 
 def _agreed(cfg: RunConfig) -> dict[str, Any]:

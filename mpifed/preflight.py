@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from mpifed.config import ConfigError, RunConfig
+from mpifed.configfile import expanded
 from mpifed.data.corpus import DataError, read_manifest, shape
 from mpifed.deploy.sites import SiteError, available, get
 
@@ -59,10 +60,11 @@ def one_machine_problems(cfg: RunConfig) -> list[str]:
             "train.micro_batch"]
 
 
-def site_problems(cfg: RunConfig) -> list[str]:
+def site_problems(cfg: RunConfig, here: bool = True) -> list[str]:
     """What no node of a facility's site can hold at all, one line per facility: the ranks a node runs
     (`scheduler.ranks_per_node`) times `least_per_rank`, against the node's memory (the profile's
-    `memory_gb`, else this machine's). `mpifed plan` works out the rest (weights, optimizer state, buffers)."""
+    `memory_gb`, else, `here`, this machine's). `mpifed plan` works out the rest (weights, optimizer
+    state, buffers)."""
     try:
         need, gb, out = least_per_rank(cfg), 1e9, []
     except DataError:  # named by `_data_problems`
@@ -72,7 +74,7 @@ def site_problems(cfg: RunConfig) -> list[str]:
             sched = get(fac.site).scheduler
         except SiteError:  # named by `problems`
             continue
-        memory = sched.memory_gb * gb or this_machine()
+        memory = sched.memory_gb * gb or (this_machine() if here else 0.0)
         per_node = min(fac.ranks, sched.ranks_per_node)
         if memory and per_node * need > memory:
             out.append(f"facility.{fac.name}: {per_node:,} ranks on a node of {fac.site} need at least "
@@ -99,9 +101,16 @@ def _positions_problem(cfg: RunConfig) -> list[str]:
     return []
 
 
-def problems(cfg: RunConfig) -> list[str]:
-    """Everything about `cfg` that this machine cannot honour (empty: nothing)."""
+def problems(cfg: RunConfig, here: bool = True) -> list[str]:
+    """Everything about `cfg` that this machine cannot honour (empty: nothing). With here=False (a
+    project written for other machines, `mpifed config new`), only what holds anywhere: the site
+    profiles and what their nodes can hold; the paths and packages are checked at each site."""
     out = []
+    profiles = available()
+    out += [f"facility.{fac.name}.site: no site profile {fac.site!r}; choose one of {', '.join(profiles)} "
+            "(mpifed sites list)" for fac in cfg.facility if fac.site not in profiles]
+    if not here:
+        return out + site_problems(cfg, here)
     for key, (message, package) in _PACKAGES.items():
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) and importlib.util.find_spec(package) is None:
@@ -109,12 +118,8 @@ def problems(cfg: RunConfig) -> list[str]:
     if cfg.model.path and not (Path(cfg.model.path) / "config.json").is_file():
         out.append(f"model.path: {cfg.model.path} is not a model folder (no config.json there); give a local "
                    "Hugging Face model folder, or leave model.path empty to build model.preset")
-    profiles = available()
     for fac in cfg.facility:
         where = f"facility.{fac.name}"
-        if fac.site not in profiles:
-            out.append(f"{where}.site: no site profile {fac.site!r}; choose one of {', '.join(profiles)} "
-                       "(mpifed sites list)")
         if fac.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
             out.append(f"{where}.engine: deepspeed is not installed here; pip install 'mpifed[deepspeed]' "
                        "or choose the fsdp or replica engine")
@@ -144,9 +149,15 @@ def _data_problems(cfg: RunConfig) -> list[str]:
     return []
 
 
-def checked(cfg: RunConfig) -> RunConfig:
-    """`cfg` itself once this machine can run it; else ConfigError listing every problem."""
-    found = problems(cfg)
+def checked(cfg: RunConfig, here: bool = True) -> RunConfig:
+    """`cfg` once this machine can run it, its paths' `$VARS` expanded here (configfile.expanded); else
+    ConfigError listing every problem. here=False: a project for other machines (see `problems`),
+    returned as written."""
+    if here:
+        cfg, unset = expanded(cfg)
+        if unset:  # a path that is not the one meant: the checks of paths would only repeat it
+            raise ConfigError("; ".join(unset))
+    found = problems(cfg, here)
     if found:
         raise ConfigError("; ".join(found))
     return cfg

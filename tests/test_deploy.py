@@ -110,6 +110,46 @@ def test_config_new_writes_a_project_from_flags_only(tmp_path):
     assert again.returncode == 2 and "already holds a project (mpifed.toml)" in again.stderr
 
 
+def test_config_new_writes_a_project_for_paths_that_exist_only_at_the_sites(tmp_path):
+    """Issue 33: written on a laptop, the sites' own paths were refused there ("no such folder"), and so
+    was a deepspeed facility where deepspeed was not installed. Now they are written as given and checked
+    by each site's job, where `$VARS` are expanded: one line naming a variable not set there."""
+    project = tmp_path / "p"
+    result = mpifed(*NEW, str(project), "--facilities", "leo:leonardo:4:fsdp,lumi:lumi:8:deepspeed",
+                    "--model", "/leonardo_scratch/large/me/llama", "--data", "$SCRATCH/data/c2",
+                    "--checkpoint-dir", "$SCRATCH/run", "--set", "facility.lumi.deepspeed.config=$HOME/ds.json")
+    assert result.returncode == 0, result.stderr
+    toml = (project / "mpifed.toml").read_text()
+    for line in ('path = "/leonardo_scratch/large/me/llama"', 'path = "$SCRATCH/data/c2"', 'dir = "$SCRATCH/run"'):
+        assert line in toml
+    env = {k: v for k, v in rank_env().items() if k != "SCRATCH"}
+    at_site = subprocess.run([sys.executable, "-m", "mpifed", "run", str(project / "mpifed.toml"), "--facility", "leo"],
+                             capture_output=True, text=True, env=env, timeout=60)
+    assert at_site.returncode == 2 and at_site.stderr.count("\n") == 1, at_site.stderr
+    assert ("data.path: '$SCRATCH/data/c2' uses $SCRATCH, which is not set here; set it in the job's environment"
+            in at_site.stderr and "checkpoint.dir: '$SCRATCH/run' uses $SCRATCH" in at_site.stderr)
+    at_site = subprocess.run([sys.executable, "-m", "mpifed", "run", str(project / "mpifed.toml"), "--facility", "leo"],
+                             capture_output=True, text=True, env={**env, "SCRATCH": str(tmp_path / "s")}, timeout=60)
+    assert at_site.returncode == 2 and "model.path: /leonardo_scratch/large/me/llama is not a model folder" in at_site.stderr
+    assert f"data.path {tmp_path / 's' / 'data' / 'c2'}" in at_site.stderr  # expanded, then checked
+    assert not list(project.glob("$*")) and not (tmp_path / "s").exists()
+
+
+def test_paths_expand_the_sites_variables():
+    from mpifed import configfile
+
+    cfg = configfile.from_dict({"checkpoint": {"dir": "${SCRATCH}/run"}, "data": {"path": "$WORK/d"},
+                                "model": {"path": "~/m"}, "federation": {"token_file": "$HOME/.tok$X"},
+                                "facility": [{"name": "a", "ranks": 1, "engine": "deepspeed",
+                                              "deepspeed": {"config": "$WORK/ds.json"}}]})
+    done, unset = configfile.expanded(cfg, {"SCRATCH": "/s", "WORK": "/w", "HOME": "/h"})
+    assert (done.checkpoint.dir, done.data.path, done.facility[0].deepspeed.config) == ("/s/run", "/w/d", "/w/ds.json")
+    assert done.model.path == os.path.expanduser("~/m") and done.federation.token_file == "/h/.tok$X"
+    assert unset == ["federation.token_file: '$HOME/.tok$X' uses $X, which is not set here; set it in the job's "
+                     "environment (or the site profile's [env]), or write the path itself"]
+    assert configfile.dump_toml(cfg).count("$") == 5  # the written project keeps them for the sites
+
+
 def test_config_new_refuses_an_unknown_site(tmp_path):
     result = mpifed(*NEW, str(tmp_path / "p"), "--facilities", "a:atlantis:1")
     assert result.returncode == 2 and "--facilities: no site profile 'atlantis'" in result.stderr
@@ -180,9 +220,11 @@ def slurm(tmp_path_factory):
 def test_config_new_project_trains_under_real_slurm(slurm, tmp_path):
     """Both facilities' generated scripts, submitted with sbatch --wait: they join and train 2 rounds."""
     project = tmp_path / "p"
-    assert mpifed(*NEW, str(project), "--facilities", "a:local:1,b:local:1").returncode == 0
+    # the checkpoint folder in a variable of the site's: each job expands it in its own environment
+    assert mpifed(*NEW, str(project), "--facilities", "a:local:1,b:local:1", "--checkpoint-dir",
+                  "$CKPT_ROOT/run").returncode == 0
     env = {**rank_env(), "SLURM_CONF": str(slurm), "MPIFED_TOKEN": TOKEN,
-           "MPIFED": str(Path(sys.executable).parent / "mpifed")}
+           "MPIFED": str(Path(sys.executable).parent / "mpifed"), "CKPT_ROOT": str(tmp_path / "scratch")}
     jobs = [subprocess.Popen(["sbatch", "--wait", f"{name}.sbatch"], cwd=project, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True) for name in ("a", "b")]
     try:
@@ -193,8 +235,9 @@ def test_config_new_project_trains_under_real_slurm(slurm, tmp_path):
     logs = {name: "".join(p.read_text() for p in project.glob(f"mpifed-{name}-*.out")) for name in "ab"}
     assert [job.returncode for job in jobs] == [0, 0], f"{outputs}\n{logs}"
     assert "round   2/2" in logs["a"] and "mpifed: facility b joined (2 of 2)" in logs["a"]
-    summary = checkpoint.verify(project / "checkpoints" / checkpoint.main_name(2))
+    summary = checkpoint.verify(tmp_path / "scratch" / "run" / checkpoint.main_name(2))
     assert [f["name"] for f in summary.facilities] == ["a", "b"] and summary.round == 2
+    assert not list(project.glob("$*")) and not list(project.glob("checkpoints"))
 
 
 def test_a_signalled_job_stops_after_its_round_and_both_jobs_restart_themselves(slurm, tmp_path):

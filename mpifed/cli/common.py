@@ -81,10 +81,11 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise UserError(str(exc)) from None
 
 
-def load_config(data: dict[str, Any], sets: tuple[str, ...] = ()) -> RunConfig:
-    """A configuration from parsed TOML and --set overrides, valid and runnable here; else UserError."""
+def load_config(data: dict[str, Any], sets: tuple[str, ...] = (), here: bool = True) -> RunConfig:
+    """A configuration from parsed TOML and --set overrides, valid and runnable here (here=False: valid,
+    for other machines: see preflight.problems); else UserError."""
     try:
-        return preflight.checked(configfile.from_dict(configfile.apply_sets(data, list(sets))))
+        return preflight.checked(configfile.from_dict(configfile.apply_sets(data, list(sets))), here)
     except ConfigError as exc:
         raise UserError(str(exc)) from None
 

@@ -135,7 +135,7 @@ def config_new(out: Path, facilities: str, model: str, data_path: str, rounds: i
         "checkpoint": {"dir": checkpoint_dir},
         "facility": [{"name": n, "site": s, "ranks": r, "engine": e} for n, s, r, e in listed],
     }
-    cfg = load_config(data, sets)
+    cfg = load_config(data, sets, here=False)  # the paths and packages are the sites', checked there
     written = project.write(out, project.Project(cfg, profiles, max_restarts))
     click.echo(f"wrote {len(written)} files to {out}: mpifed.toml, "
                f"{', '.join(f.name + '.sbatch' for f in cfg.facility)}, launch/, README.md; next: {out}/README.md")
