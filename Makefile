@@ -10,12 +10,22 @@ STAMP  := $(VENV)/.mpifed-installed
 
 install: $(STAMP)
 
-# torch goes first and pinned: it is the CPU build from this machine's disk, so nothing below pulls a
-# multi-GB CUDA build. Then mpifed with its dependencies, the embedded MPICH and the test tools.
+# torch goes first and pinned, so nothing below pulls another build. On a machine without a GPU it must be
+# the CPU build: PyPI's Linux torch is the multi-GB CUDA one. So, where pip has no index or wheel folder of
+# its own configured (as CI's has) and no GPU is seen, torch comes from PyTorch's CPU index; set
+# TORCH_INDEX to choose another (empty: pip's own). Then mpifed with its dependencies, the embedded MPICH
+# and the test tools. pip says what it collects as it goes.
+TORCH_INDEX ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 || command -v rocm-smi >/dev/null 2>&1 || \
+	[ -n "$$PIP_INDEX_URL$$PIP_EXTRA_INDEX_URL$$PIP_FIND_LINKS" ] || \
+	$(PYTHON) -m pip config list 2>/dev/null | grep -qE 'index-url|find-links'; \
+	then echo; else echo https://download.pytorch.org/whl/cpu; fi)
+
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@echo "mpifed: installing torch 2.13.0 from $(or $(TORCH_INDEX),pip's configured index) (the largest download)"
+	$(BIN)/python -m pip install --progress-bar on torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	@echo "mpifed: installing mpifed and its dependencies"
+	$(BIN)/python -m pip install --progress-bar on -e '.[dev]'
 	touch $@
 
 demo: $(STAMP)
