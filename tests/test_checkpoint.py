@@ -17,6 +17,7 @@ import torch
 
 from conftest import WORKERS, mpifed, rank_env, run
 from mpifed.checkpoint import format as checkpoint
+from mpifed.checkpoint import retention
 from mpifed.checkpoint.files import WriteFailed
 from mpifed.checkpoint.format import CheckpointError, _boxes
 from mpifed.checkpoint.files import DIGEST, array_hash, content_digest
@@ -116,10 +117,10 @@ def test_pruning_counts_only_rounds_up_to_the_one_just_published(tmp_path, tiny)
         _write(tmp_path, round_, layout, np.full(layout.numel, round_, np.float32), {})
     (tmp_path / "round_00009.h5").write_bytes(b"not a checkpoint")
     (tmp_path / "round_x.h5").write_bytes(b"a user's file")  # not a round's: never parsed, never deleted
-    checkpoint.prune(tmp_path, 2, newest=4)
+    retention.prune(tmp_path, 2, newest=4)
     assert sorted(p.name for p in tmp_path.glob("round_*")) == ["round_00003.h5", "round_00004.h5",
                                                               "round_00009.h5", "round_x.h5"]
-    checkpoint.prune(tmp_path, 1, newest=4)
+    retention.prune(tmp_path, 1, newest=4)
     assert checkpoint.verify(tmp_path / "round_00004.h5").round == 4
     assert (tmp_path / "latest").read_text().strip() == "round_00004.h5"
     assert not (tmp_path / "round_00003.h5").exists() and (tmp_path / "round_00009.h5").exists()
@@ -167,8 +168,8 @@ def test_only_the_temporary_files_of_published_rounds_are_swept(tmp_path):
         folder.mkdir()
         for name in names:
             (folder / name).write_bytes(b"x")
-    assert checkpoint.sweep_unpublished(hub, "a") == [".round_00001.fac-b.h5.tmp", ".round_00002.seg-1.h5.tmp"]
-    assert checkpoint.sweep_unpublished(site, "b") == [".round_00002.fac-b.h5.tmp"]
+    assert retention.sweep_unpublished(hub, "a") == [".round_00001.fac-b.h5.tmp", ".round_00002.seg-1.h5.tmp"]
+    assert retention.sweep_unpublished(site, "b") == [".round_00002.fac-b.h5.tmp"]
     assert sorted(p.name for p in hub.iterdir()) == [".round_00003.fac-a.h5.tmp", ".round_00003.h5.tmp",
                                                      "round_00001.h5", "round_00002.h5"]
     assert sorted(p.name for p in site.iterdir()) == [".round_00001.fac-c.h5.tmp", ".round_00003.fac-b.h5.tmp",

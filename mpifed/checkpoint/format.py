@@ -1,6 +1,7 @@
 """The HDF5 checkpoint format: what each file of a round holds, verifying, choosing one to resume from,
-and reading back (the atomic, hashed writing is mpifed/checkpoint/files.py's). No MPI and no torch here
-(mpifed/checkpoint/manager.py decides who writes what); no pickle anywhere.
+and reading back (the atomic, hashed writing is mpifed/checkpoint/files.py's; which files a folder keeps,
+mpifed/checkpoint/retention.py's). No MPI and no torch here (mpifed/checkpoint/manager.py decides who
+writes what); no pickle anywhere.
 
 Files of round N in the checkpoint folder:
   round_0000N.h5             main file, written last by the global root. Root attributes: format_version,
@@ -69,15 +70,17 @@ def facility_name(round_: int, name: str) -> str:
     return f"round_{round_:05d}.fac-{name}.h5"
 
 
-def part_round(path: Path) -> int:
-    """The round of a part file, from its name (see `facility_name`)."""
-    return int(path.name[6:].split(".")[0])
-
-
-def _round_of(name: str) -> int | None:
+def round_of(name: str) -> int | None:
     """The round a checkpoint file's name gives (None: not a round's file, e.g. round_x.h5 a user made)."""
     digits = name[6:].split(".")[0]
     return int(digits) if name.startswith("round_") and digits.isdigit() else None
+
+
+def part_round(path: Path) -> int:
+    """The round of a file `main_files`, `round_files` or `facility_parts` listed (its name is a round's)."""
+    found = round_of(path.name)
+    assert found is not None, path
+    return found
 
 
 def part_digest(path: Path) -> str:
@@ -387,7 +390,7 @@ def main_files(directory: str | Path) -> list[Path]:
 
 def round_files(directory: str | Path) -> list[Path]:
     """Every checkpoint file of `directory`: main files, segments and facility parts."""
-    return sorted(p for p in Path(directory).glob("round_*.h5") if _round_of(p.name) is not None)
+    return sorted(p for p in Path(directory).glob("round_*.h5") if round_of(p.name) is not None)
 
 
 def candidates(target: str | Path) -> list[Path]:
@@ -459,66 +462,7 @@ def read_part(path: Path) -> tuple[dict[str, np.ndarray], list[str]]:
         return small, read_part_names(h5)
 
 
-def prune(directory: str | Path, keep: int, newest: int) -> None:
-    """Delete all but the newest `keep` checkpoints up to round `newest`, the one just published, with
-    their parts (keep = 0 keeps all). Files of later rounds (another run's, or a damaged one a resume
-    could not use) are neither counted as newer nor deleted: counting them could delete every round
-    that verifies and leave `latest` naming a deleted file."""
-    if keep <= 0:
-        return
-    rounds = [r for r in (part_round(p) for p in main_files(directory)) if r <= newest]
-    if len(rounds) > keep:
-        _remove_before(directory, rounds[-keep])
-
-
-def set_aside(path: Path) -> Path:
-    """Rename a main file that does not verify out of every round's way (PATH.damaged, or .damaged-N
-    when that is taken): it is never counted, pruned or offered again, and nothing of it is lost."""
-    aside = path.with_name(path.name + ".damaged")
-    n = 1
-    while aside.exists():
-        n += 1
-        aside = path.with_name(f"{path.name}.damaged-{n}")
-    path.rename(aside)
-    return aside
-
-
-def sweep_unpublished(directory: str | Path, facility: str) -> list[str]:
-    """Remove the temporary files (`.round_N...h5.tmp`) an interrupted job left in `directory`: those of
-    rounds up to the newest main file there, or, in a folder of parts alone, facility `facility`'s up to
-    its newest part. A write in flight (another facility's, sharing the folder) is of a later round
-    than any published, so it is never touched. Returns the names removed."""
-    mains = [part_round(p) for p in main_files(directory)]
-    newest = max(mains) if mains else max((part_round(p) for p in facility_parts(directory, facility)), default=0)
-    removed = []
-    for path in Path(directory).glob(".round_*.h5.tmp"):
-        name = path.name[1:-4]
-        found = _round_of(name)
-        mine = bool(mains) or name.endswith(f".fac-{facility}.h5")
-        if found is not None and found <= newest and mine:
-            path.unlink(missing_ok=True)
-            removed.append(path.name)
-    return sorted(removed)
-
-
 def facility_parts(directory: str | Path, name: str) -> list[Path]:
     """Facility `name`'s part files in `directory`, oldest round first."""
-    found = [p for p in Path(directory).glob(f"round_*.fac-{name}.h5") if _round_of(p.name) is not None]
+    found = [p for p in Path(directory).glob(f"round_*.fac-{name}.h5") if round_of(p.name) is not None]
     return sorted(found, key=part_round)
-
-
-def prune_parts(directory: str | Path, name: str, keep: int, newest: int) -> None:
-    """At a site that holds only facility `name`'s parts: delete all but its newest `keep` parts up to
-    round `newest`, the one just written (later ones are neither counted nor deleted)."""
-    rounds = [r for r in (part_round(p) for p in facility_parts(directory, name)) if r <= newest]
-    if keep > 0 and len(rounds) > keep:
-        _remove_before(directory, rounds[-keep], name)
-
-
-def _remove_before(directory: str | Path, round_: int, facility: str = "") -> None:
-    """Delete the files of rounds before `round_` (only facility `facility`'s parts, when given). Another
-    site's leader may prune the same shared folder at once: a file already gone is fine."""
-    pattern = f"round_*.fac-{facility}.h5" if facility else "round_*.h5"
-    for path in Path(directory).glob(pattern):
-        if (found := _round_of(path.name)) is not None and found < round_:
-            path.unlink(missing_ok=True)

@@ -28,7 +28,7 @@ import torch
 
 from mpifed import configfile
 from mpifed.checkpoint import format as checkpoint
-from mpifed.checkpoint import isolated
+from mpifed.checkpoint import isolated, retention
 from mpifed.checkpoint.format import CheckpointError, CheckpointRefused, VerifiedCheckpoint
 from mpifed.comm import control, pieces
 from mpifed.comm.across import spread
@@ -97,7 +97,7 @@ class CheckpointManager:
         self.resume_dir = self.directory
         """Where this site's own part of the checkpoint to resume from is (set by `choose`)."""
         if topo.is_leader and self.directory.is_dir():  # before this job writes anything
-            removed = checkpoint.sweep_unpublished(self.directory, topo.facility_name)
+            removed = retention.sweep_unpublished(self.directory, topo.facility_name)
             if removed:
                 print(f"mpifed: removed {len(removed)} unpublished temporary file(s) an interrupted job left in "
                       f"{self.directory}: {', '.join(removed)}", flush=True)
@@ -123,7 +123,7 @@ class CheckpointManager:
         digests = {name: said[first] for name, first in zip(topo.facility_names, topo.facility_offsets)}
         if topo.is_leader and not topo.is_global_root and cfg.checkpoint.keep:
             # one more than the hub keeps: the newest part's main file may not be published yet
-            checkpoint.prune_parts(self.directory, topo.facility_name, cfg.checkpoint.keep + 1, round_)
+            retention.prune_parts(self.directory, topo.facility_name, cfg.checkpoint.keep + 1, round_)
         if not topo.is_global_root:
             return None
         one_root = topo.n_roots == 1
@@ -138,7 +138,7 @@ class CheckpointManager:
 
         def publish() -> None:
             checkpoint.publish(pending)
-            checkpoint.prune(self.directory, cfg.checkpoint.keep, round_)
+            retention.prune(self.directory, cfg.checkpoint.keep, round_)
 
         return publish
 
@@ -242,7 +242,7 @@ class CheckpointManager:
         """Move a main file that does not verify out of the way of pruning and later resumes; what was
         done, for the line that skips it."""
         try:
-            return f"moved aside to {checkpoint.set_aside(path).name}"
+            return f"moved aside to {retention.set_aside(path).name}"
         except OSError as exc:
             return f"left in place ({exc.strerror or exc})"
 
