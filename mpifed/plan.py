@@ -4,8 +4,8 @@ without allocating the model (its layout comes from a build on the meta device).
 Per facility and engine it gives the bytes one rank holds (weights, gradients, optimizer state,
 mpifed's own buffers), its peak at start, in training, at a checkpoint and at a resume, the bytes a
 round moves inside the facility and between sites and the time the latter take at a given bandwidth,
-and whether the ranks fit the site profile's memory. The figures for the busiest rank (a root) are
-what benchmarks/memory.py measures; the rules follow what the engines and mpifed allocate:
+whether the ranks fit the site profile's memory, and the disk its checkpoints take at each site. The
+figures for the busiest rank (a root) are what benchmarks/memory.py measures; the rules follow what the engines and mpifed allocate:
 
   weights, gradients   replica and ZeRO-1 whole (ZeRO-2: gradients 1/n), fsdp and ZeRO-3 1/n; DeepSpeed
                        adds its fp32 master copy of 1/n
@@ -74,6 +74,10 @@ class FacilityPlan:
     """One GPU's memory on GPU sites (what the engine's state must fit in; 0: a CPU site or unknown)."""
     host_capacity: float
     """The node's memory over the ranks it runs (0: unknown)."""
+    disk_round: float = 0.0
+    """Bytes a checkpointed round writes at the facility's site: its part and, at the hub, the main file."""
+    disk_kept: float = 0.0
+    """Bytes of the rounds its site keeps at once (checkpoint.keep; 0: every checkpointed round)."""
 
     @property
     def device_bytes(self) -> float:
@@ -165,8 +169,49 @@ def plan_facility(cfg: RunConfig, index: int, layout: FlatLayout, shape: tuple[i
     intra = (whole - share) if engine in ("replica", "zero1", "zero2") else 0.0
     intra += segment * (n - 1) / n * roots if engine in ("fsdp", "zero3") else 0.0
     inter = 2.0 * (f_count - 1) / f_count * payload * roots if f_count > 1 else 0.0
+    disk_round, disk_kept = _disk(cfg, index, p)
     return FacilityPlan(fac, p, rank, intra, inter, inter * 8 / bandwidth_bps if bandwidth_bps else 0.0,
-                        *_capacity(fac))
+                        *_capacity(fac), disk_round, disk_kept)
+
+
+def checkpointed_rounds(cfg: RunConfig) -> int:
+    """How many rounds a run writes a checkpoint of: every checkpoint.every-th, and the last."""
+    rounds, every = cfg.federation.rounds, cfg.checkpoint.every
+    return len({r for r in range(1, rounds + 1) if r % every == 0} | {rounds})
+
+
+def _disk(cfg: RunConfig, index: int, p: int) -> tuple[float, float]:
+    """(bytes a checkpointed round writes at facility `index`'s site, bytes its site keeps at once). A
+    facility's part holds, over the whole layout, the inner optimizer's state arrays, its local model
+    where it may differ from the global one (fragments, overlap) and the codec's two residuals; the
+    hub's site also holds the main file (or its segments): the model and the outer state. A site of
+    parts alone keeps one part more than checkpoint.keep (its newest main file may be unpublished)."""
+    fed = cfg.federation
+    arrays = cfg.train.state_arrays + (1 if fed.fragments > 1 or fed.overlap == "delayed" else 0) \
+        + (2 if make_codec(fed.compress, fed.topk_fraction) is not None else 0)
+    part = 4.0 * p * arrays
+    main = 4.0 * p * (1 + len(OUTER[fed.outer].state)) if index == 0 else 0.0
+    written = checkpointed_rounds(cfg)
+    kept = min(written, cfg.checkpoint.keep + (index > 0)) if cfg.checkpoint.keep else written
+    return part + main, (part + main) * kept
+
+
+def disk_problems(cfg: RunConfig, plans: list[FacilityPlan], free: float) -> list[str]:
+    """Facilities whose kept rounds would not fit in the `free` bytes of checkpoint.dir (on this machine),
+    each with the checkpoint.keep that fits, or the fix when not even one round does."""
+    out = []
+    for plan in plans:
+        if plan.disk_kept <= free:
+            continue
+        # a site of parts alone keeps one part more than checkpoint.keep
+        keep = int(free // plan.disk_round) - (plan.facility is not cfg.facility[0]) if plan.disk_round else 0
+        fix = (f"set checkpoint.keep = {keep} or less" if keep >= 1
+               else "make room, or give it a checkpoint.dir on a larger filesystem (the rounds it must keep do "
+                    "not fit)")
+        out.append(f"facility {plan.facility.name}: its site keeps {_size(plan.disk_kept)} of checkpoints "
+                   f"({_size(plan.disk_round)} a round), and checkpoint.dir {cfg.checkpoint.dir} has "
+                   f"{_size(free)} free here: {fix}")
+    return out
 
 
 DEEPSPEED_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_max_live_parameters": 1e9,
@@ -219,6 +264,9 @@ def render(plans: list[FacilityPlan], bandwidth: str) -> str:
             out.append(f"  of which           {plan.device_bytes / GB:.2f} GB on its GPU "
                        f"(of {plan.device_capacity / GB:.1f} GB), {plan.host_bytes / GB:.2f} GB in host memory "
                        f"(of {plan.host_capacity / GB:.1f} GB)")
+        out.append(f"  checkpoints        {_size(plan.disk_round)} a round at its site"
+                   + (" (its part and the main file)" if plan.facility is plans[0].facility else " (its part)")
+                   + f", {_size(plan.disk_kept)} for the rounds it keeps")
         out.append(f"  a round moves      {plan.intra_bytes / 1e6:,.1f} MB inside the facility, "
                    f"{plan.inter_bytes / 1e6:,.1f} MB to other sites"
                    + (f" ({plan.inter_s:,.1f} s at {bandwidth})" if plan.inter_s else ""))
@@ -226,6 +274,14 @@ def render(plans: list[FacilityPlan], bandwidth: str) -> str:
             out.append(f"  warning: {problem} (site {fac.site}): shard it (fsdp, deepspeed ZeRO-3), use more ranks or "
                        "federation.roots, or a smaller model")
     return "\n".join(out)
+
+
+def _size(n: float) -> str:
+    """Bytes as people read them: 812.4 kB, 58.0 GB."""
+    for unit, factor in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= factor:
+            return f"{n / factor:,.1f} {unit}"
+    return f"{n:,.0f} bytes"
 
 
 def parse_bandwidth(text: str) -> float:

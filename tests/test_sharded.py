@@ -4,6 +4,7 @@ files read whole by safetensors itself); a sharded rank starts under an address 
 leaves no room for one whole copy of the model; `mpifed plan` reports what an independent count of
 the parameters gives; bad model folders and plans fail with one line."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -195,11 +196,47 @@ def test_plan_counts_what_an_independent_count_gives_and_warns_where_it_cannot_f
     assert f"weights {4 * params / 32 / 1e9:7.2f} GB" in lines[sharded + 1]
     assert any("warning: a rank's engine state needs" in line and "the 64.0 GB of a GPU" in line
                for line in lines[whole:sharded])
-    assert not any("warning" in line for line in lines[sharded:])
+    assert not any("warning: a rank" in line for line in lines[sharded:])
     # two facilities: each root sends half its payload in each phase, fp32: the whole model in all
     moved = next(line for line in lines[sharded:] if "a round moves" in line)
     assert f"{4 * params / 1e6:,.1f} MB to other sites" in moved
     assert f"({4 * params * 8 / 10e9:,.1f} s at 10gbit)" in moved
+
+
+def test_plan_gives_the_disk_a_round_takes_at_each_site_as_the_files_are(tmp_path):
+    """Issue 33: `mpifed plan` said nothing about disk. A run with DiLoCo (momentum), int8 (two residuals),
+    two roots (segments) and two fragments (the local model kept): the plan's bytes per round at the hub's
+    site and at the other's, against the files a run writes; and its advice where they do not fit."""
+    from mpifed import plan as planner
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[federation]\nrounds = 2\nouter = "diloco"\ncompress = "int8"\nroots = 2\nfragments = 2\n'
+                   f'[train]\nlocal_steps = 2\n[checkpoint]\ndir = "{tmp_path / "run"}"\nkeep = 1\n')
+    said = mpifed("plan", str(cfg))
+    assert said.returncode == 0, said.stderr
+    told = [line for line in said.stdout.splitlines() if line.startswith("  checkpoints")]
+    assert mpifed("simulate", "--config", str(cfg), "--out", str(tmp_path / "run")).returncode == 0
+    size = lambda pattern: sum(p.stat().st_size for p in (tmp_path / "run").glob(pattern))  # noqa: E731
+    hub, other = size("round_00002.h5") + size("round_00002.seg-*.h5") + size("round_00002.fac-f0.h5"), \
+        size("round_00002.fac-f1.h5")
+    for line, actual, kept in [(told[0], hub, 1), (told[1], other, 2)]:
+        predicted, whole = re.match(r"  checkpoints +([\d.]+) MB a round at its site .*, ([\d.]+) MB for the rounds",
+                                    line).groups()
+        assert abs(float(predicted) * 1e6 - actual) < 0.03 * actual + 0.1e6, (line, actual)
+        assert float(whole) == pytest.approx(kept * float(predicted), abs=0.11)
+    config = configfile.from_dict(configfile.load(cfg))
+    plans = [planner.FacilityPlan(f, 0, None, 0, 0, 0, 0, 0, 10e9, 10e9 * k) for f, k in zip(config.facility, (4, 3))]
+    where = f"and checkpoint.dir {tmp_path / 'run'} has"
+    assert planner.disk_problems(config, plans, 25e9) == [  # the hub keeps checkpoint.keep, a parts site one more
+        f"facility f0: its site keeps 40.0 GB of checkpoints (10.0 GB a round), {where} 25.0 GB free here: set "
+        "checkpoint.keep = 2 or less",
+        f"facility f1: its site keeps 30.0 GB of checkpoints (10.0 GB a round), {where} 25.0 GB free here: set "
+        "checkpoint.keep = 1 or less"]
+    hub, parts = planner.disk_problems(config, plans, 15e9)  # one round fits: the hub may keep it, a parts site not
+    room = "make room, or give it a checkpoint.dir on a larger filesystem (the rounds it must keep do not fit)"
+    assert hub.endswith("set checkpoint.keep = 1 or less") and parts.endswith(room)
+    assert all(line.endswith(room) for line in planner.disk_problems(config, plans, 5e9))
+    assert planner.disk_problems(config, plans, 40e9) == []
 
 
 @pytest.mark.parametrize("args, words", [

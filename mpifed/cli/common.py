@@ -90,7 +90,8 @@ def load_config(data: dict[str, Any], sets: tuple[str, ...] = (), here: bool = T
         raise UserError(str(exc)) from None
 
 
-def _first_existing(path: Path) -> Path:
+def first_existing(path: Path) -> Path:
+    """`path`, or its nearest parent that exists (where a folder not made yet would be made)."""
     path = path.absolute()
     while not path.exists():
         path = path.parent
@@ -99,7 +100,7 @@ def _first_existing(path: Path) -> Path:
 
 def check_writable(path: Path, option: str, is_dir: bool) -> None:
     """Fail, naming `option`, unless `path` can be created or written (checked without writing)."""
-    base = _first_existing(path)
+    base = first_existing(path)
     if base == path.absolute():
         if is_dir and not path.is_dir():
             raise UserError(f"{option}: {path} exists and is not a folder")

@@ -2,11 +2,12 @@
 out without allocating the model (see mpifed/plan.py for the rules)."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import click
 
-from mpifed.cli.common import UserError, load_config, read_config_file, set_option
+from mpifed.cli.common import UserError, first_existing, load_config, read_config_file, set_option
 
 
 @click.command()
@@ -33,4 +34,6 @@ def plan(config_file: Path, sets: tuple[str, ...], bandwidth: str) -> int:
     dims = (config.hidden_size, config.num_hidden_layers, config.vocab_size, seq_len)
     plans = [planner.plan_facility(cfg, i, layout, dims, rate) for i in range(len(cfg.facility))]
     click.echo(planner.render(plans, bandwidth))
+    for problem in planner.disk_problems(cfg, plans, shutil.disk_usage(first_existing(Path(cfg.checkpoint.dir))).free):
+        click.echo(f"warning: {problem}")
     return 0
