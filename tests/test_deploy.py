@@ -135,6 +135,30 @@ def test_config_new_writes_a_project_for_paths_that_exist_only_at_the_sites(tmp_
     assert not list(project.glob("$*")) and not (tmp_path / "s").exists()
 
 
+def test_config_new_proposes_settings_for_the_models_size_and_says_why(tmp_path):
+    """Issue 33: the 8B project came out in fp32 with lr 1e-3, seq_len 128, one root and every round
+    checkpointed and kept. Now the settings follow the model's size, a value the user gives wins, and
+    the project's README gives each with its reason."""
+    from mpifed import configfile
+
+    project = tmp_path / "p"
+    made = mpifed(*NEW, str(project), "--facilities", "leo:leonardo:8:fsdp,lumi:lumi:8:fsdp", "--model", "llama3-8b",
+                  "--rounds", "50", "--set", "train.lr=1e-4")
+    assert made.returncode == 0, made.stderr
+    cfg = configfile.from_dict(configfile.load(project / "mpifed.toml"))
+    assert (cfg.model.dtype, cfg.train.lr, cfg.train.warmup_steps, cfg.federation.roots, cfg.checkpoint.keep,
+            cfg.checkpoint.every) == ("bf16", 1e-4, 100, 4, 2, 5)
+    assert cfg.data.seq_len == 64  # NEW's own --set data.seq_len=64 is the user's too, and wins
+    readme = (project / "README.md").read_text()
+    assert "| `federation.roots` | 4 | each of 4 roots holds 1/4 of the global model" in readme
+    assert "| `train.lr` | 0.0001 | the peak AdamW rate of published LLaMA-class runs of this size" in readme
+    assert "(proposed 0.0003; you set your own) |" in readme and "| `model.dtype` | 'bf16' |" in readme
+    small = tmp_path / "q"
+    assert mpifed(*NEW, str(small), "--facilities", "a:local:2").returncode == 0
+    assert "Settings chosen" not in (small / "README.md").read_text()
+    assert configfile.from_dict(configfile.load(small / "mpifed.toml")).train.lr == 1e-3
+
+
 def test_paths_expand_the_sites_variables():
     from mpifed import configfile
 

@@ -3,12 +3,14 @@ mpifed.toml, one batch script per facility, the launch wrappers and a README of 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
 from mpifed.cli.common import UserError, check_writable, default_of, load_config, set_option
-from mpifed.config import Compression, EngineName, FacilityConfig, OuterName, Preset, choices
+from mpifed.config import Compression, EngineName, FacilityConfig, OuterName, Preset, RunConfig, choices
 from mpifed.deploy import project
+from mpifed.deploy.defaults import Proposal, proposals
 from mpifed.deploy.sites import Site, SiteError, available, get
 
 
@@ -135,8 +137,44 @@ def config_new(out: Path, facilities: str, model: str, data_path: str, rounds: i
         "checkpoint": {"dir": checkpoint_dir},
         "facility": [{"name": n, "site": s, "ranks": r, "engine": e} for n, s, r, e in listed],
     }
+    proposed = _proposals(data, sets, profiles)
+    given = {item.split("=", 1)[0].strip() for item in sets}
+    sets = tuple(f"{p.key}={p.value}" for p in proposed if p.key not in given) + sets  # the user's come last
     cfg = load_config(data, sets, here=False)  # the paths and packages are the sites', checked there
-    written = project.write(out, project.Project(cfg, profiles, max_restarts))
+    chosen = tuple((p, _value(cfg, p.key)) for p in proposed)
+    written = project.write(out, project.Project(cfg, profiles, max_restarts, chosen))
     click.echo(f"wrote {len(written)} files to {out}: mpifed.toml, "
                f"{', '.join(f.name + '.sbatch' for f in cfg.facility)}, launch/, README.md; next: {out}/README.md")
     return 0
+
+
+def _proposals(data: dict, sets: tuple[str, ...], profiles: dict[str, Site]) -> list[Proposal]:
+    """The settings proposed for the size of the model (mpifed/deploy/defaults.py); none where the model
+    cannot be sized here (a model folder of another machine) or the configuration does not validate
+    (load_config then says why)."""
+    from mpifed import configfile
+    from mpifed.config import ConfigError
+    from mpifed.data.corpus import VOCAB_SIZE, DataError, shape
+    from mpifed.model import ModelError, planned_layout
+
+    try:
+        cfg = configfile.from_dict(configfile.apply_sets(data, list(sets)))
+    except ConfigError:
+        return []
+    try:
+        seq_len, vocab = shape(cfg.data)
+    except DataError:  # data prepared at the site: its vocabulary barely moves the count
+        seq_len, vocab = cfg.data.seq_len, VOCAB_SIZE
+    try:
+        params = planned_layout(cfg, seq_len, vocab).numel
+    except (ModelError, OSError, ValueError):
+        click.echo(f"note: model.path {cfg.model.path} is not on this machine: no settings proposed for its size")
+        return []
+    roots = min(min(f.ranks, profiles[f.name].scheduler.ranks_per_node) for f in cfg.facility)
+    return proposals(params, cfg.federation.rounds, all(s.accelerator != "cpu" for s in profiles.values()), roots,
+                     not cfg.data.path)
+
+
+def _value(cfg: RunConfig, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
