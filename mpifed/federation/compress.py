@@ -419,14 +419,3 @@ def decode(codec: Codec, payload: np.ndarray, n: int, out: np.ndarray | None = N
     _each_chunk(codec, n, work, threads)
     return out
 
-
-class ErrorFeedback:
-    """Compress x + residual and keep what was lost as the next residual, so that over many rounds the
-    sum of what was sent equals the sum of what should have been sent, up to one round's error."""
-
-    def __init__(self, codec: Codec, n: int, threads: int = 1) -> None:
-        self.codec, self.threads = codec, threads
-        self.residual = np.zeros(n, dtype=np.float32)
-
-    def compress(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        return encode(self.codec, x, self.residual, out, self.threads)

@@ -216,10 +216,6 @@ class Background:
         self._pool = ThreadPoolExecutor(1, "mpifed-exchange", initializer=torch.set_num_threads, initargs=(1,))
         self._future: Future | None = None
 
-    @property
-    def busy(self) -> bool:
-        return self._future is not None
-
     def start(self, work: Callable[[], Outcome]) -> None:
         assert self._future is None, "one exchange in flight at a time"
         self._future = self._pool.submit(work)

@@ -160,12 +160,6 @@ class Federation:
         start, stop = self.segments[self.topo.root_index]
         return max(lo, start) - start, max(min(hi, stop), max(lo, start)) - start
 
-    def segment_counts(self) -> tuple[list[int], list[int]]:
-        """Counts and displacements of the segments over the facility's ranks (root r holds segment r,
-        the other ranks nothing), as Allgatherv/Gatherv/Scatterv take them."""
-        idle = [0] * (self.topo.facility.size - len(self.segments))
-        return [b - a for a, b in self.segments] + idle, [a for a, _ in self.segments] + idle
-
     # ------------------------------------------------------------------------------ inside a facility
     def _gather(self, owned: Sequence[View], produce: Callable[[int, int, int, np.ndarray], None], lo: int,
                 hi: int, into: str = "") -> np.ndarray | None:

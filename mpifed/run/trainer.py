@@ -5,7 +5,6 @@ as explicit parts.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import time
@@ -451,10 +450,6 @@ class Trainer(Elastic):
         the facility: a sharded engine's ranks each contribute their pieces)."""
         self.engine.before_exchange()
         return control.gather_pieces(self.topo.facility, self.engine.owned(), self.layout.numel)
-
-    def model_digest(self) -> str:
-        """sha256 of `model_flat()` (for consistency checks across ranks, facilities and engines)."""
-        return hashlib.sha256(self.model_flat().tobytes()).hexdigest()
 
     def close(self) -> None:
         self.memory.write()
