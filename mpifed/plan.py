@@ -29,7 +29,7 @@ from pathlib import Path
 
 from mpifed.config import FacilityConfig, RunConfig
 from mpifed.deploy import sites
-from mpifed.federation.compress import make_codec
+from mpifed.federation.compress import RESIDUALS, make_codec
 from mpifed.federation.outer import OUTER
 from mpifed.layout import FlatLayout
 from mpifed.preflight import RUNTIME_GB, this_machine
@@ -169,7 +169,7 @@ def plan_facility(cfg: RunConfig, index: int, layout: FlatLayout, shape: tuple[i
     intra = (whole - share) if engine in ("replica", "zero1", "zero2") else 0.0
     intra += segment * (n - 1) / n * roots if engine in ("fsdp", "zero3") else 0.0
     inter = 2.0 * (f_count - 1) / f_count * payload * roots if f_count > 1 else 0.0
-    disk_round, disk_kept = _disk(cfg, index, p)
+    disk_round, disk_kept = _disk(cfg, index, p, codec is not None, delayed)
     return FacilityPlan(fac, p, rank, intra, inter, inter * 8 / bandwidth_bps if bandwidth_bps else 0.0,
                         *_capacity(fac), disk_round, disk_kept)
 
@@ -180,15 +180,15 @@ def checkpointed_rounds(cfg: RunConfig) -> int:
     return len({r for r in range(1, rounds + 1) if r % every == 0} | {rounds})
 
 
-def _disk(cfg: RunConfig, index: int, p: int) -> tuple[float, float]:
+def _disk(cfg: RunConfig, index: int, p: int, compressed: bool, delayed: bool) -> tuple[float, float]:
     """(bytes a checkpointed round writes at facility `index`'s site, bytes its site keeps at once). A
     facility's part holds, over the whole layout, the inner optimizer's state arrays, its local model
-    where it may differ from the global one (fragments, overlap) and the codec's two residuals; the
+    where it may differ from the global one (fragments, overlap) and the codec's RESIDUALS; the
     hub's site also holds the main file (or its segments): the model and the outer state. A site of
     parts alone keeps one part more than checkpoint.keep (its newest main file may be unpublished)."""
     fed = cfg.federation
-    arrays = cfg.train.state_arrays + (1 if fed.fragments > 1 or fed.overlap == "delayed" else 0) \
-        + (2 if make_codec(fed.compress, fed.topk_fraction) is not None else 0)
+    arrays = cfg.train.state_arrays + (1 if fed.fragments > 1 or delayed else 0) \
+        + (len(RESIDUALS) if compressed else 0)
     part = 4.0 * p * arrays
     main = 4.0 * p * (1 + len(OUTER[fed.outer].state)) if index == 0 else 0.0
     written = checkpointed_rounds(cfg)

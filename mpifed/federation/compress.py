@@ -39,6 +39,10 @@ CHUNK_VALUES = 1 << 17
 """Values per streamed chunk (rounded to whole blocks): its scratch buffers stay in a core's cache."""
 
 
+RESIDUALS = ("residual", "sum_residual")
+"""The error-feedback arrays a root keeps over its segment when a codec compresses the exchange (what
+the exchange sends and what it sums; mpifed/federation/exchange.py): a checkpoint keeps them too."""
+
 def _bf16_bits(x: np.ndarray, out: np.ndarray) -> None:
     """The bfloat16 bit patterns (uint16) of fp32 `x`, rounded to nearest even, into `out`."""
     torch.from_numpy(out.view(np.int16)).view(torch.bfloat16).copy_(torch.from_numpy(x))

@@ -26,7 +26,7 @@ import torch
 from mpifed.comm.link import Mesh
 from mpifed.config import FederationConfig
 from mpifed.federation import kernels
-from mpifed.federation.compress import Codec, decode, encode
+from mpifed.federation.compress import RESIDUALS, Codec, decode, encode
 from mpifed.federation.outer import OuterOptimizer
 
 
@@ -58,7 +58,7 @@ class Combiner:
         if codec is not None and codec.fused:
             kernels.library()  # built now where this machine type has no build yet, not inside a round
         self.state: dict[str, np.ndarray] = {} if codec is None else {
-            "residual": np.zeros(n, np.float32), "sum_residual": np.zeros(n, np.float32)}
+            name: np.zeros(n, np.float32) for name in RESIDUALS}
         """Error-feedback state, by name (what a checkpoint keeps of the exchange)."""
         self._buffers: dict[str, np.ndarray] = {}
         self.poll_s = 0.0

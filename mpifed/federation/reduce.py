@@ -48,7 +48,7 @@ from mpifed.comm.link import Mesh
 from mpifed.comm.topology import Topology
 from mpifed.comm.watchdog import deadline
 from mpifed.config import FederationConfig
-from mpifed.federation.compress import make_codec
+from mpifed.federation.compress import RESIDUALS, make_codec
 from mpifed.federation.exchange import Background, Combiner, FederationError, Outcome, RootExchange, Traffic
 from mpifed.federation.outer import OUTER, make_outer
 from mpifed.layout import View
@@ -355,7 +355,7 @@ class Federation:
     @property
     def exchange_state_names(self) -> list[str]:
         """Names of the exchange's own state arrays (error feedback), known on every rank."""
-        return [] if make_codec(self.cfg.compress, self.cfg.topk_fraction) is None else ["residual", "sum_residual"]
+        return [] if make_codec(self.cfg.compress, self.cfg.topk_fraction) is None else list(RESIDUALS)
 
     def exchange_state(self) -> dict[str, np.ndarray]:
         """On a root: its segment of every exchange state array."""
