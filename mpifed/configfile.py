@@ -239,11 +239,17 @@ def expanded(cfg: RunConfig, environ: Mapping[str, str] = os.environ) -> tuple[R
         return os.path.expanduser(out) if out.startswith("~") else out
 
     sections = {section: dataclasses.replace(getattr(cfg, section), **{
-        key: expand(f"{section}.{key}", getattr(getattr(cfg, section), key)) for key in keys})
+        key: expand(f"{section}.{key}", setting(cfg, f"{section}.{key}")) for key in keys})
         for section, keys in PATH_KEYS.items()}
     facilities = [dataclasses.replace(f, deepspeed=dataclasses.replace(
         f.deepspeed, config=expand(f"facility.{f.name}.deepspeed.config", f.deepspeed.config))) for f in cfg.facility]
     return dataclasses.replace(cfg, **sections, facility=facilities), problems
+
+
+def setting(cfg: RunConfig, key: str) -> Any:
+    """The value of a section's `key` ("train.lr", as --set names it) in `cfg`."""
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
 
 
 def _agreed(cfg: RunConfig) -> dict[str, Any]:

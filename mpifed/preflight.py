@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from mpifed.config import ConfigError, RunConfig
-from mpifed.configfile import expanded
+from mpifed.configfile import expanded, setting
 from mpifed.data.corpus import DataError, read_manifest, shape
 from mpifed.deploy.sites import SiteError, available, get
 
@@ -112,8 +112,7 @@ def problems(cfg: RunConfig, here: bool = True) -> list[str]:
     if not here:
         return out + site_problems(cfg, here)
     for key, (message, package) in _PACKAGES.items():
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) and importlib.util.find_spec(package) is None:
+        if setting(cfg, key) and importlib.util.find_spec(package) is None:
             out.append(f"{key}: {message}")
     if cfg.model.path and not (Path(cfg.model.path) / "config.json").is_file():
         out.append(f"model.path: {cfg.model.path} is not a model folder (no config.json there); give a local "

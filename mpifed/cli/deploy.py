@@ -3,12 +3,12 @@ mpifed.toml, one batch script per facility, the launch wrappers and a README of 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import click
 
+from mpifed import configfile
 from mpifed.cli.common import UserError, check_writable, default_of, load_config, set_option
-from mpifed.config import Compression, EngineName, FacilityConfig, OuterName, Preset, RunConfig, choices
+from mpifed.config import Compression, EngineName, FacilityConfig, OuterName, Preset, choices
 from mpifed.deploy import project
 from mpifed.deploy.defaults import Proposal, proposals
 from mpifed.deploy.sites import Site, SiteError, available, get
@@ -141,7 +141,7 @@ def config_new(out: Path, facilities: str, model: str, data_path: str, rounds: i
     given = {item.split("=", 1)[0].strip() for item in sets}
     sets = tuple(f"{p.key}={p.value}" for p in proposed if p.key not in given) + sets  # the user's come last
     cfg = load_config(data, sets, here=False)  # the paths and packages are the sites', checked there
-    chosen = tuple((p, _value(cfg, p.key)) for p in proposed)
+    chosen = tuple((p, configfile.setting(cfg, p.key)) for p in proposed)
     written = project.write(out, project.Project(cfg, profiles, max_restarts, chosen))
     click.echo(f"wrote {len(written)} files to {out}: mpifed.toml, "
                f"{', '.join(f.name + '.sbatch' for f in cfg.facility)}, launch/, README.md; next: {out}/README.md")
@@ -152,7 +152,6 @@ def _proposals(data: dict, sets: tuple[str, ...], profiles: dict[str, Site]) -> 
     """The settings proposed for the size of the model (mpifed/deploy/defaults.py); none where the model
     cannot be sized here (a model folder of another machine) or the configuration does not validate
     (load_config then says why)."""
-    from mpifed import configfile
     from mpifed.config import ConfigError
     from mpifed.data.corpus import VOCAB_SIZE, DataError, shape
     from mpifed.model import ModelError, planned_layout
@@ -174,7 +173,3 @@ def _proposals(data: dict, sets: tuple[str, ...], profiles: dict[str, Site]) -> 
     return proposals(params, cfg.federation.rounds, all(s.accelerator != "cpu" for s in profiles.values()), roots,
                      not cfg.data.path)
 
-
-def _value(cfg: RunConfig, key: str) -> Any:
-    section, name = key.split(".")
-    return getattr(getattr(cfg, section), name)

@@ -119,8 +119,8 @@ def _refuse_a_changed_run(cfg: RunConfig, target: Path, fix: str) -> None:
             saved = configfile.from_dict(tomllib.loads(isolated.verify(path, check_data=False, facilities="none").config))
         except (CheckpointError, ValueError):  # unreadable, or written by another version: the ranks decide
             continue
-        diffs = [f"{key} {_value(saved, key)!r} -> {_value(cfg, key)!r}" for key in _FIXED_ON_RESUME
-                 if _value(saved, key) != _value(cfg, key)]
+        diffs = [f"{key} {configfile.setting(saved, key)!r} -> {configfile.setting(cfg, key)!r}" for key in _FIXED_ON_RESUME
+                 if configfile.setting(saved, key) != configfile.setting(cfg, key)]
         ours, theirs = [(f.name, f.ranks) for f in cfg.facility], [(f.name, f.ranks) for f in saved.facility]
         if ours != theirs:
             diffs.append(f"facilities (name, ranks) {theirs} -> {ours}")
@@ -128,11 +128,6 @@ def _refuse_a_changed_run(cfg: RunConfig, target: Path, fix: str) -> None:
             raise UserError(f"--resume: {path.name} was trained with another {', '.join(diffs)}; {fix}; nothing "
                             "was written")
         return
-
-
-def _value(cfg: RunConfig, key: str) -> Any:
-    section, name = key.split(".")
-    return getattr(getattr(cfg, section), name)
 
 
 def simulate_command(cfg: RunConfig, config_path: Path, resume: str = "") -> list[str]:
