@@ -91,11 +91,14 @@ def part_digest(path: Path) -> str:
         return content_digest(h5)
 
 
-def _check_digest(path: Path, h5: h5py.File) -> None:
-    """The file's attributes and array hashes are the ones it was written with."""
-    if str(h5.attrs.get(DIGEST, "")) != content_digest(h5):
+def _check_digest(path: Path, h5: h5py.File) -> str:
+    """The file's attributes and array hashes are the ones it was written with; returns its content
+    digest (what a main file records of its segments and parts)."""
+    found = content_digest(h5)
+    if str(h5.attrs.get(DIGEST, "")) != found:
         raise CheckpointError(f"{path}: its attributes or array hashes changed after it was written (content "
                               "digest differs)")
+    return found
 
 
 def write_segment(directory: Path, round_: int, r: int, start: int, model: np.ndarray,
@@ -344,8 +347,7 @@ def _verify(path: Path, parts_dir: Path | None, check_data: bool, facilities: Pa
             raise CheckpointError(f"{path}: lists a segment file {name!r} that is not one of its round's")
         with _open(where / name) as part:
             check_structure(where / name, part)
-            _check_digest(where / name, part)
-            if content_digest(part) != digest:
+            if _check_digest(where / name, part) != digest:
                 raise CheckpointError(f"{where / name}: not the segment this checkpoint recorded (content digest "
                                       "differs: a segment of another run or round)")
             checked += _check_arrays(where / name, part) if check_data else 0
@@ -369,14 +371,14 @@ def check_part(path: Path, digest: str = "", check_data: bool = True, numel: int
 def _check_part(path: Path, digest: str, check_data: bool, numel: int) -> int:
     with _open(path) as part:
         check_structure(path, part)
-        _check_digest(path, part)
+        found = _check_digest(path, part)
         if numel:
             for key in read_part_names(part):
                 if part[key].shape[0] != numel:
                     raise CheckpointError(f"{path}: /{key}: {part[key].shape[0]:,} values of the model's {numel:,} "
                                           "(the part is missing ranges: written by another run or damaged)")
         checked = _check_arrays(path, part) if check_data else 0
-    if digest and part_digest(path) != digest:
+    if digest and found != digest:
         raise CheckpointError(f"{path}: not the part this checkpoint recorded (content digest differs: a part of "
                               "another run or round)")
     return checked
