@@ -15,7 +15,7 @@ import pytest
 from conftest import mpifed, run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PLOT_COUNT = 6
+PLOT_COUNT = 7
 
 
 def report(*args: str):
@@ -252,3 +252,24 @@ def test_rounds_are_read_in_order_and_the_final_loss_is_the_last_evaluated(tmp_p
     path.write_text(json.dumps({**base, "round": 1, "wall_s": "slow"}) + "\n")
     with pytest.raises(ReportError, match=r"line 1: expected numbers for wall_s"):
         read_metrics(path)
+
+
+def test_the_gap_to_the_first_run_is_taken_at_equal_tokens(tmp_path):
+    """A run evaluated at other token counts than the reference is compared with the reference's loss
+    interpolated between its evaluations; rounds outside the reference's span are left out."""
+    from mpifed.report import Run
+    from mpifed.report.runs import Round, perplexity_ratio
+
+    def run(points: list[tuple[int, float | None]]) -> Run:
+        return Run(tmp_path, None, [Round(round=i + 1, train_loss=1.0, val_loss=loss, tokens_total=tokens, sync_s=0.0,
+                                          idle_s=0.0, ckpt_s=0.0, bytes_inter=0, wall_s=1.0)
+                                    for i, (tokens, loss) in enumerate(points)])
+
+    reference = run([(100, 4.0), (200, 3.0), (300, None), (400, 2.0)])
+    other = run([(50, 5.0), (150, 3.9), (300, 2.7), (400, 2.2), (500, 2.0)])
+    tokens, ratio = perplexity_ratio(other, reference)
+    assert tokens.tolist() == [150, 300, 400]
+    expected = [math.exp(3.9) / math.exp(3.5), math.exp(2.7) / math.exp(2.5), math.exp(2.2) / math.exp(2.0)]
+    assert ratio.tolist() == pytest.approx(expected, rel=1e-12)
+    tokens, ratio = perplexity_ratio(reference, reference)
+    assert tokens.tolist() == [100, 200, 400] and ratio.tolist() == [1.0, 1.0, 1.0]

@@ -32,8 +32,9 @@ def _check_output(path: Path, option: str) -> None:
 @click.option("--png", type=click.Path(path_type=Path), metavar="FILE.png",
               help="Write all plots as one PNG grid (e.g. for a README).")
 def report(runs: tuple[Path, ...], out: Path | None, png: Path | None) -> int:
-    """Plot runs side by side: validation loss against tokens (with perplexity), against MB sent between
-    sites and against wall time; train loss, each facility's drift, and sync/idle/checkpoint seconds
+    """Plot runs side by side: validation loss against tokens (with perplexity), each run's perplexity
+    over the first RUN's at equal tokens (list the reference first), validation loss against MB sent
+    between sites and against wall time; train loss, each facility's drift, and sync/idle/checkpoint seconds
     per round. Each RUN is an output folder of a training: its metrics.jsonl is plotted, and its
     mpifed.toml (which `mpifed simulate` writes there) labels the lines with the run's facilities x ranks,
     engines, H, outer optimizer and compression; without one the folder's name is the label.

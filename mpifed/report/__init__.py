@@ -3,7 +3,7 @@
     mpifed report RUN [RUN...] --out FILE.html [--png FILE.png]
 
 which reads run folders (`metrics.jsonl` + the resolved `mpifed.toml`) into plain dataclasses and names
-each run by its key settings (runs), draws the six plots that compare runs side by side (plots), and
+each run by its key settings (runs), draws the seven plots that compare runs side by side (plots), and
 writes them as one self-contained HTML page or one PNG grid (page). Imports point one way: page -> plots
 -> runs.
 

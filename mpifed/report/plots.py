@@ -1,4 +1,4 @@
-"""Drawing the six plots that compare runs side by side: `PLOTS` (each plot's title and what draws it),
+"""Drawing the seven plots that compare runs side by side: `PLOTS` (each plot's title and what draws it),
 one figure per plot (`figures`), all of them in one grid (`grid_figure`), and a figure as PNG bytes
 (`png_bytes`).
 
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from mpifed.report.runs import PPL_CAP, ReportError, Run
+from mpifed.report.runs import PPL_CAP, ReportError, Run, perplexity_ratio
 
 if TYPE_CHECKING:  # only for annotations; matplotlib is imported lazily
     from matplotlib.axes import Axes
@@ -70,6 +70,21 @@ def _draw_val_tokens(ax: Axes, runs: Sequence[Run], colors: list) -> list:
     ppl = ax.secondary_yaxis("right", functions=(lambda loss: np.exp(np.minimum(loss, PPL_CAP)),
                                                  lambda p: np.log(np.maximum(p, 1e-300))))
     ppl.set_ylabel("perplexity")
+    return []
+
+
+def _draw_gap(ax: Axes, runs: Sequence[Run], colors: list) -> list:
+    """Each run's perplexity over the first run's at equal tokens: the gap to a reference (e.g.
+    centralized training) as training goes on."""
+    from matplotlib.ticker import EngFormatter
+
+    for run, color in zip(runs, colors):
+        x, y = perplexity_ratio(run, runs[0])
+        ax.plot(x, y, color=color, label=run.label, **_style(len(x)))
+    ax.axhline(1.0, color="0.5", linewidth=0.8)
+    ax.set_xlabel("tokens trained (all facilities)")
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    ax.set_ylabel("perplexity / the first run's")
     return []
 
 
@@ -147,6 +162,7 @@ def _draw_times(ax: Axes, runs: Sequence[Run], colors: list) -> list:
 
 PLOTS: list[tuple[str, Callable[[Axes, Sequence[Run], list], list]]] = [
     ("Validation loss and perplexity against tokens", _draw_val_tokens),
+    ("Perplexity over the first run's at equal tokens", _draw_gap),
     ("Validation loss against data moved between sites", _draw_val_bytes),
     ("Validation loss against wall time", _draw_val_wall),
     ("Training loss per round", _draw_train),

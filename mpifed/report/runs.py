@@ -103,6 +103,24 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, PPL_CAP)) if not math.isnan(loss) else math.nan
 
 
+def perplexity_ratio(run: "Run", reference: "Run") -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, ratio): `run`'s validation perplexity over `reference`'s at equal tokens, at each of
+    `run`'s evaluated rounds that falls within the reference's evaluated tokens (the reference's loss
+    interpolated linearly in tokens between its evaluations). How the gap moves as training goes on."""
+    def evaluated(r: Run) -> tuple[np.ndarray, np.ndarray]:
+        tokens, loss = r.column("tokens_total"), r.column("val_loss")
+        keep = ~np.isnan(loss)
+        order = np.argsort(tokens[keep], kind="stable")
+        return tokens[keep][order], np.minimum(loss[keep][order], PPL_CAP)
+
+    ref_tokens, ref_loss = evaluated(reference)
+    tokens, loss = evaluated(run)
+    if len(ref_tokens) == 0:
+        return tokens[:0], loss[:0]
+    inside = (tokens >= ref_tokens[0]) & (tokens <= ref_tokens[-1])
+    return tokens[inside], np.exp(loss[inside] - np.interp(tokens[inside], ref_tokens, ref_loss))
+
+
 # ---------------------------------------------------------------------------------------------- reading
 
 
