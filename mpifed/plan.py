@@ -113,11 +113,12 @@ def _units(layout: FlatLayout) -> int:
     return max(layers.values(), default=0)
 
 
-def _activations(cfg: RunConfig, layout: FlatLayout, hidden: int, layers: int, vocab: int, seq_len: int) -> float:
-    """Bytes of one micro-batch's activations kept for the backward pass (fp32; a rough count of a
-    LLaMA block's tensors, with the logits and their gradient)."""
+def _activations(cfg: RunConfig, fac: FacilityConfig, hidden: int, layers: int, vocab: int, seq_len: int) -> float:
+    """Bytes of one micro-batch's activations kept for the backward pass at facility `fac` (fp32; a rough
+    count of a LLaMA block's tensors, with the logits and their gradient). The fsdp engine's activation
+    checkpointing keeps none of a block's."""
     tokens = cfg.train.micro_batch * seq_len
-    per_layer = 0 if cfg.facility and all(f.fsdp.activation_checkpointing for f in cfg.facility) else 18 * hidden
+    per_layer = 0 if fac.engine == "fsdp" and fac.fsdp.activation_checkpointing else 18 * hidden
     return 4.0 * tokens * (layers * per_layer + 3 * vocab)
 
 
@@ -134,7 +135,7 @@ def plan_facility(cfg: RunConfig, index: int, layout: FlatLayout, shape: tuple[i
     optimizer = cfg.train.state_arrays * (whole if engine == "replica" else share)
     unit = 4.0 * _units(layout)
     # fsdp gathers a unit's parameters and makes their gradients and the reduce-scatter's input
-    transient = (3 * unit if engine == "fsdp" else 0.0) + _activations(cfg, layout, *shape)
+    transient = (3 * unit if engine == "fsdp" else 0.0) + _activations(cfg, fac, *shape)
     # DeepSpeed makes its buffers at the first step and keeps them: a checkpoint comes on top of them
     kept = _deepspeed_buffers(fac, p) if fac.engine == "deepspeed" else 0.0
     transient += kept
