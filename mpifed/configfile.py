@@ -99,6 +99,13 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def with_sets(cfg: RunConfig, assignments: list[str]) -> RunConfig:
+    """`cfg` with `--set`-style assignments applied, validated again (ConfigError when they do not hold)."""
+    data = {key: ({k: v for k, v in value.items() if v is not None} if isinstance(value, dict) else value)
+            for key, value in to_dict(cfg).items()}  # unset keys stay unset: their default applies
+    return from_dict(apply_sets(data, assignments))
+
+
 def load(path: str | Path) -> dict[str, Any]:
     """Parse a TOML file into a plain dict; errors name the file."""
     path = Path(path)

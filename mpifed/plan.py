@@ -27,7 +27,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mpifed.config import FacilityConfig, RunConfig
+from mpifed import configfile
+from mpifed.config import ConfigError, FacilityConfig, RunConfig
 from mpifed.deploy import sites
 from mpifed.federation.compress import RESIDUALS, make_codec
 from mpifed.federation.outer import OUTER
@@ -175,6 +176,74 @@ def plan_facility(cfg: RunConfig, index: int, layout: FlatLayout, shape: tuple[i
                         *_capacity(fac), disk_round, disk_kept)
 
 
+def _candidates(cfg: RunConfig, index: int) -> list[list[tuple[str, ...]]]:
+    """Kinds of change that lower what a rank of facility `index` needs, each a list of settings (as
+    `--set` writes them) from the least change to the most; a fix takes the first of a kind that fits."""
+    fac, fed = cfg.facility[index], cfg.federation
+    at = f"facility.{fac.name}"
+    kinds: list[list[tuple[str, ...]]] = []
+    if fac.engine == "replica":
+        kinds.append([(f"{at}.engine=fsdp",)])
+    elif fac.engine == "deepspeed" and fac.deepspeed.zero_stage < 3:
+        kinds.append([(f"{at}.deepspeed.zero_stage=3",)])
+    # more roots: each holds a smaller segment of the global model with its outer state and codec buffers
+    kinds.append([(f"federation.roots={r}",) for r in range(fed.roots + 1, min(f.ranks for f in cfg.facility) + 1)])
+    if fac.engine == "fsdp" and not fac.fsdp.activation_checkpointing:
+        kinds.append([(f"{at}.fsdp.activation_checkpointing=true",)])
+    mb, accum = cfg.train.micro_batch, cfg.train.grad_accum  # the same tokens per step, fewer at once
+    kinds.append([(f"train.micro_batch={mb // k}", f"train.grad_accum={accum * k}") for k in (2, 4, 8, 16)
+                  if mb % k == 0])
+    if fac.engine != "replica":
+        kinds.append([(f"{at}.ranks={fac.ranks * k}",) for k in (2, 4, 8)])
+    return kinds
+
+
+def _replanned(cfg: RunConfig, sets: tuple[str, ...], index: int, layout: FlatLayout,
+               shape: tuple[int, int, int, int]) -> tuple[RunConfig, FacilityPlan] | None:
+    try:
+        changed = configfile.with_sets(cfg, list(sets))
+    except ConfigError:
+        return None  # e.g. more roots than a facility has ranks
+    return changed, plan_facility(changed, index, layout, shape, 0.0)
+
+
+def _peak(plan: FacilityPlan) -> str:
+    """A fitting plan's peak a rank, against what its site gives."""
+    host = f"{plan.host_bytes / GB:.1f} of {plan.host_capacity / GB:.1f} GB host memory"
+    if plan.device_capacity:
+        return f"peak a rank {plan.device_bytes / GB:.1f} of {plan.device_capacity / GB:.1f} GB on its GPU, {host}"
+    return f"peak a rank {host}"
+
+
+def fixes(cfg: RunConfig, index: int, layout: FlatLayout, shape: tuple[int, int, int, int]) -> list[str]:
+    """For facility `index` when its ranks do not fit their site: each change of settings that alone
+    makes them fit, as `--set` writes it with the peak it gives (re-planned, not guessed). Where none
+    does alone, one combination: kind after kind, the least change of each that fits, else the one
+    that lowers the peak most, until it fits. [] if not even that fits."""
+    out = []
+    for kind in _candidates(cfg, index):
+        for sets in kind:
+            replanned = _replanned(cfg, sets, index, layout, shape)
+            if replanned and not replanned[1].problems():
+                out.append(f"{' and '.join(sets)} ({_peak(replanned[1])})")
+                break
+    if out:
+        return out
+    chosen: list[str] = []
+    current = cfg
+    for kind_index in range(len(_candidates(cfg, index))):
+        kind = _candidates(current, index)[kind_index] if kind_index < len(_candidates(current, index)) else []
+        tried = [(sets, r) for sets in kind if (r := _replanned(current, sets, index, layout, shape))]
+        if not tried:
+            continue
+        fitting = [(sets, r) for sets, r in tried if not r[1].problems()]
+        sets, (current, plan) = fitting[0] if fitting else min(tried, key=lambda t: t[1][1].rank.peak)
+        chosen += sets
+        if not plan.problems():
+            return [f"all of {', '.join(chosen)} ({_peak(plan)})"]
+    return []
+
+
 def checkpointed_rounds(cfg: RunConfig) -> int:
     """How many rounds a run writes a checkpoint of: every checkpoint.every-th, and the last."""
     rounds, every = cfg.federation.rounds, cfg.checkpoint.every
@@ -248,10 +317,11 @@ def _capacity(fac: FacilityConfig) -> tuple[float, float]:
     return device, memory / max(1, per_node)
 
 
-def render(plans: list[FacilityPlan], bandwidth: str) -> str:
-    """The plan as a table, one facility a block, with a line per problem found."""
+def render(plans: list[FacilityPlan], bandwidth: str, advice: dict[int, list[str]] | None = None) -> str:
+    """The plan as a table, one facility a block, with a line per problem found and, from `advice`
+    (facility index -> `fixes`), the settings that would fix it."""
     out = []
-    for plan in plans:
+    for index, plan in enumerate(plans):
         r, fac = plan.rank, plan.facility
         label = fac.engine if fac.engine != "deepspeed" else f"deepspeed ZeRO-{fac.deepspeed.zero_stage}"
         out.append(f"facility {fac.name}: {fac.ranks} ranks x {label} on site {fac.site}, "
@@ -272,8 +342,17 @@ def render(plans: list[FacilityPlan], bandwidth: str) -> str:
                    f"{plan.inter_bytes / 1e6:,.1f} MB to other sites"
                    + (f" ({plan.inter_s:,.1f} s at {bandwidth})" if plan.inter_s else ""))
         for problem in plan.problems():
-            out.append(f"  warning: {problem} (site {fac.site}): shard it (fsdp, deepspeed ZeRO-3), use more ranks or "
-                       "federation.roots, or a smaller model")
+            out.append(f"  warning: {problem} (site {fac.site})")
+        if plan.problems():
+            found = (advice or {}).get(index, [])
+            if found and found[0].startswith("all of "):
+                out.append(f"  fits with {found[0]}")
+            elif found:
+                out += [f"  fits with any one of  {fix}" if i == 0 else f"                        {fix}"
+                        for i, fix in enumerate(found)]
+            else:
+                out.append("  no change of engine, roots, activation checkpointing, micro-batch or ranks makes it "
+                           "fit: choose a smaller model or a site with more memory")
     return "\n".join(out)
 
 

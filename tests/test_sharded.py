@@ -239,6 +239,59 @@ def test_plan_gives_the_disk_a_round_takes_at_each_site_as_the_files_are(tmp_pat
     assert planner.disk_problems(config, plans, 40e9) == []
 
 
+def _fits(cfg, index: int, layout, dims) -> bool:
+    from mpifed import plan as planner
+
+    return not planner.plan_facility(cfg, index, layout, dims, 0.0).problems()
+
+
+def test_plan_names_the_setting_that_fixes_each_kind_of_shortfall(tmp_path, monkeypatch):
+    """Issue 33: the 8B project's ranks needed 135 GB of host memory and the advice said to shard (it was
+    sharded already) when `federation.roots = 4` was what fitted. For each kind of shortfall the plan
+    now names the settings that fit, each re-planned: more roots for mpifed's host buffers (the fewest
+    that fit), activation checkpointing or a smaller micro-batch (same tokens) for activations on the
+    GPU, a sharding engine for a replica, a combination where nothing fits alone, and says so where no
+    change does. Each named fix, applied, fits; one root fewer does not."""
+    from mpifed import plan as planner
+    from mpifed.model import planned_model
+
+    (tmp_path / "small.toml").write_text(
+        'name = "small"\ndescription = "a 16 GB CPU node"\naccelerator = "cpu"\ntorch_backend = "gloo"\n'
+        '[scheduler]\ncpus_per_node = 2\nranks_per_node = 2\nmemory_gb = 16\n')
+    monkeypatch.setenv("MPIFED_SITECFG", str(tmp_path))
+    base = {"model": {"preset": "llama3-8b", "dtype": "bf16"}, "data": {"seq_len": 2048}, "train": {"micro_batch": 8}}
+    cfg = configfile.from_dict({**base, "facility": [
+        {"name": "host", "site": "lumi", "ranks": 8, "engine": "fsdp", "fsdp": {"activation_checkpointing": True}},
+        {"name": "acts", "site": "leonardo", "ranks": 8, "engine": "fsdp"},
+        {"name": "rep", "site": "leonardo", "ranks": 8, "engine": "replica"}]})
+    tiny = configfile.from_dict({**base, "facility": [{"name": "tiny", "site": "small", "ranks": 1, "engine": "fsdp"}]})
+    model, layout = planned_model(cfg, 2048, VOCAB_SIZE)
+    dims = (model.config.hidden_size, model.config.num_hidden_layers, model.config.vocab_size, 2048)
+    plans = [planner.plan_facility(cfg, i, layout, dims, 0.0) for i in range(3)]
+    assert all(plan.problems() for plan in plans)
+    advice = {i: planner.fixes(cfg, i, layout, dims) for i in range(3)}
+
+    def applied(fix: str):
+        sets = fix.split(" (")[0].removeprefix("all of ").replace(" and ", ", ").split(", ")
+        return configfile.with_sets(cfg, sets)
+
+    roots = [fix for fix in advice[0] if fix.startswith("federation.roots=")]
+    assert len(roots) == 1 and "host memory" in plans[0].problems()[0], (advice[0], plans[0].problems())
+    r = int(roots[0].split("=")[1].split(" ")[0])
+    assert r > 1 and _fits(applied(roots[0]), 0, layout, dims)
+    assert not _fits(configfile.with_sets(cfg, [f"federation.roots={r - 1}"]), 0, layout, dims)
+    assert any(f.startswith("facility.acts.fsdp.activation_checkpointing=true ") for f in advice[1]), advice[1]
+    assert any(re.match(r"train\.micro_batch=\d and train\.grad_accum=\d+ ", f) for f in advice[1]), advice[1]
+    assert advice[2][0].startswith(("facility.rep.engine=fsdp", "all of facility.rep.engine=fsdp")), advice[2]
+    for index in range(3):
+        for fix in advice[index]:
+            assert _fits(applied(fix), index, layout, dims), fix
+    assert f"  fits with any one of  {advice[0][0]}" in planner.render(plans, "10gbit", advice)
+    assert planner.fixes(tiny, 0, layout, dims) == []  # 8B on a 16 GB node: no change fits
+    said = planner.render([planner.plan_facility(tiny, 0, layout, dims, 0.0)], "10gbit", {0: []})
+    assert "  no change of engine, roots, activation checkpointing, micro-batch or ranks makes it fit" in said
+
+
 @pytest.mark.parametrize("args, words", [
     (["--set", "facility.0.ranks=0"], ["facility", "ranks"]),
     (["--bandwidth", "fast"], ["--bandwidth", "'fast'"]),

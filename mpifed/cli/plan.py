@@ -33,7 +33,8 @@ def plan(config_file: Path, sets: tuple[str, ...], bandwidth: str) -> int:
     config = model.config
     dims = (config.hidden_size, config.num_hidden_layers, config.vocab_size, seq_len)
     plans = [planner.plan_facility(cfg, i, layout, dims, rate) for i in range(len(cfg.facility))]
-    click.echo(planner.render(plans, bandwidth))
+    advice = {i: planner.fixes(cfg, i, layout, dims) for i, p in enumerate(plans) if p.problems()}
+    click.echo(planner.render(plans, bandwidth, advice))
     for problem in planner.disk_problems(cfg, plans, shutil.disk_usage(first_existing(Path(cfg.checkpoint.dir))).free):
         click.echo(f"warning: {problem}")
     return 0
