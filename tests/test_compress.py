@@ -126,6 +126,38 @@ def test_the_c_kernels_give_the_torch_paths_bytes(x, name, fraction, monkeypatch
     assert not np.array_equal(fused[1], start)  # the residual did move
 
 
+@pytest.mark.parametrize("name", ["int8", "int4", "int2"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_blocks_of_subnormal_values_stay_finite_and_are_kept_for_later(name, fused, monkeypatch):
+    """A parity run of FedAvg with int8 and int4 between sites died at round 34 and 46 with every
+    facility's update NaN: a block whose largest magnitude times 1/127 (1/7, 1/3) is subnormal had an
+    infinite inverse scale, infinity times its zeros made NaN residuals, and the next round sent NaN.
+    Such a block now carries nothing and the residual keeps it exactly; blocks of the smallest normal
+    scale still carry theirs."""
+    if not fused:
+        monkeypatch.setattr(kernels, "library", lambda: None)
+    codec = make_codec(name)
+    tiny = np.finfo(np.float32).tiny
+    block = codec.block
+    x = np.zeros(4 * block, np.float32)
+    x[:block // 2] = np.float32(3e-39)                                       # subnormal values
+    x[block:block + 3] = [np.float32(tiny * 2), -np.float32(tiny), 0.0]      # normal max, subnormal scale
+    x[2 * block:3 * block] = np.float32(tiny * 1e3) * np.linspace(-1, 1, block, dtype=np.float32)  # normal scale
+    x[3 * block] = 1.0
+    residual = np.zeros_like(x)
+    payload = encode(codec, x, residual)
+    decoded = decode(codec, payload, len(x))
+    assert np.isfinite(decoded).all() and np.isfinite(residual).all()
+    np.testing.assert_array_equal(decoded[:2 * block], 0)                    # nothing carried ...
+    np.testing.assert_array_equal(residual[:2 * block], x[:2 * block])       # ... all of it kept
+    assert np.abs(decoded[2 * block:3 * block]).max() > 0                    # a normal scale still sends
+    for b in range(2, 4):  # what is sent plus what is kept, to fp32 rounding at the block's scale
+        part = slice(b * block, (b + 1) * block)
+        np.testing.assert_allclose(decoded[part] + residual[part], x[part], rtol=0, atol=1e-6 * np.abs(x[part]).max())
+    again = encode(codec, np.zeros_like(x), residual)                        # the next round stays finite
+    assert np.isfinite(decode(codec, again, len(x))).all() and np.isfinite(residual).all()
+
+
 def test_without_a_compiler_the_codecs_run_on_the_torch_path(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MPIFED_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))

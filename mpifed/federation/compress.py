@@ -180,6 +180,9 @@ class _Uniform(Codec):
         torch.abs(t_, out=q)
         top = q.amax(dim=1, keepdim=True).numpy()
         scale = np.multiply(top, np.float32(self.scale_of_max), out=top)
+        # a subnormal scale's inverse overflows to inf (and inf * 0 is NaN): such a block carries nothing,
+        # and error feedback keeps its values for a later round (as kernels.c does)
+        scale[scale < np.finfo(np.float32).tiny] = 0
         scale_out[...] = scale
         inverse = np.divide(np.float32(1), scale, out=np.zeros_like(scale), where=scale > 0)
         codes = self._quantize(t_, _t(scale), _t(inverse), q, _t(lost))

@@ -10,6 +10,7 @@
 
    Pointers: x is what to encode; residual, when not NULL, is added to x first; lost, when not NULL,
    receives x (+ residual) minus what the payload carries (it may be residual itself). */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -59,6 +60,9 @@ void mpifed_encode_uniform(const float *x, float *residual, float *lost, uint8_t
         float *lb = lost ? lost + b * block : 0;
         uint8_t *ob = out + b * row;
         float scale = load_block(xb, rb, t, block) * scale_of_max;
+        /* A subnormal scale's inverse overflows to infinity, and infinity times a zero is NaN: such a
+           block carries nothing (scale 0) and error feedback keeps its values for a later round. */
+        if (scale < FLT_MIN) scale = 0.0f; /* a NaN scale stays NaN */
         float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
         memcpy(ob, &scale, 4);
         if (bits == 2) { /* levels 2c - 3: c = clamp(round(t / (2 scale) + 1.5), 0, 3) */
