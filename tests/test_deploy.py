@@ -135,6 +135,41 @@ def test_config_new_writes_a_project_for_paths_that_exist_only_at_the_sites(tmp_
     assert not list(project.glob("$*")) and not (tmp_path / "s").exists()
 
 
+def test_config_new_puts_each_sites_checkpoints_on_its_own_scratch(tmp_path):
+    """Issue 33: the default checkpoint folder was inside the project (usually $HOME): for 8B about 58 GB
+    at the hub and 113 GB at each site, every round. Without --checkpoint-dir, a project whose sites'
+    profiles name their scratch checkpoints under $MPIFED_SCRATCH, which each batch script sets to its
+    site's scratch (expanded in the job, as bash does it); a job where it is unset stops in one line.
+    The README names each site's scratch, the documentation pages its profile follows and what a user
+    builds first; a site without a scratch keeps the folder in the project."""
+    from mpifed.deploy.sites import get
+
+    project = tmp_path / "p"
+    args = [a for i, a in enumerate(NEW) if a != "--checkpoint-dir" and NEW[i - 1] != "--checkpoint-dir"]
+    assert mpifed(*args, str(project), "--facilities", "leo:leonardo:4:fsdp,lumi:lumi:8:fsdp",
+                  "--checkpoint-dir", "").returncode == 0
+    assert 'dir = "$MPIFED_SCRATCH/mpifed/p"' in (project / "mpifed.toml").read_text()
+    for facility, variable, value in (("leo", "CINECA_SCRATCH", str(tmp_path / "cineca")), ("lumi", "X", "")):
+        line = next(line for line in (project / f"{facility}.sbatch").read_text().splitlines()
+                    if line.startswith("export MPIFED_SCRATCH="))
+        said = subprocess.run(["bash", "-c", f'{line}\nprintf %s "$MPIFED_SCRATCH"'], capture_output=True, text=True,
+                              env={"PATH": os.environ["PATH"], variable: value})
+        assert said.stdout == (value if facility == "leo" else get("lumi").scratch), (line, said)
+    readme = (project / "README.md").read_text()
+    assert ("checkpoints go to `$MPIFED_SCRATCH/mpifed/p` at each site, on its scratch" in " ".join(readme.split())
+            and "leo: `$CINECA_SCRATCH`; lumi: `/scratch/<project_465000000>`" in readme)
+    for page in get("leonardo").docs + get("lumi").docs:
+        assert f"- {page}" in readme
+    assert "eb aws-ofi-rccl-17d41cb-cpeGNU-24.03.eb -r" in readme
+    unset = subprocess.run([sys.executable, "-m", "mpifed", "run", str(project / "mpifed.toml"), "--facility", "leo"],
+                           capture_output=True, text=True, env=rank_env(), timeout=60)
+    assert unset.returncode == 2 and unset.stderr.count("\n") == 1, unset.stderr
+    assert "checkpoint.dir: '$MPIFED_SCRATCH/mpifed/p' uses $MPIFED_SCRATCH, which is not set here" in unset.stderr
+    assert mpifed(*args, str(tmp_path / "q"), "--facilities", "a:local:1,leo:leonardo:4",
+                  "--checkpoint-dir", "").returncode == 0
+    assert 'dir = "checkpoints"' in (tmp_path / "q" / "mpifed.toml").read_text()
+
+
 def test_config_new_proposes_settings_for_the_models_size_and_says_why(tmp_path):
     """Issue 33: the 8B project came out in fp32 with lr 1e-3, seq_len 128, one root and every round
     checkpointed and kept. Now the settings follow the model's size, a value the user gives wins, and

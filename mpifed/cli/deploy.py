@@ -99,7 +99,9 @@ def _facilities(value: str) -> list[tuple[str, str, int, str]]:
               default="hub-port.txt", help="federation.rendezvous")
 @click.option("--token-file", prompt="Token file (empty: MPIFED_TOKEN from the environment)", default="",
               help="federation.token_file (mode 0600)")
-@click.option("--checkpoint-dir", prompt="Checkpoint folder", default="checkpoints", help="checkpoint.dir")
+@click.option("--checkpoint-dir", prompt="Checkpoint folder (empty: each site's scratch where every profile names one)",
+              default="", help="checkpoint.dir; empty: $MPIFED_SCRATCH/mpifed/OUT's name where every site's "
+                               f"profile names its scratch, else {project.SCRATCHLESS_DIR!r} in the project folder")
 @click.option("--max-restarts", type=click.IntRange(min=0), default=default_of(project.Project, "max_restarts"),
               show_default=True,
               help="How many times in a row a facility's job that did not finish the run is started again "
@@ -127,6 +129,9 @@ def config_new(out: Path, facilities: str, model: str, data_path: str, rounds: i
         profiles = {name: get(site) for name, site, _, _ in listed}
     except SiteError as exc:
         raise UserError(f"--facilities: {exc}") from None
+    if not checkpoint_dir:  # each site's own scratch (the batch scripts export it), not the project's home
+        on_scratch = all(site.scratch for site in profiles.values())
+        checkpoint_dir = f"$MPIFED_SCRATCH/mpifed/{out.resolve().name}" if on_scratch else project.SCRATCHLESS_DIR
     is_folder = "/" in model or Path(model).is_dir()
     data = {
         "model": {"path": model} if is_folder else {"preset": model},

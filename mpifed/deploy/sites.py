@@ -66,6 +66,9 @@ class Mpi:
     libmpi: str = ""
     """Host MPI library for MPI4PY_LIBMPI (an MPICH-ABI library: Cray MPICH, Intel MPI, MPICH); empty:
     the embedded MPICH wheel."""
+    srun_args: str = ""
+    """Further srun options the site's documentation gives for binding (e.g. LUMI-G's CPU masks per
+    GCD, Frontier's --gpu-bind=closest); batch scripts export them as SRUN_ARGS."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,16 @@ class Site:
     modules: tuple[str, ...] = ()
     env: dict[str, EnvVar] = field(default_factory=dict)
     container: Container = field(default_factory=Container)
+    scratch: str = ""
+    """The site's scratch folder as a job sees it (it may use the site's variables, e.g.
+    `$CINECA_SCRATCH`): batch scripts export it as MPIFED_SCRATCH, and `config new` puts each site's
+    checkpoints under it. Empty: not known (checkpoints go to the project folder)."""
+    docs: tuple[str, ...] = ()
+    """The pages of the site's user documentation this profile follows (modules, binds, binding, the
+    collective library's network plugin): the written README lists them."""
+    build_first: tuple[str, ...] = ()
+    """Shell commands a user runs once on the site before the first job (software the profile loads
+    that the site does not provide ready-made); the written README lists them."""
     path: Path = Path()
 
     def __post_init__(self) -> None:
@@ -127,7 +140,10 @@ class Site:
                 for text in value if isinstance(value, tuple) else (value,):
                     if isinstance(text, str) and ("\n" in text or "\r" in text):
                         problems.append(f"{where}.{key}: must be one line")
-        problems += [f"modules: {m!r} must be one line" for m in self.modules if "\n" in m or "\r" in m]
+        problems += [f"{key}: {m!r} must be one line" for key in ("modules", "docs", "build_first")
+                     for m in getattr(self, key) if "\n" in m or "\r" in m]
+        if "\n" in self.scratch or "\r" in self.scratch:
+            problems.append("scratch: must be one line")
         problems += [f"env.{name}: not a shell variable name (letters, digits, '_')" for name in self.env
                      if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)]
         if problems:
