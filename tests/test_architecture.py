@@ -17,7 +17,7 @@ PACKAGE = ROOT / "mpifed"
 # The layers, bottom up: a module may import its own room, any room of a lower layer, and the package
 # root (`mpifed/__init__.py`); the rooms of one layer may import each other only as long as no cycle forms.
 LAYERS = [
-    {"mpifed.cadence", "mpifed.config", "mpifed.configfile", "mpifed.layout"},
+    {"mpifed.cadence", "mpifed.config", "mpifed.configfile", "mpifed.layout", "mpifed.logs"},
     {"mpifed.comm", "mpifed.model", "mpifed.deploy"},
     {"mpifed.engines", "mpifed.federation", "mpifed.data", "mpifed.checkpoint", "mpifed.preflight", "mpifed.report",
      "mpifed.plan"},
@@ -109,6 +109,18 @@ def test_only_the_rank_program_reads_comm_world():
     readers = sorted(p.relative_to(ROOT).as_posix() for p in PACKAGE.rglob("*.py")
                      if any(isinstance(n, ast.Attribute) and n.attr == "COMM_WORLD" for n in ast.walk(ast.parse(p.read_text()))))
     assert readers == ["mpifed/run/rank.py"]
+
+
+def test_library_code_speaks_through_the_logger():
+    """Only the command line and the report print; everything else goes through mpifed.logs (levels,
+    --quiet, the rank in front with --verbose). Read from the source: calls of print, not names."""
+    def prints(source: str) -> bool:
+        return any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "print"
+                   for n in ast.walk(ast.parse(source)))
+
+    assert prints("if x:\n    print('y', flush=True)") and not prints("def fingerprint(self):\n    return 1")
+    printers = sorted(p.relative_to(ROOT).as_posix() for p in PACKAGE.rglob("*.py") if prints(p.read_text()))
+    assert all(p.startswith(("mpifed/cli/", "mpifed/report/")) for p in printers), printers
 
 
 def _modules_loaded_by(args: list[str]) -> tuple[subprocess.CompletedProcess, list[str]]:

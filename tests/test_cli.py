@@ -239,3 +239,30 @@ def test_a_terminal_gets_a_live_bar_and_a_pipe_only_the_round_lines(tmp_path):
     out, _ = piped.communicate(timeout=240)
     assert piped.returncode == 0 and "round   2/2  train_loss" in out.decode()
     assert "\r" not in out.decode() and "step/s" not in out.decode()  # batch jobs: the lines alone
+
+
+def test_quiet_and_verbose_reach_every_rank_and_lines_keep_their_streams(tmp_path):
+    """Issue 34: one logging setup. At the default level a run's lines read as before (info on stdout,
+    `mpifed: warning:` and errors on stderr); `mpifed --quiet` leaves only warnings and errors, for every
+    rank mpiexec starts; `--verbose` adds debug lines with each record's rank and facility in front."""
+    small = ["--facilities", "2", "--ranks-per-facility", "1", "--rounds", "1", "--local-steps", "1",
+             "--set", "train.micro_batch=2", "--set", "data.seq_len=32", "--overwrite"]
+    normal = mpifed("simulate", *small, "--out", str(tmp_path / "n"))
+    assert normal.returncode == 0, normal.stderr
+    assert "mpifed: 2 facilities:" in normal.stdout and "round   1/1  train_loss" in normal.stdout
+    quiet = mpifed("--quiet", "simulate", *small, "--out", str(tmp_path / "q"))
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == "", quiet
+    assert (tmp_path / "q" / "metrics.jsonl").read_text().count("\n") == 1  # it did train, silently
+    loud = mpifed("-v", "simulate", *small, "--out", str(tmp_path / "v"))
+    assert loud.returncode == 0, loud.stderr
+    tagged = [line for line in loud.stdout.splitlines() if line.startswith("[rank ")]
+    assert {line.split("]")[0] for line in tagged} == {"[rank 0, facility f0", "[rank 1, facility f1"}
+    assert any("mpifed: phase: " in line for line in tagged)
+    assert "[rank 0, facility f0] mpifed: 2 facilities:" in loud.stdout
+
+    probe = ("from mpifed.logs import LOG\n"
+             "LOG.info('said'); LOG.warning('careful'); LOG.error('mpifed run: error: bad')\n"
+             "LOG.debug('hidden')\n")
+    said = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=rank_env(), timeout=60)
+    assert said.stdout == "mpifed: said\n"
+    assert said.stderr == "mpifed: warning: careful\nmpifed run: error: bad\n"

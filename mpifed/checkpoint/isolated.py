@@ -72,4 +72,5 @@ if __name__ == "__main__":
         reply = _answer(json.loads(sys.argv[1]))
     except CheckpointError as exc:
         reply = {"error": str(exc)}
-    print(json.dumps(reply), flush=True)
+    sys.stdout.write(json.dumps(reply) + "\n")  # the reply to the parent, not a log line
+    sys.stdout.flush()

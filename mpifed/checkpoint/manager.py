@@ -36,6 +36,7 @@ from mpifed.comm.topology import Topology
 from mpifed.comm.watchdog import deadline
 from mpifed.config import RunConfig
 from mpifed.layout import FlatLayout
+from mpifed.logs import LOG
 
 if TYPE_CHECKING:
     from mpifed.data.corpus import Sampler
@@ -99,8 +100,8 @@ class CheckpointManager:
         if topo.is_leader and self.directory.is_dir():  # before this job writes anything
             removed = retention.sweep_unpublished(self.directory, topo.facility_name)
             if removed:
-                print(f"mpifed: removed {len(removed)} unpublished temporary file(s) an interrupted job left in "
-                      f"{self.directory}: {', '.join(removed)}", flush=True)
+                LOG.info(f"removed {len(removed)} unpublished temporary file(s) an interrupted job left in "
+                         f"{self.directory}: {', '.join(removed)}")
 
     def _deadline(self, what: str) -> ContextManager[None]:
         return deadline(self.topo.world, self.cfg.federation.timeout_s, what)
@@ -216,7 +217,7 @@ class CheckpointManager:
             if world.rank == 0 and single:
                 refusal = f"--resume {target}: {'; '.join(problems)}"
             elif world.rank == 0:
-                print(f"mpifed: skipping checkpoint {Path(point['path']).name}: {'; '.join(problems)}", flush=True)
+                LOG.info(f"skipping checkpoint {Path(point['path']).name}: {'; '.join(problems)}")
 
     def _offer(self, found: list[Path], single: bool, parts: Parts) -> str:
         """On the global root: the next candidate of `found` as JSON ({} when none is left, {"error"} to
@@ -228,7 +229,7 @@ class CheckpointManager:
             except CheckpointError as exc:
                 if single:
                     return json.dumps({"error": f"--resume {path}: {exc}"})
-                print(f"mpifed: skipping checkpoint {path.name}: {exc}; {self._set_aside(path)}", flush=True)
+                LOG.info(f"skipping checkpoint {path.name}: {exc}; {self._set_aside(path)}")
                 continue
             problems = self._incompatibilities(verified, parts)
             if problems:
@@ -325,7 +326,7 @@ class CheckpointManager:
                 try:
                     isolated.check_part(path, numel=self.layout.numel)
                 except CheckpointError as exc:
-                    print(f"mpifed: facility {name}: skipping {path.name}: {exc}", flush=True)
+                    LOG.info(f"facility {name}: skipping {path.name}: {exc}")
                     continue
                 found = str(path)
                 break

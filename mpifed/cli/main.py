@@ -15,11 +15,12 @@ exit and no traceback; nothing is written before the whole configuration has bee
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import click
 
-from mpifed import __version__
+from mpifed import __version__, logs
 from mpifed.cli import ckpt, data, deploy, plan, report, token, train
 from mpifed.cli.common import launch_rank
 
@@ -39,12 +40,19 @@ COMMANDS: dict[str, click.Command] = {
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="mpifed")
-def cli() -> None:
+@click.option("--quiet", "-q", "loudness", flag_value="quiet",
+              help="Only warnings and errors (every rank this command starts too).")
+@click.option("--verbose", "-v", "loudness", flag_value="verbose",
+              help="Also debug lines, each with its rank and facility in front.")
+def cli(loudness: str | None) -> None:
     """Train one language model across several HPC facilities over MPI.
 
     Each facility trains locally; every H steps the facilities' roots average what they learned
     (weighted by tokens), apply an outer optimizer and checkpoint the global model to HDF5.
     """
+    if loudness:  # through the environment: mpiexec and srun hand it to every rank they start
+        os.environ[logs.ENV] = loudness
+        logs.LOG.setLevel(logs.LEVELS[loudness])
 
 
 for _name, _command in COMMANDS.items():

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 import click
 
-from mpifed import STOPPED_EXIT, configfile
+from mpifed import STOPPED_EXIT, configfile, logs
 from mpifed.cli.common import (
     JobFailed,
     UserError,
@@ -213,7 +213,8 @@ def simulate(config_file: Path | None, facilities: int | None, ranks_per_facilit
         return 0
     command = simulate_command(cfg, _prepare_output(cfg, overwrite, resume),
                                cfg.checkpoint.dir if resume == "auto" else resume)
-    click.echo(f"mpifed simulate: {shlex.join(command)}", err=True)
+    if logs.chatty():
+        click.echo(f"mpifed simulate: {shlex.join(command)}", err=True)
     try:
         code = _run_forwarding_stops(command, _rank_environment(cfg))
     except KeyboardInterrupt:

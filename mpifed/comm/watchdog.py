@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 import time
 import traceback
@@ -24,6 +23,7 @@ from typing import Iterator
 from mpi4py import MPI
 
 from mpifed.comm.rollcall import ANSWER_S, RollCall, describe
+from mpifed.logs import LOG
 
 ABORT_CODE = 3
 DIE_AT = "MPIFED_DIE_AT"
@@ -56,11 +56,12 @@ def set_phase(what: str) -> None:
     """What this rank is doing now, as the others' roll calls will hear it."""
     global _phase
     _phase = what
+    LOG.debug(f"phase: {what}")
     if _roll is not None:
         _roll.phase = what
     rehearsed = os.environ.get(DIE_AT, "")
     if rehearsed and what.startswith(rehearsed):
-        print(f"mpifed: {DIE_AT}: this launch goes down at '{what}' (rehearsing the loss of a site)", flush=True)
+        LOG.info(f"{DIE_AT}: this launch goes down at '{what}' (rehearsing the loss of a site)")
         os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
@@ -72,7 +73,7 @@ def _fail(comm: MPI.Comm, line: str, code: int, ask: bool = True) -> None:
         if _roll.comm.rank not in _roll.leaders:
             time.sleep(ANSWER_S + 4 * _GRACE_S)
         line = f"{line}; {describe(_roll.ask())}"
-    print(f"{line}; aborting the job", file=sys.stderr, flush=True)
+    LOG.error(f"{line}; aborting the job")
     _abort(comm, code)
 
 
@@ -157,6 +158,6 @@ def abort_on_error(comm: MPI.Comm, expected: tuple[type[BaseException], ...] = (
                 # the lowest says it and its abort (after its grace) ends the others while they wait; a rank
                 # it spared says its own a moment later. One line where there would be one per rank.
                 time.sleep(min(3.0, 2 * _GRACE_S + 0.5 + 0.01 * comm.Get_rank()))
-            print(f"mpifed: rank {comm.Get_rank()}: error: {exc}{detail}", file=sys.stderr, flush=True)
+            LOG.error(f"mpifed: rank {comm.Get_rank()}: error: {exc}{detail}")
             _abort(comm, getattr(exc, "exit_code", 1))  # 2 for bad input, as the command line exits
         raise SystemExit(1) from None  # MPI_Abort may return before the launcher kills this process

@@ -15,7 +15,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from mpifed import cache_dir
+from mpifed.logs import LOG
 
 SOURCE = Path(__file__).with_name("kernels.c")
 ENABLE = "MPIFED_KERNELS"
@@ -97,8 +97,8 @@ def library() -> ctypes.CDLL | None:
 
 def _without(why: str) -> None:
     """Say once, on this process, that the codecs run on the torch path, and why."""
-    print(f"mpifed: note: the codecs' C kernels could not be built ({why}); they run on the slower torch path "
-          f"(set {ENABLE}=0 to choose that)", file=sys.stderr, flush=True)
+    LOG.warning(f"the codecs' C kernels could not be built ({why}); they run on the slower torch path "
+                f"(set {ENABLE}=0 to choose that)")
     return None
 
 

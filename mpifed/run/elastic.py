@@ -34,6 +34,7 @@ from mpifed.comm.topology import Topology, local_ranks_on_node
 from mpifed.config import RunConfig
 from mpifed.data.corpus import open_corpus
 from mpifed.federation.reduce import segments
+from mpifed.logs import LOG
 from mpifed.run import stop
 
 if TYPE_CHECKING:
@@ -55,17 +56,17 @@ class Elastic:
             self.leaving = tuple(asked)
             if self.topo.is_global_root:
                 one = len(asked) == 1
-                print(f"mpifed: {who} {'leaves' if one else 'leave'} after round {round_} of {fed.rounds}; "
-                      f"{', '.join(stay)} {'go' if len(stay) > 1 else 'goes'} on without {'it' if one else 'them'} "
-                      f"from round {round_ + 1} (federation.min_facilities = {fed.min_facilities})", flush=True)
+                LOG.info(f"{who} {'leaves' if one else 'leave'} after round {round_} of {fed.rounds}; "
+                         f"{', '.join(stay)} {'go' if len(stay) > 1 else 'goes'} on without {'it' if one else 'them'} "
+                         f"from round {round_ + 1} (federation.min_facilities = {fed.min_facilities})")
             elif self.topo.is_leader and self.topo.facility_name in asked:
-                print(f"mpifed: facility {self.topo.facility_name} leaves after round {round_} of {fed.rounds}; "
-                      f"its part of round {round_} is in {self.cfg.checkpoint.dir}", flush=True)
+                LOG.info(f"facility {self.topo.facility_name} leaves after round {round_} of {fed.rounds}; "
+                         f"its part of round {round_} is in {self.cfg.checkpoint.dir}")
             return
         self.stopped_after = round_
         if self.topo.is_global_root:
-            print(f"mpifed: stopping after round {round_} of {fed.rounds}, as asked by {who}; {why_not}round "
-                  f"{round_} is checkpointed in {self.cfg.checkpoint.dir}: continue with --resume auto", flush=True)
+            LOG.info(f"stopping after round {round_} of {fed.rounds}, as asked by {who}; {why_not}round "
+                     f"{round_} is checkpointed in {self.cfg.checkpoint.dir}: continue with --resume auto")
 
     def _why_not_leave(self, asked: dict[str, str]) -> str | None:
         """None where the facilities that `asked` to stop may leave while the others go on; else why not
@@ -186,9 +187,8 @@ class Elastic:
                     self.round)
         if self.topo.is_leader:
             part = self.own.path
-            print(f"mpifed: facility {self.topo.facility_name} trains from round {self.round + 1} on"
-                  + (f", from its data position in {part}" if part else ", from the start of its data partition"),
-                  flush=True)
+            LOG.info(f"facility {self.topo.facility_name} trains from round {self.round + 1} on"
+                     + (f", from its data position in {part}" if part else ", from the start of its data partition"))
 
     def train_ahead(self, waiting: "Waiting") -> tuple[MPI.Intracomm, dict]:
         """A facility coming back, once the door admitted it: wait for the federation's round
@@ -204,8 +204,8 @@ class Elastic:
         try:
             if ready:
                 if leader:
-                    print(f"mpifed: facility {name} trains ahead from round {own.round}'s global model while it "
-                          "waits for the round boundary", flush=True)
+                    LOG.info(f"facility {name} trains ahead from round {own.round}'s global model while it "
+                             "waits for the round boundary")
                 self.engine.before_exchange()
                 kept = [values.copy() for _, values in self.engine.held()]
                 self.engine.after_exchange()
@@ -221,13 +221,12 @@ class Elastic:
             raise
         world, told = waiting.merge()
         if leader:
-            print(f"mpifed: facility {name} trained {steps} of {train.local_steps} steps ahead, from round "
-                  f"{own.round}'s global model, while it waited to come back" if ready else
-                  f"mpifed: facility {name} did not train ahead: " +
-                  ("it has no checkpoint part of its own" if own.path is None else
-                   f"its newest part, {own.path.name}, keeps no global model" if not own.kept_global else
-                   f"its part keeps round {own.round}'s global model; the federation trained round {waiting.round}"),
-                  flush=True)
+            LOG.info(f"facility {name} trained {steps} of {train.local_steps} steps ahead, from round "
+                     f"{own.round}'s global model, while it waited to come back" if ready else
+                     f"facility {name} did not train ahead: " +
+                     ("it has no checkpoint part of its own" if own.path is None else
+                      f"its newest part, {own.path.name}, keeps no global model" if not own.kept_global else
+                      f"its part keeps round {own.round}'s global model; the federation trained round {waiting.round}"))
         self.pending_tokens = tokens
         return world, told
 

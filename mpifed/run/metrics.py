@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, TextIO
 
+from mpifed import logs
+
 PROGRESS_ENV = "MPIFED_PROGRESS"
 """1: show the live bar, 0: never. Under mpiexec a rank's output is a pipe even when the launch runs on a
 terminal, so `mpifed simulate` sets it from its own terminal; set it yourself for a hand-run mpiexec."""
@@ -19,6 +21,8 @@ terminal, so `mpifed simulate` sets it from its own terminal; set it yourself fo
 def live_view_wanted() -> bool:
     """Whether this process should draw the live bar: MPIFED_PROGRESS if set, else whether stdout is a
     terminal (batch jobs write to files: no bar, just the per-round lines)."""
+    if not logs.chatty():  # --quiet: warnings and errors only
+        return False
     setting = os.environ.get(PROGRESS_ENV, "")
     return setting == "1" if setting in ("0", "1") else sys.stdout.isatty()
 

@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Callable, Collection, NoReturn
 
 from mpi4py import MPI
 
-from mpifed import STOPPED_EXIT
+from mpifed import STOPPED_EXIT, logs
 from mpifed.comm import control, secret, topology, watchdog
 from mpifed.comm.rollcall import RollCall
 from mpifed.comm.watchdog import abort_on_error
 from mpifed.config import RunConfig
+from mpifed.logs import LOG
 from mpifed.run import stop
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ def _train(cfg: RunConfig, world: MPI.Intracomm, index: int, resume: str, token:
     new world (`_without`, `_with_newcomer`) and training goes on."""
     from mpifed.run.trainer import Trainer  # heavy imports (torch, transformers) only once MPI is up
 
+    logs.identify(rank=world.rank, facility=cfg.facility[index].name)
     trainer, entering, newcomer = None, None, None
     door = joined.door if joined else None
     back: tuple[str, float] | None = None  # the facility admitted at the last boundary, and when it began
@@ -190,7 +192,7 @@ def main(cfg: RunConfig, resume: str = "") -> int:
         token = secret.given_token(cfg.federation.token_file)
     except ValueError as exc:  # the same on every rank: say it once, exit cleanly
         if comm.rank == 0:
-            print(f"mpifed run: error: {exc}", file=sys.stderr, flush=True)
+            LOG.error(f"mpifed run: error: {exc}")
         return 2
     return _train(cfg, comm, indices[comm.rank], resume, token)
 
@@ -208,7 +210,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 
 def _say(line: str) -> None:
-    print(f"mpifed: {line}", flush=True)
+    LOG.info(line)
 
 
 @dataclass
@@ -304,6 +306,6 @@ def main_joined(cfg: RunConfig, name: str, port: str = "", resume: str = "") -> 
             joined = join_world(comm, cfg, name, port, resume)
         except LaunchError as exc:  # the same on every rank: say it once, exit cleanly
             if comm.rank == 0:
-                print(f"mpifed run: error: {exc}", file=sys.stderr, flush=True)
+                LOG.error(f"mpifed run: error: {exc}")
             return 2
     return _train(joined.cfg, joined.world, joined.index, resume, joined.token, joined)

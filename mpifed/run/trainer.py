@@ -29,6 +29,7 @@ from mpifed.data.corpus import EMBEDDED_LIMIT, Sampler, open_corpus
 from mpifed.engines import EngineSettings, make_engine
 from mpifed.federation.reduce import Federation, FederationError, RoundExchange, sampled
 from mpifed.layout import FlatLayout
+from mpifed.logs import LOG
 from mpifed.model import InitialModel, ModelError, base_digest, model_for
 from mpifed.run import stop
 from mpifed.run.memory import Peaks
@@ -167,7 +168,7 @@ class Trainer(Elastic):
             self.checkpoints.restore(point, self.parts)
             self._post_held_back(f"resume: posting round {point.round}'s exchange")  # as the run did next
         elif self.topo.is_global_root:
-            print(f"mpifed: --resume {target}: no checkpoint found; starting from round 1", flush=True)
+            LOG.info(f"--resume {target}: no checkpoint found; starting from round 1")
         return point
 
     def _check_same_layout(self) -> None:
@@ -233,13 +234,13 @@ class Trainer(Elastic):
         facilities = ", ".join(f"{f.name} ({f.ranks} x {_engine_label(f)})" for f in cfg.facility)
         size = (f"LoRA r={cfg.lora.rank}: {self.layout.numel:,} adapter parameters train and cross facilities"
                 if cfg.lora.rank else f"{self.layout.numel / 1e6:.2f}M parameters")
-        print(f"mpifed: {topo.n_facilities} facilities: {facilities}; model {cfg.model.path or cfg.model.preset} "
-              f"({size}); {self.corpus.description}; {cfg.federation.rounds} rounds x "
-              f"{cfg.train.local_steps} local steps; outer {cfg.federation.outer}; {_links(topo)}"
-              f"checkpoints in {cfg.checkpoint.dir}", flush=True)
+        LOG.info(f"{topo.n_facilities} facilities: {facilities}; model {cfg.model.path or cfg.model.preset} "
+                 f"({size}); {self.corpus.description}; {cfg.federation.rounds} rounds x "
+                 f"{cfg.train.local_steps} local steps; outer {cfg.federation.outer}; {_links(topo)}"
+                 f"checkpoints in {cfg.checkpoint.dir}")
         if self.resumed_from is not None:
-            print(f"mpifed: resuming from {self.resumed_from.path} (round {self.resumed_from.round}, "
-                  f"{self.resumed_from.tokens:,} tokens)", flush=True)
+            LOG.info(f"resuming from {self.resumed_from.path} (round {self.resumed_from.round}, "
+                     f"{self.resumed_from.tokens:,} tokens)")
 
     def run(self) -> None:
         """Train from `start_round` on, until the last round, a planned stop, or a boundary where the
@@ -251,8 +252,7 @@ class Trainer(Elastic):
             if self.stopped_after is not None or self.leaving or self.admitting:
                 return
         if self.topo.is_global_root:
-            print(f"mpifed: done; checkpoints in {self.cfg.checkpoint.dir}, metrics in {self.cfg.metrics_path}",
-                  flush=True)
+            LOG.info(f"done; checkpoints in {self.cfg.checkpoint.dir}, metrics in {self.cfg.metrics_path}")
 
     def _inner(self, round_: int, sync_after: dict[int, int], land_after: set[int]) -> tuple[float, int, float]:
         """H local steps; (sum of facility-mean step losses, tokens this rank trained since the last
@@ -383,7 +383,7 @@ class Trainer(Elastic):
             metrics = RoundMetrics(round=round_, val_loss=val_loss, tokens_total=self.parts.tokens_total, ckpt_s=ckpt_s,
                                    wall_s=time.perf_counter() - start, facility_val_loss=local_losses, **summary)
             self.log.write(metrics)
-            print(metrics.line(self.cfg.federation.rounds), flush=True)
+            LOG.info(metrics.line(self.cfg.federation.rounds), extra={"bare": True})  # the progress line
         if publish is not None:  # after the metrics line: a run killed in between resumes before this round
             publish()
         if stopping:
@@ -415,7 +415,7 @@ class Trainer(Elastic):
             self.engine.after_exchange()
         if self.topo.is_global_root:
             for reason in (r for e in self.round_exchanges for r in e.left_out):
-                print(f"mpifed: warning: round {round_}: left out {reason}", flush=True)
+                LOG.warning(f"round {round_}: left out {reason}")
         summary = self._summarise(loss_sum, inner_s, idle_s, time.perf_counter() - exchange_start + mid_sync_s)
         val_loss = self._validate_global() if evaluate else None
         self.parts.tokens_total += summary["tokens"]
