@@ -62,13 +62,13 @@ CORPUS_PACKAGES = ("email", "json", "http", "asyncio", "xml", "concurrent", "imp
 def corpus_dir(tmp_path_factory) -> Path:
     import sysconfig
 
-    from mpifed.data.corpus import _docstrings
+    from mpifed.data.corpus import docstrings
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     out = tmp_path_factory.mktemp("corpus")
     for package in CORPUS_PACKAGES:
         for module in sorted((stdlib / package).rglob("*.py")):
-            docs = _docstrings(module.read_text(encoding="utf-8"))
+            docs = docstrings(module.read_text(encoding="utf-8"))
             if docs:
                 target = out / package / f"{module.relative_to(stdlib / package).with_suffix('')}.txt".replace("/", "_")
                 target.parent.mkdir(parents=True, exist_ok=True)

@@ -35,28 +35,35 @@ MANIFEST = "manifest.json"
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
 
 
-def _docstrings(source: str) -> list[str]:
+def docstrings(source: str) -> list[str]:
+    """The docstrings of a Python source's module, classes and functions, in source order."""
     tree = ast.parse(source)
     nodes = [tree] + [n for n in ast.walk(tree)
                       if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
     return [doc for n in nodes if (doc := ast.get_docstring(n))]
 
 
-def stdlib_text() -> str:
-    """The embedded corpus: pydoc help topics, then stdlib docstrings, in a fixed order."""
-    from pydoc_data.topics import topics
-
-    parts = [topics[key] for key in sorted(topics)]
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for root, dirs, files in os.walk(stdlib):
+def tree_docstrings(folder: Path) -> list[str]:
+    """Every docstring of the .py files under `folder`, walked in sorted order, leaving out tests and
+    vendored packages (`_SKIP_DIRS`) and any file that does not parse."""
+    parts: list[str] = []
+    for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
         for name in sorted(files):
             if not name.endswith(".py"):
                 continue
             try:
-                parts += _docstrings((Path(root) / name).read_text(encoding="utf-8"))
+                parts += docstrings((Path(root) / name).read_text(encoding="utf-8"))
             except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
                 continue  # a few stdlib files are templates or other-version syntax
+    return parts
+
+
+def stdlib_text() -> str:
+    """The embedded corpus: pydoc help topics, then stdlib docstrings, in a fixed order."""
+    from pydoc_data.topics import topics
+
+    parts = [topics[key] for key in sorted(topics)] + tree_docstrings(Path(sysconfig.get_paths()["stdlib"]))
     return "\n\n".join(dict.fromkeys(parts))  # repeated docstrings once: less train/validation overlap
 
 
