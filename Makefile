@@ -1,12 +1,13 @@
 # The Quick start's two commands. Each creates or reuses the virtualenv .venv and installs what it needs.
 #   make demo   train 2 facilities x 2 ranks on this machine (the main job)
 #   make test   the whole test suite (what CI runs)
+#   make test-quick  the tests a change most often breaks (tests/conftest.py QUICK), a few minutes
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mpifed-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test test-quick install clean
 
 install: $(STAMP)
 
@@ -33,6 +34,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -q -m quick
 
 clean:
 	rm -rf $(VENV) run *.egg-info

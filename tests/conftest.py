@@ -58,6 +58,32 @@ def mpifed(*args: str, cwd: Path | None = None, timeout: float = 300) -> subproc
 CORPUS_PACKAGES = ("email", "json", "http", "asyncio", "xml", "concurrent", "importlib", "logging")
 
 
+QUICK = (
+    # the package's shape, its settings and codecs, the sealed links and handshake, model and data
+    "test_architecture.py::", "test_config.py::", "test_compress.py::", "test_seal.py::", "test_handshake.py::",
+    "test_links.py::", "test_model.py::", "test_data.py::",
+    # checkpoints: damage named and fallen back from, a killed writer, an export that loads
+    "test_checkpoint.py::test_damage_is_named_and_resume_falls_back",
+    "test_checkpoint.py::test_killed_writer_never_publishes_a_broken_file",
+    "test_checkpoint.py::test_export_loads_with_the_same_logits",
+    # the exchange against the numpy oracle: FedAvg and DiLoCo, replica and sharded, a codec, the guard
+    "test_reduce.py::test_three_rounds_match_numpy[fedavg-sizes2-1-replica]",
+    "test_reduce.py::test_three_rounds_match_numpy[diloco-sizes3-3-sharded]",
+    "test_reduce.py::test_compressed_exchange[int8-0.26]",
+    "test_reduce.py::test_guard_leaves_out_a_bad_facility[1:nan]",
+    "test_reduce.py::test_streamed_rounds_match_numpy[delayed-1-fedavg-sharded-0]",
+    # training end to end against a plain PyTorch loop (schedules, optimizer state, sampling)
+    "test_reference.py::test_three_rounds_equal_a_plain_pytorch_loop[fedavg]",
+)
+"""`make test-quick`: the tests a change most often breaks, marked `quick` (node ids, or a file's prefix)."""
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if item.nodeid.removeprefix("tests/").startswith(QUICK):
+            item.add_marker(pytest.mark.quick)
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> Path:
     import sysconfig
