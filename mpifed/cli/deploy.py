@@ -10,7 +10,7 @@ from mpifed import configfile
 from mpifed.cli.common import UserError, check_writable, default_of, load_config, set_option
 from mpifed.config import Compression, EngineName, FacilityConfig, OuterName, Preset, choices
 from mpifed.deploy import project
-from mpifed.deploy.defaults import Proposal, proposals
+from mpifed.deploy.defaults import LONG_RUN_ROUNDS, Proposal, outer_for, outer_proposals, proposals
 from mpifed.deploy.sites import Site, SiteError, available, get
 
 
@@ -90,8 +90,9 @@ def _facilities(value: str) -> list[tuple[str, str, int, str]]:
 @click.option("--local-steps", type=click.IntRange(min=1), prompt="Local steps per round (H)", default=50,
               help="train.local_steps")
 @click.option("--outer", type=click.Choice(choices(OuterName)),
-              prompt="Outer optimizer", default="fedavg",
-              help="federation.outer (fedavg: best for tens of rounds in benchmarks/parity.py; see the README)")
+              prompt="Outer optimizer", default=lambda: outer_for(click.get_current_context().params.get("rounds", 0)),
+              help=f"federation.outer (default: diloco, with an outer warm-up, from {LONG_RUN_ROUNDS} rounds; fedavg "
+                   "for shorter runs, as benchmarks/parity.py measured; see the README)")
 @click.option("--compress", type=click.Choice(choices(Compression)), prompt="Compression between facilities",
               default="int8", help="federation.compress (int8: a quarter of fp32's bytes, no measurable loss "
                                    "in benchmarks/parity.py)")
@@ -154,9 +155,9 @@ def config_new(out: Path, facilities: str, model: str, data_path: str, rounds: i
 
 
 def _proposals(data: dict, sets: tuple[str, ...], profiles: dict[str, Site]) -> list[Proposal]:
-    """The settings proposed for the size of the model (mpifed/deploy/defaults.py); none where the model
-    cannot be sized here (a model folder of another machine) or the configuration does not validate
-    (load_config then says why)."""
+    """The settings proposed for the outer optimizer and the size of the model (mpifed/deploy/defaults.py);
+    none for the size where the model cannot be sized here (a model folder of another machine), none at
+    all where the configuration does not validate (load_config then says why)."""
     from mpifed.config import ConfigError
     from mpifed.data.corpus import VOCAB_SIZE, DataError, shape
     from mpifed.model import ModelError, planned_layout
@@ -173,8 +174,8 @@ def _proposals(data: dict, sets: tuple[str, ...], profiles: dict[str, Site]) -> 
         params = planned_layout(cfg, seq_len, vocab).numel
     except (ModelError, OSError, ValueError):
         click.echo(f"note: model.path {cfg.model.path} is not on this machine: no settings proposed for its size")
-        return []
+        return outer_proposals(cfg.federation.rounds, cfg.federation.outer)
     roots = min(min(f.ranks, profiles[f.name].scheduler.ranks_per_node) for f in cfg.facility)
-    return proposals(params, cfg.federation.rounds, all(s.accelerator != "cpu" for s in profiles.values()), roots,
-                     not cfg.data.path)
+    return outer_proposals(cfg.federation.rounds, cfg.federation.outer) + proposals(
+        params, cfg.federation.rounds, all(s.accelerator != "cpu" for s in profiles.values()), roots, not cfg.data.path)
 

@@ -21,6 +21,27 @@ class Proposal:
     why: str
 
 
+LONG_RUN_ROUNDS = 100
+"""From this many rounds `config new` proposes diloco (benchmarks/parity.py: with an outer warm-up of a
+tenth of the rounds it reached centralized training's perplexity at 240 rounds, where fedavg stayed
+10% above; at 12 and 30 rounds it was far worse than fedavg)."""
+
+
+def outer_for(rounds: int) -> str:
+    """The outer optimizer `config new` proposes for a run of `rounds` rounds."""
+    return "diloco" if rounds >= LONG_RUN_ROUNDS else "fedavg"
+
+
+def outer_proposals(rounds: int, outer: str) -> list[Proposal]:
+    """What DiLoCo's outer step needs whatever the model's size: a warm-up of a tenth of the rounds."""
+    if outer != "diloco" or rounds < 20:
+        return []
+    warmup = rounds // 10
+    return [Proposal("federation.outer_warmup", warmup, f"DiLoCo's Nesterov step grows to full strength over the "
+                     f"first {warmup} rounds (a tenth): in benchmarks/parity.py, 240 rounds with such a warm-up "
+                     "reached centralized training's perplexity")]
+
+
 def proposals(params: int, rounds: int, on_gpus: bool, roots: int, embedded: bool) -> list[Proposal]:
     """What to set for a model of `params` parameters trained over `rounds` rounds: `on_gpus` when every
     facility's site has GPUs, `roots` the most roots every facility can have (its ranks, at most a
