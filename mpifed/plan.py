@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,25 +175,30 @@ def plan_facility(cfg: RunConfig, index: int, layout: FlatLayout, shape: tuple[i
                         *_capacity(fac), disk_round, disk_kept)
 
 
-def _candidates(cfg: RunConfig, index: int) -> list[list[tuple[str, ...]]]:
-    """Kinds of change that lower what a rank of facility `index` needs, each a list of settings (as
-    `--set` writes them) from the least change to the most; a fix takes the first of a kind that fits."""
+KINDS = ("engine", "roots", "checkpointing", "micro_batch", "ranks")
+"""The kinds of change `fixes` tries, in the order it combines them."""
+
+
+def _candidates(cfg: RunConfig, index: int) -> dict[str, list[tuple[str, ...]]]:
+    """Kind (of KINDS) -> the changes of that kind that lower what a rank of facility `index` needs, each
+    a tuple of settings (as `--set` writes them), from the least change to the most; a kind that does
+    not apply to this configuration is absent."""
     fac, fed = cfg.facility[index], cfg.federation
     at = f"facility.{fac.name}"
-    kinds: list[list[tuple[str, ...]]] = []
+    kinds: dict[str, list[tuple[str, ...]]] = {}
     if fac.engine == "replica":
-        kinds.append([(f"{at}.engine=fsdp",)])
+        kinds["engine"] = [(f"{at}.engine=fsdp",)]
     elif fac.engine == "deepspeed" and fac.deepspeed.zero_stage < 3:
-        kinds.append([(f"{at}.deepspeed.zero_stage=3",)])
+        kinds["engine"] = [(f"{at}.deepspeed.zero_stage=3",)]
     # more roots: each holds a smaller segment of the global model with its outer state and codec buffers
-    kinds.append([(f"federation.roots={r}",) for r in range(fed.roots + 1, min(f.ranks for f in cfg.facility) + 1)])
+    kinds["roots"] = [(f"federation.roots={r}",) for r in range(fed.roots + 1, min(f.ranks for f in cfg.facility) + 1)]
     if fac.engine == "fsdp" and not fac.fsdp.activation_checkpointing:
-        kinds.append([(f"{at}.fsdp.activation_checkpointing=true",)])
+        kinds["checkpointing"] = [(f"{at}.fsdp.activation_checkpointing=true",)]
     mb, accum = cfg.train.micro_batch, cfg.train.grad_accum  # the same tokens per step, fewer at once
-    kinds.append([(f"train.micro_batch={mb // k}", f"train.grad_accum={accum * k}") for k in (2, 4, 8, 16)
-                  if mb % k == 0])
+    kinds["micro_batch"] = [(f"train.micro_batch={mb // k}", f"train.grad_accum={accum * k}") for k in (2, 4, 8, 16)
+                            if mb % k == 0]
     if fac.engine != "replica":
-        kinds.append([(f"{at}.ranks={fac.ranks * k}",) for k in (2, 4, 8)])
+        kinds["ranks"] = [(f"{at}.ranks={fac.ranks * k}",) for k in (2, 4, 8)]
     return kinds
 
 
@@ -221,7 +225,7 @@ def fixes(cfg: RunConfig, index: int, layout: FlatLayout, shape: tuple[int, int,
     does alone, one combination: kind after kind, the least change of each that fits, else the one
     that lowers the peak most, until it fits. [] if not even that fits."""
     out = []
-    for kind in _candidates(cfg, index):
+    for kind in _candidates(cfg, index).values():
         for sets in kind:
             replanned = _replanned(cfg, sets, index, layout, shape)
             if replanned and not replanned[1].problems():
@@ -230,16 +234,18 @@ def fixes(cfg: RunConfig, index: int, layout: FlatLayout, shape: tuple[int, int,
     if out:
         return out
     chosen: list[str] = []
-    current = cfg
-    for kind_index in range(len(_candidates(cfg, index))):
-        kind = _candidates(current, index)[kind_index] if kind_index < len(_candidates(current, index)) else []
-        tried = [(sets, r) for sets in kind if (r := _replanned(current, sets, index, layout, shape))]
-        if not tried:
-            continue
+    current, peak = cfg, plan_facility(cfg, index, layout, shape, 0.0).rank.peak
+    for name in KINDS:  # each kind asked of the configuration as changed so far (a new engine brings new kinds)
+        tried = [(sets, r) for sets in _candidates(current, index).get(name, [])
+                 if (r := _replanned(current, sets, index, layout, shape))]
         fitting = [(sets, r) for sets, r in tried if not r[1].problems()]
-        sets, (current, plan) = fitting[0] if fitting else min(tried, key=lambda t: t[1][1].rank.peak)
+        sets, (changed, plan) = fitting[0] if fitting else min(tried, key=lambda t: t[1][1].rank.peak,
+                                                               default=((), (current, None)))
+        if plan is None or (not fitting and plan.rank.peak >= peak):
+            continue  # nothing of this kind lowers the peak: leave it as it is
         chosen += sets
-        if not plan.problems():
+        current, peak = changed, plan.rank.peak
+        if fitting:
             return [f"all of {', '.join(chosen)} ({_peak(plan)})"]
     return []
 
