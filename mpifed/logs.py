@@ -23,11 +23,19 @@ _where = {"rank": None, "facility": None}
 
 
 class _Handler(logging.Handler):
-    """Info and debug on stdout, warnings and errors on stderr, each record one flushed line."""
+    """Records of `levels` as one flushed line each on the stream `name` names (sys.stdout or sys.stderr,
+    looked up per record). One handler per stream, each with its own lock: an error line never waits
+    behind a write to a stalled stdout pipe (the watchdog's abort goes through stderr)."""
+
+    def __init__(self, name: str, low: int, high: int) -> None:
+        super().__init__()
+        self.name_of_stream, self.low, self.high = name, low, high
 
     def emit(self, record: logging.LogRecord) -> None:
-        stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+        if not self.low <= record.levelno < self.high:
+            return
         try:
+            stream = getattr(sys, self.name_of_stream)
             stream.write(self.format(record) + "\n")
             stream.flush()
         except (OSError, ValueError):  # a closed pipe must not take a rank down with it
@@ -43,7 +51,7 @@ class _Format(logging.Formatter):
             line = f"mpifed: warning: {text}"
         else:
             line = f"mpifed: {text}"
-        if LOG.level <= logging.DEBUG and _where["rank"] is not None:
+        if LOG.isEnabledFor(logging.DEBUG) and _where["rank"] is not None:
             where = f"rank {_where['rank']}" + (f", facility {_where['facility']}" if _where["facility"] else "")
             line = f"[{where}] {line}"
         return line
@@ -68,10 +76,13 @@ def chatty() -> bool:
 
 
 def _install() -> None:
-    handler = _Handler()
-    handler.setFormatter(_Format())
-    LOG.addHandler(handler)
-    LOG.propagate = False  # the application's own handler; the root logger stays the caller's
+    if any(isinstance(h, _Handler) for h in LOG.handlers):  # a reloaded module must not double every line
+        return
+    for handler in (_Handler("stdout", logging.NOTSET, logging.WARNING),
+                    _Handler("stderr", logging.WARNING, logging.CRITICAL + 1)):
+        handler.setFormatter(_Format())
+        LOG.addHandler(handler)
+    LOG.propagate = False  # the application's own handlers; the root logger stays the caller's
     LOG.setLevel(level_from_env())
 
 

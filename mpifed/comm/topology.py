@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 from mpi4py import MPI
 
+from mpifed import logs
 from mpifed.comm import control
 from mpifed.comm.across import Across
 from mpifed.comm.link import Mesh
@@ -138,6 +139,7 @@ def build(comm: MPI.Intracomm, facility_index: int, names: Sequence[str], n_root
         raise ValueError(f"every facility needs at least one rank (ranks per facility: {sizes})")
     world = comm.Split(0, key=facility_index * comm.size + comm.rank)
     facility = world.Split(facility_index, key=world.rank)
+    logs.identify(rank=world.rank, facility=names[facility_index])  # a rebuilt world renumbers the ranks
     offsets = [sum(sizes[:i]) for i in range(len(names))]
     inter: dict[int, MPI.Intercomm] = {}
     # A star around the hub, the same shape that separate launches produce through Comm_connect.
