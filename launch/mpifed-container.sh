@@ -9,6 +9,8 @@
 #   MPIFED_BINDS      comma-separated host paths to bind (scratch, project, the host MPI's fabric libraries)
 #   MPI4PY_LIBMPI     a host MPI library (MPICH ABI: Cray MPICH, MPICH) to use instead of the embedded MPICH;
 #                     its folder is bound into the container as well
+#   MPIFED_CONTAINER_LIBS  colon-separated host library folders (e.g. RCCL's network plugin) bound in and put
+#                     in front of the container's library path, before what a module already set there
 # The container sees the job's whole environment (Apptainer passes it through): MPIFED_TOKEN, NCCL_*, FI_*.
 set -euo pipefail
 
@@ -24,6 +26,15 @@ fi
 binds="${MPIFED_BINDS:-}"
 if [[ -n "${MPI4PY_LIBMPI:-}" ]]; then
     binds="${binds:+$binds,}$(dirname "$MPI4PY_LIBMPI")"
+fi
+if [[ -n "${MPIFED_CONTAINER_LIBS:-}" ]]; then
+    # APPTAINERENV_/SINGULARITYENV_LD_LIBRARY_PATH: prepended, so a module's own value (LUMI's
+    # singularity-bindings sets one for Cray MPICH) is kept behind it rather than replaced
+    runtime="${MPIFED_RUNTIME:-apptainer}"
+    variable="${runtime^^}ENV_LD_LIBRARY_PATH"
+    current="${!variable:-}"
+    export "$variable=$MPIFED_CONTAINER_LIBS${current:+:$current}"
+    binds="${binds:+$binds,}${MPIFED_CONTAINER_LIBS//:/,}"
 fi
 if [[ -n "$binds" ]]; then
     args+=(--bind "$binds")

@@ -241,6 +241,17 @@ def test_container_wrapper_builds_the_apptainer_line(tmp_path):
     assert (tmp_path / "argv").read_text().splitlines() == [
         "exec", "--rocm", "--bind", "/scratch,/project,/opt/cray/pe/lib64", "/images/mpifed-rocm.sif", "mpifed", "run",
         "mpifed.toml", "--facility", "lumi"]
+    # a plugin's folder goes in front of the library path a module set, and is bound in
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$RECORD"\nprintf "%s" "$SINGULARITYENV_LD_LIBRARY_PATH" > "$RECORD.lib"\n')
+    subprocess.run([str(ROOT / "launch" / "mpifed-container.sh"), "run"], check=True,
+                   env={**env, "MPIFED_RUNTIME": "apptainer", "PATH": env["PATH"], "MPIFED_CONTAINER_LIBS": "/eb/rccl/lib"})
+    assert "/scratch,/project,/opt/cray/pe/lib64,/eb/rccl/lib" in (tmp_path / "argv").read_text().splitlines()
+    singularity = tmp_path / "bin" / "singularity"
+    shutil.copy(fake, singularity)
+    subprocess.run([str(ROOT / "launch" / "mpifed-container.sh"), "run"], check=True,
+                   env={**env, "MPIFED_RUNTIME": "singularity", "MPIFED_CONTAINER_LIBS": "/eb/rccl/lib",
+                        "SINGULARITYENV_LD_LIBRARY_PATH": "/opt/cray/pe/mpich/lib-abi-mpich"})
+    assert (tmp_path / "argv.lib").read_text() == "/eb/rccl/lib:/opt/cray/pe/mpich/lib-abi-mpich"
     # without an image it runs the mpifed it is given, directly
     direct = subprocess.run([str(ROOT / "launch" / "mpifed-container.sh"), "--version"], capture_output=True, text=True,
                             env={**rank_env(), "MPIFED": str(Path(sys.executable).parent / "mpifed")})
