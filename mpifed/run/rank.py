@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Collection, NoReturn
 
 from mpi4py import MPI
 
-from mpifed import STOPPED_EXIT, logs
+from mpifed import STOPPED_EXIT
 from mpifed.comm import control, secret, topology, watchdog
 from mpifed.comm.rollcall import RollCall
 from mpifed.comm.watchdog import abort_on_error
@@ -75,7 +75,6 @@ def _train(cfg: RunConfig, world: MPI.Intracomm, index: int, resume: str, token:
     new world (`_without`, `_with_newcomer`) and training goes on."""
     from mpifed.run.trainer import Trainer  # heavy imports (torch, transformers) only once MPI is up
 
-    logs.identify(rank=world.rank, facility=cfg.facility[index].name)
     trainer, entering, newcomer = None, None, None
     door = joined.door if joined else None
     back: tuple[str, float] | None = None  # the facility admitted at the last boundary, and when it began
